@@ -1,0 +1,7 @@
+"""``python -m geminikv``."""
+
+import sys
+
+from geminikv.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Cython hot paths; Python code reaches them through one wrapper module each."""

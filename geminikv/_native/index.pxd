@@ -1,0 +1,33 @@
+from libc.stdint cimport int64_t
+
+
+cdef struct Rev:
+    int64_t mod       # row id = mod revision
+    int64_t create    # create revision of the generation (0 on a tombstone)
+    int64_t version   # 1 on create, +1 per put; 0 marks a tombstone
+    int64_t lease
+
+
+cdef class KeyHistory:
+    cdef readonly bytes key
+    cdef Rev* revs
+    cdef Py_ssize_t n
+    cdef Py_ssize_t cap
+
+    cdef void append(self, int64_t mod, int64_t create, int64_t version, int64_t lease) except *
+    cdef Rev* at(self, int64_t rev)
+    cdef Rev* live_at(self, int64_t rev)
+    cdef Rev* latest(self)
+
+
+cdef class Index:
+    cdef list chunks
+    cdef list firsts
+    cdef dict by_key
+    cdef public int64_t rev
+    cdef public int64_t compact_rev
+    cdef public Py_ssize_t live
+
+    cdef Py_ssize_t _chunk_for(self, bytes key)
+    cdef KeyHistory _history(self, bytes key)
+    cdef Py_ssize_t _bisect(self, list chunk, bytes key)

@@ -1,0 +1,282 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""In-memory MVCC index: for every key, its revisions (like etcd's treeIndex + keyIndex).
+
+Keys live in a sorted sequence of chunks (a two-level B-tree), so inserting a new key
+costs O(sqrt n) instead of moving the whole array. Every key has a ``KeyHistory``: a C
+array of revisions, oldest first; a tombstone (version 0) closes a generation.
+"""
+
+from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
+from libc.stdint cimport int64_t
+from bisect import bisect_left, bisect_right
+
+DEF CHUNK = 512
+
+
+cdef class KeyHistory:
+    """All retained revisions of one key."""
+
+    def __cinit__(self, bytes key):
+        self.key = key
+        self.n = 0
+        self.cap = 2
+        self.revs = <Rev*>PyMem_Malloc(self.cap * sizeof(Rev))
+        if self.revs == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        PyMem_Free(self.revs)
+
+    cdef void append(self, int64_t mod, int64_t create, int64_t version, int64_t lease) except *:
+        cdef Rev* grown
+        if self.n == self.cap:
+            grown = <Rev*>PyMem_Realloc(self.revs, 2 * self.cap * sizeof(Rev))
+            if grown == NULL:
+                raise MemoryError()
+            self.revs = grown
+            self.cap *= 2
+        self.revs[self.n].mod = mod
+        self.revs[self.n].create = create
+        self.revs[self.n].version = version
+        self.revs[self.n].lease = lease
+        self.n += 1
+
+    cdef Rev* at(self, int64_t rev):
+        """The newest revision <= rev, or NULL."""
+        cdef Py_ssize_t lo = 0, hi = self.n, mid
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if self.revs[mid].mod <= rev:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo == 0:
+            return NULL
+        return &self.revs[lo - 1]
+
+    cdef Rev* live_at(self, int64_t rev):
+        """The visible revision at rev (NULL when absent or deleted)."""
+        cdef Rev* r = self.at(rev)
+        if r == NULL or r.version == 0:
+            return NULL
+        return r
+
+    cdef Rev* latest(self):
+        if self.n == 0:
+            return NULL
+        return &self.revs[self.n - 1]
+
+    def revisions(self):
+        """(mod, create, version, lease) for every retained revision, oldest first."""
+        cdef Py_ssize_t i
+        return [(self.revs[i].mod, self.revs[i].create, self.revs[i].version, self.revs[i].lease)
+                for i in range(self.n)]
+
+
+cdef inline tuple rev_tuple(Rev* r):
+    return (r.mod, r.create, r.version, r.lease)
+
+
+cdef class Index:
+    """The MVCC index. Revisions are applied strictly in increasing order."""
+
+    def __cinit__(self):
+        self.chunks = [[]]
+        self.firsts = [b""]
+        self.by_key = {}
+        self.rev = 1
+        self.compact_rev = 0
+        self.live = 0
+
+    def __len__(self):
+        """Number of keys with retained history (live or tombstoned)."""
+        return len(self.by_key)
+
+    # -- key placement -------------------------------------------------------------
+
+    cdef Py_ssize_t _chunk_for(self, bytes key):
+        cdef Py_ssize_t c = bisect_right(self.firsts, key) - 1
+        return c if c > 0 else 0
+
+    cdef KeyHistory _history(self, bytes key):
+        """The key's history, created (and placed in order) if new."""
+        cdef KeyHistory h = self.by_key.get(key)
+        cdef Py_ssize_t c, pos
+        cdef list chunk
+        if h is not None:
+            return h
+        h = KeyHistory(key)
+        self.by_key[key] = h
+        c = self._chunk_for(key)
+        chunk = <list>self.chunks[c]
+        pos = self._bisect(chunk, key)
+        chunk.insert(pos, h)
+        if pos == 0:
+            self.firsts[c] = key if c > 0 else b""
+        if len(chunk) > CHUNK:
+            self.chunks.insert(c + 1, chunk[CHUNK // 2:])
+            del chunk[CHUNK // 2:]
+            self.firsts.insert(c + 1, (<KeyHistory>self.chunks[c + 1][0]).key)
+        return h
+
+    cdef Py_ssize_t _bisect(self, list chunk, bytes key):
+        cdef Py_ssize_t lo = 0, hi = len(chunk), mid
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if (<KeyHistory>chunk[mid]).key < key:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    # -- applying revisions --------------------------------------------------------
+
+    def put(self, bytes key, int64_t mod, int64_t lease, bint created,
+            int64_t create_hint=0, int64_t version_hint=0):
+        """Apply a PUT row; returns the previous live (mod, create, version, lease) or None.
+
+        ``created`` marks Kine's create rows. When the key's earlier history is gone
+        (written by another tool and compacted), the hints from the row are used.
+        """
+        cdef KeyHistory h = self._history(key)
+        cdef Rev* prev = h.latest()
+        cdef tuple before = None
+        cdef int64_t create, version
+        if prev != NULL and prev.version != 0:
+            before = rev_tuple(prev)
+        if before is not None and not created:
+            create = prev.create
+            version = prev.version + 1
+        elif before is not None or created or create_hint <= 0:
+            create = mod
+            version = 1
+        else:
+            create = create_hint
+            version = version_hint if version_hint > 0 else 1
+        if before is None:
+            self.live += 1
+        h.append(mod, create, version, lease)
+        self.rev = mod
+        return before
+
+    def delete(self, bytes key, int64_t mod):
+        """Apply a tombstone row; returns the previous live revision tuple or None."""
+        cdef KeyHistory h = self.by_key.get(key)
+        cdef Rev* prev
+        self.rev = mod
+        if h is None:
+            return None
+        prev = h.latest()
+        if prev == NULL or prev.version == 0:
+            return None
+        before = rev_tuple(prev)
+        h.append(mod, 0, 0, 0)
+        self.live -= 1
+        return before
+
+    def skip(self, int64_t mod):
+        """A revision that changes no key (Kine gap rows, special rows)."""
+        self.rev = mod
+
+    # -- reading -------------------------------------------------------------------
+
+    def get(self, bytes key, int64_t rev):
+        """(mod, create, version, lease) of key visible at rev, or None."""
+        cdef KeyHistory h = self.by_key.get(key)
+        cdef Rev* r
+        if h is None:
+            return None
+        r = h.live_at(rev)
+        if r == NULL:
+            return None
+        return rev_tuple(r)
+
+    def latest_row(self, bytes key):
+        """Id of the newest retained row of key (live or tombstone), 0 if none."""
+        cdef KeyHistory h = self.by_key.get(key)
+        cdef Rev* r
+        if h is None:
+            return 0
+        r = h.latest()
+        return r.mod if r != NULL else 0
+
+    def latest(self, bytes key):
+        """(mod, create, version, lease) of the newest retained revision (tombstones too)."""
+        cdef KeyHistory h = self.by_key.get(key)
+        cdef Rev* r
+        if h is None:
+            return None
+        r = h.latest()
+        return rev_tuple(r) if r != NULL else None
+
+    def history(self, bytes key):
+        cdef KeyHistory h = self.by_key.get(key)
+        return [] if h is None else h.revisions()
+
+    def range(self, bytes start, object end, int64_t rev, Py_ssize_t limit=0):
+        """Keys visible at rev in [start, end): (list of (key, mod, create, version, lease), count).
+
+        ``end`` None = the single key ``start``; b"" = every key >= start.
+        At most ``limit`` entries are returned (0 = all); count is always the total.
+        """
+        cdef list out = []
+        cdef Py_ssize_t count = 0
+        cdef KeyHistory h
+        cdef Rev* r
+        if end is None:
+            h = self.by_key.get(start)
+            if h is not None:
+                r = h.live_at(rev)
+                if r != NULL:
+                    out.append((start, r.mod, r.create, r.version, r.lease))
+                    count = 1
+            return out, count
+        cdef bytes bend = end
+        cdef bint unbounded = len(bend) == 0
+        if not unbounded and bend <= start:
+            return out, 0
+        cdef Py_ssize_t c = self._chunk_for(start), i, nchunks = len(self.chunks)
+        cdef list chunk = self.chunks[c]
+        i = self._bisect(chunk, start)
+        while c < nchunks:
+            chunk = <list>self.chunks[c]
+            while i < len(chunk):
+                h = <KeyHistory>chunk[i]
+                if not unbounded and h.key >= bend:
+                    return out, count
+                r = h.live_at(rev)
+                if r != NULL:
+                    count += 1
+                    if limit <= 0 or count <= limit:
+                        out.append((h.key, r.mod, r.create, r.version, r.lease))
+                i += 1
+            c += 1
+            i = 0
+        return out, count
+
+    def count(self, bytes start, object end, int64_t rev):
+        """Number of keys visible at rev in [start, end) (same ``end`` rules as range)."""
+        cdef Py_ssize_t count = 0
+        cdef KeyHistory h
+        if end is None:
+            h = self.by_key.get(start)
+            return 1 if h is not None and h.live_at(rev) != NULL else 0
+        cdef bytes bend = end
+        cdef bint unbounded = len(bend) == 0
+        if not unbounded and bend <= start:
+            return 0
+        cdef Py_ssize_t c = self._chunk_for(start), i, nchunks = len(self.chunks)
+        cdef list chunk = self.chunks[c]
+        i = self._bisect(chunk, start)
+        while c < nchunks:
+            chunk = <list>self.chunks[c]
+            while i < len(chunk):
+                h = <KeyHistory>chunk[i]
+                if not unbounded and h.key >= bend:
+                    return count
+                if h.live_at(rev) != NULL:
+                    count += 1
+                i += 1
+            c += 1
+            i = 0
+        return count

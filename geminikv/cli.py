@@ -1,0 +1,40 @@
+"""The ``geminikv`` command: serve (default)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from geminikv import log as logsetup
+from geminikv.config import build_parser, settings_from
+from geminikv.storage.database import DatabaseUnreachable
+from geminikv.storage.embedded import EmbeddedPostgresError
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] == "serve":
+        args = args[1:]
+    settings = settings_from(build_parser().parse_args(args))
+    logsetup.setup(settings.log_format, settings.debug)
+    try:
+        import uvloop
+
+        uvloop.run(_serve(settings))
+    except (DatabaseUnreachable, EmbeddedPostgresError, OSError, ValueError) as err:
+        logging.getLogger("geminikv").error("%s", err)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+async def _serve(settings: object) -> None:
+    from geminikv.server.app import serve
+
+    await serve(settings)  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

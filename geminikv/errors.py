@@ -1,0 +1,110 @@
+"""Every error geminikv returns to a client, with etcd's gRPC code and message.
+
+Clients (kube-apiserver included) recognise etcd errors by their message text, so the
+messages are etcd's exactly (api/v3rpc/rpctypes/error.go).
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class EtcdError(Exception):
+    """An error with a fixed gRPC status code and message."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    message: str = "etcdserver: unknown error"
+
+    def __init__(self, message: str | None = None) -> None:
+        if message is not None:
+            self.message = message
+        super().__init__(self.message)
+
+
+class InvalidArgument(EtcdError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class EmptyKey(InvalidArgument):
+    message = "etcdserver: key is not provided"
+
+
+class KeyNotFound(InvalidArgument):
+    message = "etcdserver: key not found"
+
+
+class ValueProvided(InvalidArgument):
+    message = "etcdserver: value is provided"
+
+
+class LeaseProvided(InvalidArgument):
+    message = "etcdserver: lease is provided"
+
+
+class TooManyOps(InvalidArgument):
+    message = "etcdserver: too many operations in txn request"
+
+
+class DuplicateKey(InvalidArgument):
+    message = "etcdserver: duplicate key given in txn request"
+
+
+class RequestTooLarge(InvalidArgument):
+    message = "etcdserver: request is too large"
+
+
+class InvalidKey(InvalidArgument):
+    """A key PostgreSQL's text column cannot hold (Kine's layout stores keys as text)."""
+
+    message = "geminikv: key must be valid UTF-8 without NUL bytes"
+
+
+class OutOfRange(EtcdError):
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+
+class Compacted(OutOfRange):
+    message = "etcdserver: mvcc: required revision has been compacted"
+
+
+class FutureRevision(OutOfRange):
+    message = "etcdserver: mvcc: required revision is a future revision"
+
+
+class LeaseTTLTooLarge(OutOfRange):
+    message = "etcdserver: too large lease TTL"
+
+
+class LeaseNotFound(EtcdError):
+    code = grpc.StatusCode.NOT_FOUND
+    message = "etcdserver: requested lease not found"
+
+
+class LeaseExists(EtcdError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    message = "etcdserver: lease already exists"
+
+
+class Unavailable(EtcdError):
+    code = grpc.StatusCode.UNAVAILABLE
+    message = "etcdserver: request timed out"
+
+
+class NoLeader(Unavailable):
+    message = "etcdserver: no leader"
+
+
+class ServerStopped(Unavailable):
+    message = "etcdserver: server stopped"
+
+
+class Unimplemented(EtcdError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"geminikv: {what} is not implemented")
+
+
+class WatchCanceled(EtcdError):
+    code = grpc.StatusCode.CANCELLED
+    message = "etcdserver: watch canceled"

@@ -1,0 +1,1 @@
+"""The MVCC core: index, follower, batched writer, txn evaluation."""

@@ -1,0 +1,25 @@
+"""What the follower hands on for every applied revision (the watch hub consumes these)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One key change. ``value`` is None on deletes; ``prev`` is the previous live state."""
+
+    revision: int
+    key: bytes
+    deleted: bool
+    create_revision: int
+    version: int
+    lease: int
+    value: bytes | None
+    prev: tuple[int, int, int, int] | None  # (mod, create, version, lease)
+    prev_value: bytes | None
+
+
+# A row as the follower applies it:
+# (id, name, created, deleted, create_revision, prev_revision, lease, version, value, old_value)
+AppliedRow = tuple[int, bytes, int, int, int, int, int, "int | None", "bytes | None", "bytes | None"]

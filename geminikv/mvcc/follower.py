@@ -1,0 +1,236 @@
+"""The follower: the only thing that applies rows to the index, strictly in id order.
+
+Rows arrive three ways: handed over by this process's writer right after commit, fetched
+after a NOTIFY from another geminikv process, and fetched by a periodic poll (rows from
+writers that send no notification, such as Go Kine). A missing id below a visible one is
+a gap: geminikv writers commit in id order, so it is either a Go Kine insert still in
+flight or an id burned by a rolled-back transaction. After a short grace period it is
+filled with Kine's ``gap-N`` row (kine.md §3.2); a late insert then fails and retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+
+from geminikv.mvcc.events import AppliedRow, Event
+from geminikv.mvcc.index import Index, apply_row
+from geminikv.storage.queries import NOTIFY_CHANNEL, SQL
+
+log = logging.getLogger(__name__)
+
+FETCH_LIMIT = 1000
+GAP_GRACE = 0.05  # seconds a missing id may stay missing before it is filled
+_NO_UPPER = 2**62
+
+
+class Follower:
+    def __init__(self, pool: asyncpg.Pool, index: Index, poll_interval: float = 1.0) -> None:
+        self.pool = pool
+        self.index = index
+        self.poll_interval = poll_interval
+        self.subscribers: list[Callable[[list[Event]], None]] = []
+        self._pending: dict[int, AppliedRow] = {}
+        self._waiters: dict[int, list[asyncio.Future[None]]] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._listen_conn: asyncpg.Connection | None = None
+        self._gap_seen: tuple[int, float] | None = None
+        self._read_next: asyncio.Future[int] | None = None
+        self._read_running = False
+        self._refresh_compact = False
+
+    @property
+    def applied(self) -> int:
+        return int(self.index.rev)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._listen_conn = await self.pool.acquire()
+        await self._listen_conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
+        self._task = asyncio.create_task(self._run(), name="follower")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._listen_conn is not None:
+            with contextlib.suppress(Exception):
+                await self._listen_conn.remove_listener(NOTIFY_CHANNEL, self._on_notify)
+            await self.pool.release(self._listen_conn)
+            self._listen_conn = None
+        for futures in self._waiters.values():
+            for fut in futures:
+                if not fut.done():
+                    fut.cancel()
+        self._waiters.clear()
+
+    # -- public ------------------------------------------------------------------------
+
+    def apply_local(self, rows: list[AppliedRow]) -> None:
+        """Rows this process's writer has just committed (ascending ids)."""
+        for row in rows:
+            if row[0] > self.applied:
+                self._pending[row[0]] = row
+        self._drain()
+        if self._pending:
+            self._wake.set()
+
+    async def wait_for(self, rev: int) -> None:
+        """Return once every row up to ``rev`` is applied."""
+        if self.applied >= rev:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(rev, []).append(fut)
+        self._wake.set()
+        await fut
+
+    async def read_index(self) -> int:
+        """The newest committed revision in PostgreSQL, applied locally before returning.
+
+        Concurrent callers share one query; a caller never joins a query that started
+        before it arrived, so the answer reflects every write committed before the call.
+        """
+        if self._read_next is None:
+            self._read_next = asyncio.get_running_loop().create_future()
+            if not self._read_running:
+                asyncio.create_task(self._read_loop())
+        fut = self._read_next
+        rev = await asyncio.shield(fut)
+        await self.wait_for(rev)
+        return rev
+
+    # -- internals ---------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        self._read_running = True
+        try:
+            while self._read_next is not None:
+                fut, self._read_next = self._read_next, None
+                try:
+                    async with self.pool.acquire() as conn:
+                        rev = int(await conn.fetchval(SQL["current_rev"]))
+                except Exception as err:  # handed to every waiting reader
+                    fut.set_exception(err)
+                else:
+                    fut.set_result(rev)
+        finally:
+            self._read_running = False
+
+    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        if payload == "compact":
+            self._refresh_compact = True
+            self._wake.set()
+            return
+        try:
+            rev = int(payload)
+        except ValueError:
+            rev = _NO_UPPER
+        if rev > self.applied:
+            self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+            except asyncio.TimeoutError:
+                self._refresh_compact = True  # the poll also picks up other processes' compactions
+            self._wake.clear()
+            try:
+                if self._refresh_compact:
+                    self._refresh_compact = False
+                    await self._read_compact_rev()
+                await self._fetch()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("follower: fetching new rows failed; retrying")
+                await asyncio.sleep(0.5)
+                self._wake.set()
+
+    async def _read_compact_rev(self) -> None:
+        async with self.pool.acquire() as conn:
+            rev = int(await conn.fetchval(SQL["compact_rev"]))
+        if rev > self.index.compact_rev:
+            self.index.compact_rev = rev
+
+    async def _fetch(self) -> None:
+        while True:
+            async with self.pool.acquire() as conn:
+                records = await conn.fetch(
+                    SQL["rows_with_values_after"], self.applied, _NO_UPPER, FETCH_LIMIT
+                )
+            for r in records:
+                if r[0] > self.applied:
+                    self._pending[r[0]] = tuple(r)  # type: ignore[assignment]
+            self._drain()
+            if self._pending:
+                if await self._gap_waits():
+                    return
+                continue
+            self._gap_seen = None
+            if len(records) < FETCH_LIMIT:
+                return
+
+    async def _gap_waits(self) -> bool:
+        """A gap at applied+1: True if we should wait for it, False if it was just filled."""
+        gap = self.applied + 1
+        now = time.monotonic()
+        if self._gap_seen is None or self._gap_seen[0] != gap:
+            self._gap_seen = (gap, now)
+        if now - self._gap_seen[1] < GAP_GRACE:
+            asyncio.get_running_loop().call_later(GAP_GRACE / 2, self._wake.set)
+            return True
+        log.info("filling gap at revision %d", gap)
+        async with self.pool.acquire() as conn:
+            await conn.execute(SQL["fill_gap"], gap)
+        self._gap_seen = None
+        return False
+
+    def _drain(self) -> None:
+        """Apply every pending row that directly follows the applied revision."""
+        events: list[Event] = []
+        pending = self._pending
+        while pending:
+            row = pending.pop(self.applied + 1, None)
+            if row is None:
+                break
+            rid, name, created, deleted, create_rev, prev_rev, lease, version, value, old = row
+            applied = apply_row(
+                self.index, rid, name, created, deleted, create_rev, prev_rev, lease, version
+            )
+            if applied is not None and self.subscribers:
+                key, prev = applied
+                latest = self.index.latest(key)
+                events.append(
+                    Event(
+                        rid, key, bool(deleted), latest[1], latest[2], latest[3],
+                        None if deleted else (value or b""),
+                        prev, (old or b"") if prev is not None else None,
+                    )
+                )
+        # Rows at or below the applied revision (seen twice) are dropped.
+        for rid in [r for r in pending if r <= self.applied]:
+            del pending[rid]
+        if events:
+            for subscriber in self.subscribers:
+                subscriber(events)
+        self._release_waiters()
+
+    def _release_waiters(self) -> None:
+        if not self._waiters:
+            return
+        applied = self.applied
+        for rev in [r for r in self._waiters if r <= applied]:
+            for fut in self._waiters.pop(rev):
+                if not fut.done():
+                    fut.set_result(None)

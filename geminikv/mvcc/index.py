@@ -1,0 +1,41 @@
+"""The MVCC index (Cython) and how it is rebuilt from the table at start-up."""
+
+from __future__ import annotations
+
+
+
+from geminikv._native.index import Index, KeyHistory
+from geminikv.mvcc.keys import COMPACT_KEY, GAP_PREFIX, key_of
+
+__all__ = ["Index", "KeyHistory", "apply_row", "is_special"]
+
+
+
+def is_special(name: bytes, created: int, deleted: int, prev_revision: int) -> bool:
+    """Rows that are revisions but not keys: Kine's compact_rev_key and gap fillers."""
+    if name == COMPACT_KEY:
+        return True
+    return bool(deleted) and not created and prev_revision == 0 and name.startswith(GAP_PREFIX)
+
+
+def apply_row(
+    index: Index,
+    rid: int,
+    name: bytes,
+    created: int,
+    deleted: int,
+    create_revision: int,
+    prev_revision: int,
+    lease: int,
+    version: int | None,
+) -> tuple[bytes, tuple[int, int, int, int] | None] | None:
+    """Apply one row; returns (key, previous live revision) or None for special rows."""
+    if is_special(name, created, deleted, prev_revision):
+        index.skip(rid)
+        return None
+    key = key_of(name)
+    if deleted:
+        return key, index.delete(key, rid)
+    return key, index.put(key, rid, lease or 0, bool(created), create_revision or 0, version or 0)
+
+

@@ -1,0 +1,166 @@
+"""The key-value store: start-up, reads, writes through the writer, logical compaction."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import asyncpg
+
+from geminikv import errors
+from geminikv.mvcc import ranges, txn
+from geminikv.mvcc.follower import Follower
+from geminikv.mvcc.index import Index, apply_row
+from geminikv.mvcc.keys import COMPACT_KEY
+from geminikv.mvcc.writer import Writer
+from geminikv.proto.etcdserverpb import rpc_pb2 as pb
+from geminikv.storage import queries
+from geminikv.storage.queries import SQL
+
+log = logging.getLogger(__name__)
+
+HEALTH_KEY = b"/registry/health"
+HEALTH_VALUE = b'{"health":"true"}'
+
+
+class NoLeases:
+    """Until the lease service exists every lease is unknown (etcd: lease not found)."""
+
+    def exists(self, lease_id: int) -> bool:
+        return False
+
+
+class KVStore:
+    def __init__(
+        self, pool: asyncpg.Pool, writer_conn: asyncpg.Connection, poll_interval: float = 1.0
+    ) -> None:
+        self.pool = pool
+        self.index = Index()
+        self.follower = Follower(pool, self.index, poll_interval)
+        self.leases: txn.Leases = NoLeases()
+        self.writer = Writer(writer_conn, self.index, self.follower, self.leases)
+        self._writer_conn = writer_conn
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._ensure_special_rows()
+        started = time.monotonic()
+        await self._load_index()
+        log.info(
+            "index loaded: %d keys, revision %d, compact revision %d (%.2fs)",
+            self.index.live, self.index.rev, self.index.compact_rev, time.monotonic() - started,
+        )
+        await self.follower.start()
+        await self.writer.start()
+
+    async def stop(self) -> None:
+        await self.writer.stop()
+        await self.follower.stop()
+
+    async def _ensure_special_rows(self) -> None:
+        """Kine's compact_rev_key row (holds the compact revision) and /registry/health."""
+        conn = self._writer_conn
+        await conn.execute(SQL["begin_locked"])
+        try:
+            for name, value in ((COMPACT_KEY, b""), (HEALTH_KEY, HEALTH_VALUE)):
+                if not await conn.fetchval(SQL["has_key"], name):
+                    await conn.fetchval(SQL["insert_special"], name, value)
+            await conn.execute("COMMIT")
+        except BaseException:
+            await conn.execute("ROLLBACK")
+            raise
+
+    async def _load_index(self) -> None:
+        index = self.index
+        async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+            index.compact_rev = int(await conn.fetchval(SQL["compact_rev"]))
+            async for r in conn.cursor(SQL["all_rows"], prefetch=20000):
+                apply_row(index, r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7])
+
+    # -- reads -------------------------------------------------------------------------
+
+    async def range(self, req: pb.RangeRequest) -> pb.RangeResponse:
+        txn.check_range(req)
+        if not req.serializable:
+            await self.follower.read_index()
+        index = self.index
+        rev = int(index.rev)
+        if req.revision > rev:
+            raise errors.FutureRevision()
+        at = req.revision if req.revision > 0 else rev
+        if at < index.compact_rev:
+            raise errors.Compacted()
+        end = ranges.range_end(req.range_end)
+        resp = pb.RangeResponse()
+        resp.header.revision = rev
+        if req.count_only:
+            resp.count = index.count(req.key, end, at)
+            return resp
+        entries, resp.count = index.range(req.key, end, at, ranges.fetch_limit(req))
+        values = None
+        if ranges.needs_values_to_sort(req):
+            values = await self._values(entries)
+        entries, resp.more = ranges.select(req, entries, values)
+        if not req.keys_only and values is None:
+            values = await self._values(entries)
+        resp.kvs.extend(ranges.key_values(entries, None if req.keys_only else values))
+        return resp
+
+    async def _values(self, entries: list[ranges.Entry]) -> dict[int, bytes]:
+        if not entries:
+            return {}
+        ids = [e[1] for e in entries]
+        async with self.pool.acquire() as conn:
+            values = await queries.values_by_id(conn, ids)
+        if len(values) != len(set(ids)):
+            raise errors.Compacted()  # a concurrent compaction removed the rows
+        return values
+
+    # -- writes ------------------------------------------------------------------------
+
+    async def put(self, req: pb.PutRequest) -> pb.PutResponse:
+        txn.check_size(req)
+        txn.check_put(req)
+        resp: pb.PutResponse = await self.writer.submit(lambda ev: ev.put(req))
+        return resp
+
+    async def delete_range(self, req: pb.DeleteRangeRequest) -> pb.DeleteRangeResponse:
+        txn.check_size(req)
+        txn.check_delete(req)
+        resp: pb.DeleteRangeResponse = await self.writer.submit(lambda ev: ev.delete_range(req))
+        return resp
+
+    async def txn(self, req: pb.TxnRequest) -> pb.TxnResponse:
+        txn.check_size(req)
+        txn.check_txn(req)
+        txn.check_intervals(req.success)
+        txn.check_intervals(req.failure)
+        resp: pb.TxnResponse = await self.writer.submit(lambda ev: ev.txn(req))
+        return resp
+
+    async def compact(self, req: pb.CompactionRequest) -> pb.CompactionResponse:
+        """Logical compaction: reads and watches below the revision fail from now on."""
+        async with self.pool.acquire() as conn:
+            await conn.execute(SQL["begin_locked"])
+            try:
+                current = int(await conn.fetchval(SQL["current_rev"]))
+                compacted = int(await conn.fetchval(SQL["compact_rev"]))
+                if req.revision <= compacted:
+                    raise errors.Compacted()
+                if req.revision > current:
+                    raise errors.FutureRevision()
+                await conn.execute(SQL["set_compact_rev"], req.revision)
+                await conn.execute(SQL["notify"], b"compact")
+                await conn.execute("COMMIT")
+            except BaseException:
+                await conn.execute("ROLLBACK")
+                raise
+        self.index.compact_rev = max(int(self.index.compact_rev), req.revision)
+        resp = pb.CompactionResponse()
+        resp.header.revision = current
+        return resp
+
+    async def db_size(self) -> int:
+        async with self.pool.acquire() as conn:
+            return int(await conn.fetchval(SQL["db_size"]))

@@ -1,0 +1,105 @@
+"""etcd's Range rules shared by top-level Range and ranges inside a Txn (apply.go Range)."""
+
+from __future__ import annotations
+
+from geminikv.proto.etcdserverpb import rpc_pb2 as pb
+from geminikv.proto.mvccpb import kv_pb2
+
+# (key, mod, create, version, lease)
+Entry = tuple[bytes, int, int, int, int]
+
+_SORT_KEYS = {
+    pb.RangeRequest.KEY: lambda e: e[0],
+    pb.RangeRequest.VERSION: lambda e: e[3],
+    pb.RangeRequest.CREATE: lambda e: e[2],
+    pb.RangeRequest.MOD: lambda e: e[1],
+}
+
+
+def range_end(end: bytes) -> bytes | None:
+    """etcd's range_end forms as the index takes them: b"" → one key; b"\\0" → unbounded."""
+    if not end:
+        return None
+    if end == b"\x00":
+        return b""
+    return end
+
+
+def in_range(key: bytes, start: bytes, end: bytes | None) -> bool:
+    if end is None:
+        return key == start
+    return key >= start and (not end or key < end)
+
+
+def needs_everything(req: pb.RangeRequest) -> bool:
+    """Sorting and revision filters look at every key before the limit applies."""
+    return bool(
+        req.sort_order != pb.RangeRequest.NONE
+        or req.min_mod_revision
+        or req.max_mod_revision
+        or req.min_create_revision
+        or req.max_create_revision
+    )
+
+
+def fetch_limit(req: pb.RangeRequest) -> int:
+    if needs_everything(req) or req.limit <= 0:
+        return 0
+    return req.limit + 1
+
+
+def needs_values_to_sort(req: pb.RangeRequest) -> bool:
+    return req.sort_target == pb.RangeRequest.VALUE and _sort_order(req) != pb.RangeRequest.NONE
+
+
+def _sort_order(req: pb.RangeRequest) -> int:
+    order = req.sort_order
+    if req.sort_target != pb.RangeRequest.KEY and order == pb.RangeRequest.NONE:
+        order = pb.RangeRequest.ASCEND
+    return order
+
+
+def select(
+    req: pb.RangeRequest, entries: list[Entry], values: dict[int, bytes] | None = None
+) -> tuple[list[Entry], bool]:
+    """Filter, sort and limit fetched entries as etcd does; returns (entries, more).
+
+    ``values`` (row id → value) is needed only when sorting by value.
+    """
+    if req.max_mod_revision:
+        entries = [e for e in entries if e[1] <= req.max_mod_revision]
+    if req.min_mod_revision:
+        entries = [e for e in entries if e[1] >= req.min_mod_revision]
+    if req.max_create_revision:
+        entries = [e for e in entries if e[2] <= req.max_create_revision]
+    if req.min_create_revision:
+        entries = [e for e in entries if e[2] >= req.min_create_revision]
+    order = _sort_order(req)
+    if order != pb.RangeRequest.NONE:
+        if req.sort_target == pb.RangeRequest.VALUE:
+            assert values is not None
+            entries = sorted(entries, key=lambda e: values[e[1]],
+                             reverse=order == pb.RangeRequest.DESCEND)
+        else:
+            entries = sorted(entries, key=_SORT_KEYS[req.sort_target],
+                             reverse=order == pb.RangeRequest.DESCEND)
+    more = False
+    if req.limit > 0 and len(entries) > req.limit:
+        entries = entries[: req.limit]
+        more = True
+    return entries, more
+
+
+def key_values(
+    entries: list[Entry], values: dict[int, bytes] | None
+) -> list[kv_pb2.KeyValue]:
+    """KeyValue messages; ``values`` None means keys only."""
+    kvs = []
+    for key, mod, create, version, lease in entries:
+        kv = kv_pb2.KeyValue(
+            key=key, create_revision=create, mod_revision=mod, version=version, lease=lease
+        )
+        if values is not None:
+            kv.value = values[mod]
+        kvs.append(kv)
+    return kvs

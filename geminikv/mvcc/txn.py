@@ -1,0 +1,322 @@
+"""Evaluating write requests (Put, DeleteRange, Txn) as etcd's applier does.
+
+Request checks mirror etcd's v3rpc (key.go: checkPutRequest, checkTxnRequest,
+checkIntervals) and the applier's pre-apply checks (apply.go: checkRequests); nothing is
+written unless every check passes. Compares are evaluated on the state before the txn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from geminikv import errors
+from geminikv.mvcc import ranges
+from geminikv.mvcc.keys import check_writable
+from geminikv.mvcc.view import BatchView, State
+from geminikv.proto.etcdserverpb import rpc_pb2 as pb
+from geminikv.proto.mvccpb import kv_pb2
+
+MAX_TXN_OPS = 128
+MAX_REQUEST_BYTES = 1536 * 1024  # etcd's --max-request-bytes default (1.5 MiB)
+
+
+class Leases(Protocol):
+    def exists(self, lease_id: int) -> bool: ...
+
+
+# -- request checks (before anything is evaluated) ------------------------------------------
+
+
+def check_size(req: pb.PutRequest | pb.DeleteRangeRequest | pb.TxnRequest) -> None:
+    if req.ByteSize() > MAX_REQUEST_BYTES:
+        raise errors.RequestTooLarge()
+
+
+def check_range(req: pb.RangeRequest) -> None:
+    if not req.key:
+        raise errors.EmptyKey()
+
+
+def check_put(req: pb.PutRequest) -> None:
+    if not req.key:
+        raise errors.EmptyKey()
+    if req.ignore_value and req.value:
+        raise errors.ValueProvided()
+    if req.ignore_lease and req.lease:
+        raise errors.LeaseProvided()
+    check_writable(req.key)
+
+
+def check_delete(req: pb.DeleteRangeRequest) -> None:
+    if not req.key:
+        raise errors.EmptyKey()
+
+
+def check_txn(req: pb.TxnRequest, max_ops: int = MAX_TXN_OPS) -> None:
+    ops = max(len(req.compare), len(req.success), len(req.failure))
+    if ops > max_ops:
+        raise errors.TooManyOps()
+    for cmp in req.compare:
+        if not cmp.key:
+            raise errors.EmptyKey()
+    for op in (*req.success, *req.failure):
+        _check_op(op, max_ops - ops)
+
+
+def _check_op(op: pb.RequestOp, max_ops: int) -> None:
+    kind = op.WhichOneof("request")
+    if kind == "request_range":
+        check_range(op.request_range)
+    elif kind == "request_put":
+        check_put(op.request_put)
+    elif kind == "request_delete_range":
+        check_delete(op.request_delete_range)
+    elif kind == "request_txn":
+        check_txn(op.request_txn, max_ops)
+    else:
+        raise errors.KeyNotFound()
+
+
+def _point(key: bytes) -> tuple[bytes, bytes]:
+    return key, key + b"\x00"
+
+
+def _intersects(intervals: list[tuple[bytes, bytes]], key: bytes) -> bool:
+    # Intervals are [begin, end) with an empty end meaning +infinity (etcd's adt affine).
+    return any(begin <= key and (not end or key < end) for begin, end in intervals)
+
+
+def check_intervals(
+    ops: Sequence[pb.RequestOp],
+) -> tuple[set[bytes], list[tuple[bytes, bytes]]]:
+    """etcd's checkIntervals: no key put twice, or put inside a deleted range, per branch."""
+    dels: list[tuple[bytes, bytes]] = []
+    for op in ops:
+        if op.WhichOneof("request") == "request_delete_range":
+            d = op.request_delete_range
+            dels.append((d.key, d.range_end) if d.range_end else _point(d.key))
+    puts: set[bytes] = set()
+    for op in ops:
+        if op.WhichOneof("request") != "request_txn":
+            continue
+        puts_then, dels_then = check_intervals(op.request_txn.success)
+        puts_else, dels_else = check_intervals(op.request_txn.failure)
+        for k in puts_then:
+            if k in puts or _intersects(dels, k):
+                raise errors.DuplicateKey()
+            puts.add(k)
+        for k in puts_else:
+            if (k in puts and k not in puts_then) or _intersects(dels, k):
+                raise errors.DuplicateKey()
+            puts.add(k)
+        dels.extend(dels_then)
+        dels.extend(dels_else)
+    for op in ops:
+        if op.WhichOneof("request") != "request_put":
+            continue
+        k = op.request_put.key
+        if k in puts or _intersects(dels, k):
+            raise errors.DuplicateKey()
+        puts.add(k)
+    return puts, dels
+
+
+# -- evaluation --------------------------------------------------------------------------
+
+
+def _kv(key: bytes, state: State, value: bytes) -> kv_pb2.KeyValue:
+    mod, create, version, lease = state
+    return kv_pb2.KeyValue(
+        key=key, create_revision=create, mod_revision=mod, version=version, lease=lease,
+        value=value,
+    )
+
+
+class Evaluator:
+    """Applies requests to a BatchView, producing etcd's responses (headers: revision only)."""
+
+    def __init__(self, view: BatchView, leases: Leases, compact_rev: int) -> None:
+        self.view = view
+        self.leases = leases
+        self.compact_rev = compact_rev
+
+    # -- top-level requests
+
+    async def put(self, req: pb.PutRequest) -> pb.PutResponse:
+        self._check_put_state(req)
+        return await self._put(req)
+
+    async def delete_range(self, req: pb.DeleteRangeRequest) -> pb.DeleteRangeResponse:
+        return await self._delete_range(req)
+
+    async def txn(self, req: pb.TxnRequest) -> pb.TxnResponse:
+        path: list[bool] = []
+        await self._compare_path(req, path)
+        self._check_requests(req, list(path), self._check_put_op)
+        self._check_requests(req, list(path), self._check_range_op)
+        resp = pb.TxnResponse()
+        await self._apply_txn(req, path, resp)
+        resp.header.revision = self.view.rev
+        return resp
+
+    # -- compares
+
+    async def _compare_path(self, req: pb.TxnRequest, path: list[bool]) -> None:
+        """Pre-order branch choices of the txn and the nested txns it will run."""
+        ok = True
+        for cmp in req.compare:
+            if not await self._compare(cmp):
+                ok = False
+                break
+        path.append(ok)
+        for op in req.success if ok else req.failure:
+            if op.WhichOneof("request") == "request_txn":
+                await self._compare_path(op.request_txn, path)
+
+    async def _compare(self, cmp: pb.Compare) -> bool:
+        entries = self.view.range(cmp.key, ranges.range_end(cmp.range_end))
+        if not entries:
+            if cmp.target == pb.Compare.VALUE:
+                return False  # a missing key has no value to compare (etcd applyCompare)
+            return _compare_kv(cmp, (b"", 0, 0, 0, 0), b"")
+        values: dict[int, bytes] = {}
+        if cmp.target == pb.Compare.VALUE:
+            values = await self.view.values_of(e[1] for e in entries)
+        return all(_compare_kv(cmp, e, values.get(e[1], b"")) for e in entries)
+
+    # -- checks on the state (apply.go checkRequests)
+
+    def _check_requests(self, req: pb.TxnRequest, path: list[bool], check: object) -> None:
+        ops = req.success if path.pop(0) else req.failure
+        for op in ops:
+            if op.WhichOneof("request") == "request_txn":
+                self._check_requests(op.request_txn, path, check)
+            else:
+                check(op)  # type: ignore[operator]
+
+    def _check_put_op(self, op: pb.RequestOp) -> None:
+        if op.WhichOneof("request") == "request_put":
+            self._check_put_state(op.request_put)
+
+    def _check_put_state(self, req: pb.PutRequest) -> None:
+        if (req.ignore_value or req.ignore_lease) and self.view.get(req.key) is None:
+            raise errors.KeyNotFound()
+        if req.lease and not self.leases.exists(req.lease):
+            raise errors.LeaseNotFound()
+
+    def _check_range_op(self, op: pb.RequestOp) -> None:
+        if op.WhichOneof("request") == "request_range":
+            self._check_revision(op.request_range.revision)
+
+    def _check_revision(self, rev: int) -> None:
+        if rev > self.view.base_rev:
+            raise errors.FutureRevision()
+        if 0 < rev < self.compact_rev:
+            raise errors.Compacted()
+
+    # -- ops
+
+    async def _apply_txn(self, req: pb.TxnRequest, path: list[bool], resp: pb.TxnResponse) -> None:
+        succeeded = path.pop(0)
+        resp.succeeded = succeeded
+        for op in req.success if succeeded else req.failure:
+            out = resp.responses.add()
+            kind = op.WhichOneof("request")
+            if kind == "request_range":
+                out.response_range.CopyFrom(await self.range(op.request_range))
+            elif kind == "request_put":
+                out.response_put.CopyFrom(await self._put(op.request_put))
+            elif kind == "request_delete_range":
+                out.response_delete_range.CopyFrom(
+                    await self._delete_range(op.request_delete_range)
+                )
+            elif kind == "request_txn":
+                nested = out.response_txn
+                nested.header.SetInParent()
+                await self._apply_txn(op.request_txn, path, nested)
+
+    async def range(self, req: pb.RangeRequest) -> pb.RangeResponse:
+        """A Range inside a txn: at the current state (own writes included) or at a revision."""
+        end = ranges.range_end(req.range_end)
+        view = self.view
+        if req.revision > 0:
+            all_entries, count = view.index.range(req.key, end, req.revision, 0)
+        else:
+            all_entries = view.range(req.key, end)
+            count = len(all_entries)
+        resp = pb.RangeResponse(count=count)
+        resp.header.revision = view.rev
+        if req.count_only:
+            return resp
+        limit = ranges.fetch_limit(req)
+        entries = all_entries[:limit] if limit else all_entries
+        values = None
+        if ranges.needs_values_to_sort(req):
+            values = await view.values_of(e[1] for e in entries)
+        entries, resp.more = ranges.select(req, entries, values)
+        if not req.keys_only:
+            values = await view.values_of(e[1] for e in entries)
+        resp.kvs.extend(ranges.key_values(entries, None if req.keys_only else values))
+        return resp
+
+    async def _put(self, req: pb.PutRequest) -> pb.PutResponse:
+        view = self.view
+        prev = view.get(req.key)
+        value, lease = req.value, req.lease
+        resp = pb.PutResponse()
+        if prev is not None and (req.ignore_value or req.prev_kv):
+            prev_value = (await view.values_of((prev[0],)))[prev[0]]
+            if req.ignore_value:
+                value = prev_value
+            if req.prev_kv:
+                resp.prev_kv.CopyFrom(_kv(req.key, prev, prev_value))
+        if req.ignore_lease and prev is not None:
+            lease = prev[3]
+        view.put(req.key, value, lease)
+        resp.header.revision = view.rev
+        return resp
+
+    async def _delete_range(self, req: pb.DeleteRangeRequest) -> pb.DeleteRangeResponse:
+        view = self.view
+        entries = view.range(req.key, ranges.range_end(req.range_end))
+        resp = pb.DeleteRangeResponse(deleted=len(entries))
+        if req.prev_kv and entries:
+            values = await view.values_of(e[1] for e in entries)
+            resp.prev_kvs.extend(ranges.key_values(entries, values))
+        for entry in entries:
+            view.delete(entry[0])
+        resp.header.revision = view.rev
+        return resp
+
+
+def _compare_kv(cmp: pb.Compare, entry: ranges.Entry, value: bytes) -> bool:
+    """etcd's compareKV; a target union that doesn't match the target compares against 0."""
+    target = cmp.target
+    union = cmp.WhichOneof("target_union")
+    result: int
+    if target == pb.Compare.VALUE:
+        want = cmp.value if union == "value" else b""
+        result = (value > want) - (value < want)
+    else:
+        if target == pb.Compare.CREATE:
+            have, want_i = entry[2], cmp.create_revision if union == "create_revision" else 0
+        elif target == pb.Compare.MOD:
+            have, want_i = entry[1], cmp.mod_revision if union == "mod_revision" else 0
+        elif target == pb.Compare.VERSION:
+            have, want_i = entry[3], cmp.version if union == "version" else 0
+        elif target == pb.Compare.LEASE:
+            have, want_i = entry[4], cmp.lease if union == "lease" else 0
+        else:
+            return True
+        result = (have > want_i) - (have < want_i)
+    op = cmp.result
+    if op == pb.Compare.EQUAL:
+        return result == 0
+    if op == pb.Compare.NOT_EQUAL:
+        return result != 0
+    if op == pb.Compare.GREATER:
+        return result > 0
+    if op == pb.Compare.LESS:
+        return result < 0
+    return True

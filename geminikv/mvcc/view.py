@@ -1,0 +1,120 @@
+"""The state one write batch evaluates against: the index plus the batch's own writes.
+
+Requests in a batch are applied in order, so each sees the committed store (the index at
+``base_rev``) overlaid with every earlier write of the batch. Writes become rows with ids
+drawn from ``ids``; values are fetched from PostgreSQL by row id only when needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+
+from geminikv.mvcc.index import Index
+from geminikv.mvcc.keys import stored_name
+from geminikv.mvcc.ranges import Entry, in_range
+
+State = tuple[int, int, int, int]  # (mod, create, version, lease); version 0 = deleted
+
+# A row to insert, in storage.queries "insert_rows" column order:
+# (id, name, created, deleted, create_revision, prev_revision, lease, value, old_value,
+#  old_known, version)
+NewRow = tuple[int, bytes, int, int, int, int, int, "bytes | None", "bytes | None", bool, int]
+
+
+def gap_row(rid: int) -> NewRow:
+    """Kine's filler for a revision that holds no change (kine.md §3.2)."""
+    return (rid, b"gap-%d" % rid, 0, 1, 0, 0, 0, None, None, True, 0)
+
+
+class OutOfIds(Exception):
+    """The batch needs more row ids than were drawn for it."""
+
+
+class BatchView:
+    def __init__(
+        self,
+        index: Index,
+        ids: Iterable[int],
+        fetch_values: Callable[[list[int]], Awaitable[dict[int, bytes]]],
+        values: dict[int, bytes],
+    ) -> None:
+        self.index = index
+        self.base_rev = int(index.rev)
+        self.rev = self.base_rev
+        self._ids: Iterator[int] = iter(ids)
+        self._fetch_values = fetch_values
+        self.values = values  # row id → value, shared across evaluation passes
+        self.overlay: dict[bytes, State] = {}
+        self.rows: list[NewRow] = []
+
+    # -- reading -------------------------------------------------------------------------
+
+    def get(self, key: bytes) -> State | None:
+        state = self.overlay.get(key)
+        if state is None:
+            state = self.index.get(key, self.base_rev)
+        return state if state is not None and state[2] else None
+
+    def range(self, start: bytes, end: bytes | None) -> list[Entry]:
+        """Live keys in [start, end) at the current state, in key order."""
+        entries: list[Entry] = self.index.range(start, end, self.base_rev, 0)[0]
+        if not self.overlay:
+            return entries
+        merged = {e[0]: e for e in entries}
+        for key, state in self.overlay.items():
+            if in_range(key, start, end):
+                if state[2]:
+                    merged[key] = (key, *state)
+                else:
+                    merged.pop(key, None)
+        return [merged[k] for k in sorted(merged)]
+
+    async def values_of(self, mods: Iterable[int]) -> dict[int, bytes]:
+        """Values of the given row ids (fetched once, then cached)."""
+        missing = [m for m in mods if m not in self.values]
+        if missing:
+            self.values.update(await self._fetch_values(missing))
+        return self.values
+
+    # -- writing -------------------------------------------------------------------------
+
+    def _next_id(self) -> int:
+        try:
+            rid = next(self._ids)
+        except StopIteration:
+            raise OutOfIds from None
+        self.rev = rid
+        return rid
+
+    def _latest_row(self, key: bytes) -> tuple[int, bool]:
+        """(id of the key's newest row, whether that row is in this batch)."""
+        state = self.overlay.get(key)
+        if state is not None:
+            return state[0], True
+        return int(self.index.latest_row(key)), False
+
+    def put(self, key: bytes, value: bytes, lease: int) -> State:
+        prev = self.get(key)
+        prev_row, prev_in_batch = self._latest_row(key)
+        rid = self._next_id()
+        if prev is None:
+            state = (rid, rid, 1, lease)
+        else:
+            state = (rid, prev[1], prev[2] + 1, lease)
+        old = self.values.get(prev_row) if prev_in_batch else None
+        self.rows.append(
+            (rid, stored_name(key), int(prev is None), 0, state[1], prev_row, lease,
+             value, old, prev_in_batch, state[2])
+        )
+        self.overlay[key] = state
+        self.values[rid] = value
+        return state
+
+    def delete(self, key: bytes) -> None:
+        prev_row, prev_in_batch = self._latest_row(key)
+        rid = self._next_id()
+        old = self.values.get(prev_row) if prev_in_batch else None
+        self.rows.append(
+            (rid, stored_name(key), 0, 1, 0, prev_row, 0, None, old, prev_in_batch, 0)
+        )
+        self.overlay[key] = (rid, 0, 0, 0)

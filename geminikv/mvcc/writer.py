@@ -1,0 +1,212 @@
+"""The writer: turns concurrent write requests into batches, one PostgreSQL txn each.
+
+A batch takes the cluster-wide advisory lock, makes sure the index has every committed
+row, evaluates each request in order against the index plus the batch's earlier writes,
+inserts all rows with one statement, notifies other processes and commits. Callers are
+answered once the follower has applied their rows (read-your-writes).
+
+Row ids are drawn from Kine's sequence after evaluation. The evaluation first assumes
+they follow the newest id; if the sequence hands out others (ids burned by a rollback,
+or taken by Go Kine) the batch is evaluated again with the real ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import itertools
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from geminikv import errors
+from geminikv.mvcc.follower import Follower
+from geminikv.mvcc.index import Index
+from geminikv.mvcc.txn import Evaluator, Leases
+from geminikv.mvcc.view import BatchView, NewRow, OutOfIds, gap_row
+from geminikv.storage import queries
+from geminikv.storage.queries import SQL
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 512
+
+# An operation: evaluated against the view, returns the caller's response.
+Operation = Callable[[Evaluator], Awaitable[Any]]
+
+
+@dataclass(slots=True)
+class _Request:
+    operation: Operation
+    future: asyncio.Future[Any]
+    result: Any = None
+    error: BaseException | None = None
+
+
+class Writer:
+    def __init__(
+        self, conn: asyncpg.Connection, index: Index, follower: Follower, leases: Leases
+    ) -> None:
+        self.conn = conn
+        self.index = index
+        self.follower = follower
+        self.leases = leases
+        self._queue: asyncio.Queue[_Request] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._last_id = 0
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="writer")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        while not self._queue.empty():
+            req = self._queue.get_nowait()
+            if not req.future.done():
+                req.future.set_exception(errors.ServerStopped())
+
+    async def submit(self, operation: Operation) -> Any:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Request(operation, fut))
+        return await fut
+
+    # -- the batch loop ----------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < MAX_BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                last = await self._run_batch(batch)
+            except asyncio.CancelledError:
+                for req in batch:
+                    if not req.future.done():
+                        req.future.set_exception(errors.ServerStopped())
+                raise
+            except Exception as err:
+                log.warning("write batch of %d failed: %s", len(batch), err)
+                for req in batch:
+                    if not req.future.done():
+                        req.future.set_exception(_as_etcd_error(err))
+                continue
+            if self.follower.applied >= last:
+                _answer(batch)
+            else:
+                asyncio.create_task(self._answer_when_applied(batch, last))
+
+    async def _answer_when_applied(self, batch: list[_Request], last: int) -> None:
+        try:
+            await self.follower.wait_for(last)
+        except asyncio.CancelledError:
+            for req in batch:
+                if not req.future.done():
+                    req.future.set_exception(errors.ServerStopped())
+            raise
+        _answer(batch)
+
+    async def _run_batch(self, batch: list[_Request]) -> int:
+        """Evaluate and commit one batch; returns the last revision the callers must see."""
+        conn = self.conn
+        await conn.execute(SQL["begin_locked"])
+        try:
+            current = int(await conn.fetchval(SQL["current_rev"]))
+            await self.follower.wait_for(current)
+            view, rows = await self._evaluate_with_ids(batch, max(current, self._last_id) + 1)
+            if rows:
+                returned = await conn.fetch(
+                    SQL["insert_rows"] + " RETURNING id, old_value", *queries.insert_args(rows)
+                )
+                await conn.execute(SQL["notify"], b"%d" % rows[-1][0])
+            await conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await conn.execute("ROLLBACK")
+            raise
+        if not rows:
+            return view.rev
+        old_values = {r[0]: r[1] for r in returned}
+        self.follower.apply_local(
+            [
+                (rid, name, created, deleted, create_rev, prev_rev, lease, version, value,
+                 old_values.get(rid))
+                for (rid, name, created, deleted, create_rev, prev_rev, lease, value, _old,
+                     _known, version) in rows
+            ]
+        )
+        return rows[-1][0]
+
+    async def _evaluate_with_ids(
+        self, batch: list[_Request], guess: int
+    ) -> tuple[BatchView, list[NewRow]]:
+        """Evaluate the batch and draw its row ids; returns the view and the rows to insert.
+
+        Ids drawn but not used (a re-evaluation needed fewer) become Kine gap rows, so the
+        sequence of revisions stays gap-free for followers.
+        """
+        values: dict[int, bytes] = {}
+        ids: Iterable[int] = itertools.count(guess)
+        drawn: list[int] = []
+        while True:
+            try:
+                view = await self._evaluate(batch, ids, values)
+            except OutOfIds:
+                await self._draw(drawn, len(drawn) + 1)
+                continue
+            used = [row[0] for row in view.rows]
+            if not used:
+                return view, []
+            if len(drawn) < len(used):
+                await self._draw(drawn, len(used) - len(drawn))
+            if used == drawn[: len(used)]:
+                gaps = [gap_row(rid) for rid in drawn[len(used):]]
+                return view, sorted(view.rows + gaps)
+            ids = drawn
+
+    async def _draw(self, drawn: list[int], count: int) -> None:
+        records = await self.conn.fetch(SQL["next_ids"], count)
+        drawn.extend(sorted(int(r[0]) for r in records))
+        drawn.sort()
+        self._last_id = drawn[-1]
+
+    async def _evaluate(
+        self, batch: list[_Request], ids: Iterable[int], values: dict[int, bytes]
+    ) -> BatchView:
+        view = BatchView(self.index, ids, self._fetch_values, values)
+        evaluator = Evaluator(view, self.leases, int(self.index.compact_rev))
+        for req in batch:
+            rows_before = len(view.rows)
+            try:
+                req.result = await req.operation(evaluator)
+                req.error = None
+            except errors.EtcdError as err:
+                # Every check runs before a request writes anything: all or nothing.
+                assert len(view.rows) == rows_before, "a failed request wrote rows"
+                req.result, req.error = None, err
+        return view
+
+    async def _fetch_values(self, ids: list[int]) -> dict[int, bytes]:
+        return await queries.values_by_id(self.conn, ids)
+
+
+def _answer(batch: list[_Request]) -> None:
+    for req in batch:
+        if req.future.done():
+            continue
+        if req.error is not None:
+            req.future.set_exception(req.error)
+        else:
+            req.future.set_result(req.result)
+
+
+def _as_etcd_error(err: Exception) -> errors.EtcdError:
+    if isinstance(err, errors.EtcdError):
+        return err
+    return errors.Unavailable()

@@ -1,0 +1,1 @@
+"""Generated bindings for etcd's authpb package."""

@@ -1,0 +1,1 @@
+"""Generated bindings for etcd's mvccpb package."""

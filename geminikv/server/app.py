@@ -1,0 +1,157 @@
+"""The geminikv process: PostgreSQL (embedded or external), the store, the gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import signal
+import socket
+from dataclasses import dataclass
+
+import asyncpg
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from geminikv.config import Settings
+from geminikv.mvcc.kvstore import KVStore
+from geminikv.proto.etcdserverpb import rpc_pb2_grpc
+from geminikv.server.cluster import ClusterService
+from geminikv.server.kv import KVService
+from geminikv.server.maintenance import MaintenanceService
+from geminikv.server.rpc import Identity, unimplemented
+from geminikv.storage import database, schema
+from geminikv.storage.embedded import EmbeddedPostgres
+
+log = logging.getLogger(__name__)
+
+GRPC_OPTIONS = [
+    # etcd: max request 1.5 MiB + 512 KiB gRPC overhead; responses are unbounded.
+    ("grpc.max_receive_message_length", 2 * 1024 * 1024),
+    ("grpc.max_send_message_length", -1),
+    # kube-apiserver pings every 30 s, also on idle connections (contract §5.1).
+    ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+    # Off: a second server on a busy port must fail, not silently share it.
+    ("grpc.so_reuseport", 0),
+]
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    grpc_target: str  # what grpc's add_*_port takes
+    client_url: str  # what MemberList advertises
+
+
+def parse_listen_address(text: str) -> ListenAddress:
+    """Kine's forms: host:port, http://host:port, unix://path."""
+    if text.startswith("unix://"):
+        path = text[len("unix://"):]
+        return ListenAddress(f"unix:{path}", text)
+    for scheme in ("http://", "https://"):
+        if text.startswith(scheme):
+            text = text[len(scheme):]
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"invalid listen address {text!r}: expected host:port or unix://path")
+    host = host or "0.0.0.0"
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "[::]") else host
+    return ListenAddress(f"{host}:{port}", f"http://{shown}:{port}")
+
+
+def _id64(*parts: str) -> int:
+    digest = hashlib.blake2b("\0".join(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & ((1 << 63) - 1) or 1
+
+
+class App:
+    """Everything one geminikv process runs; ``start`` then ``wait`` then ``stop``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.embedded: EmbeddedPostgres | None = None
+        self.pool: asyncpg.Pool | None = None
+        self.writer_conn: asyncpg.Connection | None = None
+        self.store: KVStore | None = None
+        self.server: grpc.aio.Server | None = None
+        self.address = parse_listen_address(settings.listen_address)
+        self.port = 0
+
+    async def start(self) -> None:
+        s = self.settings
+        dsn = s.endpoint
+        if not dsn:
+            self.embedded = EmbeddedPostgres(s.data_dir)
+            dsn = await asyncio.to_thread(self.embedded.start)
+        log.info("connecting to PostgreSQL at %s", database.redact(dsn))
+        self.writer_conn = await database.connect(dsn)
+        await schema.ensure_schema(self.writer_conn)
+        self.pool = await database.create_pool(dsn, s.datastore_max_open_connections)
+        self.store = KVStore(self.pool, self.writer_conn, s.poll_interval)
+        await self.store.start()
+        identity = await self._identity()
+
+        server = grpc.aio.server(options=GRPC_OPTIONS)
+        rpc_pb2_grpc.add_KVServicer_to_server(KVService(self.store, identity), server)
+        rpc_pb2_grpc.add_MaintenanceServicer_to_server(
+            MaintenanceService(self.store, identity, s.emulated_etcd_version), server
+        )
+        rpc_pb2_grpc.add_ClusterServicer_to_server(ClusterService(self.store, identity), server)
+        for name in ("Watch", "Lease", "Auth"):
+            base = getattr(rpc_pb2_grpc, f"{name}Servicer")
+            getattr(rpc_pb2_grpc, f"add_{name}Servicer_to_server")(unimplemented(base, name)(), server)
+        health_servicer = health.aio.HealthServicer()
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        self.port = server.add_insecure_port(self.address.grpc_target)
+        if self.port == 0 and not self.address.grpc_target.startswith("unix:"):
+            raise OSError(f"cannot listen on {self.address.grpc_target}")
+        await server.start()
+        self.server = server
+        log.info(
+            "geminikv serving etcd v3 on %s (revision %d)",
+            self.address.grpc_target, int(self.store.index.rev),
+        )
+
+    async def _identity(self) -> Identity:
+        assert self.writer_conn is not None
+        row = await self.writer_conn.fetchrow(
+            "SELECT current_database()::text, 'kine'::regclass::oid::bigint"
+        )
+        assert row is not None
+        cluster = _id64("cluster", bytes(row[0]).decode(), str(row[1]))
+        host = socket.gethostname()
+        member = _id64("member", host, self.settings.listen_address)
+        return Identity(cluster, member, host, self.address.client_url)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop(grace=5)
+            self.server = None
+        if self.store is not None:
+            await self.store.stop()
+        if self.pool is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.pool.close(), 5)
+        if self.writer_conn is not None:
+            with contextlib.suppress(Exception):
+                await self.writer_conn.close()
+        if self.embedded is not None:
+            await asyncio.to_thread(self.embedded.stop)
+
+
+async def serve(settings: Settings) -> None:
+    app = App(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await app.start()
+        await stop.wait()
+        log.info("shutting down (pid %d)", os.getpid())
+    finally:
+        await app.stop()

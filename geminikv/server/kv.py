@@ -1,0 +1,50 @@
+"""etcdserverpb.KV: Range, Put, DeleteRange, Txn, Compact."""
+
+from __future__ import annotations
+
+import grpc
+
+from geminikv.mvcc.kvstore import KVStore
+from geminikv.proto.etcdserverpb import rpc_pb2 as pb
+from geminikv.proto.etcdserverpb import rpc_pb2_grpc
+from geminikv.server.rpc import Identity, etcd_errors
+
+
+class KVService(rpc_pb2_grpc.KVServicer):
+    def __init__(self, store: KVStore, identity: Identity) -> None:
+        self.store = store
+        self.identity = identity
+
+    @etcd_errors
+    async def Range(self, request: pb.RangeRequest, context: grpc.aio.ServicerContext) -> pb.RangeResponse:
+        resp = await self.store.range(request)
+        self.identity.fill(resp.header, 0)
+        return resp
+
+    @etcd_errors
+    async def Put(self, request: pb.PutRequest, context: grpc.aio.ServicerContext) -> pb.PutResponse:
+        resp = await self.store.put(request)
+        self.identity.fill(resp.header, 0)
+        return resp
+
+    @etcd_errors
+    async def DeleteRange(
+        self, request: pb.DeleteRangeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteRangeResponse:
+        resp = await self.store.delete_range(request)
+        self.identity.fill(resp.header, 0)
+        return resp
+
+    @etcd_errors
+    async def Txn(self, request: pb.TxnRequest, context: grpc.aio.ServicerContext) -> pb.TxnResponse:
+        resp = await self.store.txn(request)
+        self.identity.fill(resp.header, 0)
+        return resp
+
+    @etcd_errors
+    async def Compact(
+        self, request: pb.CompactionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CompactionResponse:
+        resp = await self.store.compact(request)
+        self.identity.fill(resp.header, 0)
+        return resp

@@ -1,0 +1,69 @@
+"""What every service shares: response headers and etcd's error mapping."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import asyncpg
+import grpc
+
+from geminikv import errors
+from geminikv.proto.etcdserverpb import rpc_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+RAFT_TERM = 2  # a settled single-member etcd reports term 2
+
+
+class Identity:
+    """The cluster and member ids this process reports (constant for its lifetime)."""
+
+    def __init__(self, cluster_id: int, member_id: int, name: str, client_url: str) -> None:
+        self.cluster_id = cluster_id
+        self.member_id = member_id
+        self.name = name
+        self.client_url = client_url
+
+    def fill(self, header: pb.ResponseHeader, revision: int) -> None:
+        header.cluster_id = self.cluster_id
+        header.member_id = self.member_id
+        header.raft_term = RAFT_TERM
+        if header.revision == 0:
+            header.revision = revision
+
+
+Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
+
+
+def etcd_errors(method: Handler) -> Handler:
+    """Turn core errors into gRPC statuses with etcd's codes and messages."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except errors.EtcdError as err:
+            await context.abort(err.code, err.message)
+        except (asyncpg.PostgresConnectionError, OSError, ConnectionError) as err:
+            log.warning("%s failed: PostgreSQL unavailable: %s", method.__name__, err)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, errors.Unavailable.message)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def unimplemented(servicer_base: type, service: str) -> type:
+    """A servicer whose every method answers UNIMPLEMENTED with a clear message."""
+
+    def make(name: str) -> Callable[..., Any]:
+        async def method(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED, f"geminikv: {service}.{name} is not implemented"
+            )
+
+        return method
+
+    names = [n for n in vars(servicer_base) if not n.startswith("_")]
+    return type(f"Unimplemented{service}", (servicer_base,), {n: make(n) for n in names})

@@ -1,0 +1,1 @@
+"""PostgreSQL: the embedded server, connections, Kine's schema and every SQL statement."""

@@ -1,0 +1,80 @@
+"""Every SQL statement geminikv runs, each with a name (used in logs and metrics).
+
+Keys (``name``) travel as bytes: connections decode text columns as raw UTF-8 bytes
+(see ``database.py``), because the index orders and compares keys as bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+
+# Serialises geminikv writers across processes: ids are drawn and committed while it is
+# held, so commit order equals id order (a follower that sees id N has seen all below N).
+WRITER_LOCK_KEY = 0x6B696E65_00000002
+NOTIFY_CHANNEL = "geminikv"
+COMPACT_KEY = b"compact_rev_key"
+
+# The columns the index and the watch path need, in this order.
+ROW_COLUMNS = "id, name, created, deleted, create_revision, prev_revision, lease, version"
+
+SQL: dict[str, str] = {
+    "begin_locked": f"BEGIN; SELECT pg_advisory_xact_lock({WRITER_LOCK_KEY})",
+    "current_rev": "SELECT COALESCE(MAX(id), 0) FROM kine",
+    "compact_rev": (
+        "SELECT COALESCE(MAX(prev_revision), 0) FROM kine WHERE name = 'compact_rev_key'"
+    ),
+    "set_compact_rev": "UPDATE kine SET prev_revision = $1 WHERE name = 'compact_rev_key'",
+    "next_ids": "SELECT nextval(pg_get_serial_sequence('kine', 'id')) FROM generate_series(1, $1)",
+    "rows_after": f"SELECT {ROW_COLUMNS} FROM kine WHERE id > $1 AND id <= $2 ORDER BY id LIMIT $3",
+    "rows_with_values_after": (
+        f"SELECT {ROW_COLUMNS}, value, old_value FROM kine "
+        "WHERE id > $1 AND id <= $2 ORDER BY id LIMIT $3"
+    ),
+    "all_rows": f"SELECT {ROW_COLUMNS} FROM kine ORDER BY id",
+    "values_by_id": "SELECT id, value FROM kine WHERE id = ANY($1::bigint[])",
+    "insert_rows": """
+        INSERT INTO kine (id, name, created, deleted, create_revision, prev_revision, lease,
+                          value, old_value, version)
+        SELECT t.id, convert_from(t.name, 'UTF8'), t.created, t.deleted, t.create_revision, t.prev_revision, t.lease,
+               t.value,
+               CASE WHEN t.old_known THEN t.old_value
+                    ELSE (SELECT k.value FROM kine k WHERE k.id = t.prev_revision) END,
+               t.version
+        FROM unnest($1::bigint[], $2::bytea[], $3::int[], $4::int[], $5::bigint[], $6::bigint[],
+                    $7::int[], $8::bytea[], $9::bytea[], $10::bool[], $11::bigint[])
+          AS t(id, name, created, deleted, create_revision, prev_revision, lease,
+               value, old_value, old_known, version)
+    """,
+    "fill_gap": """
+        INSERT INTO kine (id, name, created, deleted, create_revision, prev_revision, lease,
+                          value, old_value)
+        VALUES ($1, 'gap-' || $1::text, 0, 1, 0, 0, 0, NULL, NULL)
+        ON CONFLICT DO NOTHING
+    """,
+    "has_key": "SELECT EXISTS (SELECT 1 FROM kine WHERE name = $1)",
+    "insert_special": """
+        INSERT INTO kine (name, created, deleted, create_revision, prev_revision, lease, value,
+                          old_value, version)
+        VALUES ($1, 1, 0, 0, 0, 0, $2, NULL, 1) RETURNING id
+    """,
+    "notify": f"SELECT pg_notify('{NOTIFY_CHANNEL}', $1)",
+    "db_size": "SELECT pg_total_relation_size('kine')",
+}
+
+Row = tuple[int, bytes, int, int, int, int, int, int | None]
+"""(id, name, created, deleted, create_revision, prev_revision, lease, version)."""
+
+
+async def values_by_id(conn: asyncpg.Connection, ids: Sequence[int]) -> dict[int, bytes]:
+    if not ids:
+        return {}
+    records = await conn.fetch(SQL["values_by_id"], ids)
+    return {r[0]: r[1] if r[1] is not None else b"" for r in records}
+
+
+def insert_args(rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
+    """Column arrays for ``insert_rows`` from row tuples in its column order."""
+    return [list(column) for column in zip(*rows, strict=True)]
