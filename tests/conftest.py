@@ -1,0 +1,61 @@
+"""Session fixtures: one embedded PostgreSQL, one geminikv, one etcd (when installed)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from tests.servers import Etcd, GeminiServer, Postgres, Stubs
+
+settings.register_profile(
+    "ci", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile(
+    "dev", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    root = Path(tempfile.mkdtemp(prefix="geminikv-pg-"))
+    pg = Postgres(root)
+    yield pg
+    pg.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def gemini(postgres: Postgres) -> Iterator[GeminiServer]:
+    server = GeminiServer(postgres.new_database("session")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def etcd() -> Iterator[Etcd]:
+    if shutil.which("etcd") is None:
+        pytest.skip("etcd binary not installed (Debian package etcd-server)")
+    server = Etcd()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def gk(gemini: GeminiServer) -> Iterator[Stubs]:
+    stubs = gemini.stubs()
+    yield stubs
+    stubs.close()
+
+
+@pytest.fixture
+def prefix() -> bytes:
+    """A key prefix of this test's own, so tests sharing a server never meet."""
+    return b"/t/" + uuid.uuid4().hex[:10].encode() + b"/"

@@ -1,0 +1,176 @@
+"""Real servers for tests: the embedded PostgreSQL, geminikv (in a thread) and etcd."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import asyncpg
+import grpc
+
+from geminikv.config import Settings
+from geminikv.proto.etcdserverpb import rpc_pb2_grpc
+from geminikv.server.app import App
+from geminikv.storage.embedded import EmbeddedPostgres
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Postgres:
+    """The session's embedded PostgreSQL; every caller can get a database of its own."""
+
+    def __init__(self, root: Path) -> None:
+        self.server = EmbeddedPostgres(root)
+        self.server.start()
+
+    def admin_dsn(self) -> str:
+        return self.server.dsn("postgres")
+
+    def new_database(self, prefix: str = "t") -> str:
+        name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+
+        async def create() -> None:
+            conn = await asyncpg.connect(self.admin_dsn())
+            try:
+                await conn.execute(f'CREATE DATABASE "{name}"')
+            finally:
+                await conn.close()
+
+        asyncio.run(create())
+        return self.server.dsn(name)
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+class Stubs:
+    """Synchronous etcd v3 stubs on one channel."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.channel = grpc.insecure_channel(target)
+        grpc.channel_ready_future(self.channel).result(timeout=30)
+        self.kv = rpc_pb2_grpc.KVStub(self.channel)
+        self.watch = rpc_pb2_grpc.WatchStub(self.channel)
+        self.lease = rpc_pb2_grpc.LeaseStub(self.channel)
+        self.maintenance = rpc_pb2_grpc.MaintenanceStub(self.channel)
+        self.cluster = rpc_pb2_grpc.ClusterStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class GeminiServer:
+    """A geminikv App running on its own event loop in a background thread."""
+
+    def __init__(self, dsn: str, **overrides: object) -> None:
+        self.port = free_port()
+        self.settings = replace(
+            Settings(),
+            endpoint=dsn,
+            listen_address=f"127.0.0.1:{self.port}",
+            metrics_bind_address="0",
+            poll_interval=0.2,
+            **overrides,  # type: ignore[arg-type]
+        )
+        self.endpoint = f"127.0.0.1:{self.port}"
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self.app: App | None = None
+
+    def start(self) -> GeminiServer:
+        started = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            self.app = App(self.settings)
+            try:
+                loop.run_until_complete(self.app.start())
+            except BaseException as err:  # reported to the starting thread
+                failure.append(err)
+                started.set()
+                loop.run_until_complete(self.app.stop())
+                loop.close()
+                return
+            started.set()
+            loop.run_forever()
+            loop.run_until_complete(self.app.stop())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name=f"geminikv-{self.port}", daemon=True)
+        self._thread.start()
+        started.wait(120)
+        if failure:
+            raise failure[0]
+        return self
+
+    def call(self, coro_factory):  # type: ignore[no-untyped-def]
+        """Run a coroutine on the server's loop (for white-box checks)."""
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coro_factory(), self._loop).result(60)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(60)
+        self._loop = None
+        self._thread = None
+
+    def stubs(self) -> Stubs:
+        return Stubs(self.endpoint)
+
+
+class Etcd:
+    """A real etcd (Debian etcd-server) in a temporary directory."""
+
+    def __init__(self) -> None:
+        binary = shutil.which("etcd")
+        if binary is None:
+            raise FileNotFoundError("etcd")
+        self.dir = tempfile.mkdtemp(prefix="etcd-test-")
+        self.port = free_port()
+        peer = free_port()
+        self.endpoint = f"127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [
+                binary,
+                "--data-dir", os.path.join(self.dir, "data"),
+                "--listen-client-urls", f"http://{self.endpoint}",
+                "--advertise-client-urls", f"http://{self.endpoint}",
+                "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+                "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+                "--initial-cluster", f"default=http://127.0.0.1:{peer}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(os.path.join(self.dir, "etcd.log"), "wb"),  # noqa: SIM115
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    break
+            except OSError:
+                time.sleep(0.1)
+
+    def stubs(self) -> Stubs:
+        return Stubs(self.endpoint)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
