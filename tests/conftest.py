@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import uuid
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,7 +55,16 @@ def gk(gemini: GeminiServer) -> Iterator[Stubs]:
     stubs.close()
 
 
+def unique_prefix() -> bytes:
+    """A key prefix above every key created before it.
+
+    Tests share servers; prefixes grow with time and sort after everything else
+    ("~" > "/registry/…"), so even a range open to the end ("\\0") sees only the keys
+    of the test that made it.
+    """
+    return b"~%020d/" % time.time_ns()
+
+
 @pytest.fixture
 def prefix() -> bytes:
-    """A key prefix of this test's own, so tests sharing a server never meet."""
-    return b"/t/" + uuid.uuid4().hex[:10].encode() + b"/"
+    return unique_prefix()
