@@ -78,14 +78,13 @@ class GeminiServer:
 
     def __init__(self, dsn: str, **overrides: object) -> None:
         self.port = free_port()
-        self.settings = replace(
-            Settings(),
-            endpoint=dsn,
-            listen_address=f"127.0.0.1:{self.port}",
-            metrics_bind_address="0",
-            poll_interval=0.2,
-            **overrides,  # type: ignore[arg-type]
-        )
+        base: dict[str, object] = {
+            "endpoint": dsn,
+            "listen_address": f"127.0.0.1:{self.port}",
+            "metrics_bind_address": "0",
+            "poll_interval": 0.2,
+        }
+        self.settings = replace(Settings(), **{**base, **overrides})  # type: ignore[arg-type]
         self.endpoint = f"127.0.0.1:{self.port}"
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None

@@ -1,0 +1,115 @@
+"""End to end with etcdctl (Debian etcd-client), compared with a real etcd where possible."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from tests.servers import Etcd, GeminiServer
+
+pytestmark = [
+    pytest.mark.etcdctl,
+    pytest.mark.skipif(shutil.which("etcdctl") is None, reason="etcdctl not installed (etcd-client)"),
+]
+
+
+def ctl(endpoint: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, ETCDCTL_API="3")
+    return subprocess.run(
+        ["etcdctl", "--endpoints", endpoint, "--command-timeout=20s", *args],
+        input=stdin, capture_output=True, text=True, env=env, timeout=60, check=False,
+    )
+
+
+def both(etcd: Etcd, gemini: GeminiServer, *args: str, stdin: str | None = None) -> str:
+    """Run one etcdctl command against both servers; outputs and exit codes must match."""
+    e = ctl(etcd.endpoint, *args, stdin=stdin)
+    g = ctl(gemini.endpoint, *args, stdin=stdin)
+    assert (g.returncode, g.stdout) == (e.returncode, e.stdout), (
+        f"etcdctl {' '.join(args)}\n etcd: {e.returncode} {e.stdout!r} {e.stderr!r}\n"
+        f" geminikv: {g.returncode} {g.stdout!r} {g.stderr!r}"
+    )
+    if e.returncode != 0:
+        assert _error_line(g.stderr) == _error_line(e.stderr)
+    return e.stdout
+
+
+def _error_line(stderr: str) -> str:
+    return [line for line in stderr.splitlines() if line.startswith("Error:")][-1]
+
+
+@pytest.mark.etcd
+def test_put_get_del(etcd: Etcd, gemini: GeminiServer, prefix: bytes) -> None:
+    p = prefix.decode()
+    for i, name in enumerate(["a", "b", "c", "d"]):
+        assert both(etcd, gemini, "put", p + name, f"v{i}") == "OK\n"
+    both(etcd, gemini, "put", p + "b", "v-b2", "--prev-kv")
+    both(etcd, gemini, "put", p + "b", "--ignore-value")
+    both(etcd, gemini, "put", p + "zz", "--ignore-value")
+    both(etcd, gemini, "get", p + "a")
+    both(etcd, gemini, "get", p, "--prefix")
+    both(etcd, gemini, "get", p, "--prefix", "--limit", "2")
+    both(etcd, gemini, "get", p, "--prefix", "--keys-only")
+    both(etcd, gemini, "get", p, "--prefix", "--print-value-only")
+    both(etcd, gemini, "get", p + "b", p + "d")
+    both(etcd, gemini, "get", p + "b", "--from-key")
+    for sort in ("CREATE", "KEY", "MODIFY", "VALUE", "VERSION"):
+        both(etcd, gemini, "get", p, "--prefix", "--sort-by", sort, "--order", "DESCEND")
+    assert both(etcd, gemini, "get", p, "--prefix", "--keys-only").count("\n") == 8
+    both(etcd, gemini, "del", p + "a", "--prev-kv")
+    both(etcd, gemini, "del", p + "b", "--prefix")
+    both(etcd, gemini, "del", p + "c", "--from-key")
+    both(etcd, gemini, "get", p, "--prefix")
+    both(etcd, gemini, "get", "")
+
+
+@pytest.mark.etcd
+def test_txn(etcd: Etcd, gemini: GeminiServer, prefix: bytes) -> None:
+    p = prefix.decode()
+    both(etcd, gemini, "put", p + "k", "v1")
+    script = f'value("{p}k") = "v1"\n\nput {p}k v2\nget {p}k\n\nget {p}k\n\n'
+    assert both(etcd, gemini, "txn", stdin=script).startswith("SUCCESS")
+    assert both(etcd, gemini, "txn", stdin=script).startswith("FAILURE")
+    script = f'version("{p}k") = "2"\ncreate("{p}missing") = "0"\n\ndel {p}k\n\n\n'
+    both(etcd, gemini, "txn", stdin=script)
+    both(etcd, gemini, "get", p, "--prefix")
+
+
+def test_rev_and_compaction(gemini: GeminiServer, prefix: bytes) -> None:
+    p = prefix.decode()
+    assert ctl(gemini.endpoint, "put", p + "k", "one").returncode == 0
+    first = json.loads(ctl(gemini.endpoint, "get", p + "k", "-w", "json").stdout)
+    rev = first["kvs"][0]["mod_revision"]
+    assert ctl(gemini.endpoint, "put", p + "k", "two").returncode == 0
+    old = ctl(gemini.endpoint, "get", p + "k", f"--rev={rev}", "--print-value-only")
+    assert old.stdout == "one\n"
+    current = json.loads(ctl(gemini.endpoint, "get", p + "k", "-w", "json").stdout)
+    head = current["header"]["revision"]
+    done = ctl(gemini.endpoint, "compaction", str(head))
+    assert done.returncode == 0 and done.stdout == f"compacted revision {head}\n"
+    gone = ctl(gemini.endpoint, "get", p + "k", f"--rev={rev}")
+    assert gone.returncode != 0
+    assert "required revision has been compacted" in gone.stderr
+    again = ctl(gemini.endpoint, "compaction", str(head))
+    assert "required revision has been compacted" in again.stderr
+    future = ctl(gemini.endpoint, "compaction", str(head + 1000))
+    assert "required revision is a future revision" in future.stderr
+    assert ctl(gemini.endpoint, "get", p + "k", "--print-value-only").stdout == "two\n"
+
+
+def test_endpoint_status_health_members(gemini: GeminiServer) -> None:
+    status = json.loads(ctl(gemini.endpoint, "endpoint", "status", "-w", "json").stdout)[0]
+    assert status["Status"]["version"] == "3.5.16"
+    assert status["Status"]["leader"] == status["Status"]["header"]["member_id"]
+    assert status["Status"]["dbSize"] > 0
+    health = ctl(gemini.endpoint, "endpoint", "health")
+    assert health.returncode == 0 and "is healthy" in health.stdout + health.stderr
+    members = json.loads(ctl(gemini.endpoint, "member", "list", "-w", "json").stdout)
+    assert len(members["members"]) == 1
+    assert members["members"][0]["clientURLs"] == [f"http://{gemini.endpoint}"]
+    cluster = ctl(gemini.endpoint, "endpoint", "health", "--cluster")
+    assert cluster.returncode == 0, cluster.stderr

@@ -1,0 +1,255 @@
+"""Kine compatibility: databases Go Kine created (every schema variant, both delete row
+shapes) are served correctly, and rows geminikv writes read correctly through Kine's SQL."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import asyncpg
+import grpc
+import pytest
+
+from geminikv.proto.etcdserverpb import rpc_pb2 as pb
+from tests.servers import GeminiServer, Postgres
+
+R = pb.RangeRequest
+
+# kine.md §1.1: pre-v0.11.5, v0.11.5–v0.12 (BIGINT, varchar), v0.13+ (text COLLATE "C").
+VARIANTS = {
+    "v0.11.4": """
+        CREATE TABLE kine (id SERIAL PRIMARY KEY, name VARCHAR(630), created INTEGER,
+            deleted INTEGER, create_revision INTEGER, prev_revision INTEGER, lease INTEGER,
+            value bytea, old_value bytea);
+        CREATE INDEX kine_name_index ON kine (name);
+        CREATE INDEX kine_name_id_index ON kine (name,id);
+        CREATE INDEX kine_id_deleted_index ON kine (id,deleted);
+        CREATE INDEX kine_prev_revision_index ON kine (prev_revision);
+        CREATE UNIQUE INDEX kine_name_prev_revision_uindex ON kine (name, prev_revision);
+    """,
+    "v0.12": """
+        CREATE TABLE kine (id BIGSERIAL PRIMARY KEY, name VARCHAR(630), created INTEGER,
+            deleted INTEGER, create_revision BIGINT, prev_revision BIGINT, lease INTEGER,
+            value bytea, old_value bytea);
+        CREATE INDEX kine_name_index ON kine (name);
+        CREATE INDEX kine_name_id_index ON kine (name,id);
+        CREATE INDEX kine_id_deleted_index ON kine (id,deleted);
+        CREATE INDEX kine_prev_revision_index ON kine (prev_revision);
+        CREATE UNIQUE INDEX kine_name_prev_revision_uindex ON kine (name, prev_revision);
+    """,
+    "v0.13+": """
+        CREATE TABLE kine (id BIGSERIAL PRIMARY KEY, name text COLLATE "C", created INTEGER,
+            deleted INTEGER, create_revision BIGINT, prev_revision BIGINT, lease INTEGER,
+            value bytea, old_value bytea);
+        CREATE INDEX kine_name_index ON kine (name);
+        CREATE INDEX kine_name_id_index ON kine (name,id);
+        CREATE INDEX kine_id_deleted_index ON kine (id,deleted);
+        CREATE INDEX kine_prev_revision_index ON kine (prev_revision);
+        CREATE UNIQUE INDEX kine_name_prev_revision_uindex ON kine (name, prev_revision);
+        CREATE INDEX kine_list_query_index on kine(name, id DESC, deleted);
+    """,
+}
+
+# Rows as Go Kine writes them (kine.md §1.2): (id, name, created, deleted, create_revision,
+# prev_revision, lease, value, old_value).
+KINE_ROWS = [
+    (1, "compact_rev_key", 1, 0, 0, 0, 0, b"", None),
+    (2, "/registry/health", 1, 0, 0, 0, 0, b'{"health":"true"}', None),
+    (3, "/registry/pods/a", 1, 0, 0, 0, 0, b"a1", None),
+    (4, "/registry/pods/b", 1, 0, 0, 0, 0, b"b1", None),
+    (5, "/registry/pods/a", 0, 0, 3, 3, 0, b"a2", b"a1"),
+    (6, "/registry/pods/b", 0, 1, 4, 4, 0, b"b1", b"b1"),  # delete, <= v0.15 shape
+    (7, "/registry/pods/c", 1, 0, 0, 0, 60, b"c1", None),
+    (8, "gap-8", 0, 1, 0, 0, 0, None, None),
+    (9, "/registry/pods/c", 0, 1, 0, 7, 0, None, b"c1"),  # delete, v0.16 shape
+    (10, "/registry/pods/b", 1, 0, 0, 6, 0, b"b2", b"b1"),  # create after delete
+    (11, "/registry/pods/a", 0, 0, 3, 5, 0, b"a3", b"a2"),
+]
+
+
+def _build(postgres: Postgres, ddl: str) -> str:
+    dsn = postgres.new_database("kine")
+
+    async def fill() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(ddl)
+            await conn.executemany(
+                "INSERT INTO kine (id, name, created, deleted, create_revision, prev_revision,"
+                " lease, value, old_value) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9)",
+                KINE_ROWS,
+            )
+            await conn.execute("SELECT setval(pg_get_serial_sequence('kine','id'), 11)")
+        finally:
+            await conn.close()
+
+    asyncio.run(fill())
+    return dsn
+
+
+@pytest.fixture(params=sorted(VARIANTS))
+def kine_db(request: pytest.FixtureRequest, postgres: Postgres) -> Iterator[str]:
+    yield _build(postgres, VARIANTS[request.param])
+
+
+def test_serves_go_kine_database(kine_db: str) -> None:
+    server = GeminiServer(kine_db).start()
+    try:
+        kv = server.stubs().kv
+        resp = kv.Range(R(key=b"/registry/pods/", range_end=b"/registry/pods0"))
+        assert resp.header.revision == 11
+        got = [(kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.version)
+               for kv in resp.kvs]
+        assert got == [
+            (b"/registry/pods/a", b"a3", 3, 11, 3),
+            (b"/registry/pods/b", b"b2", 10, 10, 1),
+        ]
+        # history through both delete shapes
+        at = lambda rev: [  # noqa: E731
+            (k.key, k.value)
+            for k in kv.Range(R(key=b"/registry/pods/", range_end=b"/registry/pods0",
+                                revision=rev)).kvs
+        ]
+        assert at(5) == [(b"/registry/pods/a", b"a2"), (b"/registry/pods/b", b"b1")]
+        assert at(6) == [(b"/registry/pods/a", b"a2")]
+        assert at(8) == [(b"/registry/pods/a", b"a2"), (b"/registry/pods/c", b"c1")]
+        assert at(9) == [(b"/registry/pods/a", b"a2")]
+        # writes continue the chain Kine's unique index guards
+        put = kv.Txn(pb.TxnRequest(
+            compare=[pb.Compare(key=b"/registry/pods/a", target=pb.Compare.MOD,
+                                result=pb.Compare.EQUAL, mod_revision=11)],
+            success=[pb.RequestOp(request_put=pb.PutRequest(key=b"/registry/pods/a",
+                                                            value=b"a4"))],
+        ))
+        assert put.succeeded and put.header.revision == 12
+        a = kv.Range(R(key=b"/registry/pods/a")).kvs[0]
+        assert (a.version, a.create_revision, a.mod_revision) == (4, 3, 12)
+        # no second compact_rev_key or health row was added
+        assert kv.Range(R(key=b"/registry/health")).kvs[0].mod_revision == 2
+    finally:
+        server.stop()
+
+
+# Kine's own read of the current state (kine.md §1.3 "List current" with values).
+KINE_LIST_CURRENT = """
+    SELECT id, name, created, deleted, create_revision, prev_revision, lease, value, old_value
+    FROM kine INNER JOIN (
+        SELECT MAX(id) AS id FROM kine WHERE name >= $1 AND name < $2 GROUP BY name
+    ) AS mkv USING (id)
+    WHERE deleted = 0 ORDER BY name ASC
+"""
+
+
+def test_go_kine_reads_what_geminikv_wrote(postgres: Postgres) -> None:
+    dsn = postgres.new_database("written")
+    server = GeminiServer(dsn).start()
+    try:
+        kv = server.stubs().kv
+        for i in range(3):
+            kv.Put(pb.PutRequest(key=b"/registry/cm/k%d" % i, value=b"v%d" % i))
+        kv.Put(pb.PutRequest(key=b"/registry/cm/k1", value=b"v1b"))
+        kv.DeleteRange(pb.DeleteRangeRequest(key=b"/registry/cm/k2"))
+        kv.Put(pb.PutRequest(key=b"/registry/cm/k2", value=b"again"))
+        ours = kv.Range(R(key=b"/registry/cm/", range_end=b"/registry/cm0"))
+    finally:
+        server.stop()
+
+    async def kine_view() -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return list(await conn.fetch(KINE_LIST_CURRENT, "/registry/cm/", "/registry/cm0"))
+        finally:
+            await conn.close()
+
+    rows = asyncio.run(kine_view())
+    # Kine derives create_revision = id for created rows, else the column.
+    kine = [
+        (r["name"].encode(), r["value"], r["id"] if r["created"] else r["create_revision"], r["id"])
+        for r in rows
+    ]
+    assert kine == [(k.key, k.value, k.create_revision, k.mod_revision) for k in ours.kvs]
+    # prev_revision chains and old_value as Kine fills them
+    k1 = [r for r in rows if r["name"] == "/registry/cm/k1"][0]
+    assert k1["old_value"] == b"v1" and k1["prev_revision"] > 0 and k1["created"] == 0
+
+
+def test_restart_keeps_everything(postgres: Postgres) -> None:
+    dsn = postgres.new_database("restart")
+    first = GeminiServer(dsn).start()
+    kv = first.stubs().kv
+    for i in range(20):
+        kv.Put(pb.PutRequest(key=b"/r/%02d" % (i % 7), value=b"%d" % i))
+    kv.DeleteRange(pb.DeleteRangeRequest(key=b"/r/03"))
+    before = kv.Range(R(key=b"/r/", range_end=b"/r0"))
+    history = kv.Range(R(key=b"/r/", range_end=b"/r0", revision=before.header.revision - 5))
+    first.stop()
+    second = GeminiServer(dsn).start()
+    try:
+        kv = second.stubs().kv
+        now = kv.Range(R(key=b"/r/", range_end=b"/r0"))
+        assert (now.kvs, now.count, now.header.revision) == (
+            before.kvs, before.count, before.header.revision)
+        assert kv.Range(
+            R(key=b"/r/", range_end=b"/r0", revision=before.header.revision - 5)
+        ).kvs == history.kvs
+        resp = kv.Put(pb.PutRequest(key=b"/r/00", value=b"after"))
+        assert resp.header.revision == before.header.revision + 1
+        assert kv.Range(R(key=b"/r/00")).kvs[0].version == 4
+    finally:
+        second.stop()
+
+
+def test_two_processes_agree(postgres: Postgres) -> None:
+    dsn = postgres.new_database("pair")
+    a = GeminiServer(dsn, poll_interval=5.0).start()
+    b = GeminiServer(dsn, poll_interval=5.0).start()
+    try:
+        ka, kb = a.stubs().kv, b.stubs().kv
+        for i in range(30):
+            writer, reader = (ka, kb) if i % 2 else (kb, ka)
+            put = writer.Put(pb.PutRequest(key=b"/two/k", value=b"%d" % i))
+            got = reader.Range(R(key=b"/two/k")).kvs[0]  # linearizable: sees the write at once
+            assert (got.value, got.mod_revision) == (b"%d" % i, put.header.revision)
+        # optimistic concurrency across processes: exactly one of two racing updates wins
+        rev = ka.Range(R(key=b"/two/k")).kvs[0].mod_revision
+        update = lambda v: pb.TxnRequest(  # noqa: E731
+            compare=[pb.Compare(key=b"/two/k", target=pb.Compare.MOD, result=pb.Compare.EQUAL,
+                                mod_revision=rev)],
+            success=[pb.RequestOp(request_put=pb.PutRequest(key=b"/two/k", value=v))],
+        )
+        fa = ka.Txn.future(update(b"from-a"))
+        fb = kb.Txn.future(update(b"from-b"))
+        results = [fa.result().succeeded, fb.result().succeeded]
+        assert sorted(results) == [False, True]
+        assert ka.Range(R(key=b"/two/k")).kvs == kb.Range(R(key=b"/two/k")).kvs
+        assert kb.Range(R(key=b"/two/k")).kvs[0].version == 31
+        # serializable reads on the other process catch up through NOTIFY
+        put = ka.Put(pb.PutRequest(key=b"/two/n", value=b"x"))
+        for _ in range(100):
+            got = kb.Range(R(key=b"/two/n", serializable=True))
+            if got.kvs:
+                break
+            asyncio.run(asyncio.sleep(0.01))
+        assert got.kvs[0].mod_revision == put.header.revision
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_keys_postgres_cannot_hold_are_rejected(gemini: GeminiServer, prefix: bytes) -> None:
+    kv = gemini.stubs().kv
+    before = kv.Range(R(key=b"\x00", range_end=b"\x00", count_only=True)).header.revision
+    for key in (prefix + b"\xff\xfe", prefix + b"a\x00b"):
+        with pytest.raises(grpc.RpcError) as err:
+            kv.Put(pb.PutRequest(key=key, value=b"v"))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "geminikv: key must" in (err.value.details() or "")
+        with pytest.raises(grpc.RpcError):
+            kv.Txn(pb.TxnRequest(success=[
+                pb.RequestOp(request_put=pb.PutRequest(key=prefix + b"ok", value=b"v")),
+                pb.RequestOp(request_put=pb.PutRequest(key=key, value=b"v")),
+            ]))
+    after = kv.Range(R(key=b"\x00", range_end=b"\x00", count_only=True)).header.revision
+    assert after == before  # nothing was written
+    # reading such keys is fine: they simply do not exist
+    assert kv.Range(R(key=prefix + b"\xff")).count == 0
