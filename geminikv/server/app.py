@@ -21,9 +21,11 @@ from geminikv.proto.etcdserverpb import rpc_pb2_grpc
 from geminikv.server.cluster import ClusterService
 from geminikv.server.kv import KVService
 from geminikv.server.maintenance import MaintenanceService
+from geminikv.server.watch import WatchService
 from geminikv.server.rpc import Identity, unimplemented
 from geminikv.storage import database, schema
 from geminikv.storage.embedded import EmbeddedPostgres
+from geminikv.watch.hub import Hub
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,8 @@ class App:
         self.writer_conn: asyncpg.Connection | None = None
         self.store: KVStore | None = None
         self.server: grpc.aio.Server | None = None
+        self.hub: Hub | None = None
+        self.watch: WatchService | None = None
         self.address = parse_listen_address(settings.listen_address)
         self.port = 0
 
@@ -100,7 +104,12 @@ class App:
             MaintenanceService(self.store, identity, s.emulated_etcd_version), server
         )
         rpc_pb2_grpc.add_ClusterServicer_to_server(ClusterService(self.store, identity), server)
-        for name in ("Watch", "Lease", "Auth"):
+        self.hub = Hub(self.pool, self.store.index, self.store.follower)
+        await self.hub.start()
+        self.watch = WatchService(self.hub, identity, s.watch_progress_notify_interval)
+        self.watch.start()
+        rpc_pb2_grpc.add_WatchServicer_to_server(self.watch, server)
+        for name in ("Lease", "Auth"):
             base = getattr(rpc_pb2_grpc, f"{name}Servicer")
             getattr(rpc_pb2_grpc, f"add_{name}Servicer_to_server")(unimplemented(base, name)(), server)
         health_servicer = health.aio.HealthServicer()
@@ -128,9 +137,13 @@ class App:
         return Identity(cluster, member, host, self.address.client_url)
 
     async def stop(self) -> None:
+        if self.watch is not None:
+            await self.watch.stop()  # ends watch streams so the server can drain
         if self.server is not None:
             await self.server.stop(grace=5)
             self.server = None
+        if self.hub is not None:
+            await self.hub.stop()
         if self.store is not None:
             await self.store.stop()
         if self.pool is not None:

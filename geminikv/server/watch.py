@@ -1,0 +1,69 @@
+"""etcdserverpb.Watch: one bidi stream, many watchers (watch/stream.py does the work)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from geminikv.proto.etcdserverpb import rpc_pb2 as pb
+from geminikv.proto.etcdserverpb import rpc_pb2_grpc
+from geminikv.server.rpc import Identity
+from geminikv.watch.hub import Hub
+from geminikv.watch.stream import WatchStream
+
+log = logging.getLogger(__name__)
+
+
+class WatchService(rpc_pb2_grpc.WatchServicer):
+    def __init__(self, hub: Hub, identity: Identity, progress_interval: float) -> None:
+        self.hub = hub
+        self.identity = identity
+        self.progress_interval = progress_interval
+        self.streams: set[WatchStream] = set()
+        self._ticker: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._ticker = asyncio.create_task(self._tick(), name="watch-progress")
+
+    async def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+        for stream in list(self.streams):
+            stream.close()
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self.progress_interval)
+            for stream in list(self.streams):
+                stream.progress_tick()
+
+    async def Watch(
+        self, request_iterator: AsyncIterator[pb.WatchRequest], context: grpc.aio.ServicerContext
+    ) -> None:
+        stream = WatchStream(self.hub, self.identity.fill)
+        self.streams.add(stream)
+
+        async def receive() -> None:
+            async for request in request_iterator:
+                stream.handle(request)
+
+        receiver = asyncio.create_task(receive())
+        try:
+            while True:
+                responses = await stream.responses()
+                if not responses:
+                    break
+                for resp in responses:
+                    await context.write(resp)
+        finally:
+            receiver.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await receiver
+            stream.close()
+            self.streams.discard(stream)

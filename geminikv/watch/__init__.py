@@ -1,0 +1,1 @@
+"""Watch delivery: the hub that fans applied revisions out, and per-stream state."""

@@ -1,0 +1,63 @@
+"""Turning applied revisions into etcd watch events."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from geminikv.mvcc.events import Event
+from geminikv.mvcc.index import Index, is_special
+from geminikv.mvcc.keys import key_of
+from geminikv.proto.mvccpb import kv_pb2
+
+PUT = kv_pb2.Event.PUT
+DELETE = kv_pb2.Event.DELETE
+
+
+def events_from_rows(index: Index, rows: Iterable[tuple[object, ...]]) -> list[Event]:
+    """Events for table rows (id, name, created, deleted, create_rev, prev_rev, lease,
+    version, value, old_value) that the index has already applied."""
+    out = []
+    for row in rows:
+        rid, name, created, deleted, _c, prev_rev, _l, _v, value, old = row
+        if is_special(name, created, deleted, prev_rev):  # type: ignore[arg-type]
+            continue
+        key = key_of(name)  # type: ignore[arg-type]
+        prev = index.get(key, rid - 1)  # type: ignore[operator]
+        prev_value = (old or b"") if prev is not None else None
+        if deleted:
+            out.append(Event(rid, key, True, 0, 0, 0, None, prev, prev_value))  # type: ignore[arg-type]
+            continue
+        state = index.get(key, rid)
+        if state is None or state[0] != rid:
+            continue  # history no longer held (compacted meanwhile)
+        out.append(
+            Event(rid, key, False, state[1], state[2], state[3], value or b"", prev, prev_value)  # type: ignore[arg-type]
+        )
+    return out
+
+
+def to_pb(event: Event, with_prev: bool) -> kv_pb2.Event:
+    if event.deleted:
+        ev = kv_pb2.Event(type=DELETE, kv=kv_pb2.KeyValue(key=event.key, mod_revision=event.revision))
+    else:
+        ev = kv_pb2.Event(
+            type=PUT,
+            kv=kv_pb2.KeyValue(
+                key=event.key,
+                create_revision=event.create_revision,
+                mod_revision=event.revision,
+                version=event.version,
+                lease=event.lease,
+                value=event.value,
+            ),
+        )
+    is_create = not event.deleted and event.create_revision == event.revision
+    if with_prev and not is_create and event.prev is not None:
+        mod, create, version, lease = event.prev
+        ev.prev_kv.CopyFrom(
+            kv_pb2.KeyValue(
+                key=event.key, create_revision=create, mod_revision=mod, version=version,
+                lease=lease, value=event.prev_value or b"",
+            )
+        )
+    return ev

@@ -1,0 +1,232 @@
+"""One Watch gRPC stream: its watchers, and the ordered queue of responses to send.
+
+Everything for a stream goes through one queue, so a watcher's ``created`` response
+precedes its events, and a progress response follows every event queued before it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+
+from geminikv.mvcc.events import Event
+from geminikv.mvcc.ranges import range_end
+from geminikv.proto.etcdserverpb import rpc_pb2 as pb
+from geminikv.watch.events import to_pb
+from geminikv.watch.hub import MAX_QUEUED_EVENTS, Hub, Watcher
+
+MAX_RESPONSE_BYTES = 1536 * 1024  # fragments are cut at etcd's max request size
+
+ERR_EMPTY_RANGE = "mvcc: watcher range is empty"
+ERR_DUPLICATE_ID = "mvcc: duplicate watch ID provided on the WatchStream"
+
+_EVENTS = "events"
+_PROGRESS = "progress"
+_CONTROL = "control"
+
+
+class _Item:
+    __slots__ = ("count", "first_rev", "kind", "response", "watcher")
+
+    def __init__(self, kind: str, response: pb.WatchResponse, watcher: Watcher | None = None,
+                 first_rev: int = 0, count: int = 0) -> None:
+        self.kind = kind
+        self.response = response
+        self.watcher = watcher
+        self.first_rev = first_rev
+        self.count = count
+
+
+class WatchStream:
+    def __init__(self, hub: Hub, fill_header: Callable[[pb.ResponseHeader, int], None]) -> None:
+        self.hub = hub
+        self.fill_header = fill_header
+        self.watchers: dict[int, Watcher] = {}
+        self._next_id = 0
+        self._queue: deque[_Item] = deque()
+        self._queued: dict[Watcher, int] = {}
+        self._ready = asyncio.Event()
+        self.closed = False
+
+    # -- requests ----------------------------------------------------------------------
+
+    def handle(self, request: pb.WatchRequest) -> None:
+        kind = request.WhichOneof("request_union")
+        if kind == "create_request":
+            self.create(request.create_request)
+        elif kind == "cancel_request":
+            self.cancel(request.cancel_request.watch_id)
+        elif kind == "progress_request":
+            self.request_progress()
+
+    def create(self, req: pb.WatchCreateRequest) -> None:
+        key = req.key or b"\x00"
+        end = range_end(req.range_end)
+        current = self.hub.revision
+        if end is not None and end != b"" and key >= end:
+            self._control(self._response(-1, current, created=True, canceled=True,
+                                         cancel_reason=ERR_EMPTY_RANGE))
+            return
+        watch_id = req.watch_id
+        if watch_id == 0:
+            while self._next_id in self.watchers:
+                self._next_id += 1
+            watch_id = self._next_id
+            self._next_id += 1
+        elif watch_id in self.watchers:
+            self._control(self._response(-1, current, created=True, canceled=True,
+                                         cancel_reason=ERR_DUPLICATE_ID))
+            return
+        start = req.start_revision if req.start_revision != 0 else current + 1
+        filters = set(req.filters)
+        watcher = Watcher(
+            self, watch_id, key, end, start, req.prev_kv,
+            pb.WatchCreateRequest.NOPUT in filters, pb.WatchCreateRequest.NODELETE in filters,
+            req.fragment, req.progress_notify,
+        )
+        self.watchers[watch_id] = watcher
+        self._control(self._response(watch_id, current, created=True))
+        self.hub.add(watcher)
+
+    def cancel(self, watch_id: int) -> None:
+        watcher = self.watchers.pop(watch_id, None)
+        if watcher is None:
+            return
+        self.hub.remove(watcher)
+        self._drop(watcher)
+        self._control(self._response(watch_id, self.hub.revision, canceled=True))
+
+    def request_progress(self) -> None:
+        """Answer only if every watcher has been given every event so far (etcd 3.5)."""
+        if all(w.synced for w in self.watchers.values()):
+            self._push(_Item(_PROGRESS, self._response(-1, self.hub.revision)))
+
+    def progress_tick(self) -> None:
+        """Periodic progress notification for synced watchers that got no events."""
+        for watcher in self.watchers.values():
+            if watcher.progress_notify and watcher.synced and not watcher.sent_since_tick:
+                self._push(_Item(_PROGRESS, self._response(watcher.id, self.hub.revision)))
+            watcher.sent_since_tick = False
+
+    def close(self) -> None:
+        self.closed = True
+        for watcher in self.watchers.values():
+            self.hub.remove(watcher)
+        self.watchers.clear()
+        self._queue.clear()
+        self._ready.set()
+
+    # -- called by the hub ------------------------------------------------------------
+
+    def queue_events(self, watcher: Watcher, events: list[Event], header_rev: int) -> None:
+        if watcher.id not in self.watchers or self.watchers[watcher.id] is not watcher:
+            return
+        resp = self._response(watcher.id, header_rev)
+        resp.events.extend(to_pb(e, watcher.prev_kv) for e in events)
+        self._push(_Item(_EVENTS, resp, watcher, events[0].revision, len(events)))
+        watcher.sent_since_tick = True
+        queued = self._queued.get(watcher, 0) + len(events)
+        self._queued[watcher] = queued
+        if queued > MAX_QUEUED_EVENTS:
+            self._fall_behind(watcher)
+
+    def cancel_compacted(self, watcher: Watcher, compact_rev: int) -> None:
+        self.watchers.pop(watcher.id, None)
+        self.hub.remove(watcher)
+        resp = pb.WatchResponse(watch_id=watcher.id, compact_revision=compact_rev, canceled=True)
+        self.fill_header(resp.header, 0)
+        self._control(resp)
+
+    def backlogged(self, watcher: Watcher) -> bool:
+        return self._queued.get(watcher, 0) > MAX_QUEUED_EVENTS // 2
+
+    # -- sending -----------------------------------------------------------------------
+
+    async def responses(self) -> list[pb.WatchResponse]:
+        """Wait for the next responses to send (empty once the stream is closed)."""
+        while not self._queue:
+            if self.closed:
+                return []
+            self._ready.clear()
+            await self._ready.wait()
+        out: list[pb.WatchResponse] = []
+        while self._queue:
+            item = self._queue.popleft()
+            if item.watcher is not None and item.kind == _EVENTS:
+                left = self._queued.get(item.watcher, 0) - item.count
+                if left > 0:
+                    self._queued[item.watcher] = left
+                else:
+                    self._queued.pop(item.watcher, None)
+                if item.watcher.fragment:
+                    out.extend(fragments(item.response))
+                    continue
+            out.append(item.response)
+        self.hub.wake()
+        return out
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _response(self, watch_id: int, revision: int, **fields: object) -> pb.WatchResponse:
+        resp = pb.WatchResponse(watch_id=watch_id, **fields)  # type: ignore[arg-type]
+        self.fill_header(resp.header, revision)
+        return resp
+
+    def _control(self, resp: pb.WatchResponse) -> None:
+        self._push(_Item(_CONTROL, resp))
+
+    def _push(self, item: _Item) -> None:
+        if self.closed:
+            return
+        self._queue.append(item)
+        self._ready.set()
+
+    def _drop(self, watcher: Watcher) -> int | None:
+        """Remove a watcher's unsent events; returns the first dropped revision."""
+        first: int | None = None
+        kept: deque[_Item] = deque()
+        for item in self._queue:
+            if item.watcher is watcher and item.kind == _EVENTS:
+                first = item.first_rev if first is None else min(first, item.first_rev)
+            else:
+                kept.append(item)
+        self._queue = kept
+        self._queued.pop(watcher, None)
+        return first
+
+    def _fall_behind(self, watcher: Watcher) -> None:
+        """The client is not reading: forget what is queued and re-read it later."""
+        first = self._drop(watcher)
+        if first is not None:
+            watcher.next_rev = min(watcher.next_rev, first)
+        # A queued progress response would now claim events that were taken back.
+        self._queue = deque(i for i in self._queue if i.kind != _PROGRESS)
+        self.hub.demote(watcher)
+
+
+def fragments(resp: pb.WatchResponse) -> list[pb.WatchResponse]:
+    """etcd's sendFragments: split a large response between events, all but the last
+    marked ``fragment``."""
+    if resp.ByteSize() < MAX_RESPONSE_BYTES or len(resp.events) < 2:
+        return [resp]
+    out: list[pb.WatchResponse] = []
+    events = list(resp.events)
+    base = pb.WatchResponse()
+    base.CopyFrom(resp)
+    del base.events[:]
+    i = 0
+    while i < len(events):
+        cur = pb.WatchResponse()
+        cur.CopyFrom(base)
+        cur.fragment = True
+        while i < len(events):
+            cur.events.append(events[i])
+            if len(cur.events) > 1 and cur.ByteSize() >= MAX_RESPONSE_BYTES:
+                del cur.events[-1]
+                break
+            i += 1
+        if i == len(events):
+            cur.fragment = False
+        out.append(cur)
+    return out
