@@ -36,7 +36,8 @@ def events_from_rows(index: Index, rows: Iterable[tuple[object, ...]]) -> list[E
     return out
 
 
-def to_pb(event: Event, with_prev: bool) -> kv_pb2.Event:
+def to_pb(event: Event, with_prev: bool, compact_rev: int) -> kv_pb2.Event:
+    """The wire event; like etcd, prev_kv is left out when revision-1 is compacted."""
     if event.deleted:
         ev = kv_pb2.Event(type=DELETE, kv=kv_pb2.KeyValue(key=event.key, mod_revision=event.revision))
     else:
@@ -52,7 +53,7 @@ def to_pb(event: Event, with_prev: bool) -> kv_pb2.Event:
             ),
         )
     is_create = not event.deleted and event.create_revision == event.revision
-    if with_prev and not is_create and event.prev is not None:
+    if with_prev and not is_create and event.prev is not None and event.revision > compact_rev:
         mod, create, version, lease = event.prev
         ev.prev_kv.CopyFrom(
             kv_pb2.KeyValue(

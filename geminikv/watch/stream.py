@@ -123,7 +123,8 @@ class WatchStream:
         if watcher.id not in self.watchers or self.watchers[watcher.id] is not watcher:
             return
         resp = self._response(watcher.id, header_rev)
-        resp.events.extend(to_pb(e, watcher.prev_kv) for e in events)
+        compact = int(self.hub.index.compact_rev)
+        resp.events.extend(to_pb(e, watcher.prev_kv, compact) for e in events)
         self._push(_Item(_EVENTS, resp, watcher, events[0].revision, len(events)))
         watcher.sent_since_tick = True
         queued = self._queued.get(watcher, 0) + len(events)

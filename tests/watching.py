@@ -1,0 +1,62 @@
+"""A synchronous Watch stream client for tests."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import grpc
+
+from geminikv.proto.etcdserverpb import rpc_pb2 as pb
+from tests.servers import Stubs
+
+
+class WatchClient:
+    def __init__(self, stubs: Stubs, metadata: tuple[tuple[str, str], ...] = ()) -> None:
+        self._requests: queue.Queue[pb.WatchRequest | None] = queue.Queue()
+        self.received: queue.Queue[pb.WatchResponse] = queue.Queue()
+        self.error: grpc.RpcError | None = None
+        self._call = stubs.watch.Watch(iter(self._requests.get, None), metadata=metadata)
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for resp in self._call:
+                self.received.put(resp)
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.CANCELLED:
+                self.error = err
+
+    def send(self, **request: object) -> None:
+        self._requests.put(pb.WatchRequest(**request))  # type: ignore[arg-type]
+
+    def create(self, **fields: object) -> pb.WatchResponse:
+        """Create a watch and return its ``created`` response."""
+        self.send(create_request=pb.WatchCreateRequest(**fields))  # type: ignore[arg-type]
+        resp = self.next()
+        assert resp is not None and resp.created, resp
+        return resp
+
+    def next(self, timeout: float = 10.0) -> pb.WatchResponse | None:
+        try:
+            return self.received.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def drain(self, quiet: float = 0.4, limit: float = 10.0) -> list[pb.WatchResponse]:
+        """Everything received until nothing arrives for ``quiet`` seconds."""
+        out: list[pb.WatchResponse] = []
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            resp = self.next(quiet)
+            if resp is None:
+                break
+            out.append(resp)
+        return out
+
+    def close(self) -> None:
+        self._requests.put(None)
+        self._call.cancel()
+        self._thread.join(5)
