@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -21,6 +23,12 @@ from geminikv.config import Settings
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
 from geminikv.server.app import App
 from geminikv.storage.embedded import EmbeddedPostgres
+
+
+def run_sync(coro):  # type: ignore[no-untyped-def]
+    """Run a coroutine to completion from sync code, even inside a running loop."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 def free_port() -> int:
@@ -49,7 +57,7 @@ class Postgres:
             finally:
                 await conn.close()
 
-        asyncio.run(create())
+        run_sync(create())
         return self.server.dsn(name)
 
     def stop(self) -> None:
@@ -173,3 +181,53 @@ class Etcd:
         self.process.terminate()
         self.process.wait(10)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class GeminiProcess:
+    """geminikv as a separate process (``python -m geminikv``), for load and kill tests."""
+
+    def __init__(self, dsn: str, *args: str, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.endpoint = f"127.0.0.1:{self.port}"
+        self.dsn = dsn
+        self.args = args
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log = tempfile.NamedTemporaryFile(prefix="geminikv-", suffix=".log", delete=False)  # noqa: SIM115
+
+    def start(self, timeout: float = 60.0) -> GeminiProcess:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "geminikv", "--endpoint", self.dsn,
+             "--listen-address", self.endpoint, "--metrics-bind-address", "0", *self.args],
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"geminikv exited: {self.output()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.1)
+        raise TimeoutError(f"geminikv did not listen: {self.output()}")
+
+    def output(self) -> str:
+        with open(self.log.name, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def stubs(self) -> Stubs:
+        return Stubs(self.endpoint)
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)

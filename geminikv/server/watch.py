@@ -17,6 +17,8 @@ from geminikv.watch.stream import WatchStream
 
 log = logging.getLogger(__name__)
 
+COALESCE_SECONDS = 0.002
+
 
 class WatchService(rpc_pb2_grpc.WatchServicer):
     def __init__(self, hub: Hub, identity: Identity, progress_interval: float) -> None:
@@ -61,6 +63,9 @@ class WatchService(rpc_pb2_grpc.WatchServicer):
                     break
                 for resp in responses:
                     await context.write(resp)
+                if stream.pending():
+                    # Busy: let events gather so each watcher gets fewer, larger messages.
+                    await asyncio.sleep(COALESCE_SECONDS)
         finally:
             receiver.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CATCH_UP_ROWS = 1000  # etcd batches at most 1000 revisions per catch-up response
-MAX_QUEUED_EVENTS = 5000
+MAX_QUEUED_EVENTS = 2000
 
 
 class Watcher:

@@ -139,33 +139,44 @@ class WatchStream:
         self.fill_header(resp.header, 0)
         self._control(resp)
 
+    def pending(self) -> bool:
+        return bool(self._queue)
+
     def backlogged(self, watcher: Watcher) -> bool:
         return self._queued.get(watcher, 0) > MAX_QUEUED_EVENTS // 2
 
     # -- sending -----------------------------------------------------------------------
 
     async def responses(self) -> list[pb.WatchResponse]:
-        """Wait for the next responses to send (empty once the stream is closed)."""
+        """Wait for the next responses to send (empty once the stream is closed).
+
+        Everything queued is taken at once; a watcher's queued event responses are
+        merged into its first one (its events stay in order and only move earlier,
+        past nothing they depend on), so a slow reader catches up in few messages.
+        """
         while not self._queue:
             if self.closed:
                 return []
             self._ready.clear()
             await self._ready.wait()
-        out: list[pb.WatchResponse] = []
+        out: list[tuple[pb.WatchResponse, bool]] = []
+        merged: dict[Watcher, pb.WatchResponse] = {}
         while self._queue:
             item = self._queue.popleft()
-            if item.watcher is not None and item.kind == _EVENTS:
-                left = self._queued.get(item.watcher, 0) - item.count
-                if left > 0:
-                    self._queued[item.watcher] = left
-                else:
-                    self._queued.pop(item.watcher, None)
-                if item.watcher.fragment:
-                    out.extend(fragments(item.response))
-                    continue
-            out.append(item.response)
+            watcher = item.watcher
+            if watcher is None or item.kind != _EVENTS:
+                out.append((item.response, False))
+                continue
+            self._queued.pop(watcher, None)
+            first = merged.get(watcher)
+            if first is None:
+                merged[watcher] = item.response
+                out.append((item.response, watcher.fragment))
+            else:
+                first.events.extend(item.response.events)
+                first.header.revision = max(first.header.revision, item.response.header.revision)
         self.hub.wake()
-        return out
+        return [piece for resp, split in out for piece in (fragments(resp) if split else [resp])]
 
     # -- internals ---------------------------------------------------------------------
 
