@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -113,3 +114,44 @@ def test_endpoint_status_health_members(gemini: GeminiServer) -> None:
     assert members["members"][0]["clientURLs"] == [f"http://{gemini.endpoint}"]
     cluster = ctl(gemini.endpoint, "endpoint", "health", "--cluster")
     assert cluster.returncode == 0, cluster.stderr
+
+
+def _watch(endpoint: str, *args: str) -> subprocess.Popen[str]:
+    env = dict(os.environ, ETCDCTL_API="3")
+    return subprocess.Popen(
+        ["etcdctl", "--endpoints", endpoint, "watch", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+
+
+@pytest.mark.etcd
+def test_watch(etcd: Etcd, gemini: GeminiServer, prefix: bytes) -> None:
+    p = prefix.decode()
+    both(etcd, gemini, "put", p + "a", "1")
+    both(etcd, gemini, "put", p + "a", "2")
+    revs = {
+        name: json.loads(ctl(server.endpoint, "get", p + "a", "-w", "json").stdout)["kvs"][0]
+        for name, server in (("etcd", etcd), ("gk", gemini))
+    }
+    watchers = {}
+    for name, server in (("etcd", etcd), ("gk", gemini)):
+        first = revs[name]["create_revision"]
+        watchers[name] = [
+            _watch(server.endpoint, p, "--prefix", "--prev-kv"),
+            _watch(server.endpoint, p + "a", f"--rev={first}"),
+            _watch(server.endpoint, p + "b", p + "z"),
+        ]
+    time.sleep(1.0)
+    both(etcd, gemini, "put", p + "b", "x")
+    both(etcd, gemini, "del", p + "a")
+    both(etcd, gemini, "put", p + "a", "3")
+    time.sleep(1.0)
+    outputs = {}
+    for name, procs in watchers.items():
+        outputs[name] = []
+        for proc in procs:
+            proc.terminate()
+            out, _ = proc.communicate(timeout=10)
+            outputs[name].append(out)
+    assert outputs["gk"] == outputs["etcd"]
+    assert outputs["gk"][0].count("PUT") == 2 and "DELETE" in outputs["gk"][0]

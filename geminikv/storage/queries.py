@@ -51,7 +51,7 @@ SQL: dict[str, str] = {
     "fill_gap": """
         INSERT INTO kine (id, name, created, deleted, create_revision, prev_revision, lease,
                           value, old_value)
-        VALUES ($1, 'gap-' || $1::text, 0, 1, 0, 0, 0, NULL, NULL)
+        VALUES ($1::bigint, 'gap-' || ($1::bigint)::text, 0, 1, 0, 0, 0, NULL, NULL)
         ON CONFLICT DO NOTHING
     """,
     "has_key": "SELECT EXISTS (SELECT 1 FROM kine WHERE name = $1)",
