@@ -24,6 +24,7 @@ cdef class Index:
     cdef list chunks
     cdef list firsts
     cdef dict by_key
+    cdef dict by_lease
     cdef public int64_t rev
     cdef public int64_t compact_rev
     cdef public Py_ssize_t live
@@ -31,3 +32,4 @@ cdef class Index:
     cdef Py_ssize_t _chunk_for(self, bytes key)
     cdef KeyHistory _history(self, bytes key)
     cdef Py_ssize_t _bisect(self, list chunk, bytes key)
+    cdef void _detach(self, int64_t lease, bytes key) except *

@@ -84,6 +84,7 @@ cdef class Index:
         self.chunks = [[]]
         self.firsts = [b""]
         self.by_key = {}
+        self.by_lease = {}
         self.rev = 1
         self.compact_rev = 0
         self.live = 0
@@ -155,9 +156,32 @@ cdef class Index:
             version = version_hint if version_hint > 0 else 1
         if before is None:
             self.live += 1
+        elif prev.lease != 0 and prev.lease != lease:
+            self._detach(prev.lease, key)
+        if lease != 0:
+            keys = self.by_lease.get(lease)
+            if keys is None:
+                self.by_lease[lease] = {key}
+            else:
+                (<set>keys).add(key)
         h.append(mod, create, version, lease)
         self.rev = mod
         return before
+
+    cdef void _detach(self, int64_t lease, bytes key) except *:
+        keys = self.by_lease.get(lease)
+        if keys is not None:
+            (<set>keys).discard(key)
+            if not keys:
+                del self.by_lease[lease]
+
+    def lease_keys(self, int64_t lease):
+        """Keys currently attached to a lease, sorted."""
+        return sorted(self.by_lease.get(lease, ()))
+
+    def leases_in_use(self):
+        """Every lease id some live key is attached to."""
+        return list(self.by_lease)
 
     def delete(self, bytes key, int64_t mod):
         """Apply a tombstone row; returns the previous live revision tuple or None."""
@@ -170,6 +194,8 @@ cdef class Index:
         if prev == NULL or prev.version == 0:
             return None
         before = rev_tuple(prev)
+        if prev.lease != 0:
+            self._detach(prev.lease, key)
         h.append(mod, 0, 0, 0)
         self.live -= 1
         return before

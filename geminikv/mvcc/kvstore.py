@@ -23,13 +23,6 @@ HEALTH_KEY = b"/registry/health"
 HEALTH_VALUE = b'{"health":"true"}'
 
 
-class NoLeases:
-    """Until the lease service exists every lease is unknown (etcd: lease not found)."""
-
-    def exists(self, lease_id: int) -> bool:
-        return False
-
-
 class KVStore:
     def __init__(
         self, pool: asyncpg.Pool, writer_conn: asyncpg.Connection, poll_interval: float = 1.0
@@ -37,8 +30,7 @@ class KVStore:
         self.pool = pool
         self.index = Index()
         self.follower = Follower(pool, self.index, poll_interval)
-        self.leases: txn.Leases = NoLeases()
-        self.writer = Writer(writer_conn, self.index, self.follower, self.leases)
+        self.writer = Writer(writer_conn, self.index, self.follower)
         self._writer_conn = writer_conn
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -122,7 +114,9 @@ class KVStore:
     async def put(self, req: pb.PutRequest) -> pb.PutResponse:
         txn.check_size(req)
         txn.check_put(req)
-        resp: pb.PutResponse = await self.writer.submit(lambda ev: ev.put(req))
+        resp: pb.PutResponse = await self.writer.submit(
+            lambda ev: ev.put(req), txn.lease_ids(req)
+        )
         return resp
 
     async def delete_range(self, req: pb.DeleteRangeRequest) -> pb.DeleteRangeResponse:
@@ -136,7 +130,9 @@ class KVStore:
         txn.check_txn(req)
         txn.check_intervals(req.success)
         txn.check_intervals(req.failure)
-        resp: pb.TxnResponse = await self.writer.submit(lambda ev: ev.txn(req))
+        resp: pb.TxnResponse = await self.writer.submit(
+            lambda ev: ev.txn(req), txn.lease_ids(req)
+        )
         return resp
 
     async def compact(self, req: pb.CompactionRequest) -> pb.CompactionResponse:

@@ -22,7 +22,27 @@ MAX_REQUEST_BYTES = 1536 * 1024  # etcd's --max-request-bytes default (1.5 MiB)
 
 
 class Leases(Protocol):
+    """The leases a batch may use, as read (and row-locked) at the start of the batch."""
+
     def exists(self, lease_id: int) -> bool: ...
+
+    def remaining_ms(self, lease_id: int) -> int | None: ...
+
+    def forget(self, lease_id: int) -> None: ...
+
+
+def lease_ids(req: pb.PutRequest | pb.TxnRequest) -> set[int]:
+    """Every lease a request could attach (all txn branches)."""
+    if isinstance(req, pb.PutRequest):
+        return {req.lease} if req.lease else set()
+    out: set[int] = set()
+    for op in (*req.success, *req.failure):
+        kind = op.WhichOneof("request")
+        if kind == "request_put" and op.request_put.lease:
+            out.add(op.request_put.lease)
+        elif kind == "request_txn":
+            out |= lease_ids(op.request_txn)
+    return out
 
 
 # -- request checks (before anything is evaluated) ------------------------------------------
@@ -149,6 +169,39 @@ class Evaluator:
 
     async def delete_range(self, req: pb.DeleteRangeRequest) -> pb.DeleteRangeResponse:
         return await self._delete_range(req)
+
+    async def revoke(self, lease_id: int, only_if_expired: bool) -> pb.LeaseRevokeResponse | None:
+        """Delete every key attached to the lease, then the lease itself.
+
+        ``only_if_expired``: expiry's revoke, skipped (None) if the lease was renewed or
+        revoked meanwhile.
+        """
+        remaining = self.leases.remaining_ms(lease_id)
+        if remaining is None:
+            if only_if_expired:
+                return None
+            raise errors.LeaseNotFound()
+        if only_if_expired and remaining > 0:
+            return None
+        view = self.view
+        keys = set(view.index.lease_keys(lease_id)) | set(view.overlay)
+        for key in sorted(keys):
+            state = view.get(key)
+            if state is not None and state[3] == lease_id:
+                view.delete(key)
+        view.revoked_leases.append(lease_id)
+        self.leases.forget(lease_id)
+        resp = pb.LeaseRevokeResponse()
+        resp.header.revision = view.rev
+        return resp
+
+    async def delete_if_unchanged(self, key: bytes, mod: int) -> bool:
+        """Kine's TTL expiry: delete the key only if it is still at revision ``mod``."""
+        state = self.view.get(key)
+        if state is None or state[0] != mod:
+            return False
+        self.view.delete(key)
+        return True
 
     async def txn(self, req: pb.TxnRequest) -> pb.TxnResponse:
         path: list[bool] = []

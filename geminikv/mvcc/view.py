@@ -46,6 +46,7 @@ class BatchView:
         self.values = values  # row id → value, shared across evaluation passes
         self.overlay: dict[bytes, State] = {}
         self.rows: list[NewRow] = []
+        self.revoked_leases: list[int] = []
 
     # -- reading -------------------------------------------------------------------------
 

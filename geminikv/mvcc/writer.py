@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import itertools
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +25,7 @@ import asyncpg
 from geminikv import errors
 from geminikv.mvcc.follower import Follower
 from geminikv.mvcc.index import Index
-from geminikv.mvcc.txn import Evaluator, Leases
+from geminikv.mvcc.txn import Evaluator
 from geminikv.mvcc.view import BatchView, NewRow, OutOfIds, gap_row
 from geminikv.storage import queries
 from geminikv.storage.queries import SQL
@@ -42,18 +42,37 @@ Operation = Callable[[Evaluator], Awaitable[Any]]
 class _Request:
     operation: Operation
     future: asyncio.Future[Any]
+    leases: Collection[int] = ()
     result: Any = None
     error: BaseException | None = None
 
 
+class BatchLeases:
+    """Leases read with FOR UPDATE at the start of a batch: id → milliseconds left."""
+
+    def __init__(self, remaining: dict[int, int]) -> None:
+        self._remaining = remaining
+
+    def exists(self, lease_id: int) -> bool:
+        left = self._remaining.get(lease_id)
+        return left is not None and left > 0
+
+    def remaining_ms(self, lease_id: int) -> int | None:
+        return self._remaining.get(lease_id)
+
+    def forget(self, lease_id: int) -> None:
+        self._remaining.pop(lease_id, None)
+
+    def copy(self) -> BatchLeases:
+        """A fresh copy for one evaluation pass (revokes forget leases as they go)."""
+        return BatchLeases(dict(self._remaining))
+
+
 class Writer:
-    def __init__(
-        self, conn: asyncpg.Connection, index: Index, follower: Follower, leases: Leases
-    ) -> None:
+    def __init__(self, conn: asyncpg.Connection, index: Index, follower: Follower) -> None:
         self.conn = conn
         self.index = index
         self.follower = follower
-        self.leases = leases
         self._queue: asyncio.Queue[_Request] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._last_id = 0
@@ -72,9 +91,10 @@ class Writer:
             if not req.future.done():
                 req.future.set_exception(errors.ServerStopped())
 
-    async def submit(self, operation: Operation) -> Any:
+    async def submit(self, operation: Operation, leases: Collection[int] = ()) -> Any:
+        """Run ``operation`` in the next batch; ``leases`` are the lease ids it may use."""
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Request(operation, fut))
+        self._queue.put_nowait(_Request(operation, fut, leases))
         return await fut
 
     # -- the batch loop ----------------------------------------------------------------
@@ -119,12 +139,17 @@ class Writer:
         try:
             current = int(await conn.fetchval(SQL["current_rev"]))
             await self.follower.wait_for(current)
-            view, rows = await self._evaluate_with_ids(batch, max(current, self._last_id) + 1)
+            leases = await self._leases(batch)
+            view, rows = await self._evaluate_with_ids(
+                batch, max(current, self._last_id) + 1, leases
+            )
             if rows:
                 returned = await conn.fetch(
                     SQL["insert_rows"] + " RETURNING id, old_value", *queries.insert_args(rows)
                 )
                 await conn.execute(SQL["notify"], b"%d" % rows[-1][0])
+            if view.revoked_leases:
+                await conn.execute(SQL["lease_delete"], view.revoked_leases)
             await conn.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(Exception):
@@ -143,8 +168,15 @@ class Writer:
         )
         return rows[-1][0]
 
+    async def _leases(self, batch: list[_Request]) -> BatchLeases:
+        ids = sorted({lease for req in batch for lease in req.leases})
+        if not ids:
+            return BatchLeases({})
+        records = await self.conn.fetch(SQL["leases_for_update"], ids)
+        return BatchLeases({r[0]: r[2] for r in records})
+
     async def _evaluate_with_ids(
-        self, batch: list[_Request], guess: int
+        self, batch: list[_Request], guess: int, leases: BatchLeases
     ) -> tuple[BatchView, list[NewRow]]:
         """Evaluate the batch and draw its row ids; returns the view and the rows to insert.
 
@@ -156,7 +188,7 @@ class Writer:
         drawn: list[int] = []
         while True:
             try:
-                view = await self._evaluate(batch, ids, values)
+                view = await self._evaluate(batch, ids, values, leases.copy())
             except OutOfIds:
                 await self._draw(drawn, len(drawn) + 1)
                 continue
@@ -177,10 +209,11 @@ class Writer:
         self._last_id = drawn[-1]
 
     async def _evaluate(
-        self, batch: list[_Request], ids: Iterable[int], values: dict[int, bytes]
+        self, batch: list[_Request], ids: Iterable[int], values: dict[int, bytes],
+        leases: BatchLeases,
     ) -> BatchView:
         view = BatchView(self.index, ids, self._fetch_values, values)
-        evaluator = Evaluator(view, self.leases, int(self.index.compact_rev))
+        evaluator = Evaluator(view, leases, int(self.index.compact_rev))
         for req in batch:
             rows_before = len(view.rows)
             try:

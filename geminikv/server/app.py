@@ -19,7 +19,9 @@ from geminikv.config import Settings
 from geminikv.mvcc.kvstore import KVStore
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
 from geminikv.server.cluster import ClusterService
+from geminikv.lease import Leases
 from geminikv.server.kv import KVService
+from geminikv.server.lease import LeaseService
 from geminikv.server.maintenance import MaintenanceService
 from geminikv.server.watch import WatchService
 from geminikv.server.rpc import Identity, unimplemented
@@ -81,6 +83,7 @@ class App:
         self.server: grpc.aio.Server | None = None
         self.hub: Hub | None = None
         self.watch: WatchService | None = None
+        self.leases: Leases | None = None
         self.address = parse_listen_address(settings.listen_address)
         self.port = 0
 
@@ -109,9 +112,12 @@ class App:
         self.watch = WatchService(self.hub, identity, s.watch_progress_notify_interval)
         self.watch.start()
         rpc_pb2_grpc.add_WatchServicer_to_server(self.watch, server)
-        for name in ("Lease", "Auth"):
-            base = getattr(rpc_pb2_grpc, f"{name}Servicer")
-            getattr(rpc_pb2_grpc, f"add_{name}Servicer_to_server")(unimplemented(base, name)(), server)
+        self.leases = Leases(self.store, lambda: database.connect(dsn))
+        await self.leases.start()
+        rpc_pb2_grpc.add_LeaseServicer_to_server(LeaseService(self.leases, identity), server)
+        rpc_pb2_grpc.add_AuthServicer_to_server(
+            unimplemented(rpc_pb2_grpc.AuthServicer, "Auth")(), server
+        )
         health_servicer = health.aio.HealthServicer()
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -144,6 +150,8 @@ class App:
             self.server = None
         if self.hub is not None:
             await self.hub.stop()
+        if self.leases is not None:
+            await self.leases.stop()
         if self.store is not None:
             await self.store.stop()
         if self.pool is not None:

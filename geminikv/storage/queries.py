@@ -17,6 +17,11 @@ WRITER_LOCK_KEY = 0x6B696E65_00000002
 NOTIFY_CHANNEL = "geminikv"
 COMPACT_KEY = b"compact_rev_key"
 
+# Milliseconds since the epoch on the database server's clock.
+NOW_MS = "(extract(epoch from clock_timestamp()) * 1000)::bigint"
+# Session lock held by the one process that expires leases and compacts automatically.
+LEADER_LOCK_KEY = 0x6B696E65_00000003
+
 # The columns the index and the watch path need, in this order.
 ROW_COLUMNS = "id, name, created, deleted, create_revision, prev_revision, lease, version"
 
@@ -61,6 +66,28 @@ SQL: dict[str, str] = {
         VALUES ($1, 1, 0, 0, 0, 0, $2, NULL, 1) RETURNING id
     """,
     "notify": f"SELECT pg_notify('{NOTIFY_CHANNEL}', $1)",
+    # Leases: expiry is absolute, on PostgreSQL's clock (the same for every process).
+    "lease_grant": f"""
+        INSERT INTO geminikv_lease (id, ttl, expiry_ms) VALUES ($1::bigint, $2::bigint, {NOW_MS} + $2::bigint * 1000)
+        ON CONFLICT (id) DO NOTHING RETURNING id
+    """,
+    "lease_keepalive": f"""
+        UPDATE geminikv_lease SET expiry_ms = {NOW_MS} + ttl * 1000
+        WHERE id = $1::bigint AND expiry_ms > {NOW_MS} RETURNING ttl
+    """,
+    "lease_get": f"SELECT ttl, expiry_ms - {NOW_MS} FROM geminikv_lease WHERE id = $1",
+    "leases_for_update": f"""
+        SELECT id, ttl, expiry_ms - {NOW_MS} FROM geminikv_lease
+        WHERE id = ANY($1::bigint[]) FOR UPDATE
+    """,
+    "lease_delete": "DELETE FROM geminikv_lease WHERE id = ANY($1::bigint[])",
+    "lease_list": "SELECT id FROM geminikv_lease ORDER BY id",
+    "leases_existing": "SELECT id FROM geminikv_lease WHERE id = ANY($1::bigint[])",
+    "leases_expired": f"""
+        SELECT id FROM geminikv_lease WHERE expiry_ms <= {NOW_MS} ORDER BY expiry_ms LIMIT $1
+    """,
+    "lease_next_expiry_ms": f"SELECT MIN(expiry_ms) - {NOW_MS} FROM geminikv_lease",
+    "try_leader_lock": "SELECT pg_try_advisory_lock($1)",
     "db_size": "SELECT pg_total_relation_size('kine')",
 }
 

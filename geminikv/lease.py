@@ -1,0 +1,198 @@
+"""Leases: etcd's lease service, stored in PostgreSQL (``geminikv_lease``).
+
+Expiry is absolute and on PostgreSQL's clock, so it survives restarts and is the same
+for every process. One process at a time (holding a session advisory lock) expires
+leases: it revokes them through the writer, which deletes all their keys in one write.
+Keys whose ``lease`` column names no lease row were written by Go Kine, which stores a
+TTL in seconds there; they expire that many seconds after this process first sees them,
+as Kine does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+
+from geminikv import errors
+from geminikv.mvcc.events import Event
+from geminikv.mvcc.kvstore import KVStore
+from geminikv.proto.etcdserverpb import rpc_pb2 as pb
+from geminikv.storage.queries import LEADER_LOCK_KEY, SQL
+
+log = logging.getLogger(__name__)
+
+MAX_LEASE_TTL = 9_000_000_000  # etcd's MaxLeaseTTL
+MIN_LEASE_TTL = 2  # ceil(1.5 × etcd's default election timeout of 1 s)
+MAX_LEASE_ID = 2**31 - 1  # Kine's lease column is a 32-bit INTEGER
+REVOKES_PER_WRITE = 64
+EXPIRY_POLL = 0.5
+
+
+class Leases:
+    def __init__(
+        self, store: KVStore, connect: Callable[[], Awaitable[asyncpg.Connection]]
+    ) -> None:
+        self.store = store
+        self.pool = store.pool
+        self._connect = connect
+        self._task: asyncio.Task[None] | None = None
+        self.is_leader = False
+        self._kine_ttl: dict[bytes, tuple[float, int]] = {}  # key → (deadline, mod revision)
+        self._kine_candidates: list[Event] = []
+        store.follower.subscribers.append(self._on_events)
+
+    # -- RPCs --------------------------------------------------------------------------
+
+    async def grant(self, ttl: int, lease_id: int) -> tuple[int, int]:
+        if ttl > MAX_LEASE_TTL:
+            raise errors.LeaseTTLTooLarge()
+        ttl = max(ttl, MIN_LEASE_TTL)
+        if lease_id < 0 or lease_id > MAX_LEASE_ID:
+            raise errors.InvalidArgument(
+                f"geminikv: lease ID must be between 1 and {MAX_LEASE_ID} "
+                "(Kine's lease column holds 32 bits)"
+            )
+        async with self.pool.acquire() as conn:
+            if lease_id:
+                if await conn.fetchval(SQL["lease_grant"], lease_id, ttl) is None:
+                    raise errors.LeaseExists()
+                return lease_id, ttl
+            while True:
+                candidate = random.randint(1, MAX_LEASE_ID)
+                if await conn.fetchval(SQL["lease_grant"], candidate, ttl) is not None:
+                    return candidate, ttl
+
+    async def revoke(self, lease_id: int) -> pb.LeaseRevokeResponse:
+        resp: pb.LeaseRevokeResponse = await self.store.writer.submit(
+            lambda ev: ev.revoke(lease_id, only_if_expired=False), (lease_id,)
+        )
+        return resp
+
+    async def keep_alive(self, lease_id: int) -> int:
+        """The granted TTL after renewing, 0 if the lease is unknown or expired."""
+        async with self.pool.acquire() as conn:
+            ttl = await conn.fetchval(SQL["lease_keepalive"], lease_id)
+        return int(ttl) if ttl is not None else 0
+
+    async def time_to_live(self, lease_id: int, keys: bool) -> pb.LeaseTimeToLiveResponse:
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(SQL["lease_get"], lease_id)
+        resp = pb.LeaseTimeToLiveResponse(ID=lease_id)
+        if row is None or row[1] <= 0:
+            resp.TTL = -1
+            return resp
+        resp.grantedTTL = row[0]
+        resp.TTL = max(0, row[1] // 1000)
+        if keys:
+            resp.keys.extend(self.store.index.lease_keys(lease_id))
+        return resp
+
+    async def leases(self) -> list[int]:
+        async with self.pool.acquire() as conn:
+            return [r[0] for r in await conn.fetch(SQL["lease_list"])]
+
+    # -- expiry ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._lead(), name="lease-expiry")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _lead(self) -> None:
+        """Hold the leader lock when it is free, and expire leases while holding it."""
+        while True:
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await self._connect()
+                while not await conn.fetchval(SQL["try_leader_lock"], LEADER_LOCK_KEY):
+                    await asyncio.sleep(1.0)
+                log.info("this process now expires leases")
+                self.is_leader = True
+                self._adopt_kine_ttls()
+                while True:
+                    await self._expire_once()
+                    await asyncio.sleep(await self._until_next_expiry(conn))
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                log.warning("lease expiry interrupted (%s); retrying", err)
+                await asyncio.sleep(1.0)
+            finally:
+                self.is_leader = False
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await conn.close()
+
+    async def _until_next_expiry(self, conn: asyncpg.Connection) -> float:
+        ms = await conn.fetchval(SQL["lease_next_expiry_ms"])
+        wait = EXPIRY_POLL if ms is None else min(EXPIRY_POLL, max(ms, 0) / 1000)
+        if self._kine_ttl:
+            soonest = min(d for d, _ in self._kine_ttl.values()) - time.monotonic()
+            wait = min(wait, max(soonest, 0.0))
+        return max(wait, 0.01)
+
+    async def _expire_once(self) -> None:
+        async with self.pool.acquire() as conn:
+            expired = [r[0] for r in await conn.fetch(SQL["leases_expired"], 10_000)]
+        chunks = [expired[i:i + REVOKES_PER_WRITE]
+                  for i in range(0, len(expired), REVOKES_PER_WRITE)]
+        await asyncio.gather(*(self._revoke_expired(chunk) for chunk in chunks))
+        if expired:
+            log.info("expired %d leases", len(expired))
+        await self._expire_kine_ttls()
+
+    async def _revoke_expired(self, lease_ids: list[int]) -> None:
+        async def revoke_all(ev):  # type: ignore[no-untyped-def]
+            for lease_id in lease_ids:
+                await ev.revoke(lease_id, only_if_expired=True)
+
+        await self.store.writer.submit(revoke_all, lease_ids)
+
+    # -- Go Kine's TTL keys -------------------------------------------------------------
+
+    def _on_events(self, events: list[Event]) -> None:
+        if self.is_leader:
+            self._kine_candidates.extend(e for e in events if not e.deleted and e.lease)
+
+    def _adopt_kine_ttls(self) -> None:
+        index = self.store.index
+        rev = int(index.rev)
+        for lease in index.leases_in_use():
+            for key in index.lease_keys(lease):
+                state = index.get(key, rev)
+                if state is not None:
+                    self._kine_candidates.append(
+                        Event(state[0], key, False, state[1], state[2], lease, None, None, None)
+                    )
+
+    async def _expire_kine_ttls(self) -> None:
+        if self._kine_candidates:
+            candidates, self._kine_candidates = self._kine_candidates, []
+            ids = sorted({e.lease for e in candidates})
+            async with self.pool.acquire() as conn:
+                real = {r[0] for r in await conn.fetch(SQL["leases_existing"], ids)}
+            now = time.monotonic()
+            for e in candidates:
+                if e.lease not in real:
+                    self._kine_ttl[e.key] = (now + e.lease, e.revision)
+        now = time.monotonic()
+        due = [(k, mod) for k, (deadline, mod) in self._kine_ttl.items() if deadline <= now]
+        for key, _ in due:
+            del self._kine_ttl[key]
+        if due:
+            async def delete_all(ev):  # type: ignore[no-untyped-def]
+                for key, mod in due:
+                    await ev.delete_if_unchanged(key, mod)
+
+            await self.store.writer.submit(delete_all)
