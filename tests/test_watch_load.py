@@ -94,7 +94,7 @@ async def test_every_watcher_gets_every_event(postgres: Postgres) -> None:
         await asyncio.gather(*writers)
         expected = sorted(acked)
         assert len(expected) == len(set(expected)) > 0
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             if all(len(revs) >= len(expected) for revs in seen.values()):
                 break
@@ -103,7 +103,9 @@ async def test_every_watcher_gets_every_event(postgres: Postgres) -> None:
         await asyncio.gather(*streams)
         assert len(seen) == STREAMS * WATCHERS_PER_STREAM
         for revs in seen.values():
-            assert revs == expected, server.output()[-3000:]  # every event, once, in order
+            assert revs == expected[: len(revs)]  # in order, no duplicate, no gap
+        short = [len(revs) for revs in seen.values() if len(revs) < len(expected)]
+        assert not short, f"{len(short)} watchers incomplete ({short}) of {len(expected)}"
         print(f"{len(expected)} writes in {SECONDS:.0f}s, {len(seen)} watchers verified")
     finally:
         server.stop()
