@@ -106,3 +106,88 @@ def test_create_rows_and_hints() -> None:
     assert index.get(b"k", 13) == (13, 13, 1, 0)
     assert index.latest_row(b"k") == 13
     assert index.live == 1
+
+
+class EtcdKeyIndex:
+    """etcd's keyIndex (server/mvcc/key_index.go): generations closed by tombstones."""
+
+    def __init__(self) -> None:
+        self.generations: list[list[int]] = [[]]
+
+    def put(self, rev: int) -> None:
+        self.generations[-1].append(rev)
+
+    def tombstone(self, rev: int) -> None:
+        self.generations[-1].append(rev)
+        self.generations.append([])
+
+    def compact(self, at: int) -> None:
+        gens = self.generations
+        i = 0
+        while i < len(gens) - 1 and gens[i][-1] <= at:
+            i += 1
+        g = gens[i]
+        walked = [j for j in range(len(g)) if g[j] <= at]
+        if g:
+            if walked:
+                g = g[walked[-1]:]
+                gens[i] = g
+            if len(g) == 1 and i != len(gens) - 1:
+                i += 1
+        self.generations = gens[i:]
+
+    def revisions(self) -> list[int]:
+        return [r for g in self.generations for r in g]
+
+    def empty(self) -> bool:
+        return self.revisions() == []
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.sampled_from(["put", "put", "del"]), st.sampled_from(KEYS)),
+            st.tuples(st.just("compact"), st.integers(0, 6)),
+        ),
+        max_size=80,
+    )
+)
+def test_compaction_matches_etcd_key_index(history: list[tuple[str, object]]) -> None:
+    index = Index()
+    model: dict[bytes, EtcdKeyIndex] = {}
+    live: set[bytes] = set()
+    rev, compacted = 1, 0
+    for kind, arg in history:
+        if kind == "compact":
+            at = min(rev, compacted + int(arg))  # type: ignore[call-overload]
+            before = {k: m.revisions() for k, m in model.items()}
+            for m in model.values():
+                m.compact(at)
+            model = {k: m for k, m in model.items() if not m.empty()}
+            dropped = sorted(r for k, revs in before.items() for r in revs
+                             if r not in (model[k].revisions() if k in model else []))
+            assert index.plan_compaction(at) == dropped
+            while not index.compact(at, 3):  # in small steps, as the server does
+                pass
+            assert index.plan_compaction(at) == []
+            compacted = at
+            for key in KEYS:
+                kept = model[key].revisions() if key in model else []
+                assert [r[0] for r in index.history(key)] == kept
+            continue
+        key = arg
+        assert isinstance(key, bytes)
+        rev += 1
+        if kind == "put":
+            model.setdefault(key, EtcdKeyIndex()).put(rev)
+            index.put(key, rev, 0, False)
+            live.add(key)
+        elif key in live:
+            model[key].tombstone(rev)
+            index.delete(key, rev)
+            live.discard(key)
+        else:
+            index.skip(rev)
+    # everything readable at or after the last compaction is still there
+    entries, count = index.range(b"a", b"", rev, 0)
+    assert [e[0] for e in entries] == sorted(live) and count == len(live)

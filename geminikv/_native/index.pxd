@@ -18,6 +18,7 @@ cdef class KeyHistory:
     cdef Rev* at(self, int64_t rev)
     cdef Rev* live_at(self, int64_t rev)
     cdef Rev* latest(self)
+    cdef void drop(self, Py_ssize_t count) except *
 
 
 cdef class Index:
@@ -25,6 +26,9 @@ cdef class Index:
     cdef list firsts
     cdef dict by_key
     cdef dict by_lease
+    cdef list dirty_revs
+    cdef list dirty_keys
+    cdef Py_ssize_t dirty_head
     cdef public int64_t rev
     cdef public int64_t compact_rev
     cdef public Py_ssize_t live
@@ -33,3 +37,6 @@ cdef class Index:
     cdef KeyHistory _history(self, bytes key)
     cdef Py_ssize_t _bisect(self, list chunk, bytes key)
     cdef void _detach(self, int64_t lease, bytes key) except *
+    cdef void _mark(self, int64_t rev, bytes key) except *
+    cdef Py_ssize_t _cut(self, KeyHistory h, int64_t rev)
+    cdef void _forget(self, KeyHistory h) except *

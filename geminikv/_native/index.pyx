@@ -66,6 +66,13 @@ cdef class KeyHistory:
             return NULL
         return &self.revs[self.n - 1]
 
+    cdef void drop(self, Py_ssize_t count) except *:
+        """Forget the ``count`` oldest revisions."""
+        cdef Py_ssize_t i
+        for i in range(count, self.n):
+            self.revs[i - count] = self.revs[i]
+        self.n -= count
+
     def revisions(self):
         """(mod, create, version, lease) for every retained revision, oldest first."""
         cdef Py_ssize_t i
@@ -85,6 +92,9 @@ cdef class Index:
         self.firsts = [b""]
         self.by_key = {}
         self.by_lease = {}
+        self.dirty_revs = []
+        self.dirty_keys = []
+        self.dirty_head = 0
         self.rev = 1
         self.compact_rev = 0
         self.live = 0
@@ -158,6 +168,8 @@ cdef class Index:
             self.live += 1
         elif prev.lease != 0 and prev.lease != lease:
             self._detach(prev.lease, key)
+        if h.n > 0:
+            self._mark(mod, key)  # an older revision became compactable
         if lease != 0:
             keys = self.by_lease.get(lease)
             if keys is None:
@@ -197,8 +209,110 @@ cdef class Index:
         if prev.lease != 0:
             self._detach(prev.lease, key)
         h.append(mod, 0, 0, 0)
+        self._mark(mod, key)
         self.live -= 1
         return before
+
+    cdef void _mark(self, int64_t rev, bytes key) except *:
+        self.dirty_revs.append(rev)
+        self.dirty_keys.append(key)
+
+    # -- compaction (etcd keyIndex.compact) -------------------------------------------
+
+    cdef Py_ssize_t _cut(self, KeyHistory h, int64_t rev):
+        """How many of the key's oldest revisions a compaction at rev removes.
+
+        The newest revision <= rev stays readable at rev, unless it is a tombstone;
+        everything older goes.
+        """
+        cdef Py_ssize_t lo = 0, hi = h.n, mid
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if h.revs[mid].mod <= rev:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo == 0:
+            return 0
+        if h.revs[lo - 1].version == 0:
+            return lo
+        return lo - 1
+
+    def plan_compaction(self, int64_t rev):
+        """Row ids a compaction at rev makes unreachable (the index is not changed).
+
+        Only keys written again since the last applied compaction are looked at, so the
+        cost follows what is compacted, not the size of the store.
+        """
+        cdef list out = []
+        cdef set seen = set()
+        cdef Py_ssize_t i, n = len(self.dirty_revs), j, cut
+        cdef KeyHistory h
+        for i in range(self.dirty_head, n):
+            if <int64_t>self.dirty_revs[i] > rev:
+                break
+            key = self.dirty_keys[i]
+            if key in seen:
+                continue
+            seen.add(key)
+            h = self.by_key.get(key)
+            if h is None:
+                continue
+            cut = self._cut(h, rev)
+            for j in range(cut):
+                out.append(h.revs[j].mod)
+        out.sort()
+        return out
+
+    def compact(self, int64_t rev, Py_ssize_t budget=100000):
+        """Drop what a compaction at rev made unreachable, at most ``budget`` dirty
+        entries per call; returns True when done (call again otherwise)."""
+        cdef Py_ssize_t n = len(self.dirty_revs), cut, done = 0
+        cdef KeyHistory h
+        cdef Py_ssize_t i = self.dirty_head
+        while i < n and done < budget:
+            if <int64_t>self.dirty_revs[i] > rev:
+                break
+            key = self.dirty_keys[i]
+            i += 1
+            done += 1
+            h = self.by_key.get(key)
+            if h is None:
+                continue
+            cut = self._cut(h, rev)
+            if cut == 0:
+                continue
+            if cut == h.n:
+                self._forget(h)
+                continue
+            h.drop(cut)
+        self.dirty_head = i
+        if self.dirty_head > 4096 and self.dirty_head * 2 > n:
+            del self.dirty_revs[:self.dirty_head]
+            del self.dirty_keys[:self.dirty_head]
+            self.dirty_head = 0
+        return i >= n or <int64_t>self.dirty_revs[i] > rev
+
+    cdef void _forget(self, KeyHistory h) except *:
+        """Remove a key that has no revision left."""
+        cdef bytes key = h.key
+        cdef Py_ssize_t c = self._chunk_for(key), pos
+        cdef list chunk = self.chunks[c]
+        pos = self._bisect(chunk, key)
+        assert chunk[pos] is h
+        del chunk[pos]
+        del self.by_key[key]
+        if not chunk and len(self.chunks) > 1:
+            del self.chunks[c]
+            del self.firsts[c]
+            if c == 0:
+                self.firsts[0] = b""
+        elif pos == 0 and c > 0:
+            self.firsts[c] = (<KeyHistory>chunk[0]).key
+
+    def pending_compaction(self):
+        """Dirty entries not yet compacted (each is one superseded revision)."""
+        return len(self.dirty_revs) - self.dirty_head
 
     def skip(self, int64_t mod):
         """A revision that changes no key (Kine gap rows, special rows)."""
