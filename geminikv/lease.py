@@ -11,19 +11,15 @@ as Kine does.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
-
-import asyncpg
 
 from geminikv import errors
 from geminikv.mvcc.events import Event
 from geminikv.mvcc.kvstore import KVStore
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
-from geminikv.storage.queries import LEADER_LOCK_KEY, SQL
+from geminikv.storage.queries import SQL
 
 log = logging.getLogger(__name__)
 
@@ -31,17 +27,12 @@ MAX_LEASE_TTL = 9_000_000_000  # etcd's MaxLeaseTTL
 MIN_LEASE_TTL = 2  # ceil(1.5 × etcd's default election timeout of 1 s)
 MAX_LEASE_ID = 2**31 - 1  # Kine's lease column is a 32-bit INTEGER
 REVOKES_PER_WRITE = 64
-EXPIRY_POLL = 0.5
 
 
 class Leases:
-    def __init__(
-        self, store: KVStore, connect: Callable[[], Awaitable[asyncpg.Connection]]
-    ) -> None:
+    def __init__(self, store: KVStore) -> None:
         self.store = store
         self.pool = store.pool
-        self._connect = connect
-        self._task: asyncio.Task[None] | None = None
         self.is_leader = False
         self._kine_ttl: dict[bytes, tuple[float, int]] = {}  # key → (deadline, mod revision)
         self._kine_candidates: list[Event] = []
@@ -97,60 +88,32 @@ class Leases:
         async with self.pool.acquire() as conn:
             return [r[0] for r in await conn.fetch(SQL["lease_list"])]
 
-    # -- expiry ------------------------------------------------------------------------
+    # -- expiry (a Leader duty) ----------------------------------------------------------
 
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._lead(), name="lease-expiry")
+    def leadership(self, leading: bool) -> None:
+        self.is_leader = leading
+        if leading:
+            self._adopt_kine_ttls()
+        else:
+            self._kine_ttl.clear()
+            self._kine_candidates.clear()
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _lead(self) -> None:
-        """Hold the leader lock when it is free, and expire leases while holding it."""
-        while True:
-            conn: asyncpg.Connection | None = None
-            try:
-                conn = await self._connect()
-                while not await conn.fetchval(SQL["try_leader_lock"], LEADER_LOCK_KEY):
-                    await asyncio.sleep(1.0)
-                log.info("this process now expires leases")
-                self.is_leader = True
-                self._adopt_kine_ttls()
-                while True:
-                    await self._expire_once()
-                    await asyncio.sleep(await self._until_next_expiry(conn))
-            except asyncio.CancelledError:
-                raise
-            except Exception as err:
-                log.warning("lease expiry interrupted (%s); retrying", err)
-                await asyncio.sleep(1.0)
-            finally:
-                self.is_leader = False
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        await conn.close()
-
-    async def _until_next_expiry(self, conn: asyncpg.Connection) -> float:
-        ms = await conn.fetchval(SQL["lease_next_expiry_ms"])
-        wait = EXPIRY_POLL if ms is None else min(EXPIRY_POLL, max(ms, 0) / 1000)
+    async def expire(self) -> float:
+        """Revoke every expired lease; returns the seconds until the next may expire."""
+        async with self.pool.acquire() as conn:
+            expired = [r[0] for r in await conn.fetch(SQL["leases_expired"], 10_000)]
+            chunks = [expired[i:i + REVOKES_PER_WRITE]
+                      for i in range(0, len(expired), REVOKES_PER_WRITE)]
+            await asyncio.gather(*(self._revoke_expired(chunk) for chunk in chunks))
+            if expired:
+                log.info("expired %d leases", len(expired))
+            await self._expire_kine_ttls()
+            ms = await conn.fetchval(SQL["lease_next_expiry_ms"])
+        wait = 60.0 if ms is None else max(ms, 0) / 1000
         if self._kine_ttl:
             soonest = min(d for d, _ in self._kine_ttl.values()) - time.monotonic()
             wait = min(wait, max(soonest, 0.0))
-        return max(wait, 0.01)
-
-    async def _expire_once(self) -> None:
-        async with self.pool.acquire() as conn:
-            expired = [r[0] for r in await conn.fetch(SQL["leases_expired"], 10_000)]
-        chunks = [expired[i:i + REVOKES_PER_WRITE]
-                  for i in range(0, len(expired), REVOKES_PER_WRITE)]
-        await asyncio.gather(*(self._revoke_expired(chunk) for chunk in chunks))
-        if expired:
-            log.info("expired %d leases", len(expired))
-        await self._expire_kine_ttls()
+        return wait
 
     async def _revoke_expired(self, lease_ids: list[int]) -> None:
         async def revoke_all(ev):  # type: ignore[no-untyped-def]

@@ -164,12 +164,12 @@ def test_expiry_moves_to_the_surviving_process(postgres: Postgres) -> None:
         kv2.kv.Put(pb.PutRequest(key=b"/fo/k", value=b"v", lease=lease))
         # keep-alives through either process count
         kv1.lease.LeaseKeepAlive(iter([pb.LeaseKeepAliveRequest(ID=lease)])).next()
-        assert "now expires leases" in first.output()
+        assert "now runs lease expiry" in first.output()
         first.kill()
         start = time.monotonic()
         _wait(lambda: not kv2.kv.Range(R(key=b"/fo/k")).kvs, 15)
         assert time.monotonic() - start < 7  # 4 s TTL, then the takeover within seconds
-        assert "now expires leases" in second.output()
+        assert "now runs lease expiry" in second.output()
     finally:
         first.stop()
         second.stop()

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 FETCH_LIMIT = 1000
 GAP_GRACE = 0.05  # seconds a missing id may stay missing before it is filled
+COMPACT_SLICE = 20_000  # superseded revisions dropped from the index per event-loop turn
 _NO_UPPER = 2**62
 
 
@@ -45,6 +46,9 @@ class Follower:
         self._read_next: asyncio.Future[int] | None = None
         self._read_running = False
         self._refresh_compact = False
+        self.physical_rev = 0
+        self._compact_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._compacting: asyncio.Task[None] | None = None
 
     @property
     def applied(self) -> int:
@@ -58,6 +62,8 @@ class Follower:
         self._task = asyncio.create_task(self._run(), name="follower")
 
     async def stop(self) -> None:
+        if self._compacting is not None:
+            self._compacting.cancel()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -109,6 +115,34 @@ class Follower:
         await self.wait_for(rev)
         return rev
 
+    async def wait_compacted(self, rev: int) -> None:
+        """Return once the rows a compaction at ``rev`` made unreachable are deleted."""
+        if self.physical_rev >= rev:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._compact_waiters.append((rev, fut))
+        await fut
+
+    def _physically_compacted(self, rev: int) -> None:
+        """The leader deleted the rows: drop the same history from the index."""
+        if rev <= self.physical_rev:
+            return
+        self.physical_rev = rev
+        if rev > self.index.compact_rev:
+            self.index.compact_rev = rev
+        waiting = self._compact_waiters
+        self._compact_waiters = [(r, f) for r, f in waiting if r > rev]
+        for r, fut in waiting:
+            if r <= rev and not fut.done():
+                fut.set_result(None)
+        if self._compacting is None or self._compacting.done():
+            self._compacting = asyncio.create_task(self._compact_index(), name="index-compaction")
+
+    async def _compact_index(self) -> None:
+        # In slices, so reads and writes keep being served meanwhile.
+        while not self.index.compact(self.physical_rev, COMPACT_SLICE):
+            await asyncio.sleep(0)
+
     # -- internals ---------------------------------------------------------------------
 
     async def _read_loop(self) -> None:
@@ -127,6 +161,9 @@ class Follower:
             self._read_running = False
 
     def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        if payload.startswith("compacted:"):
+            self._physically_compacted(int(payload.split(":", 1)[1]))
+            return
         if payload == "compact":
             self._refresh_compact = True
             self._wake.set()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import asyncpg
 
@@ -32,6 +33,7 @@ class KVStore:
         self.follower = Follower(pool, self.index, poll_interval)
         self.writer = Writer(writer_conn, self.index, self.follower)
         self._writer_conn = writer_conn
+        self.on_compact: list[Callable[[], None]] = []  # told of every logical compaction
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -153,6 +155,10 @@ class KVStore:
                 await conn.execute("ROLLBACK")
                 raise
         self.index.compact_rev = max(int(self.index.compact_rev), req.revision)
+        for callback in self.on_compact:
+            callback()
+        if req.physical:
+            await self.follower.wait_compacted(req.revision)
         resp = pb.CompactionResponse()
         resp.header.revision = current
         return resp

@@ -19,7 +19,9 @@ from geminikv.config import Settings
 from geminikv.mvcc.kvstore import KVStore
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
 from geminikv.server.cluster import ClusterService
+from geminikv.compact import Compactor
 from geminikv.lease import Leases
+from geminikv.leader import Leader
 from geminikv.server.kv import KVService
 from geminikv.server.lease import LeaseService
 from geminikv.server.maintenance import MaintenanceService
@@ -84,6 +86,7 @@ class App:
         self.hub: Hub | None = None
         self.watch: WatchService | None = None
         self.leases: Leases | None = None
+        self.leader: Leader | None = None
         self.address = parse_listen_address(settings.listen_address)
         self.port = 0
 
@@ -112,8 +115,13 @@ class App:
         self.watch = WatchService(self.hub, identity, s.watch_progress_notify_interval)
         self.watch.start()
         rpc_pb2_grpc.add_WatchServicer_to_server(self.watch, server)
-        self.leases = Leases(self.store, lambda: database.connect(dsn))
-        await self.leases.start()
+        self.leases = Leases(self.store)
+        self.compactor = Compactor(self.store, s)
+        self.leader = Leader(lambda: database.connect(dsn))
+        self.leader.duties += [self.leases.expire, self.compactor.run]
+        self.leader.on_change += [self.leases.leadership, self.compactor.leadership]
+        self.store.on_compact.append(self.leader.wake)
+        await self.leader.start()
         rpc_pb2_grpc.add_LeaseServicer_to_server(LeaseService(self.leases, identity), server)
         rpc_pb2_grpc.add_AuthServicer_to_server(
             unimplemented(rpc_pb2_grpc.AuthServicer, "Auth")(), server
@@ -150,8 +158,8 @@ class App:
             self.server = None
         if self.hub is not None:
             await self.hub.stop()
-        if self.leases is not None:
-            await self.leases.stop()
+        if self.leader is not None:
+            await self.leader.stop()
         if self.store is not None:
             await self.store.stop()
         if self.pool is not None:

@@ -88,6 +88,14 @@ SQL: dict[str, str] = {
     """,
     "lease_next_expiry_ms": f"SELECT MIN(expiry_ms) - {NOW_MS} FROM geminikv_lease",
     "try_leader_lock": "SELECT pg_try_advisory_lock($1)",
+    # Compaction: short statements by primary key, never one giant DELETE.
+    "delete_rows": "DELETE FROM kine WHERE id = ANY($1::bigint[])",
+    "delete_gap_rows": """
+        DELETE FROM kine WHERE id IN (
+            SELECT id FROM kine
+            WHERE id <= $1 AND deleted = 1 AND created = 0 AND prev_revision = 0
+              AND name LIKE 'gap-%' LIMIT $2)
+    """,
     "db_size": "SELECT pg_total_relation_size('kine')",
 }
 

@@ -1,0 +1,81 @@
+"""The one process that runs background duties for the whole cluster.
+
+Lease expiry and compaction must each run in exactly one process at a time. The process
+holding a PostgreSQL session advisory lock runs them; if it dies its session ends, the
+lock is released, and another process takes over within a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+
+from geminikv.storage.queries import LEADER_LOCK_KEY, SQL
+
+log = logging.getLogger(__name__)
+
+# A duty runs once and returns how many seconds it may sleep before running again.
+Duty = Callable[[], Awaitable[float]]
+RETRY_LOCK = 1.0
+MAX_SLEEP = 0.5
+
+
+class Leader:
+    def __init__(self, connect: Callable[[], Awaitable[asyncpg.Connection]]) -> None:
+        self._connect = connect
+        self.duties: list[Duty] = []
+        self.on_change: list[Callable[[bool], None]] = []
+        self.is_leader = False
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="leader")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def _set(self, leading: bool) -> None:
+        self.is_leader = leading
+        for callback in self.on_change:
+            callback(leading)
+
+    async def _run(self) -> None:
+        while True:
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await self._connect()
+                while not await conn.fetchval(SQL["try_leader_lock"], LEADER_LOCK_KEY):
+                    await asyncio.sleep(RETRY_LOCK)
+                log.info("this process now runs lease expiry and compaction")
+                self._set(True)
+                while True:
+                    waits = [await duty() for duty in self.duties]
+                    await conn.fetchval("SELECT 1")  # the lock lives as long as this session
+                    self._wake.clear()
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(
+                            self._wake.wait(), max(0.01, min([MAX_SLEEP, *waits]))
+                        )
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                log.warning("background duties interrupted (%s); retrying", err)
+                await asyncio.sleep(RETRY_LOCK)
+            finally:
+                if self.is_leader:
+                    self._set(False)
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await conn.close()
