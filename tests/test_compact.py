@@ -1,0 +1,197 @@
+"""Compaction: etcd's semantics (differential), physical deletion in short statements,
+resumption after a crash, several processes, automatic compaction."""
+
+from __future__ import annotations
+
+import time
+
+import asyncpg
+import pytest
+
+from geminikv.proto.etcdserverpb import rpc_pb2 as pb
+from tests.differential import Pair
+from tests.servers import Etcd, GeminiServer, Postgres, run_sync
+from tests.watching import WatchClient
+
+R = pb.RangeRequest
+
+
+def _rows(dsn: str, where: str = "TRUE") -> int:
+    async def count() -> int:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return int(await conn.fetchval(f"SELECT count(*) FROM kine WHERE {where}"))
+        finally:
+            await conn.close()
+
+    return int(run_sync(count()))
+
+
+def _wait(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+@pytest.mark.etcd
+def test_compaction_matches_etcd(postgres: Postgres) -> None:
+    etcd = Etcd()
+    gemini = GeminiServer(postgres.new_database("cdiff")).start()
+    try:
+        pair = Pair(etcd.stubs(), gemini.stubs())
+        for i in range(6):
+            pair.check("Put", lambda rev, i=i: pb.PutRequest(key=b"/c/a", value=b"%d" % i))
+        pair.check("Put", lambda rev: pb.PutRequest(key=b"/c/b", value=b"b"))
+        pair.check("DeleteRange", lambda rev: pb.DeleteRangeRequest(key=b"/c/b"))
+        pair.check("Put", lambda rev: pb.PutRequest(key=b"/c/a", value=b"last"))
+        pair.check("Compact", lambda rev: pb.CompactionRequest(revision=rev(4), physical=True))
+        pair.check("Compact", lambda rev: pb.CompactionRequest(revision=rev(4)))
+        pair.check("Compact", lambda rev: pb.CompactionRequest(revision=rev(3)))
+        pair.check("Compact", lambda rev: pb.CompactionRequest(revision=rev(40)))
+        for rel in range(1, 10):
+            pair.check("Range", lambda rev, r=rel: R(key=b"/c/", range_end=b"/c0", revision=rev(r)))
+            pair.check("Txn", lambda rev, r=rel: pb.TxnRequest(success=[pb.RequestOp(
+                request_range=R(key=b"/c/a", revision=rev(r)))]))
+        pair.check("Compact", lambda rev: pb.CompactionRequest(revision=rev(8), physical=True))
+        for rel in range(7, 10):
+            pair.check("Range", lambda rev, r=rel: R(key=b"/c/", range_end=b"/c0", revision=rev(r)))
+        e, g = WatchClient(pair.etcd), WatchClient(pair.gk)
+        for rel in (7, 8, 9):
+            for client, rev in ((e, pair.etcd_rev), (g, pair.gk_rev)):
+                client.send(create_request=pb.WatchCreateRequest(key=b"/c/", range_end=b"/c0",
+                                                                 start_revision=rev(rel)))
+        got = [sorted(((r.watch_id, i), pair._normalise(("ok", r), to_rel))
+                      for i, r in enumerate(client.drain(1.0)))
+               for client, to_rel in ((e, pair._etcd_to_rel), (g, pair._gk_to_rel))]
+        # per watch id, in order (etcd interleaves watchers arbitrarily)
+        got = [[(wid, resp) for (wid, _), resp in side] for side in got]
+        e.close()
+        g.close()
+        assert got[0] == got[1]
+    finally:
+        gemini.stop()
+        etcd.stop()
+
+
+def test_physical_compaction_removes_rows_and_keeps_reads(postgres: Postgres) -> None:
+    dsn = postgres.new_database("cphys")
+    server = GeminiServer(dsn).start()
+    try:
+        kv = server.stubs().kv
+        for i in range(300):
+            kv.Put(pb.PutRequest(key=b"/p/%02d" % (i % 30), value=b"%d" % i))
+        for i in range(0, 30, 3):
+            kv.DeleteRange(pb.DeleteRangeRequest(key=b"/p/%02d" % i))
+        head = kv.Range(R(key=b"/p/", range_end=b"/p0")).header.revision
+        before = kv.Range(R(key=b"/p/", range_end=b"/p0"))
+        assert _rows(dsn, "name LIKE '/p/%'") == 310
+        kv.Compact(pb.CompactionRequest(revision=head, physical=True))
+        # only the live keys' latest rows remain: 20 keys
+        assert _rows(dsn, "name LIKE '/p/%'") == 20
+        after = kv.Range(R(key=b"/p/", range_end=b"/p0"))
+        assert after.kvs == before.kvs
+        assert kv.Range(R(key=b"/p/", range_end=b"/p0", revision=head)).kvs == before.kvs
+        # versions and create revisions survive, and writes continue the chains
+        kv.Put(pb.PutRequest(key=b"/p/01", value=b"new"))
+        got = kv.Range(R(key=b"/p/01")).kvs[0]
+        old = [k for k in before.kvs if k.key == b"/p/01"][0]
+        assert (got.version, got.create_revision) == (old.version + 1, old.create_revision)
+        kv.Put(pb.PutRequest(key=b"/p/00", value=b"recreated"))  # was deleted and compacted
+        assert kv.Range(R(key=b"/p/00")).kvs[0].version == 1
+    finally:
+        server.stop()
+
+
+def test_interrupted_compaction_finishes_after_restart(postgres: Postgres) -> None:
+    dsn = postgres.new_database("cresume")
+    server = GeminiServer(dsn).start()
+    kv = server.stubs().kv
+    for i in range(100):
+        kv.Put(pb.PutRequest(key=b"/r/%d" % (i % 10), value=b"%d" % i))
+    head = kv.Range(R(key=b"/r/0")).header.revision
+    server.stop()
+
+    async def logical_only() -> None:
+        # As if geminikv crashed right after the logical compaction.
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute("UPDATE kine SET prev_revision = $1 WHERE name = 'compact_rev_key'",
+                               head)
+        finally:
+            await conn.close()
+
+    run_sync(logical_only())
+    assert _rows(dsn, "name LIKE '/r/%'") == 100
+    server = GeminiServer(dsn).start()
+    try:
+        _wait(lambda: _rows(dsn, "name LIKE '/r/%'") == 10)
+        kv = server.stubs().kv
+        assert len(kv.Range(R(key=b"/r/", range_end=b"/r0")).kvs) == 10
+    finally:
+        server.stop()
+
+
+def test_compaction_through_any_process_runs_once(postgres: Postgres) -> None:
+    dsn = postgres.new_database("cmulti")
+    a = GeminiServer(dsn).start()
+    time.sleep(0.5)  # a holds the leader lock
+    b = GeminiServer(dsn).start()
+    try:
+        kva, kvb = a.stubs().kv, b.stubs().kv
+        for i in range(50):
+            kva.Put(pb.PutRequest(key=b"/m/k", value=b"%d" % i))
+        head = kvb.Range(R(key=b"/m/k")).header.revision
+        kvb.Compact(pb.CompactionRequest(revision=head, physical=True))
+        assert _rows(dsn, "name = '/m/k'") == 1
+        assert a.app is not None and b.app is not None
+        assert a.app.compactor.deleted_rows == 49 and b.app.compactor.deleted_rows == 0
+        for stubs in (kva, kvb):
+            assert stubs.Range(R(key=b"/m/k")).kvs[0].version == 50
+        _wait(lambda: len(b.app.store.index.history(b"/m/k")) == 1)  # type: ignore[union-attr]
+        _wait(lambda: len(a.app.store.index.history(b"/m/k")) == 1)  # type: ignore[union-attr]
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_automatic_compaction(postgres: Postgres) -> None:
+    dsn = postgres.new_database("cauto")
+    server = GeminiServer(dsn, compact_interval=0.5, compact_min_retain=20,
+                          compact_batch_size=100).start()
+    try:
+        kv = server.stubs().kv
+        for i in range(200):
+            kv.Put(pb.PutRequest(key=b"/auto/k", value=b"%d" % i))
+        head = kv.Range(R(key=b"/auto/k")).header.revision
+        _wait(lambda: server.app.store.index.compact_rev >= head - 20, 10)  # type: ignore[union-attr]
+        assert server.app.store.index.compact_rev <= head - 20  # type: ignore[union-attr]
+        _wait(lambda: _rows(dsn, "name = '/auto/k'") <= 21, 10)
+    finally:
+        server.stop()
+
+
+def test_apiserver_compaction_cycle(gemini: GeminiServer) -> None:
+    """kube-apiserver's compactor: a txn on compact_rev_key, then Compact(previous rev)."""
+    kv = gemini.stubs().kv
+    version = 0
+    previous = 0
+    for _ in range(3):
+        resp = kv.Txn(pb.TxnRequest(
+            compare=[pb.Compare(key=b"compact_rev_key", target=pb.Compare.VERSION,
+                                result=pb.Compare.EQUAL, version=version)],
+            success=[pb.RequestOp(request_put=pb.PutRequest(key=b"compact_rev_key",
+                                                            value=b"%d" % previous))],
+            failure=[pb.RequestOp(request_range=R(key=b"compact_rev_key"))],
+        ))
+        if not resp.succeeded:
+            version = resp.responses[0].response_range.kvs[0].version
+            continue
+        version += 1
+        if previous:
+            kv.Compact(pb.CompactionRequest(revision=previous))
+        previous = resp.header.revision
+        kv.Put(pb.PutRequest(key=b"/cycle/x", value=b"v"))
+    assert kv.Range(R(key=b"compact_rev_key")).kvs[0].version == version
