@@ -1,4 +1,4 @@
-"""The ``geminikv`` command: serve (default)."""
+"""The ``geminikv`` command: serve (default), or ``bench`` (the benchmark harness)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,10 @@ from geminikv.storage.embedded import EmbeddedPostgresError
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if args and args[0] == "bench":
+        from benchmarks.cli import main as bench
+
+        return bench(args[1:])
     if args and args[0] == "serve":
         args = args[1:]
     settings = settings_from(build_parser().parse_args(args))

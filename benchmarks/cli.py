@@ -1,0 +1,275 @@
+"""``geminikv bench``: geminikv, etcd and the gRPC ceiling, side by side in one run."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from array import array
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psutil
+
+from benchmarks import report, runner, watch
+from benchmarks.targets import EtcdTarget, ExternalTarget, GeminiTarget, NullTarget, Target
+from benchmarks.workloads import WORKLOADS, Params
+from geminikv import __version__
+
+# Workloads the null target can answer meaningfully (fixed responses, no storage).
+NULL_WORKLOADS = {"create", "update", "get", "get-serializable"}
+ALL = ["create", "update", "get", "get-serializable", "list", "count", "watch", "watch-full",
+       "lease", "mixed"]
+
+
+@dataclass
+class Settings:
+    seconds: float
+    clients: int
+    connections: int
+    processes: int
+    value_size: int
+    keys: int
+    list_keys: int
+    history: int
+    conflict_rate: float
+    list_clients: int
+    watchers: int
+    watch_writers: int
+    watch_rate: float
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="geminikv bench", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="a smoke run in under a minute")
+    p.add_argument("--out", default="./bench-results", help="directory for results and plots")
+    p.add_argument("--targets", default="geminikv,etcd,null",
+                   help="built-in targets to start: geminikv, etcd, null")
+    p.add_argument("--target", action="append", default=[], metavar="NAME=HOST:PORT",
+                   help="another etcd v3 endpoint to measure (repeatable), e.g. kine=127.0.0.1:2380")
+    p.add_argument("--endpoint", default="", help="PostgreSQL DSN for geminikv (default: embedded)")
+    p.add_argument("--geminikv-arg", action="append", default=[],
+                   help="extra flag for the geminikv server (repeatable)")
+    p.add_argument("--workloads", default=",".join(ALL), help=f"comma list of {ALL}")
+    p.add_argument("--seconds", type=float, help="seconds per workload (default 10, quick 2)")
+    p.add_argument("--clients", type=int, help="concurrent clients (default 64)")
+    p.add_argument("--conns", type=int, help="gRPC connections per client process (default 4)")
+    p.add_argument("--processes", type=int, help="client processes (default 2)")
+    p.add_argument("--value-size", type=int, default=1024)
+    p.add_argument("--keys", type=int, help="keys for get/update/mixed (default 1000)")
+    p.add_argument("--list-keys", type=int, help="keys for list and count (default 10000)")
+    p.add_argument("--history", type=int, default=0, help="extra revisions per listed key")
+    p.add_argument("--conflict-rate", type=float, default=0.0, help="stale updates (0..1)")
+    p.add_argument("--watchers", type=int, help="watchers (default 10)")
+    p.add_argument("--watch-writers", type=int, help="writers for watch (default 8)")
+    p.add_argument("--watch-rate", type=float, help="fixed write rate for 'watch' (default 500/s)")
+    p.add_argument("--taskset", action="store_true",
+                   help="pin servers to CPU 0 and clients to the other CPUs")
+    return p
+
+
+def settings(args: argparse.Namespace) -> Settings:
+    q = args.quick
+
+    def pick(value: Any, full: Any, quick: Any) -> Any:
+        return value if value is not None else (quick if q else full)
+
+    return Settings(
+        seconds=pick(args.seconds, 10.0, 2.0), clients=pick(args.clients, 64, 8),
+        connections=pick(args.conns, 4, 2), processes=pick(args.processes, 2, 1),
+        value_size=args.value_size, keys=pick(args.keys, 1000, 100),
+        list_keys=pick(args.list_keys, 10000, 500), history=args.history,
+        conflict_rate=args.conflict_rate, list_clients=4 if not q else 2,
+        watchers=pick(args.watchers, 10, 2), watch_writers=pick(args.watch_writers, 8, 2),
+        watch_rate=pick(args.watch_rate, 500.0, 50.0),
+    )
+
+
+class Sampler(threading.Thread):
+    """CPU time and peak memory of a target's processes while a workload runs."""
+
+    def __init__(self, target: Target) -> None:
+        super().__init__(daemon=True)
+        self.target = target
+        self.stop_event = threading.Event()
+        self.peak_rss = 0
+        self.cpu = {}  # pid → latest cpu seconds
+        self.start_cpu = self._cpu()
+
+    def _cpu(self) -> dict[int, float]:
+        out = {}
+        for proc in self.target.processes():
+            try:
+                t = proc.cpu_times()
+                out[proc.pid] = t.user + t.system
+            except psutil.Error:
+                pass
+        return out
+
+    def run(self) -> None:
+        while not self.stop_event.wait(0.25):
+            self.cpu.update(self._cpu())
+            rss = 0
+            for proc in self.target.processes():
+                try:
+                    # PSS: PostgreSQL's shared buffers are counted once, not per backend.
+                    rss += proc.memory_full_info().pss
+                except (psutil.Error, AttributeError):
+                    pass
+            self.peak_rss = max(self.peak_rss, rss)
+
+    def finish(self) -> tuple[float, float]:
+        self.stop_event.set()
+        self.join()
+        self.cpu.update(self._cpu())
+        used = sum(v - self.start_cpu.get(pid, 0.0) for pid, v in self.cpu.items())
+        return used, self.peak_rss / 1024**2
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "cpu_model": model,
+            "memory_gb": round(psutil.virtual_memory().total / 1024**3, 1)}
+
+
+def versions() -> dict[str, str]:
+    out = {"geminikv": __version__, "python": platform.python_version(),
+           "grpcio": grpc.__version__}
+    try:
+        first = subprocess.run(["etcd", "--version"], capture_output=True, text=True,
+                               timeout=10).stdout.splitlines()
+        out["etcd"] = first[0].split(":", 1)[1].strip() if first else ""
+    except (OSError, subprocess.SubprocessError, IndexError):
+        pass
+    try:
+        from geminikv.storage.embedded import POSTGRES_BIN_PATH
+
+        out["postgresql"] = subprocess.run([str(POSTGRES_BIN_PATH / "postgres"), "--version"],
+                                           capture_output=True, text=True).stdout.strip()
+    except (OSError, ImportError):
+        pass
+    return out
+
+
+def run_workload(target: Target, name: str, s: Settings, cpus: str | None
+                 ) -> tuple[dict[str, Any], array]:  # type: ignore[type-arg]
+    prefix = b"/bench/%s/%d/" % (name.encode(), time.time_ns())
+    if name in ("watch", "watch-full"):
+        sampler = Sampler(target)
+        sampler.start()
+        rate = s.watch_rate if name == "watch" else 0.0
+        got = watch.run(target.endpoint, prefix, s.watchers, s.watch_writers, rate, s.seconds,
+                        s.value_size)
+        cpu, peak = sampler.finish()
+        latencies = array("d", got["latencies"])  # type: ignore[arg-type]
+        return {"kind": "watch", "throughput": got["write_rate"], "writes": got["writes"],
+                "lost": got["lost"], "errors": 0,
+                "ack_to_event_p50_ms": got["ack_to_event_p50_ms"],
+                "ack_to_event_p99_ms": got["ack_to_event_p99_ms"], "server_cpu_s": cpu, "server_peak_mb": peak,
+                "client_cpu_s": 0.0, **report.stats(latencies)}, latencies
+    listing = name in ("list", "count")
+    params = Params(prefix=prefix, value_size=s.value_size,
+                    keys=s.list_keys if listing else s.keys,
+                    history=s.history if name == "list" else 0, conflict_rate=s.conflict_rate)
+    asyncio.run(runner.setup(target.endpoint, name, params))
+    clients = s.list_clients if name == "list" else s.clients
+    job = runner.Job(target.endpoint, name, params, clients, s.connections, s.seconds)
+    sampler = Sampler(target)
+    sampler.start()
+    results = runner.run(job, min(s.processes, clients), cpus)
+    cpu, peak = sampler.finish()
+    latencies = array("d")
+    for r in results:
+        latencies.frombytes(r.latencies)
+    ops = sum(r.ops for r in results)
+    errors = sum(r.errors for r in results)
+    figures = {
+        "kind": "latency" if name == "list" else "throughput",
+        "throughput": ops / s.seconds, "ops": ops, "errors": errors,
+        "first_error": next((r.first_error for r in results if r.first_error), ""),
+        "server_cpu_s": cpu, "server_peak_mb": peak,
+        "client_cpu_s": sum(r.cpu_seconds for r in results), **report.stats(latencies),
+    }
+    return figures, latencies
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    s = settings(args)
+    wanted = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = [w for w in wanted if w not in ALL]
+    if unknown:
+        print(f"unknown workloads: {unknown}; choose from {ALL}", file=sys.stderr)
+        return 2
+    server_cpus = client_cpus = None
+    if args.taskset and (os.cpu_count() or 1) > 1:
+        server_cpus = "0"
+        client_cpus = ",".join(str(c) for c in range(1, os.cpu_count() or 2))
+    targets: list[Target] = []
+    for name in [t.strip() for t in args.targets.split(",") if t.strip()]:
+        if name == "geminikv":
+            targets.append(GeminiTarget(args.endpoint, args.geminikv_arg, cpu_list=server_cpus))
+        elif name == "etcd":
+            if EtcdTarget.available():
+                targets.append(EtcdTarget(cpu_list=server_cpus))
+            else:
+                print("etcd: skipped (no etcd binary on PATH; Debian package etcd-server)")
+        elif name == "null":
+            targets.append(NullTarget(cpu_list=server_cpus))
+        else:
+            print(f"unknown built-in target {name!r}", file=sys.stderr)
+            return 2
+    for spec in args.target:
+        name, _, endpoint = spec.partition("=")
+        targets.append(ExternalTarget(name, endpoint))
+
+    results: dict[str, Any] = {
+        "machine": machine(), "versions": versions(), "parameters": vars(s) | {
+            "quick": args.quick, "taskset": args.taskset, "workloads": wanted,
+            "targets": [t.name for t in targets]},
+        "workloads": {w: {} for w in wanted}, "workload_descriptions": {
+            w: WORKLOADS[w].describe if w in WORKLOADS else
+            ("watchers on a prefix, writers at a fixed rate" if w == "watch" else
+             "watchers on a prefix, writers at full speed") for w in wanted},
+    }
+    latencies: dict[str, dict[str, array]] = {w: {} for w in wanted}  # type: ignore[type-arg]
+    started = time.monotonic()
+    total = sum(1 for t in targets for w in wanted if t.name != "null" or w in NULL_WORKLOADS)
+    done = 0
+    for target in targets:
+        print(f"[{time.monotonic() - started:5.0f}s] starting {target.name}", flush=True)
+        target.start()
+        try:
+            for name in wanted:
+                if target.name == "null" and name not in NULL_WORKLOADS:
+                    continue
+                figures, lat = run_workload(target, name, s, client_cpus)
+                results["workloads"][name][target.name] = figures
+                latencies[name][target.name] = lat
+                done += 1
+                print(f"[{time.monotonic() - started:5.0f}s] {done}/{total} {target.name:>9} "
+                      f"{name:<17} {figures['throughput']:8.0f}/s  p50 {figures['p50_ms']:7.2f} ms"
+                      f"  p99 {figures['p99_ms']:7.2f} ms", flush=True)
+        finally:
+            target.stop()
+    results["elapsed_s"] = time.monotonic() - started
+    out = Path(args.out)
+    report.write(out, results, latencies)
+    print()
+    print(report.table(results))
+    print(f"\nresults, plots: {out.resolve()}")
+    return 0

@@ -1,0 +1,114 @@
+"""Load generation: several client processes, each with many concurrent clients.
+
+Each worker process runs its share of the clients on its own event loop and reports
+every latency, its op and error counts, and the CPU time it used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import os
+import shutil
+import time
+from array import array
+from dataclasses import dataclass
+
+import grpc
+
+from benchmarks.workloads import WORKLOADS, Calls, Params
+
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1)]
+
+
+@dataclass(frozen=True)
+class Job:
+    endpoint: str
+    workload: str
+    params: Params
+    clients: int
+    connections: int
+    seconds: float
+
+
+@dataclass
+class WorkerResult:
+    ops: int
+    errors: int
+    latencies: bytes  # array('d') of seconds
+    cpu_seconds: float
+    first_error: str = ""
+
+
+async def _worker(job: Job, worker: int, clients: int, start_at: float) -> WorkerResult:
+    workload = WORKLOADS[job.workload]
+    channels = [grpc.aio.insecure_channel(job.endpoint, options=CHANNEL_OPTIONS)
+                for _ in range(max(1, job.connections))]
+    calls = [Calls(ch) for ch in channels]
+    latencies = array("d")
+    counts = {"ops": 0, "errors": 0}
+    first_error: list[str] = []
+    ops = [workload.client(calls[i % len(calls)], job.params, worker, i) for i in range(clients)]
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+    deadline = time.monotonic() + job.seconds
+
+    async def client(op):  # type: ignore[no-untyped-def]
+        while time.monotonic() < deadline:
+            t0 = time.perf_counter()
+            try:
+                await op()
+            except (grpc.RpcError, AssertionError) as err:
+                counts["errors"] += 1
+                if not first_error:
+                    first_error.append(str(err)[:300])
+                continue
+            latencies.append(time.perf_counter() - t0)
+            counts["ops"] += 1
+
+    cpu0 = time.process_time()
+    await asyncio.gather(*(client(op) for op in ops))
+    cpu = time.process_time() - cpu0
+    for ch in channels:
+        await ch.close()
+    return WorkerResult(counts["ops"], counts["errors"], latencies.tobytes(), cpu,
+                        first_error[0] if first_error else "")
+
+
+def _run_worker(job: Job, worker: int, clients: int, start_at: float, cpus: str | None,
+                out: mp.Queue) -> None:  # type: ignore[type-arg]
+    if cpus and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
+    try:
+        import uvloop
+
+        result = uvloop.run(_worker(job, worker, clients, start_at))
+    except ImportError:
+        result = asyncio.run(_worker(job, worker, clients, start_at))
+    out.put((worker, result))
+
+
+def run(job: Job, processes: int, client_cpus: str | None = None) -> list[WorkerResult]:
+    """Run a job across ``processes`` worker processes; returns each worker's result."""
+    ctx = mp.get_context("spawn")
+    out: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
+    start_at = time.time() + 1.5 + 0.3 * processes  # after every worker has started
+    shares = [job.clients // processes + (1 if i < job.clients % processes else 0)
+              for i in range(processes)]
+    procs = [ctx.Process(target=_run_worker,
+                         args=(job, i, shares[i], start_at, client_cpus, out), daemon=True)
+             for i in range(processes) if shares[i]]
+    for proc in procs:
+        proc.start()
+    results = [out.get(timeout=job.seconds + 300) for _ in procs]
+    for proc in procs:
+        proc.join(30)
+    return [r for _, r in sorted(results, key=lambda item: item[0])]
+
+
+async def setup(endpoint: str, workload: str, params: Params) -> None:
+    async with grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS) as channel:
+        await WORKLOADS[workload].setup(Calls(channel), params)
+
+
+def taskset_available() -> bool:
+    return shutil.which("taskset") is not None

@@ -1,0 +1,132 @@
+"""What the harness measures: servers it starts (geminikv, etcd, null) or endpoints."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import psutil
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_listening(port: int, process: subprocess.Popen[bytes] | None, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server exited with code {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"nothing listening on port {port} after {timeout:.0f}s")
+
+
+@dataclass
+class Target:
+    name: str
+    endpoint: str = ""
+    process: subprocess.Popen[bytes] | None = None
+    workdir: str | None = None
+    cpu_list: str | None = None  # taskset CPU list for the server
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def start(self) -> Target:
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        if self.workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def processes(self) -> list[psutil.Process]:
+        """The server's processes (with PostgreSQL's, when it runs under geminikv)."""
+        if self.process is None:
+            return []
+        try:
+            root = psutil.Process(self.process.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def _spawn(self, argv: list[str], port: int, timeout: float = 120.0) -> None:
+        if self.cpu_list and shutil.which("taskset"):
+            argv = ["taskset", "-c", self.cpu_list, *argv]
+        log = open(os.path.join(self.workdir or tempfile.gettempdir(), f"{self.name}.log"), "wb")  # noqa: SIM115
+        self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        self.endpoint = f"127.0.0.1:{port}"
+        wait_listening(port, self.process, timeout)
+
+
+class GeminiTarget(Target):
+    def __init__(self, dsn: str = "", extra: list[str] | None = None, **kw: object) -> None:
+        super().__init__("geminikv", **kw)  # type: ignore[arg-type]
+        self.dsn = dsn
+        self.extra = extra or []
+
+    def start(self) -> Target:
+        self.workdir = tempfile.mkdtemp(prefix="bench-geminikv-")
+        port = free_port()
+        argv = [sys.executable, "-m", "geminikv", "--listen-address", f"127.0.0.1:{port}",
+                "--metrics-bind-address", "0", *self.extra]
+        argv += ["--endpoint", self.dsn] if self.dsn else ["--data-dir", self.workdir]
+        self._spawn(argv, port)
+        return self
+
+
+class EtcdTarget(Target):
+    def __init__(self, **kw: object) -> None:
+        super().__init__("etcd", **kw)  # type: ignore[arg-type]
+
+    @staticmethod
+    def available() -> bool:
+        return shutil.which("etcd") is not None
+
+    def start(self) -> Target:
+        self.workdir = tempfile.mkdtemp(prefix="bench-etcd-")
+        port, peer = free_port(), free_port()
+        self._spawn([
+            "etcd", "--data-dir", os.path.join(self.workdir, "data"),
+            "--listen-client-urls", f"http://127.0.0.1:{port}",
+            "--advertise-client-urls", f"http://127.0.0.1:{port}",
+            "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+            "--initial-cluster", f"default=http://127.0.0.1:{peer}",
+            "--quota-backend-bytes", str(8 * 1024**3),
+        ], port)
+        return self
+
+
+class NullTarget(Target):
+    def __init__(self, **kw: object) -> None:
+        super().__init__("null", **kw)  # type: ignore[arg-type]
+
+    def start(self) -> Target:
+        self.workdir = tempfile.mkdtemp(prefix="bench-null-")
+        port = free_port()
+        self._spawn([sys.executable, "-m", "benchmarks.null_server", f"127.0.0.1:{port}"], port)
+        return self
+
+
+class ExternalTarget(Target):
+    """Any etcd v3 endpoint given as ``--target NAME=host:port`` (e.g. Go Kine)."""
+
+    def __init__(self, name: str, endpoint: str) -> None:
+        super().__init__(name, endpoint=endpoint)
