@@ -49,6 +49,7 @@ class Settings:
     compact_batch_size: int = 1000
     metrics_bind_address: str = ":8080"
     datastore_max_open_connections: int = 10
+    value_cache_size: int = 128
     slow_sql_threshold: float = 1.0
     log_format: str = "plain"
     debug: bool = False
@@ -66,6 +67,7 @@ _HELP: dict[str, str] = {
     "compact_batch_size": "revisions compacted per automatic compaction step",
     "metrics_bind_address": "address for /metrics, /healthz and /readyz (0 = off)",
     "datastore_max_open_connections": "PostgreSQL connections in the pool",
+    "value_cache_size": "MiB of values kept in memory (0 = read every value from PostgreSQL)",
     "slow_sql_threshold": "log SQL statements slower than this",
     "log_format": "plain or json",
     "debug": "debug logging",

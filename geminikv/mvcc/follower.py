@@ -21,6 +21,7 @@ import asyncpg
 
 from geminikv.mvcc.events import AppliedRow, Event
 from geminikv.mvcc.index import Index, apply_row
+from geminikv.mvcc.values import Values
 from geminikv.storage.queries import NOTIFY_CHANNEL, SQL
 
 log = logging.getLogger(__name__)
@@ -32,9 +33,12 @@ _NO_UPPER = 2**62
 
 
 class Follower:
-    def __init__(self, pool: asyncpg.Pool, index: Index, poll_interval: float = 1.0) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, index: Index, values: Values, poll_interval: float = 1.0
+    ) -> None:
         self.pool = pool
         self.index = index
+        self.values = values
         self.poll_interval = poll_interval
         self.subscribers: list[Callable[[list[Event]], None]] = []
         self._pending: dict[int, AppliedRow] = {}
@@ -242,6 +246,8 @@ class Follower:
             if row is None:
                 break
             rid, name, created, deleted, create_rev, prev_rev, lease, version, value, old = row
+            if value is not None and not deleted:
+                self.values.remember(rid, value)
             applied = apply_row(
                 self.index, rid, name, created, deleted, create_rev, prev_rev, lease, version
             )

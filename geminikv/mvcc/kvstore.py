@@ -13,9 +13,9 @@ from geminikv.mvcc import ranges, txn
 from geminikv.mvcc.follower import Follower
 from geminikv.mvcc.index import Index, apply_row
 from geminikv.mvcc.keys import COMPACT_KEY
+from geminikv.mvcc.values import Values
 from geminikv.mvcc.writer import Writer
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
-from geminikv.storage import queries
 from geminikv.storage.queries import SQL
 
 log = logging.getLogger(__name__)
@@ -26,12 +26,14 @@ HEALTH_VALUE = b'{"health":"true"}'
 
 class KVStore:
     def __init__(
-        self, pool: asyncpg.Pool, writer_conn: asyncpg.Connection, poll_interval: float = 1.0
+        self, pool: asyncpg.Pool, writer_conn: asyncpg.Connection, poll_interval: float = 1.0,
+        value_cache_bytes: int = 128 * 1024 * 1024,
     ) -> None:
         self.pool = pool
         self.index = Index()
-        self.follower = Follower(pool, self.index, poll_interval)
-        self.writer = Writer(writer_conn, self.index, self.follower)
+        self.values = Values(pool, value_cache_bytes)
+        self.follower = Follower(pool, self.index, self.values, poll_interval)
+        self.writer = Writer(writer_conn, self.index, self.follower, self.values)
         self._writer_conn = writer_conn
         self.on_compact: list[Callable[[], None]] = []  # told of every logical compaction
 
@@ -104,10 +106,8 @@ class KVStore:
     async def _values(self, entries: list[ranges.Entry]) -> dict[int, bytes]:
         if not entries:
             return {}
-        ids = [e[1] for e in entries]
-        async with self.pool.acquire() as conn:
-            values = await queries.values_by_id(conn, ids)
-        if len(values) != len(set(ids)):
+        values = await self.values.get(e[1] for e in entries)
+        if len(values) < len(entries):
             raise errors.Compacted()  # a concurrent compaction removed the rows
         return values
 

@@ -26,6 +26,7 @@ from geminikv import errors
 from geminikv.mvcc.follower import Follower
 from geminikv.mvcc.index import Index
 from geminikv.mvcc.txn import Evaluator
+from geminikv.mvcc.values import Values
 from geminikv.mvcc.view import BatchView, NewRow, OutOfIds, gap_row
 from geminikv.storage import queries
 from geminikv.storage.queries import SQL
@@ -69,10 +70,13 @@ class BatchLeases:
 
 
 class Writer:
-    def __init__(self, conn: asyncpg.Connection, index: Index, follower: Follower) -> None:
+    def __init__(
+        self, conn: asyncpg.Connection, index: Index, follower: Follower, values: Values
+    ) -> None:
         self.conn = conn
         self.index = index
         self.follower = follower
+        self.values = values
         self._queue: asyncio.Queue[_Request] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._last_id = 0
@@ -226,7 +230,13 @@ class Writer:
         return view
 
     async def _fetch_values(self, ids: list[int]) -> dict[int, bytes]:
-        return await queries.values_by_id(self.conn, ids)
+        # Inside the batch's transaction, on the writer's connection (the pool's
+        # connections could be busy; the batch holds the lock until it commits).
+        found = self.values.get_cached(ids)
+        missing = [rid for rid in ids if rid not in found]
+        if missing:
+            found.update(await queries.values_by_id(self.conn, missing))
+        return found
 
 
 def _answer(batch: list[_Request]) -> None:

@@ -100,7 +100,9 @@ class App:
         self.writer_conn = await database.connect(dsn)
         await schema.ensure_schema(self.writer_conn)
         self.pool = await database.create_pool(dsn, s.datastore_max_open_connections)
-        self.store = KVStore(self.pool, self.writer_conn, s.poll_interval)
+        self.store = KVStore(
+            self.pool, self.writer_conn, s.poll_interval, s.value_cache_size * 1024 * 1024
+        )
         await self.store.start()
         identity = await self._identity()
 

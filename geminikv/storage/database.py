@@ -81,10 +81,16 @@ async def connect(dsn: str, timeout: float = 300.0) -> asyncpg.Connection:
 async def create_pool(dsn: str, size: int) -> asyncpg.Pool:
     dsn, _ = normalise_dsn(dsn)
     pool = await asyncpg.create_pool(
-        dsn, min_size=1, max_size=max(1, size), init=init_connection, statement_cache_size=256
+        dsn, min_size=1, max_size=max(1, size), init=init_connection, reset=_keep_session,
+        statement_cache_size=256,
     )
     assert pool is not None
     return pool
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool release without asyncpg's RESET ALL round trip: geminikv leaves no session
+    state behind (advisory locks are transaction-scoped; LISTEN uses its own connection)."""
 
 
 async def _create_database(dsn: str, database: str) -> None:
