@@ -47,7 +47,7 @@ class Follower:
         self._task: asyncio.Task[None] | None = None
         self._listen_conn: asyncpg.Connection | None = None
         self._gap_seen: tuple[int, float] | None = None
-        self._read_next: asyncio.Future[int] | None = None
+        self._read_waiters: list[asyncio.Future[int]] = []
         self._read_running = False
         self._refresh_compact = False
         self.physical_rev = 0
@@ -110,14 +110,34 @@ class Follower:
         Concurrent callers share one query; a caller never joins a query that started
         before it arrived, so the answer reflects every write committed before the call.
         """
-        if self._read_next is None:
-            self._read_next = asyncio.get_running_loop().create_future()
-            if not self._read_running:
-                asyncio.create_task(self._read_loop())
-        fut = self._read_next
-        rev = await asyncio.shield(fut)
-        await self.wait_for(rev)
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._read_waiters.append(fut)
+        if not self._read_running:
+            self._read_running = True
+            asyncio.create_task(self._read_loop())
+        rev = await fut
+        if self.applied < rev:
+            await self.wait_for(rev)
         return rev
+
+    async def _read_loop(self) -> None:
+        try:
+            while self._read_waiters:
+                waiters, self._read_waiters = self._read_waiters, []
+                try:
+                    # On the LISTEN connection: idle otherwise, and no pool round trip.
+                    assert self._listen_conn is not None
+                    rev = int(await self._listen_conn.fetchval(SQL["current_rev"]))
+                except Exception as err:  # handed to every waiting reader
+                    for fut in waiters:
+                        if not fut.done():
+                            fut.set_exception(err)
+                    continue
+                for fut in waiters:
+                    if not fut.done():
+                        fut.set_result(rev)
+        finally:
+            self._read_running = False
 
     async def wait_compacted(self, rev: int) -> None:
         """Return once the rows a compaction at ``rev`` made unreachable are deleted."""
@@ -148,21 +168,6 @@ class Follower:
             await asyncio.sleep(0)
 
     # -- internals ---------------------------------------------------------------------
-
-    async def _read_loop(self) -> None:
-        self._read_running = True
-        try:
-            while self._read_next is not None:
-                fut, self._read_next = self._read_next, None
-                try:
-                    async with self.pool.acquire() as conn:
-                        rev = int(await conn.fetchval(SQL["current_rev"]))
-                except Exception as err:  # handed to every waiting reader
-                    fut.set_exception(err)
-                else:
-                    fut.set_result(rev)
-        finally:
-            self._read_running = False
 
     def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         if payload.startswith("compacted:"):
