@@ -58,6 +58,9 @@ class BatchView:
 
     def range(self, start: bytes, end: bytes | None) -> list[Entry]:
         """Live keys in [start, end) at the current state, in key order."""
+        if end is None:  # one key: the common case, without scanning the overlay
+            state = self.get(start)
+            return [(start, *state)] if state is not None else []
         entries: list[Entry] = self.index.range(start, end, self.base_rev, 0)[0]
         if not self.overlay:
             return entries
