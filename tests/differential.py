@@ -83,6 +83,8 @@ class Pair:
               service: str = "kv") -> Outcome:
         """Call both and assert identical answers; returns etcd's (normalised) outcome."""
         e, g = self.call(method, build, service)
+        if g != e:
+            print(f"MISMATCH {method}: {build(self.etcd_rev)}\n etcd:     {e}\n geminikv: {g}")
         assert g == e, f"{method} differs:\n etcd:     {e}\n geminikv: {g}"
         return e
 

@@ -62,9 +62,11 @@ def _range(draw: st.DrawFn, p: bytes, top_rev: int) -> Build:
     return build
 
 
-def _put(draw: st.DrawFn, p: bytes) -> Build:
+def _put(draw: st.DrawFn, p: bytes, in_txn: bool = False) -> Build:
     key = p + draw(st.sampled_from(NAMES))
-    ignore_value = draw(st.booleans()) and draw(st.booleans())
+    # Inside a txn an earlier delete of the same key makes etcd 3.4 panic (it checks
+    # ignore_value before the txn runs); that case is pinned in test_kv_errors.py.
+    ignore_value = not in_txn and draw(st.booleans()) and draw(st.booleans())
     value = b"" if ignore_value else draw(st.sampled_from([b"", b"x", b"y", b"zz"]))
     prev_kv = draw(st.booleans())
     return lambda rev: pb.PutRequest(key=key, value=value, prev_kv=prev_kv,
@@ -109,7 +111,7 @@ def _op(draw: st.DrawFn, p: bytes, top_rev: int) -> Callable[[Callable[[int], in
         b = _range(draw, p, top_rev)
         return lambda rev: pb.RequestOp(request_range=b(rev))
     if kind == "put":
-        b = _put(draw, p)
+        b = _put(draw, p, in_txn=True)
         return lambda rev: pb.RequestOp(request_put=b(rev))
     b = _delete(draw, p)
     return lambda rev: pb.RequestOp(request_delete_range=b(rev))

@@ -316,6 +316,10 @@ class Evaluator:
     async def _put(self, req: pb.PutRequest) -> pb.PutResponse:
         view = self.view
         prev = view.get(req.key)
+        if prev is None and (req.ignore_value or req.ignore_lease):
+            # Checked before the txn ran, but an earlier op of this txn deleted the key
+            # (etcd 3.4 panics here): the whole request fails, nothing is written.
+            raise errors.KeyNotFound()
         value, lease = req.value, req.lease
         resp = pb.PutResponse()
         if prev is not None and (req.ignore_value or req.prev_kv):

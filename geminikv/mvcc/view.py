@@ -7,7 +7,7 @@ drawn from ``ids``; values are fetched from PostgreSQL by row id only when neede
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 from geminikv.mvcc.index import Index
 from geminikv.mvcc.keys import stored_name
@@ -34,19 +34,42 @@ class BatchView:
     def __init__(
         self,
         index: Index,
-        ids: Iterable[int],
+        ids: int | Sequence[int],
         fetch_values: Callable[[list[int]], Awaitable[dict[int, bytes]]],
         values: dict[int, bytes],
     ) -> None:
+        """``ids``: the row ids to use, or the first of a contiguous run of them."""
         self.index = index
         self.base_rev = int(index.rev)
         self.rev = self.base_rev
-        self._ids: Iterator[int] = iter(ids)
+        self._ids = ids
+        self._taken = 0
         self._fetch_values = fetch_values
         self.values = values  # row id → value, shared across evaluation passes
         self.overlay: dict[bytes, State] = {}
         self.rows: list[NewRow] = []
         self.revoked_leases: list[int] = []
+        self._journal: list[tuple[bytes, State | None]] = []  # overlay entries replaced
+
+    def mark(self) -> tuple[int, int, int, int, int]:
+        """A savepoint: everything written after it can be undone by ``rollback``."""
+        return len(self.rows), len(self._journal), self.rev, len(self.revoked_leases), self._taken
+
+    def rollback(self, mark: tuple[int, int, int, int, int]) -> None:
+        rows, journal, rev, revoked, self._taken = mark
+        while len(self._journal) > journal:
+            key, old = self._journal.pop()
+            if old is None:
+                self.overlay.pop(key, None)
+            else:
+                self.overlay[key] = old
+        del self.rows[rows:]
+        del self.revoked_leases[revoked:]
+        self.rev = rev
+
+    def _set(self, key: bytes, state: State) -> None:
+        self._journal.append((key, self.overlay.get(key)))
+        self.overlay[key] = state
 
     # -- reading -------------------------------------------------------------------------
 
@@ -83,10 +106,14 @@ class BatchView:
     # -- writing -------------------------------------------------------------------------
 
     def _next_id(self) -> int:
-        try:
-            rid = next(self._ids)
-        except StopIteration:
-            raise OutOfIds from None
+        ids, n = self._ids, self._taken
+        if isinstance(ids, int):
+            rid = ids + n
+        elif n < len(ids):
+            rid = ids[n]
+        else:
+            raise OutOfIds
+        self._taken = n + 1
         self.rev = rid
         return rid
 
@@ -110,7 +137,7 @@ class BatchView:
             (rid, stored_name(key), int(prev is None), 0, state[1], prev_row, lease,
              value, old, prev_in_batch, state[2])
         )
-        self.overlay[key] = state
+        self._set(key, state)
         self.values[rid] = value
         return state
 
@@ -121,4 +148,4 @@ class BatchView:
         self.rows.append(
             (rid, stored_name(key), 0, 1, 0, prev_row, 0, None, old, prev_in_batch, 0)
         )
-        self.overlay[key] = (rid, 0, 0, 0)
+        self._set(key, (rid, 0, 0, 0))

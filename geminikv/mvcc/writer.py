@@ -15,8 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import itertools
-from collections.abc import Awaitable, Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -188,7 +187,7 @@ class Writer:
         sequence of revisions stays gap-free for followers.
         """
         values: dict[int, bytes] = {}
-        ids: Iterable[int] = itertools.count(guess)
+        ids: int | list[int] = guess  # first, assume the ids follow the newest row
         drawn: list[int] = []
         while True:
             try:
@@ -213,19 +212,18 @@ class Writer:
         self._last_id = drawn[-1]
 
     async def _evaluate(
-        self, batch: list[_Request], ids: Iterable[int], values: dict[int, bytes],
+        self, batch: list[_Request], ids: int | list[int], values: dict[int, bytes],
         leases: BatchLeases,
     ) -> BatchView:
         view = BatchView(self.index, ids, self._fetch_values, values)
         evaluator = Evaluator(view, leases, int(self.index.compact_rev))
         for req in batch:
-            rows_before = len(view.rows)
+            mark = view.mark()
             try:
                 req.result = await req.operation(evaluator)
                 req.error = None
             except errors.EtcdError as err:
-                # Every check runs before a request writes anything: all or nothing.
-                assert len(view.rows) == rows_before, "a failed request wrote rows"
+                view.rollback(mark)  # all or nothing
                 req.result, req.error = None, err
         return view
 
