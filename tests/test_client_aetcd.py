@@ -27,3 +27,6 @@ def test_kv_and_txn_through_aetcd(gemini: GeminiServer, prefix: bytes) -> None:
     assert seen["deleted"] == 1
     assert seen["after_delete"] == [p + "a"]
     assert seen["txn"] == [True, False, "10", "10", 2]
+    assert seen["lease"] == [True, True] and seen["lease_revoked"] is True
+    assert [e[1:] for e in seen["watch"]] == [[p + "w/1", "hello"], [p + "w/1", ""]]
+    assert "PUT" in seen["watch"][0][0] and "DELETE" in seen["watch"][1][0]

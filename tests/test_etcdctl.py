@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -10,7 +11,7 @@ import time
 
 import pytest
 
-from tests.servers import Etcd, GeminiServer
+from tests.servers import Etcd, GeminiServer, Postgres
 
 pytestmark = [
     pytest.mark.etcdctl,
@@ -155,3 +156,68 @@ def test_watch(etcd: Etcd, gemini: GeminiServer, prefix: bytes) -> None:
             outputs[name].append(out)
     assert outputs["gk"] == outputs["etcd"]
     assert outputs["gk"][0].count("PUT") == 2 and "DELETE" in outputs["gk"][0]
+
+
+@pytest.mark.etcd
+def test_lease_commands(etcd: Etcd, gemini: GeminiServer, prefix: bytes) -> None:
+    p = prefix.decode()
+    outputs = {}
+    for name, server in (("etcd", etcd), ("gk", gemini)):
+        granted = ctl(server.endpoint, "lease", "grant", "60").stdout  # lease <hex> granted…
+        lease = granted.split()[1]
+        steps = [
+            granted,
+            ctl(server.endpoint, "put", "--lease=" + lease, p + "a", "1").stdout,
+            ctl(server.endpoint, "put", "--lease=" + lease, p + "b", "2").stdout,
+            ctl(server.endpoint, "put", p + "b", "3").stdout,  # detaches
+            ctl(server.endpoint, "lease", "timetolive", lease, "--keys").stdout,
+            ctl(server.endpoint, "lease", "keep-alive", "--once", lease).stdout,
+            str(lease in ctl(server.endpoint, "lease", "list").stdout),
+            ctl(server.endpoint, "lease", "revoke", lease).stdout,
+            ctl(server.endpoint, "get", p, "--prefix").stdout,
+            ctl(server.endpoint, "lease", "timetolive", lease).stdout,
+            ctl(server.endpoint, "put", "--lease=" + lease, p + "c", "4").stderr.splitlines()[-1],
+            ctl(server.endpoint, "lease", "revoke", lease).stderr.splitlines()[-1],
+        ]
+        # lease ids are the server's choice; remaining seconds may differ by one
+        outputs[name] = [
+            re.sub(r"remaining\(\d+s\)", "remaining(Ns)", step.replace(lease, "ID"))
+            for step in steps
+        ]
+    assert outputs["gk"] == outputs["etcd"]
+    assert "attached keys([" + p + "a])" in outputs["gk"][4]
+
+
+@pytest.mark.etcd
+def test_compaction_commands(postgres: Postgres) -> None:
+    etcd = Etcd()
+    gemini = GeminiServer(postgres.new_database("ctlcompact")).start()
+    try:
+        for i in range(6):
+            both(etcd, gemini, "put", "/cc/k", str(i))
+        revs = {}
+        for name, server in (("etcd", etcd), ("gk", gemini)):
+            kv = json.loads(ctl(server.endpoint, "get", "/cc/k", "-w", "json").stdout)["kvs"][0]
+            revs[name] = (kv["create_revision"], kv["mod_revision"])
+        outputs: dict[str, list[str]] = {"etcd": [], "gk": []}
+        for name, server in (("etcd", etcd), ("gk", gemini)):
+            first, last = revs[name]
+            target = first + 3
+            out = outputs[name]
+            out.append(ctl(server.endpoint, "compaction", "--physical", str(target)).stdout
+                       .replace(str(target), "R"))
+            for rev in (target - 1, target, target + 1, last):
+                done = ctl(server.endpoint, "get", "/cc/k", f"--rev={rev}", "--print-value-only")
+                out.append(done.stdout + (_error_line(done.stderr) if done.returncode else ""))
+            done = ctl(server.endpoint, "compaction", str(target))
+            out.append(_error_line(done.stderr))
+            for rev in (target - 1, target):
+                watcher = _watch(server.endpoint, "/cc/k", f"--rev={rev}")
+                time.sleep(0.8)
+                watcher.terminate()
+                stdout, stderr = watcher.communicate(timeout=10)
+                out.append(stdout + stderr.replace(str(target), "R"))
+        assert outputs["gk"] == outputs["etcd"]
+    finally:
+        gemini.stop()
+        etcd.stop()

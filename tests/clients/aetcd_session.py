@@ -39,6 +39,28 @@ async def session(port: int, prefix: bytes) -> dict[str, object]:
         )
         final = await c.get(key)
         out["txn"] = [ok1, ok2, responses[0][0][0].decode(), final.value.decode(), final.version]
+        lease = await c.lease(ttl=30)
+        await c.put(prefix + b"leased", b"v", lease=lease)
+        leased = await c.get(prefix + b"leased")
+        out["lease"] = [leased.lease == lease.id, 0 < await lease.remaining_ttl() <= 30]
+        await lease.revoke()
+        out["lease_revoked"] = await c.get(prefix + b"leased") is None
+        watch = await c.watch_prefix(prefix + b"w/")
+
+        async def write_later() -> None:
+            await asyncio.sleep(0.3)
+            await c.put(prefix + b"w/1", b"hello")
+            await c.delete(prefix + b"w/1")
+
+        task = asyncio.create_task(write_later())
+        seen = []
+        async for event in watch:
+            seen.append([str(event.kind), event.kv.key.decode(), event.kv.value.decode()])
+            if len(seen) == 2:
+                break
+        await watch.cancel()
+        await task
+        out["watch"] = seen
     return out
 
 
