@@ -45,6 +45,14 @@ class Target:
     def start(self) -> Target:
         return self
 
+    def log(self) -> str:
+        """What the server printed (kept until ``stop``)."""
+        try:
+            with open(os.path.join(self.workdir or tempfile.gettempdir(), f"{self.name}.log")) as f:
+                return f.read()
+        except OSError:
+            return ""
+
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()

@@ -191,3 +191,22 @@ def test_compaction_matches_etcd_key_index(history: list[tuple[str, object]]) ->
     # everything readable at or after the last compaction is still there
     entries, count = index.range(b"a", b"", rev, 0)
     assert [e[0] for e in entries] == sorted(live) and count == len(live)
+
+
+def test_compaction_of_a_long_history_in_slices() -> None:
+    # Enough superseded revisions that the index trims its list of them while compacting.
+    index = Index()
+    rev = 1
+    for round_ in range(11):
+        for k in range(3000):
+            rev += 1
+            index.put(b"/c/%06d" % k, rev, 0, round_ == 0)
+    assert len(index.plan_compaction(rev)) == 30000
+    slices = 0
+    while not index.compact(rev, 2000):
+        slices += 1
+    assert slices >= 10 and index.pending_compaction() == 0
+    assert index.plan_compaction(rev) == []
+    entries, count = index.range(b"/c/", b"/c0", rev, 0)
+    assert count == 3000 and all(e[3] == 11 for e in entries)
+    assert index.history(b"/c/000000") == [(rev - 2999, 2, 11, 0)]

@@ -286,12 +286,14 @@ cdef class Index:
                 self._forget(h)
                 continue
             h.drop(cut)
+        cdef bint finished = i >= n or <int64_t>self.dirty_revs[i] > rev
         self.dirty_head = i
         if self.dirty_head > 4096 and self.dirty_head * 2 > n:
+            # Drop the processed prefix once it is most of the list.
             del self.dirty_revs[:self.dirty_head]
             del self.dirty_keys[:self.dirty_head]
             self.dirty_head = 0
-        return i >= n or <int64_t>self.dirty_revs[i] > rev
+        return finished
 
     cdef void _forget(self, KeyHistory h) except *:
         """Remove a key that has no revision left."""
