@@ -65,6 +65,21 @@ async def fill(dsn: str, keys: int, revisions: int) -> None:
         await conn.close()
 
 
+async def rewrite(dsn: str, revisions: int) -> None:
+    """As many new revisions again: after VACUUM they reuse the space compaction freed."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        for _ in range(revisions - 1):
+            await conn.execute(
+                "INSERT INTO kine (name, created, deleted, create_revision, prev_revision, lease,"
+                " value, old_value, version) SELECT name, 0, 0, create_revision, id, 0, value,"
+                " NULL, version + 1 FROM kine WHERE id IN (SELECT max(id) FROM kine"
+                " WHERE name LIKE '/registry/c/%' GROUP BY name)"
+            )
+    finally:
+        await conn.close()
+
+
 async def table_size(dsn: str, vacuum: bool = False) -> tuple[int, int]:
     conn = await asyncpg.connect(dsn)
     try:
@@ -144,6 +159,10 @@ def main() -> int:
               f"meanwhile {ops[0]} reads/writes served, slowest {worst[0] * 1000:.0f} ms; "
               f"table {size / 1024**2:.0f} MiB -> {size_after / 1024**2:.0f} MiB, "
               f"{size_vacuumed / 1024**2:.0f} MiB after VACUUM", flush=True)
+        asyncio.run(rewrite(ours, args.revisions))
+        rows_again, size_again = asyncio.run(table_size(ours))
+        print(f"after writing the same history again: {rows_again} rows, "
+              f"{size_again / 1024**2:.0f} MiB (the freed space was reused)", flush=True)
 
         async def kine() -> float:
             conn = await asyncpg.connect(kines)
