@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import platform
 import subprocess
@@ -25,8 +26,18 @@ from geminikv import __version__
 
 # Workloads the null target can answer meaningfully (fixed responses, no storage).
 NULL_WORKLOADS = {"create", "update", "get", "get-serializable"}
-ALL = ["create", "update", "get", "get-serializable", "list", "count", "watch", "watch-full",
-       "lease", "mixed"]
+ALL = [
+    "create",
+    "update",
+    "get",
+    "get-serializable",
+    "list",
+    "count",
+    "watch",
+    "watch-full",
+    "lease",
+    "mixed",
+]
 
 
 @dataclass
@@ -50,13 +61,25 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="geminikv bench", description=__doc__)
     p.add_argument("--quick", action="store_true", help="a smoke run in under a minute")
     p.add_argument("--out", default="./bench-results", help="directory for results and plots")
-    p.add_argument("--targets", default="geminikv,etcd,null",
-                   help="built-in targets to start: geminikv, etcd, null")
-    p.add_argument("--target", action="append", default=[], metavar="NAME=HOST:PORT",
-                   help="another etcd v3 endpoint to measure (repeatable), e.g. kine=127.0.0.1:2380")
+    p.add_argument(
+        "--targets",
+        default="geminikv,etcd,null",
+        help="built-in targets to start: geminikv, etcd, null",
+    )
+    p.add_argument(
+        "--target",
+        action="append",
+        default=[],
+        metavar="NAME=HOST:PORT",
+        help="another etcd v3 endpoint to measure (repeatable), e.g. kine=127.0.0.1:2380",
+    )
     p.add_argument("--endpoint", default="", help="PostgreSQL DSN for geminikv (default: embedded)")
-    p.add_argument("--geminikv-arg", action="append", default=[],
-                   help="extra flag for the geminikv server (repeatable)")
+    p.add_argument(
+        "--geminikv-arg",
+        action="append",
+        default=[],
+        help="extra flag for the geminikv server (repeatable)",
+    )
     p.add_argument("--workloads", default=",".join(ALL), help=f"comma list of {ALL}")
     p.add_argument("--seconds", type=float, help="seconds per workload (default 10, quick 2)")
     p.add_argument("--clients", type=int, help="concurrent clients (default 64)")
@@ -70,8 +93,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--watchers", type=int, help="watchers (default 10)")
     p.add_argument("--watch-writers", type=int, help="writers for watch (default 8)")
     p.add_argument("--watch-rate", type=float, help="fixed write rate for 'watch' (default 500/s)")
-    p.add_argument("--taskset", action="store_true",
-                   help="pin servers to CPU 0 and clients to the other CPUs")
+    p.add_argument(
+        "--taskset", action="store_true", help="pin servers to CPU 0 and clients to the other CPUs"
+    )
     return p
 
 
@@ -82,12 +106,18 @@ def settings(args: argparse.Namespace) -> Settings:
         return value if value is not None else (quick if q else full)
 
     return Settings(
-        seconds=pick(args.seconds, 10.0, 2.0), clients=pick(args.clients, 64, 8),
-        connections=pick(args.conns, 4, 2), processes=pick(args.processes, 2, 1),
-        value_size=args.value_size, keys=pick(args.keys, 1000, 100),
-        list_keys=pick(args.list_keys, 10000, 500), history=args.history,
-        conflict_rate=args.conflict_rate, list_clients=4 if not q else 2,
-        watchers=pick(args.watchers, 10, 2), watch_writers=pick(args.watch_writers, 8, 2),
+        seconds=pick(args.seconds, 10.0, 2.0),
+        clients=pick(args.clients, 64, 8),
+        connections=pick(args.conns, 4, 2),
+        processes=pick(args.processes, 2, 1),
+        value_size=args.value_size,
+        keys=pick(args.keys, 1000, 100),
+        list_keys=pick(args.list_keys, 10000, 500),
+        history=args.history,
+        conflict_rate=args.conflict_rate,
+        list_clients=4 if not q else 2,
+        watchers=pick(args.watchers, 10, 2),
+        watch_writers=pick(args.watch_writers, 8, 2),
         watch_rate=pick(args.watch_rate, 500.0, 50.0),
     )
 
@@ -118,11 +148,9 @@ class Sampler(threading.Thread):
             self.cpu.update(self._cpu())
             rss = 0
             for proc in self.target.processes():
-                try:
-                    # PSS: PostgreSQL's shared buffers are counted once, not per backend.
+                # PSS: PostgreSQL's shared buffers are counted once, not per backend.
+                with contextlib.suppress(psutil.Error, AttributeError):
                     rss += proc.memory_full_info().pss
-                except (psutil.Error, AttributeError):
-                    pass
             self.peak_rss = max(self.peak_rss, rss)
 
     def finish(self) -> tuple[float, float]:
@@ -142,49 +170,68 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"platform": platform.platform(), "cpus": os.cpu_count(), "cpu_model": model,
-            "memory_gb": round(psutil.virtual_memory().total / 1024**3, 1)}
+    return {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gb": round(psutil.virtual_memory().total / 1024**3, 1),
+    }
 
 
 def versions() -> dict[str, str]:
-    out = {"geminikv": __version__, "python": platform.python_version(),
-           "grpcio": grpc.__version__}
+    out = {"geminikv": __version__, "python": platform.python_version(), "grpcio": grpc.__version__}
     try:
-        first = subprocess.run(["etcd", "--version"], capture_output=True, text=True,
-                               timeout=10).stdout.splitlines()
+        first = subprocess.run(
+            ["etcd", "--version"], capture_output=True, text=True, timeout=10
+        ).stdout.splitlines()
         out["etcd"] = first[0].split(":", 1)[1].strip() if first else ""
     except (OSError, subprocess.SubprocessError, IndexError):
         pass
     try:
         from geminikv.storage.embedded import POSTGRES_BIN_PATH
 
-        out["postgresql"] = subprocess.run([str(POSTGRES_BIN_PATH / "postgres"), "--version"],
-                                           capture_output=True, text=True).stdout.strip()
+        out["postgresql"] = subprocess.run(
+            [str(POSTGRES_BIN_PATH / "postgres"), "--version"], capture_output=True, text=True
+        ).stdout.strip()
     except (OSError, ImportError):
         pass
     return out
 
 
-def run_workload(target: Target, name: str, s: Settings, cpus: str | None
-                 ) -> tuple[dict[str, Any], array]:  # type: ignore[type-arg]
+def run_workload(
+    target: Target, name: str, s: Settings, cpus: str | None
+) -> tuple[dict[str, Any], array]:  # type: ignore[type-arg]
     prefix = b"/bench/%s/%d/" % (name.encode(), time.time_ns())
     if name in ("watch", "watch-full"):
         sampler = Sampler(target)
         sampler.start()
         rate = s.watch_rate if name == "watch" else 0.0
-        got = watch.run(target.endpoint, prefix, s.watchers, s.watch_writers, rate, s.seconds,
-                        s.value_size)
+        got = watch.run(
+            target.endpoint, prefix, s.watchers, s.watch_writers, rate, s.seconds, s.value_size
+        )
         cpu, peak = sampler.finish()
         latencies = array("d", got["latencies"])  # type: ignore[arg-type]
-        return {"kind": "watch", "throughput": got["write_rate"], "writes": got["writes"],
-                "lost": got["lost"], "errors": 0,
-                "ack_to_event_p50_ms": got["ack_to_event_p50_ms"],
-                "ack_to_event_p99_ms": got["ack_to_event_p99_ms"], "server_cpu_s": cpu, "server_peak_mb": peak,
-                "client_cpu_s": 0.0, **report.stats(latencies)}, latencies
+        return {
+            "kind": "watch",
+            "throughput": got["write_rate"],
+            "writes": got["writes"],
+            "lost": got["lost"],
+            "errors": 0,
+            "ack_to_event_p50_ms": got["ack_to_event_p50_ms"],
+            "ack_to_event_p99_ms": got["ack_to_event_p99_ms"],
+            "server_cpu_s": cpu,
+            "server_peak_mb": peak,
+            "client_cpu_s": 0.0,
+            **report.stats(latencies),
+        }, latencies
     listing = name in ("list", "count")
-    params = Params(prefix=prefix, value_size=s.value_size,
-                    keys=s.list_keys if listing else s.keys,
-                    history=s.history if name == "list" else 0, conflict_rate=s.conflict_rate)
+    params = Params(
+        prefix=prefix,
+        value_size=s.value_size,
+        keys=s.list_keys if listing else s.keys,
+        history=s.history if name == "list" else 0,
+        conflict_rate=s.conflict_rate,
+    )
     asyncio.run(runner.setup(target.endpoint, name, params))
     clients = s.list_clients if name == "list" else s.clients
     job = runner.Job(target.endpoint, name, params, clients, s.connections, s.seconds)
@@ -199,10 +246,14 @@ def run_workload(target: Target, name: str, s: Settings, cpus: str | None
     errors = sum(r.errors for r in results)
     figures = {
         "kind": "latency" if name == "list" else "throughput",
-        "throughput": ops / s.seconds, "ops": ops, "errors": errors,
+        "throughput": ops / s.seconds,
+        "ops": ops,
+        "errors": errors,
         "first_error": next((r.first_error for r in results if r.first_error), ""),
-        "server_cpu_s": cpu, "server_peak_mb": peak,
-        "client_cpu_s": sum(r.cpu_seconds for r in results), **report.stats(latencies),
+        "server_cpu_s": cpu,
+        "server_peak_mb": peak,
+        "client_cpu_s": sum(r.cpu_seconds for r in results),
+        **report.stats(latencies),
     }
     return figures, latencies
 
@@ -238,13 +289,26 @@ def main(argv: list[str] | None = None) -> int:
         targets.append(ExternalTarget(name, endpoint))
 
     results: dict[str, Any] = {
-        "machine": machine(), "versions": versions(), "parameters": vars(s) | {
-            "quick": args.quick, "taskset": args.taskset, "workloads": wanted,
-            "targets": [t.name for t in targets]},
-        "workloads": {w: {} for w in wanted}, "workload_descriptions": {
-            w: WORKLOADS[w].describe if w in WORKLOADS else
-            ("watchers on a prefix, writers at a fixed rate" if w == "watch" else
-             "watchers on a prefix, writers at full speed") for w in wanted},
+        "machine": machine(),
+        "versions": versions(),
+        "parameters": vars(s)
+        | {
+            "quick": args.quick,
+            "taskset": args.taskset,
+            "workloads": wanted,
+            "targets": [t.name for t in targets],
+        },
+        "workloads": {w: {} for w in wanted},
+        "workload_descriptions": {
+            w: WORKLOADS[w].describe
+            if w in WORKLOADS
+            else (
+                "watchers on a prefix, writers at a fixed rate"
+                if w == "watch"
+                else "watchers on a prefix, writers at full speed"
+            )
+            for w in wanted
+        },
     }
     latencies: dict[str, dict[str, array]] = {w: {} for w in wanted}  # type: ignore[type-arg]
     started = time.monotonic()
@@ -261,9 +325,12 @@ def main(argv: list[str] | None = None) -> int:
                 results["workloads"][name][target.name] = figures
                 latencies[name][target.name] = lat
                 done += 1
-                print(f"[{time.monotonic() - started:5.0f}s] {done}/{total} {target.name:>9} "
-                      f"{name:<17} {figures['throughput']:8.0f}/s  p50 {figures['p50_ms']:7.2f} ms"
-                      f"  p99 {figures['p99_ms']:7.2f} ms", flush=True)
+                print(
+                    f"[{time.monotonic() - started:5.0f}s] {done}/{total} {target.name:>9} "
+                    f"{name:<17} {figures['throughput']:8.0f}/s  p50 {figures['p50_ms']:7.2f} ms"
+                    f"  p99 {figures['p99_ms']:7.2f} ms",
+                    flush=True,
+                )
         finally:
             target.stop()
     results["elapsed_s"] = time.monotonic() - started

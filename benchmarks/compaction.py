@@ -120,8 +120,11 @@ def main() -> int:
         for dsn in (ours, kines):
             t = time.monotonic()
             asyncio.run(fill(dsn, args.keys, args.revisions))
-            print(f"filled {args.keys} keys x {args.revisions} revisions "
-                  f"in {time.monotonic() - t:.0f}s", flush=True)
+            print(
+                f"filled {args.keys} keys x {args.revisions} revisions "
+                f"in {time.monotonic() - t:.0f}s",
+                flush=True,
+            )
         rows, size = asyncio.run(table_size(ours))
         print(f"table: {rows} rows, {size / 1024**2:.0f} MiB", flush=True)
 
@@ -155,14 +158,20 @@ def main() -> int:
             target.stop()
         rows_after, size_after = asyncio.run(table_size(ours))
         _, size_vacuumed = asyncio.run(table_size(ours, vacuum=True))
-        print(f"geminikv: compacted {rows - rows_after} rows in {took:.1f}s; "
-              f"meanwhile {ops[0]} reads/writes served, slowest {worst[0] * 1000:.0f} ms; "
-              f"table {size / 1024**2:.0f} MiB -> {size_after / 1024**2:.0f} MiB, "
-              f"{size_vacuumed / 1024**2:.0f} MiB after VACUUM", flush=True)
+        print(
+            f"geminikv: compacted {rows - rows_after} rows in {took:.1f}s; "
+            f"meanwhile {ops[0]} reads/writes served, slowest {worst[0] * 1000:.0f} ms; "
+            f"table {size / 1024**2:.0f} MiB -> {size_after / 1024**2:.0f} MiB, "
+            f"{size_vacuumed / 1024**2:.0f} MiB after VACUUM",
+            flush=True,
+        )
         asyncio.run(rewrite(ours, args.revisions))
         rows_again, size_again = asyncio.run(table_size(ours))
-        print(f"after writing the same history again: {rows_again} rows, "
-              f"{size_again / 1024**2:.0f} MiB (the freed space was reused)", flush=True)
+        print(
+            f"after writing the same history again: {rows_again} rows, "
+            f"{size_again / 1024**2:.0f} MiB (the freed space was reused)",
+            flush=True,
+        )
 
         async def kine() -> float:
             conn = await asyncpg.connect(kines)
@@ -176,8 +185,11 @@ def main() -> int:
 
         kine_took = asyncio.run(kine())
         k_rows, _ = asyncio.run(table_size(kines))
-        print(f"Kine's single DELETE on the same table: {rows - k_rows} rows in "
-              f"{kine_took:.1f}s (one statement)", flush=True)
+        print(
+            f"Kine's single DELETE on the same table: {rows - k_rows} rows in "
+            f"{kine_took:.1f}s (one statement)",
+            flush=True,
+        )
     finally:
         pg.stop()
     return 0

@@ -14,12 +14,15 @@ from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.proto.mvccpb import kv_pb2
 
 _HEADER = pb.ResponseHeader(cluster_id=1, member_id=1, revision=100, raft_term=2)
-_KV = kv_pb2.KeyValue(key=b"/registry/null", value=b"x" * 1024, create_revision=2,
-                      mod_revision=100, version=1)
+_KV = kv_pb2.KeyValue(
+    key=b"/registry/null", value=b"x" * 1024, create_revision=2, mod_revision=100, version=1
+)
 RANGE = pb.RangeResponse(header=_HEADER, kvs=[_KV], count=1).SerializeToString()
-TXN = pb.TxnResponse(header=_HEADER, succeeded=True, responses=[
-    pb.ResponseOp(response_put=pb.PutResponse(header=pb.ResponseHeader(revision=100)))
-]).SerializeToString()
+TXN = pb.TxnResponse(
+    header=_HEADER,
+    succeeded=True,
+    responses=[pb.ResponseOp(response_put=pb.PutResponse(header=pb.ResponseHeader(revision=100)))],
+).SerializeToString()
 PUT = pb.PutResponse(header=_HEADER).SerializeToString()
 LEASE = pb.LeaseGrantResponse(header=_HEADER, ID=7, TTL=60).SerializeToString()
 
@@ -31,25 +34,35 @@ def _fixed(answer: bytes) -> grpc.RpcMethodHandler:
     return grpc.unary_unary_rpc_method_handler(handler)  # raw bytes in and out
 
 
-async def _watch(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-                 ) -> AsyncIterator[bytes]:
+async def _watch(
+    requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+) -> AsyncIterator[bytes]:
     async for _ in requests:
         yield pb.WatchResponse(header=_HEADER, created=True).SerializeToString()
 
 
 def handlers() -> list[grpc.GenericRpcHandler]:
     kv = {
-        "Range": _fixed(RANGE), "Txn": _fixed(TXN), "Put": _fixed(PUT),
-        "DeleteRange": _fixed(PUT), "Compact": _fixed(PUT),
+        "Range": _fixed(RANGE),
+        "Txn": _fixed(TXN),
+        "Put": _fixed(PUT),
+        "DeleteRange": _fixed(PUT),
+        "Compact": _fixed(PUT),
     }
     return [
         grpc.method_handlers_generic_handler("etcdserverpb.KV", kv),
         grpc.method_handlers_generic_handler("etcdserverpb.Lease", {"LeaseGrant": _fixed(LEASE)}),
         grpc.method_handlers_generic_handler(
-            "etcdserverpb.Watch", {"Watch": grpc.stream_stream_rpc_method_handler(_watch)}),
-        grpc.method_handlers_generic_handler("etcdserverpb.Maintenance", {
-            "Status": _fixed(pb.StatusResponse(header=_HEADER, version="3.5.16").SerializeToString())
-        }),
+            "etcdserverpb.Watch", {"Watch": grpc.stream_stream_rpc_method_handler(_watch)}
+        ),
+        grpc.method_handlers_generic_handler(
+            "etcdserverpb.Maintenance",
+            {
+                "Status": _fixed(
+                    pb.StatusResponse(header=_HEADER, version="3.5.16").SerializeToString()
+                )
+            },
+        ),
     ]
 
 

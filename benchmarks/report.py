@@ -18,14 +18,31 @@ def stats(latencies: array) -> dict[str, float]:  # type: ignore[type-arg]
     def pct(q: float) -> float:
         return ordered[min(n - 1, int(q * n))] * 1000
 
-    return {"p50_ms": pct(0.50), "p99_ms": pct(0.99), "max_ms": ordered[-1] * 1000,
-            "mean_ms": sum(ordered) / n * 1000}
+    return {
+        "p50_ms": pct(0.50),
+        "p99_ms": pct(0.99),
+        "max_ms": ordered[-1] * 1000,
+        "mean_ms": sum(ordered) / n * 1000,
+    }
 
 
 def table(results: dict[str, Any]) -> str:
     """One line per (workload, target): throughput, latency, and the ratio to etcd."""
-    rows = [("workload", "target", "ops/s", "p50 ms", "p99 ms", "max ms", "vs etcd",
-             "server CPU s", "server peak MB", "client CPU s", "errors")]
+    rows = [
+        (
+            "workload",
+            "target",
+            "ops/s",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+            "vs etcd",
+            "server CPU s",
+            "server peak MB",
+            "client CPU s",
+            "errors",
+        )
+    ]
     for workload, by_target in results["workloads"].items():
         etcd = by_target.get("etcd")
         for target, r in by_target.items():
@@ -36,12 +53,21 @@ def table(results: dict[str, Any]) -> str:
                 elif etcd["throughput"]:
                     ratio = f"{r['throughput'] / etcd['throughput']:.2f}x"
             extra = f" lost={r['lost']}" if "lost" in r else ""
-            rows.append((
-                workload, target, f"{r['throughput']:.0f}", f"{r['p50_ms']:.2f}",
-                f"{r['p99_ms']:.2f}", f"{r['max_ms']:.1f}", ratio,
-                f"{r['server_cpu_s']:.1f}", f"{r['server_peak_mb']:.0f}",
-                f"{r['client_cpu_s']:.1f}", f"{r['errors']}{extra}",
-            ))
+            rows.append(
+                (
+                    workload,
+                    target,
+                    f"{r['throughput']:.0f}",
+                    f"{r['p50_ms']:.2f}",
+                    f"{r['p99_ms']:.2f}",
+                    f"{r['max_ms']:.1f}",
+                    ratio,
+                    f"{r['server_cpu_s']:.1f}",
+                    f"{r['server_peak_mb']:.0f}",
+                    f"{r['client_cpu_s']:.1f}",
+                    f"{r['errors']}{extra}",
+                )
+            )
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(c).rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

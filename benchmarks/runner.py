@@ -42,8 +42,10 @@ class WorkerResult:
 
 async def _worker(job: Job, worker: int, clients: int, start_at: float) -> WorkerResult:
     workload = WORKLOADS[job.workload]
-    channels = [grpc.aio.insecure_channel(job.endpoint, options=CHANNEL_OPTIONS)
-                for _ in range(max(1, job.connections))]
+    channels = [
+        grpc.aio.insecure_channel(job.endpoint, options=CHANNEL_OPTIONS)
+        for _ in range(max(1, job.connections))
+    ]
     calls = [Calls(ch) for ch in channels]
     latencies = array("d")
     counts = {"ops": 0, "errors": 0}
@@ -70,12 +72,18 @@ async def _worker(job: Job, worker: int, clients: int, start_at: float) -> Worke
     cpu = time.process_time() - cpu0
     for ch in channels:
         await ch.close()
-    return WorkerResult(counts["ops"], counts["errors"], latencies.tobytes(), cpu,
-                        first_error[0] if first_error else "")
+    return WorkerResult(
+        counts["ops"],
+        counts["errors"],
+        latencies.tobytes(),
+        cpu,
+        first_error[0] if first_error else "",
+    )
 
 
-def _run_worker(job: Job, worker: int, clients: int, start_at: float, cpus: str | None,
-                out: mp.Queue) -> None:  # type: ignore[type-arg]
+def _run_worker(
+    job: Job, worker: int, clients: int, start_at: float, cpus: str | None, out: mp.Queue
+) -> None:  # type: ignore[type-arg]
     if cpus and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
     try:
@@ -92,11 +100,17 @@ def run(job: Job, processes: int, client_cpus: str | None = None) -> list[Worker
     ctx = mp.get_context("spawn")
     out: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
     start_at = time.time() + 1.5 + 0.3 * processes  # after every worker has started
-    shares = [job.clients // processes + (1 if i < job.clients % processes else 0)
-              for i in range(processes)]
-    procs = [ctx.Process(target=_run_worker,
-                         args=(job, i, shares[i], start_at, client_cpus, out), daemon=True)
-             for i in range(processes) if shares[i]]
+    shares = [
+        job.clients // processes + (1 if i < job.clients % processes else 0)
+        for i in range(processes)
+    ]
+    procs = [
+        ctx.Process(
+            target=_run_worker, args=(job, i, shares[i], start_at, client_cpus, out), daemon=True
+        )
+        for i in range(processes)
+        if shares[i]
+    ]
     for proc in procs:
         proc.start()
     results = [out.get(timeout=job.seconds + 300) for _ in procs]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -27,10 +28,8 @@ from geminikv.storage.embedded import EmbeddedPostgres
 
 async def fill(dsn: str, keys: int, history: int) -> None:
     conn = await asyncpg.connect(dsn.replace("/kubernetes?", "/postgres?"))
-    try:
+    with contextlib.suppress(asyncpg.DuplicateDatabaseError):
         await conn.execute('CREATE DATABASE "kubernetes"')
-    except asyncpg.DuplicateDatabaseError:
-        pass
     await conn.close()
     conn = await asyncpg.connect(dsn)
     try:
@@ -82,23 +81,35 @@ def main() -> int:
     try:
         started = time.monotonic()
         asyncio.run(fill(dsn, args.keys, args.history))
-        print(f"filled {args.keys} keys x {args.history + 1} revisions in "
-              f"{time.monotonic() - started:.1f}s", flush=True)
+        print(
+            f"filled {args.keys} keys x {args.history + 1} revisions in "
+            f"{time.monotonic() - started:.1f}s",
+            flush=True,
+        )
         target = GeminiTarget(dsn)
         t0 = time.monotonic()
         target.start()
         print(f"start-up to serving: {time.monotonic() - t0:.2f}s", flush=True)
         try:
             channel = grpc.insecure_channel(target.endpoint)
-            count = rpc_pb2_grpc.KVStub(channel).Range(pb.RangeRequest(
-                key=b"/registry/bench/", range_end=b"/registry/bench0", count_only=True)).count
+            count = (
+                rpc_pb2_grpc.KVStub(channel)
+                .Range(
+                    pb.RangeRequest(
+                        key=b"/registry/bench/", range_end=b"/registry/bench0", count_only=True
+                    )
+                )
+                .count
+            )
             channel.close()
             print(f"keys served: {count}", flush=True)
             puts, gets = latency(target.endpoint)
             for name, values in (("put", puts), ("get", gets)):
                 values.sort()
-                print(f"single-client {name}: p50 {statistics.median(values) * 1000:.2f} ms,"
-                      f" p99 {values[int(len(values) * 0.99)] * 1000:.2f} ms")
+                print(
+                    f"single-client {name}: p50 {statistics.median(values) * 1000:.2f} ms,"
+                    f" p99 {values[int(len(values) * 0.99)] * 1000:.2f} ms"
+                )
         finally:
             target.stop()
     finally:

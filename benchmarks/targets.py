@@ -92,8 +92,16 @@ class GeminiTarget(Target):
     def start(self) -> Target:
         self.workdir = tempfile.mkdtemp(prefix="bench-geminikv-")
         port = free_port()
-        argv = [sys.executable, "-m", "geminikv", "--listen-address", f"127.0.0.1:{port}",
-                "--metrics-bind-address", "0", *self.extra]
+        argv = [
+            sys.executable,
+            "-m",
+            "geminikv",
+            "--listen-address",
+            f"127.0.0.1:{port}",
+            "--metrics-bind-address",
+            "0",
+            *self.extra,
+        ]
         argv += ["--endpoint", self.dsn] if self.dsn else ["--data-dir", self.workdir]
         self._spawn(argv, port)
         return self
@@ -110,15 +118,26 @@ class EtcdTarget(Target):
     def start(self) -> Target:
         self.workdir = tempfile.mkdtemp(prefix="bench-etcd-")
         port, peer = free_port(), free_port()
-        self._spawn([
-            "etcd", "--data-dir", os.path.join(self.workdir, "data"),
-            "--listen-client-urls", f"http://127.0.0.1:{port}",
-            "--advertise-client-urls", f"http://127.0.0.1:{port}",
-            "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-            "--initial-cluster", f"default=http://127.0.0.1:{peer}",
-            "--quota-backend-bytes", str(8 * 1024**3),
-        ], port)
+        self._spawn(
+            [
+                "etcd",
+                "--data-dir",
+                os.path.join(self.workdir, "data"),
+                "--listen-client-urls",
+                f"http://127.0.0.1:{port}",
+                "--advertise-client-urls",
+                f"http://127.0.0.1:{port}",
+                "--listen-peer-urls",
+                f"http://127.0.0.1:{peer}",
+                "--initial-advertise-peer-urls",
+                f"http://127.0.0.1:{peer}",
+                "--initial-cluster",
+                f"default=http://127.0.0.1:{peer}",
+                "--quota-backend-bytes",
+                str(8 * 1024**3),
+            ],
+            port,
+        )
         return self
 
 

@@ -19,12 +19,14 @@ from benchmarks.workloads import prefix_end
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 
 
-async def _watchers(endpoint: str, prefix: bytes, count: int, stop: mp.Event,
-                    ready: mp.Event) -> list[tuple[bytes, bytes]]:  # type: ignore[valid-type]
+async def _watchers(
+    endpoint: str, prefix: bytes, count: int, stop: mp.Event, ready: mp.Event
+) -> list[tuple[bytes, bytes]]:  # type: ignore[valid-type]
     channel = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
     stub = channel.stream_stream("/etcdserverpb.Watch/Watch")
-    create = pb.WatchRequest(create_request=pb.WatchCreateRequest(
-        key=prefix, range_end=prefix_end(prefix), prev_kv=True)).SerializeToString()
+    create = pb.WatchRequest(
+        create_request=pb.WatchCreateRequest(key=prefix, range_end=prefix_end(prefix), prev_kv=True)
+    ).SerializeToString()
     calls = []
     for _ in range(count):
         call = stub()
@@ -57,8 +59,9 @@ async def _watchers(endpoint: str, prefix: bytes, count: int, stop: mp.Event,
     return [(r.tobytes(), t.tobytes()) for r, t in results]
 
 
-async def _writers(endpoint: str, prefix: bytes, count: int, rate: float, seconds: float,
-                   value_size: int) -> tuple[bytes, bytes, bytes, float]:
+async def _writers(
+    endpoint: str, prefix: bytes, count: int, rate: float, seconds: float, value_size: int
+) -> tuple[bytes, bytes, bytes, float]:
     channels = [grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS) for _ in range(2)]
     puts = [ch.unary_unary("/etcdserverpb.KV/Put") for ch in channels]
     revs, times, acks = array("q"), array("d"), array("d")
@@ -89,18 +92,33 @@ async def _writers(endpoint: str, prefix: bytes, count: int, rate: float, second
     return revs.tobytes(), times.tobytes(), acks.tobytes(), elapsed
 
 
-def _run_watchers(endpoint: str, prefix: bytes, count: int, stop: mp.Event, ready: mp.Event,
-                  out: mp.Queue) -> None:  # type: ignore[type-arg,valid-type]
+def _run_watchers(
+    endpoint: str, prefix: bytes, count: int, stop: mp.Event, ready: mp.Event, out: mp.Queue
+) -> None:  # type: ignore[type-arg,valid-type]
     out.put(("watchers", asyncio.run(_watchers(endpoint, prefix, count, stop, ready))))
 
 
-def _run_writers(endpoint: str, prefix: bytes, count: int, rate: float, seconds: float,
-                 value_size: int, out: mp.Queue) -> None:  # type: ignore[type-arg]
+def _run_writers(
+    endpoint: str,
+    prefix: bytes,
+    count: int,
+    rate: float,
+    seconds: float,
+    value_size: int,
+    out: mp.Queue,
+) -> None:  # type: ignore[type-arg]
     out.put(("writers", asyncio.run(_writers(endpoint, prefix, count, rate, seconds, value_size))))
 
 
-def run(endpoint: str, prefix: bytes, watchers: int, writers: int, rate: float, seconds: float,
-        value_size: int) -> dict[str, object]:
+def run(
+    endpoint: str,
+    prefix: bytes,
+    watchers: int,
+    writers: int,
+    rate: float,
+    seconds: float,
+    value_size: int,
+) -> dict[str, object]:
     ctx = mp.get_context("spawn")
     out: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
     ready, stop = ctx.Event(), ctx.Event()
@@ -108,8 +126,9 @@ def run(endpoint: str, prefix: bytes, watchers: int, writers: int, rate: float, 
     wproc.start()
     if not ready.wait(60):
         raise RuntimeError("watchers did not start")
-    ctx.Process(target=_run_writers,
-                args=(endpoint, prefix, writers, rate, seconds, value_size, out)).start()
+    ctx.Process(
+        target=_run_writers, args=(endpoint, prefix, writers, rate, seconds, value_size, out)
+    ).start()
     got = dict([out.get(timeout=seconds + 120)])
     stop.set()  # the writers are done: watchers drain, then report
     got.update([out.get(timeout=300)])
@@ -133,8 +152,11 @@ def run(endpoint: str, prefix: bytes, watchers: int, writers: int, rate: float, 
     elapsed = float(writes[3])  # type: ignore[index]
     ordered = sorted(after_ack)
     return {
-        "writes": len(acked), "write_rate": len(acked) / elapsed if elapsed else 0.0,
-        "latencies": latencies.tobytes(), "lost": lost, "seconds": elapsed,
+        "writes": len(acked),
+        "write_rate": len(acked) / elapsed if elapsed else 0.0,
+        "latencies": latencies.tobytes(),
+        "lost": lost,
+        "seconds": elapsed,
         "ack_to_event_p50_ms": ordered[len(ordered) // 2] * 1000 if ordered else 0.0,
         "ack_to_event_p99_ms": ordered[int(len(ordered) * 0.99)] * 1000 if ordered else 0.0,
     }

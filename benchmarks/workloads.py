@@ -54,10 +54,12 @@ async def prepare_keys(calls: Calls, p: Params, count: int, history: int = 0) ->
     value = b"v" * p.value_size
     for start in range(0, count, 200):
         for _ in range(history + 1):
-            await asyncio.gather(*(
-                calls.put(pb.PutRequest(key=key(p, i), value=value).SerializeToString())
-                for i in range(start, min(count, start + 200))
-            ))
+            await asyncio.gather(
+                *(
+                    calls.put(pb.PutRequest(key=key(p, i), value=value).SerializeToString())
+                    for i in range(start, min(count, start + 200))
+                )
+            )
 
 
 def create_txn(k: bytes, value: bytes, lease: int = 0) -> bytes:
@@ -86,13 +88,20 @@ def current_rev(resp: bytes) -> int:
 async def paged_list(calls: Calls, p: Params, start: bytes, end: bytes) -> int:
     """kube-apiserver's paged LIST: pages at the first page's revision; returns items."""
     first = pb.RangeResponse.FromString(
-        await calls.range(pb.RangeRequest(key=start, range_end=end, limit=p.page).SerializeToString())
+        await calls.range(
+            pb.RangeRequest(key=start, range_end=end, limit=p.page).SerializeToString()
+        )
     )
     items, more, rev = len(first.kvs), first.more, first.header.revision
     last = first.kvs[-1].key if first.kvs else start
     while more:
-        page = pb.RangeResponse.FromString(await calls.range(pb.RangeRequest(
-            key=last + b"\x00", range_end=end, limit=p.page, revision=rev).SerializeToString()))
+        page = pb.RangeResponse.FromString(
+            await calls.range(
+                pb.RangeRequest(
+                    key=last + b"\x00", range_end=end, limit=p.page, revision=rev
+                ).SerializeToString()
+            )
+        )
         items += len(page.kvs)
         more = page.more
         last = page.kvs[-1].key
@@ -143,8 +152,9 @@ class Update(Workload):
 
         async def op() -> None:
             if rev[0] == 0:
-                got = pb.RangeResponse.FromString(await calls.range(
-                    pb.RangeRequest(key=k).SerializeToString()))
+                got = pb.RangeResponse.FromString(
+                    await calls.range(pb.RangeRequest(key=k).SerializeToString())
+                )
                 rev[0] = got.kvs[0].mod_revision if got.kvs else 0
             use = rev[0] - 1 if rnd.random() < p.conflict_rate else rev[0]
             rev[0] = current_rev(await calls.txn(update_txn(k, value, use)))
@@ -161,8 +171,10 @@ class Get(Workload):
 
     def client(self, calls: Calls, p: Params, worker: int, index: int) -> Op:
         rnd = random.Random(worker * 100_000 + index)
-        requests = [pb.RangeRequest(key=key(p, i), serializable=p.serializable).SerializeToString()
-                    for i in range(p.keys)]
+        requests = [
+            pb.RangeRequest(key=key(p, i), serializable=p.serializable).SerializeToString()
+            for i in range(p.keys)
+        ]
 
         async def op() -> None:
             await calls.range(requests[rnd.randrange(len(requests))])
@@ -175,7 +187,9 @@ class GetSerializable(Get):
     describe = "single-key Range (serializable)"
 
     def client(self, calls: Calls, p: Params, worker: int, index: int) -> Op:
-        return Get.client(self, calls, Params(**{**p.__dict__, "serializable": True}), worker, index)
+        return Get.client(
+            self, calls, Params(**{**p.__dict__, "serializable": True}), worker, index
+        )
 
 
 class List(Workload):
@@ -202,8 +216,9 @@ class Count(List):
         await prepare_keys(calls, p, p.keys)
 
     def client(self, calls: Calls, p: Params, worker: int, index: int) -> Op:
-        request = pb.RangeRequest(key=p.prefix, range_end=prefix_end(p.prefix),
-                                  count_only=True).SerializeToString()
+        request = pb.RangeRequest(
+            key=p.prefix, range_end=prefix_end(p.prefix), count_only=True
+        ).SerializeToString()
 
         async def op() -> None:
             await calls.range(request)
@@ -255,8 +270,11 @@ class Mixed(Workload):
             elif roll < 0.80:
                 await calls.txn(create_txn(base + b"%d" % next(counter), value))
             elif roll < 0.85:
-                await calls.delete(pb.DeleteRangeRequest(
-                    key=base + b"%d" % rnd.randrange(10**6)).SerializeToString())
+                await calls.delete(
+                    pb.DeleteRangeRequest(
+                        key=base + b"%d" % rnd.randrange(10**6)
+                    ).SerializeToString()
+                )
             else:
                 start = key(p, rnd.randrange(max(1, p.keys - 100)))
                 first = pb.RangeRequest(key=start, range_end=end, limit=small.page)
@@ -266,6 +284,6 @@ class Mixed(Workload):
 
 
 WORKLOADS: dict[str, Workload] = {
-    w.name: w for w in (Create(), Update(), Get(), GetSerializable(), List(), Count(), Lease(),
-                        Mixed())
+    w.name: w
+    for w in (Create(), Update(), Get(), GetSerializable(), List(), Count(), Lease(), Mixed())
 }

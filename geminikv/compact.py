@@ -59,7 +59,7 @@ class Compactor:
         ids = self.store.index.plan_compaction(target)
         pool = self.store.pool
         for i in range(0, len(ids), DELETE_BATCH):
-            await self._timed(SQL["delete_rows"], ids[i:i + DELETE_BATCH])
+            await self._timed(SQL["delete_rows"], ids[i : i + DELETE_BATCH])
         gaps = 0
         while True:
             async with pool.acquire() as conn:
@@ -76,7 +76,11 @@ class Compactor:
             log.info(
                 "compacted to revision %d: %d rows and %d gap rows deleted in %.2fs "
                 "(longest statement %.3fs)",
-                target, len(ids), gaps, time.monotonic() - started, self.longest_statement,
+                target,
+                len(ids),
+                gaps,
+                time.monotonic() - started,
+                self.longest_statement,
             )
 
     async def _timed(self, sql: str, arg: object) -> None:

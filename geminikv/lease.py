@@ -24,7 +24,7 @@ from geminikv.storage.queries import SQL
 log = logging.getLogger(__name__)
 
 MAX_LEASE_TTL = 9_000_000_000  # etcd's MaxLeaseTTL
-MIN_LEASE_TTL = 2  # ceil(1.5 × etcd's default election timeout of 1 s)
+MIN_LEASE_TTL = 2  # ceil(1.5 x etcd's default election timeout of 1 s)
 MAX_LEASE_ID = 2**31 - 1  # Kine's lease column is a 32-bit INTEGER
 REVOKES_PER_WRITE = 64
 
@@ -102,8 +102,10 @@ class Leases:
         """Revoke every expired lease; returns the seconds until the next may expire."""
         async with self.pool.acquire() as conn:
             expired = [r[0] for r in await conn.fetch(SQL["leases_expired"], 10_000)]
-            chunks = [expired[i:i + REVOKES_PER_WRITE]
-                      for i in range(0, len(expired), REVOKES_PER_WRITE)]
+            chunks = [
+                expired[i : i + REVOKES_PER_WRITE]
+                for i in range(0, len(expired), REVOKES_PER_WRITE)
+            ]
             await asyncio.gather(*(self._revoke_expired(chunk) for chunk in chunks))
             if expired:
                 log.info("expired %d leases", len(expired))
@@ -154,6 +156,7 @@ class Leases:
         for key, _ in due:
             del self._kine_ttl[key]
         if due:
+
             async def delete_all(ev):  # type: ignore[no-untyped-def]
                 for key, mod in due:
                     await ev.delete_if_unchanged(key, mod)

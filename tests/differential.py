@@ -66,8 +66,9 @@ class Pair:
 
     # -- calls
 
-    def call(self, method: str, build: Callable[[Callable[[int], int]], Message],
-             service: str = "kv") -> tuple[Outcome, Outcome]:
+    def call(
+        self, method: str, build: Callable[[Callable[[int], int]], Message], service: str = "kv"
+    ) -> tuple[Outcome, Outcome]:
         """Send build(rev) to both; ``rev(rel)`` gives each server's absolute revision."""
         e = self._invoke(self.etcd, service, method, build(self.etcd_rev))
         g = self._invoke(self.gk, service, method, build(self.gk_rev))
@@ -79,8 +80,9 @@ class Pair:
                 self._gk_revs.append(g_rev)
         return self._normalise(e, self._etcd_to_rel), self._normalise(g, self._gk_to_rel)
 
-    def check(self, method: str, build: Callable[[Callable[[int], int]], Message],
-              service: str = "kv") -> Outcome:
+    def check(
+        self, method: str, build: Callable[[Callable[[int], int]], Message], service: str = "kv"
+    ) -> Outcome:
         """Call both and assert identical answers; returns etcd's (normalised) outcome."""
         e, g = self.call(method, build, service)
         if g != e:

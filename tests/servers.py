@@ -156,12 +156,18 @@ class Etcd:
         self.process = subprocess.Popen(
             [
                 binary,
-                "--data-dir", os.path.join(self.dir, "data"),
-                "--listen-client-urls", f"http://{self.endpoint}",
-                "--advertise-client-urls", f"http://{self.endpoint}",
-                "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-                "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-                "--initial-cluster", f"default=http://127.0.0.1:{peer}",
+                "--data-dir",
+                os.path.join(self.dir, "data"),
+                "--listen-client-urls",
+                f"http://{self.endpoint}",
+                "--advertise-client-urls",
+                f"http://{self.endpoint}",
+                "--listen-peer-urls",
+                f"http://127.0.0.1:{peer}",
+                "--initial-advertise-peer-urls",
+                f"http://127.0.0.1:{peer}",
+                "--initial-cluster",
+                f"default=http://127.0.0.1:{peer}",
             ],
             stdout=subprocess.DEVNULL,
             stderr=open(os.path.join(self.dir, "etcd.log"), "wb"),  # noqa: SIM115
@@ -196,9 +202,20 @@ class GeminiProcess:
 
     def start(self, timeout: float = 60.0) -> GeminiProcess:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "geminikv", "--endpoint", self.dsn,
-             "--listen-address", self.endpoint, "--metrics-bind-address", "0", *self.args],
-            stdout=self.log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "geminikv",
+                "--endpoint",
+                self.dsn,
+                "--listen-address",
+                self.endpoint,
+                "--metrics-bind-address",
+                "0",
+                *self.args,
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

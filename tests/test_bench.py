@@ -16,17 +16,40 @@ pytestmark = pytest.mark.slow
 def test_quick_bench_produces_results(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     done = subprocess.run(
-        [sys.executable, "-m", "geminikv", "bench", "--quick", "--targets", "geminikv,null",
-         "--seconds", "1", "--out", str(out)],
-        capture_output=True, text=True, timeout=600, check=False,
+        [
+            sys.executable,
+            "-m",
+            "geminikv",
+            "bench",
+            "--quick",
+            "--targets",
+            "geminikv,null",
+            "--seconds",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     results = json.loads((out / "results.json").read_text())
     assert results["parameters"]["quick"] is True
     assert results["versions"]["geminikv"]
     assert set(results["workloads"]) == {
-        "create", "update", "get", "get-serializable", "list", "count", "watch", "watch-full",
-        "lease", "mixed"}
+        "create",
+        "update",
+        "get",
+        "get-serializable",
+        "list",
+        "count",
+        "watch",
+        "watch-full",
+        "lease",
+        "mixed",
+    }
     for name, by_target in results["workloads"].items():
         figures = by_target["geminikv"]
         assert figures["errors"] == 0, (name, figures.get("first_error"))

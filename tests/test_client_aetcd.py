@@ -15,7 +15,10 @@ SESSION = Path(__file__).parent / "clients" / "aetcd_session.py"
 def test_kv_and_txn_through_aetcd(gemini: GeminiServer, prefix: bytes) -> None:
     done = subprocess.run(
         [sys.executable, str(SESSION), str(gemini.port), prefix.decode()],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout)

@@ -53,19 +53,30 @@ def test_compaction_matches_etcd(postgres: Postgres) -> None:
         pair.check("Compact", lambda rev: pb.CompactionRequest(revision=rev(40)))
         for rel in range(1, 10):
             pair.check("Range", lambda rev, r=rel: R(key=b"/c/", range_end=b"/c0", revision=rev(r)))
-            pair.check("Txn", lambda rev, r=rel: pb.TxnRequest(success=[pb.RequestOp(
-                request_range=R(key=b"/c/a", revision=rev(r)))]))
+            pair.check(
+                "Txn",
+                lambda rev, r=rel: pb.TxnRequest(
+                    success=[pb.RequestOp(request_range=R(key=b"/c/a", revision=rev(r)))]
+                ),
+            )
         pair.check("Compact", lambda rev: pb.CompactionRequest(revision=rev(8), physical=True))
         for rel in range(7, 10):
             pair.check("Range", lambda rev, r=rel: R(key=b"/c/", range_end=b"/c0", revision=rev(r)))
         e, g = WatchClient(pair.etcd), WatchClient(pair.gk)
         for rel in (7, 8, 9):
             for client, rev in ((e, pair.etcd_rev), (g, pair.gk_rev)):
-                client.send(create_request=pb.WatchCreateRequest(key=b"/c/", range_end=b"/c0",
-                                                                 start_revision=rev(rel)))
-        got = [sorted(((r.watch_id, i), pair._normalise(("ok", r), to_rel))
-                      for i, r in enumerate(client.drain(1.0)))
-               for client, to_rel in ((e, pair._etcd_to_rel), (g, pair._gk_to_rel))]
+                client.send(
+                    create_request=pb.WatchCreateRequest(
+                        key=b"/c/", range_end=b"/c0", start_revision=rev(rel)
+                    )
+                )
+        got = [
+            sorted(
+                ((r.watch_id, i), pair._normalise(("ok", r), to_rel))
+                for i, r in enumerate(client.drain(1.0))
+            )
+            for client, to_rel in ((e, pair._etcd_to_rel), (g, pair._gk_to_rel))
+        ]
         # per watch id, in order (etcd interleaves watchers arbitrarily)
         got = [[(wid, resp) for (wid, _), resp in side] for side in got]
         e.close()
@@ -97,7 +108,7 @@ def test_physical_compaction_removes_rows_and_keeps_reads(postgres: Postgres) ->
         # versions and create revisions survive, and writes continue the chains
         kv.Put(pb.PutRequest(key=b"/p/01", value=b"new"))
         got = kv.Range(R(key=b"/p/01")).kvs[0]
-        old = [k for k in before.kvs if k.key == b"/p/01"][0]
+        old = next(k for k in before.kvs if k.key == b"/p/01")
         assert (got.version, got.create_revision) == (old.version + 1, old.create_revision)
         kv.Put(pb.PutRequest(key=b"/p/00", value=b"recreated"))  # was deleted and compacted
         assert kv.Range(R(key=b"/p/00")).kvs[0].version == 1
@@ -118,8 +129,9 @@ def test_interrupted_compaction_finishes_after_restart(postgres: Postgres) -> No
         # As if geminikv crashed right after the logical compaction.
         conn = await asyncpg.connect(dsn)
         try:
-            await conn.execute("UPDATE kine SET prev_revision = $1 WHERE name = 'compact_rev_key'",
-                               head)
+            await conn.execute(
+                "UPDATE kine SET prev_revision = $1 WHERE name = 'compact_rev_key'", head
+            )
         finally:
             await conn.close()
 
@@ -159,8 +171,9 @@ def test_compaction_through_any_process_runs_once(postgres: Postgres) -> None:
 
 def test_automatic_compaction(postgres: Postgres) -> None:
     dsn = postgres.new_database("cauto")
-    server = GeminiServer(dsn, compact_interval=0.5, compact_min_retain=20,
-                          compact_batch_size=100).start()
+    server = GeminiServer(
+        dsn, compact_interval=0.5, compact_min_retain=20, compact_batch_size=100
+    ).start()
     try:
         kv = server.stubs().kv
         for i in range(200):
@@ -180,13 +193,24 @@ def test_apiserver_compaction_cycle(postgres: Postgres) -> None:
     version = 0
     previous = 0
     for _ in range(3):
-        resp = kv.Txn(pb.TxnRequest(
-            compare=[pb.Compare(key=b"compact_rev_key", target=pb.Compare.VERSION,
-                                result=pb.Compare.EQUAL, version=version)],
-            success=[pb.RequestOp(request_put=pb.PutRequest(key=b"compact_rev_key",
-                                                            value=b"%d" % previous))],
-            failure=[pb.RequestOp(request_range=R(key=b"compact_rev_key"))],
-        ))
+        resp = kv.Txn(
+            pb.TxnRequest(
+                compare=[
+                    pb.Compare(
+                        key=b"compact_rev_key",
+                        target=pb.Compare.VERSION,
+                        result=pb.Compare.EQUAL,
+                        version=version,
+                    )
+                ],
+                success=[
+                    pb.RequestOp(
+                        request_put=pb.PutRequest(key=b"compact_rev_key", value=b"%d" % previous)
+                    )
+                ],
+                failure=[pb.RequestOp(request_range=R(key=b"compact_rev_key"))],
+            )
+        )
         if not resp.succeeded:
             version = resp.responses[0].response_range.kvs[0].version
             continue

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -15,7 +15,9 @@ from tests.servers import Etcd, GeminiServer, Postgres
 
 pytestmark = [
     pytest.mark.etcdctl,
-    pytest.mark.skipif(shutil.which("etcdctl") is None, reason="etcdctl not installed (etcd-client)"),
+    pytest.mark.skipif(
+        shutil.which("etcdctl") is None, reason="etcdctl not installed (etcd-client)"
+    ),
 ]
 
 
@@ -23,7 +25,12 @@ def ctl(endpoint: str, *args: str, stdin: str | None = None) -> subprocess.Compl
     env = dict(os.environ, ETCDCTL_API="3")
     return subprocess.run(
         ["etcdctl", "--endpoints", endpoint, "--command-timeout=20s", *args],
-        input=stdin, capture_output=True, text=True, env=env, timeout=60, check=False,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
     )
 
 
@@ -121,7 +128,10 @@ def _watch(endpoint: str, *args: str) -> subprocess.Popen[str]:
     env = dict(os.environ, ETCDCTL_API="3")
     return subprocess.Popen(
         ["etcdctl", "--endpoints", endpoint, "watch", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
 
 
@@ -204,8 +214,11 @@ def test_compaction_commands(postgres: Postgres) -> None:
             first, last = revs[name]
             target = first + 3
             out = outputs[name]
-            out.append(ctl(server.endpoint, "compaction", "--physical", str(target)).stdout
-                       .replace(str(target), "R"))
+            out.append(
+                ctl(server.endpoint, "compaction", "--physical", str(target)).stdout.replace(
+                    str(target), "R"
+                )
+            )
             for rev in (target - 1, target, target + 1, last):
                 done = ctl(server.endpoint, "get", "/cc/k", f"--rev={rev}", "--print-value-only")
                 out.append(done.stdout + (_error_line(done.stderr) if done.returncode else ""))

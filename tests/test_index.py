@@ -37,10 +37,7 @@ class Model:
     def range(self, start: bytes, end: bytes | None, rev: int) -> list[tuple[bytes, ...]]:
         out = []
         for key in sorted(self.hist):
-            if end is None:
-                inside = key == start
-            else:
-                inside = key >= start and (not end or key < end)
+            inside = key == start if end is None else key >= start and (not end or key < end)
             state = self.at(key, rev) if inside else None
             if state is not None:
                 out.append((key, *state))
@@ -55,8 +52,9 @@ bounds = st.sampled_from([None, b"", *KEYS, b"z"])
 
 
 @given(ops, st.sampled_from(KEYS), bounds, st.integers(0, 5))
-def test_index_matches_model(history: list[tuple[str, bytes, int]], start: bytes,
-                             end: bytes | None, limit: int) -> None:
+def test_index_matches_model(
+    history: list[tuple[str, bytes, int]], start: bytes, end: bytes | None, limit: int
+) -> None:
     index, model = Index(), Model()
     rev = 1
     for kind, key, lease in history:
@@ -130,7 +128,7 @@ class EtcdKeyIndex:
         walked = [j for j in range(len(g)) if g[j] <= at]
         if g:
             if walked:
-                g = g[walked[-1]:]
+                g = g[walked[-1] :]
                 gens[i] = g
             if len(g) == 1 and i != len(gens) - 1:
                 i += 1
@@ -164,8 +162,12 @@ def test_compaction_matches_etcd_key_index(history: list[tuple[str, object]]) ->
             for m in model.values():
                 m.compact(at)
             model = {k: m for k, m in model.items() if not m.empty()}
-            dropped = sorted(r for k, revs in before.items() for r in revs
-                             if r not in (model[k].revisions() if k in model else []))
+            dropped = sorted(
+                r
+                for k, revs in before.items()
+                for r in revs
+                if r not in (model[k].revisions() if k in model else [])
+            )
             assert index.plan_compaction(at) == dropped
             while not index.compact(at, 3):  # in small steps, as the server does
                 pass

@@ -76,8 +76,12 @@ def test_range_options(pair: Pair, prefix: bytes) -> None:
 def test_range_revision_filters(pair: Pair, prefix: bytes) -> None:
     seed(pair, prefix)
     end = prefix[:-1] + b"0"
-    for field in ("min_mod_revision", "max_mod_revision", "min_create_revision",
-                  "max_create_revision"):
+    for field in (
+        "min_mod_revision",
+        "max_mod_revision",
+        "min_create_revision",
+        "max_create_revision",
+    ):
         for rel in (1, 3, 6, 8):
             pair.check(
                 "Range",
@@ -101,8 +105,8 @@ def test_range_history(pair: Pair, prefix: bytes) -> None:
             lambda rev, r=rel: R(key=prefix, range_end=end, revision=rev(r), limit=2),
         )
         pair.check(
-            "Range", lambda rev, r=rel: R(key=prefix, range_end=end, revision=rev(r),
-                                          count_only=True),
+            "Range",
+            lambda rev, r=rel: R(key=prefix, range_end=end, revision=rev(r), count_only=True),
         )
     pair.check("Range", lambda rev: R(key=prefix + b"a", revision=rev(20)))
     pair.check("Range", lambda rev: R(key=prefix + b"a", revision=-5))
@@ -138,7 +142,9 @@ def test_delete_range(pair: Pair, prefix: bytes) -> None:
         lambda rev: pb.DeleteRangeRequest(key=prefix + b"b", range_end=prefix + b"d", prev_kv=True),
     )
     pair.check("Range", lambda rev: R(key=prefix, range_end=prefix[:-1] + b"0"))
-    pair.check("DeleteRange", lambda rev: pb.DeleteRangeRequest(key=prefix + b"d", range_end=b"\x00"))
+    pair.check(
+        "DeleteRange", lambda rev: pb.DeleteRangeRequest(key=prefix + b"d", range_end=b"\x00")
+    )
     pair.check("Range", lambda rev: R(key=prefix, range_end=prefix[:-1] + b"0"))
     put(pair, prefix + b"a", b"again")
     pair.check("Range", lambda rev: R(key=prefix + b"a"))
@@ -165,12 +171,13 @@ def test_txn_compares(pair: Pair, prefix: bytes) -> None:
             lambda rev, res=res: _cmp(absent, C.MOD, res, mod_revision=0),
             lambda rev, res=res: _cmp(absent, C.VALUE, res, value=b""),
             lambda rev, res=res: _cmp(absent, C.VERSION, res, version=0),
-            lambda rev, res=res: _cmp(prefix + b"a", C.VERSION, res, version=1,
-                                      range_end=prefix + b"c"),
-            lambda rev, res=res: _cmp(prefix + b"a", C.VALUE, res, value=b"value-5",
-                                      range_end=prefix + b"z"),
-            lambda rev, res=res: _cmp(prefix, C.CREATE, res, create_revision=0,
-                                      range_end=b"\x00"),
+            lambda rev, res=res: _cmp(
+                prefix + b"a", C.VERSION, res, version=1, range_end=prefix + b"c"
+            ),
+            lambda rev, res=res: _cmp(
+                prefix + b"a", C.VALUE, res, value=b"value-5", range_end=prefix + b"z"
+            ),
+            lambda rev, res=res: _cmp(prefix, C.CREATE, res, create_revision=0, range_end=b"\x00"),
             lambda rev, res=res: _cmp(k, C.MOD, res, version=3),  # mismatched union
         ]
     for cmp in compares:
@@ -213,7 +220,7 @@ def test_txn_kubernetes_shapes(pair: Pair, prefix: bytes) -> None:
         success=[pb.RequestOp(request_put=pb.PutRequest(key=b"compact_rev_key", value=v))],
         failure=[pb.RequestOp(request_range=R(key=b"compact_rev_key"))],
     )
-    e, g = pair.call("Txn", lambda rev: compact(rev, 0, b"x"))
+    _e, _g = pair.call("Txn", lambda rev: compact(rev, 0, b"x"))
     e_version = pair.etcd.kv.Range(R(key=b"compact_rev_key")).kvs
     g_version = pair.gk.kv.Range(R(key=b"compact_rev_key")).kvs
     assert [kv.version for kv in e_version] == [kv.version for kv in g_version]
@@ -232,8 +239,9 @@ def test_txn_ops_see_earlier_ops(pair: Pair, prefix: bytes) -> None:
             success=[
                 pb.RequestOp(request_put=pb.PutRequest(key=prefix + b"n1", value=b"1")),
                 pb.RequestOp(request_range=R(key=prefix, range_end=end, count_only=True)),
-                pb.RequestOp(request_put=pb.PutRequest(key=prefix + b"a", value=b"2",
-                                                       prev_kv=True)),
+                pb.RequestOp(
+                    request_put=pb.PutRequest(key=prefix + b"a", value=b"2", prev_kv=True)
+                ),
                 pb.RequestOp(request_range=R(key=prefix + b"a")),
                 pb.RequestOp(request_delete_range=pb.DeleteRangeRequest(key=prefix + b"zz")),
             ]
@@ -263,8 +271,14 @@ def test_txn_nested(pair: Pair, prefix: bytes) -> None:
             pair.check(
                 "Txn",
                 lambda rev, ok=outer_ok, v=v: pb.TxnRequest(
-                    compare=[C(key=prefix + b"b", target=C.VERSION,
-                               result=C.EQUAL if ok else C.NOT_EQUAL, version=2)],
+                    compare=[
+                        C(
+                            key=prefix + b"b",
+                            target=C.VERSION,
+                            result=C.EQUAL if ok else C.NOT_EQUAL,
+                            version=2,
+                        )
+                    ],
                     success=[
                         pb.RequestOp(request_txn=inner(rev, v)),
                         pb.RequestOp(request_range=R(key=prefix + b"in")),
@@ -279,14 +293,16 @@ def test_txn_errors(pair: Pair, prefix: bytes) -> None:
     put(pair, k, b"v")
     P = lambda key, **kw: pb.RequestOp(request_put=pb.PutRequest(key=key, **kw))  # noqa: E731
     D = lambda key, **kw: pb.RequestOp(  # noqa: E731
-        request_delete_range=pb.DeleteRangeRequest(key=key, **kw))
+        request_delete_range=pb.DeleteRangeRequest(key=key, **kw)
+    )
     bad = [
         pb.TxnRequest(success=[P(k, value=b"1"), P(k, value=b"2")]),
         pb.TxnRequest(success=[D(prefix, range_end=prefix + b"z"), P(k, value=b"2")]),
         pb.TxnRequest(success=[D(prefix, range_end=b"\x00"), P(k, value=b"2")]),
         pb.TxnRequest(success=[P(k), pb.RequestOp(request_txn=pb.TxnRequest(success=[P(k)]))]),
-        pb.TxnRequest(success=[pb.RequestOp(request_txn=pb.TxnRequest(success=[P(k)],
-                                                                     failure=[P(k)]))]),
+        pb.TxnRequest(
+            success=[pb.RequestOp(request_txn=pb.TxnRequest(success=[P(k)], failure=[P(k)]))]
+        ),
         pb.TxnRequest(success=[pb.RequestOp()]),
         pb.TxnRequest(success=[P(b"")]),
         pb.TxnRequest(compare=[C(key=b"", target=C.VERSION)]),
@@ -299,6 +315,8 @@ def test_txn_errors(pair: Pair, prefix: bytes) -> None:
     ]
     for req in bad:
         pair.check("Txn", lambda rev, req=req: req)
-    pair.check("Txn", lambda rev: pb.TxnRequest(
-        success=[pb.RequestOp(request_range=R(key=k, revision=rev(50)))]))
+    pair.check(
+        "Txn",
+        lambda rev: pb.TxnRequest(success=[pb.RequestOp(request_range=R(key=k, revision=rev(50)))]),
+    )
     pair.check("Range", lambda rev: R(key=prefix, range_end=prefix + b"z", count_only=True))

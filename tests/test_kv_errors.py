@@ -18,11 +18,18 @@ def test_ignore_value_after_delete_in_same_txn(gemini: GeminiServer, prefix: byt
     kv.Put(pb.PutRequest(key=prefix + b"d", value=b"x"))
     before = kv.Range(R(key=prefix, range_end=prefix[:-1] + b"0"))
     with pytest.raises(grpc.RpcError) as err:
-        kv.Txn(pb.TxnRequest(success=[
-            pb.RequestOp(request_delete_range=pb.DeleteRangeRequest(key=prefix + b"a",
-                                                                    range_end=b"\x00")),
-            pb.RequestOp(request_put=pb.PutRequest(key=prefix + b"d", ignore_value=True)),
-        ]))
+        kv.Txn(
+            pb.TxnRequest(
+                success=[
+                    pb.RequestOp(
+                        request_delete_range=pb.DeleteRangeRequest(
+                            key=prefix + b"a", range_end=b"\x00"
+                        )
+                    ),
+                    pb.RequestOp(request_put=pb.PutRequest(key=prefix + b"d", ignore_value=True)),
+                ]
+            )
+        )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details() == "etcdserver: key not found"
     after = kv.Range(R(key=prefix, range_end=prefix[:-1] + b"0"))
@@ -36,11 +43,14 @@ def test_failed_request_in_a_batch_leaves_no_gap(gemini: GeminiServer, prefix: b
     # requests batched after it get consecutive revisions.
     kv = gemini.stubs().kv
     kv.Put(pb.PutRequest(key=prefix + b"d", value=b"x"))
-    bad = pb.TxnRequest(success=[
-        pb.RequestOp(request_delete_range=pb.DeleteRangeRequest(key=prefix + b"d",
-                                                                range_end=b"\x00")),
-        pb.RequestOp(request_put=pb.PutRequest(key=prefix + b"d", ignore_value=True)),
-    ])
+    bad = pb.TxnRequest(
+        success=[
+            pb.RequestOp(
+                request_delete_range=pb.DeleteRangeRequest(key=prefix + b"d", range_end=b"\x00")
+            ),
+            pb.RequestOp(request_put=pb.PutRequest(key=prefix + b"d", ignore_value=True)),
+        ]
+    )
     futures = []
     for i in range(30):
         futures.append(kv.Txn.future(bad))

@@ -31,12 +31,12 @@ def _keys(draw: st.DrawFn, p: bytes) -> tuple[bytes, bytes]:
         return start, b"\x00"
     if kind == "prefix":
         return p, p[:-1] + b"0"
-    return start, p + draw(st.sampled_from(NAMES + [b"z"]))
+    return start, p + draw(st.sampled_from([*NAMES, b"z"]))
 
 
 def _range(draw: st.DrawFn, p: bytes, top_rev: int) -> Build:
     key, end = _keys(draw, p)
-    rel = draw(st.sampled_from([0, 0, 0] + list(range(1, top_rev + 2))))
+    rel = draw(st.sampled_from([0, 0, 0, *list(range(1, top_rev + 2))]))
     fields = dict(
         key=key,
         range_end=end,
@@ -47,8 +47,18 @@ def _range(draw: st.DrawFn, p: bytes, top_rev: int) -> Build:
         sort_target=draw(st.sampled_from([R.KEY, R.KEY, R.VERSION, R.CREATE, R.MOD, R.VALUE])),
         serializable=draw(st.booleans()),
     )
-    filt = draw(st.sampled_from(["", "", "min_mod_revision", "max_mod_revision",
-                                 "min_create_revision", "max_create_revision"]))
+    filt = draw(
+        st.sampled_from(
+            [
+                "",
+                "",
+                "min_mod_revision",
+                "max_mod_revision",
+                "min_create_revision",
+                "max_create_revision",
+            ]
+        )
+    )
     frel = draw(st.integers(1, max(1, top_rev)))
 
     def build(rev: Callable[[int], int]) -> R:
@@ -69,8 +79,9 @@ def _put(draw: st.DrawFn, p: bytes, in_txn: bool = False) -> Build:
     ignore_value = not in_txn and draw(st.booleans()) and draw(st.booleans())
     value = b"" if ignore_value else draw(st.sampled_from([b"", b"x", b"y", b"zz"]))
     prev_kv = draw(st.booleans())
-    return lambda rev: pb.PutRequest(key=key, value=value, prev_kv=prev_kv,
-                                     ignore_value=ignore_value)
+    return lambda rev: pb.PutRequest(
+        key=key, value=value, prev_kv=prev_kv, ignore_value=ignore_value
+    )
 
 
 def _delete(draw: st.DrawFn, p: bytes) -> Build:

@@ -37,28 +37,40 @@ def test_lease_rpcs_match_etcd(pair: Pair, prefix: bytes) -> None:
     pair.check("LeaseGrant", lambda rev: pb.LeaseGrantRequest(ID=a, TTL=60), lease)
     pair.check("LeaseGrant", lambda rev: pb.LeaseGrantRequest(ID=a, TTL=60), lease)  # exists
     pair.check("LeaseGrant", lambda rev: pb.LeaseGrantRequest(ID=b, TTL=1), lease)  # min TTL
-    pair.check("LeaseGrant", lambda rev: pb.LeaseGrantRequest(ID=b + 100, TTL=9_000_000_001),
-               lease)
+    pair.check("LeaseGrant", lambda rev: pb.LeaseGrantRequest(ID=b + 100, TTL=9_000_000_001), lease)
     pair.check("Put", lambda rev: pb.PutRequest(key=prefix + b"x", value=b"1", lease=a))
     pair.check("Put", lambda rev: pb.PutRequest(key=prefix + b"y", value=b"1", lease=a))
     pair.check("Put", lambda rev: pb.PutRequest(key=prefix + b"z", value=b"1", lease=a))
     pair.check("Put", lambda rev: pb.PutRequest(key=prefix + b"z", value=b"2"))  # detaches
-    pair.check("Put", lambda rev: pb.PutRequest(key=prefix + b"y", value=b"2",
-                                                ignore_lease=True))
+    pair.check("Put", lambda rev: pb.PutRequest(key=prefix + b"y", value=b"2", ignore_lease=True))
     pair.check("Range", lambda rev: R(key=prefix, range_end=prefix[:-1] + b"0"))
-    e, g = pair.call("LeaseTimeToLive", lambda rev: pb.LeaseTimeToLiveRequest(ID=a, keys=True),
-                     lease)
+    e, g = pair.call(
+        "LeaseTimeToLive", lambda rev: pb.LeaseTimeToLiveRequest(ID=a, keys=True), lease
+    )
     assert e[1]["grantedTTL"] == g[1]["grantedTTL"] == "60"
     assert sorted(e[1]["keys"]) == sorted(g[1]["keys"]) and len(e[1]["keys"]) == 2
     assert abs(int(e[1]["TTL"]) - int(g[1]["TTL"])) <= 1
     pair.check("LeaseTimeToLive", lambda rev: pb.LeaseTimeToLiveRequest(ID=b + 7), lease)
     pair.check("LeaseRevoke", lambda rev: pb.LeaseRevokeRequest(ID=b + 7), lease)
-    pair.check("Txn", lambda rev: pb.TxnRequest(success=[pb.RequestOp(
-        request_put=pb.PutRequest(key=prefix + b"w", value=b"v", lease=b + 7))]))
-    pair.check("Txn", lambda rev: pb.TxnRequest(
-        compare=[pb.Compare(key=prefix + b"x", target=pb.Compare.LEASE,
-                            result=pb.Compare.EQUAL, lease=a)],
-        success=[pb.RequestOp(request_range=R(key=prefix + b"x"))]))
+    pair.check(
+        "Txn",
+        lambda rev: pb.TxnRequest(
+            success=[
+                pb.RequestOp(request_put=pb.PutRequest(key=prefix + b"w", value=b"v", lease=b + 7))
+            ]
+        ),
+    )
+    pair.check(
+        "Txn",
+        lambda rev: pb.TxnRequest(
+            compare=[
+                pb.Compare(
+                    key=prefix + b"x", target=pb.Compare.LEASE, result=pb.Compare.EQUAL, lease=a
+                )
+            ],
+            success=[pb.RequestOp(request_range=R(key=prefix + b"x"))],
+        ),
+    )
     pair.check("LeaseRevoke", lambda rev: pb.LeaseRevokeRequest(ID=a), lease)
     pair.check("Range", lambda rev: R(key=prefix, range_end=prefix[:-1] + b"0"))
     pair.check("LeaseRevoke", lambda rev: pb.LeaseRevokeRequest(ID=a), lease)
@@ -73,9 +85,16 @@ def test_keepalive_matches_etcd(etcd: Etcd, gemini: GeminiServer, prefix: bytes)
     for server in (etcd, gemini):
         stubs = server.stubs()
         stubs.lease.LeaseGrant(pb.LeaseGrantRequest(ID=lease, TTL=30))
-        replies = list(stubs.lease.LeaseKeepAlive(iter([
-            pb.LeaseKeepAliveRequest(ID=lease), pb.LeaseKeepAliveRequest(ID=lease + 999),
-        ])))
+        replies = list(
+            stubs.lease.LeaseKeepAlive(
+                iter(
+                    [
+                        pb.LeaseKeepAliveRequest(ID=lease),
+                        pb.LeaseKeepAliveRequest(ID=lease + 999),
+                    ]
+                )
+            )
+        )
         answers.append([(r.ID, r.TTL) for r in replies])
         listed = stubs.lease.LeaseLeases(pb.LeaseLeasesRequest())
         assert lease in [status.ID for status in listed.leases]
@@ -115,8 +134,11 @@ def test_expiry_deletes_keys_with_events(gemini: GeminiServer, prefix: bytes) ->
     late = time.monotonic() - start
     assert resp is not None
     deletes = [(e.type, e.kv.key, e.prev_kv.lease) for e in resp.events]
-    assert deletes == [(1, prefix + b"a", granted.ID), (1, prefix + b"b", granted.ID),
-                       (1, prefix + b"c", granted.ID)]  # one write, keys sorted
+    assert deletes == [
+        (1, prefix + b"a", granted.ID),
+        (1, prefix + b"b", granted.ID),
+        (1, prefix + b"c", granted.ID),
+    ]  # one write, keys sorted
     assert late < 3.0  # TTL 2 s, expired within a second of it
     assert stubs.kv.Range(R(key=prefix, range_end=prefix[:-1] + b"0")).count == 0
     assert stubs.lease.LeaseTimeToLive(pb.LeaseTimeToLiveRequest(ID=granted.ID)).TTL == -1
@@ -182,12 +204,16 @@ def test_ten_thousand_leases_expiring_together(postgres: Postgres) -> None:
         stubs = server.stubs()
         ids = list(range(1, 10_001))
         for wave in range(0, 10_000, 500):  # concurrent requests, 500 at a time
-            grants = [stubs.lease.LeaseGrant.future(pb.LeaseGrantRequest(ID=i, TTL=15))
-                      for i in ids[wave:wave + 500]]
+            grants = [
+                stubs.lease.LeaseGrant.future(pb.LeaseGrantRequest(ID=i, TTL=15))
+                for i in ids[wave : wave + 500]
+            ]
             assert all(g.result().TTL == 15 for g in grants)
         for wave in range(0, 10_000, 500):
-            puts = [stubs.kv.Put.future(pb.PutRequest(key=b"/many/%05d" % i, value=b"v",
-                                                      lease=i)) for i in ids[wave:wave + 500]]
+            puts = [
+                stubs.kv.Put.future(pb.PutRequest(key=b"/many/%05d" % i, value=b"v", lease=i))
+                for i in ids[wave : wave + 500]
+            ]
             assert all(p.result().header.revision for p in puts)
         watch = WatchClient(stubs)
         watch.create(key=b"/many/", range_end=b"/many0")
@@ -207,8 +233,10 @@ def test_ten_thousand_leases_expiring_together(postgres: Postgres) -> None:
         assert len(deleted) == 10_000
         assert stubs.kv.Range(R(key=b"/many/", range_end=b"/many0", count_only=True)).count == 0
         assert not stubs.lease.LeaseLeases(pb.LeaseLeasesRequest()).leases
-        print(f"10000 leases expired: first to last delete event {took:.1f}s, "
-              f"{served} reads served meanwhile")
+        print(
+            f"10000 leases expired: first to last delete event {took:.1f}s, "
+            f"{served} reads served meanwhile"
+        )
     finally:
         server.stop()
 

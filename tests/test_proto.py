@@ -16,9 +16,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from geminikv.proto.authpb import auth_pb2
-from geminikv.proto.etcdserverpb import rpc_pb2, rpc_pb2_grpc
-from geminikv.proto.mvccpb import kv_pb2
+from geminikv.proto.authpb import auth_pb2  # noqa: E402
+from geminikv.proto.etcdserverpb import rpc_pb2, rpc_pb2_grpc  # noqa: E402
+from geminikv.proto.mvccpb import kv_pb2  # noqa: E402
 
 GENERATED_DIR = REPO_ROOT / "geminikv" / "proto"
 GENERATE_SCRIPT = REPO_ROOT / "proto" / "generate.py"
@@ -121,9 +121,7 @@ def test_etcd_35_additions_present() -> None:
     assert num(auth_pb2.User, "options") == 4
     assert num(auth_pb2.UserAddOptions, "no_password") == 1
     # Round-trip through the wire format.
-    req = rpc_pb2.RangeRequest(
-        key=b"a", range_end=b"b", sort_order=rpc_pb2.RangeRequest.DESCEND
-    )
+    req = rpc_pb2.RangeRequest(key=b"a", range_end=b"b", sort_order=rpc_pb2.RangeRequest.DESCEND)
     assert rpc_pb2.RangeRequest.FromString(req.SerializeToString()) == req
 
 
@@ -136,9 +134,7 @@ def _strip_debian_proto(text: str) -> str:
     text = re.sub(r'import\s+"(gogoproto|google/api)/[^"]*";', "", text)
     text = re.sub(r"option\s+\(gogoproto\.[^;]*;", "", text)
     text = re.sub(r"\s*\[\s*\(gogoproto\.[^\]]*\]", "", text)
-    text = re.sub(
-        r"option\s+\(google\.api\.http\)\s*=\s*\{(?:[^{}]|\{[^{}]*\})*\}\s*;", "", text
-    )
+    text = re.sub(r"option\s+\(google\.api\.http\)\s*=\s*\{(?:[^{}]|\{[^{}]*\})*\}\s*;", "", text)
     for old, new in DEBIAN_IMPORT_MAP.items():
         text = text.replace(f'"{old}"', f'"{new}"')
     assert "gogoproto" not in text and "google.api" not in text
@@ -152,9 +148,7 @@ def _compile_debian(tmp_path: Path) -> descriptor_pb2.FileDescriptorSet:
     for src, dst in DEBIAN_PROTOS.items():
         target = src_root / dst
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(
-            _strip_debian_proto((DEBIAN_ETCD / src).read_text(encoding="utf-8"))
-        )
+        target.write_text(_strip_debian_proto((DEBIAN_ETCD / src).read_text(encoding="utf-8")))
     out = tmp_path / "debian.pb"
     rc = protoc.main(
         [
@@ -209,9 +203,7 @@ def _collect_enums(
     return enums
 
 
-def _oneof_name(
-    msg: descriptor_pb2.DescriptorProto, f: descriptor_pb2.FieldDescriptorProto
-) -> str:
+def _oneof_name(msg: descriptor_pb2.DescriptorProto, f: descriptor_pb2.FieldDescriptorProto) -> str:
     return msg.oneof_decl[f.oneof_index].name if f.HasField("oneof_index") else ""
 
 
@@ -221,13 +213,12 @@ def debian_files(
 ) -> dict[str, descriptor_pb2.FileDescriptorProto]:
     if not DEBIAN_ETCD.is_dir():
         pytest.skip(
-            f"Debian etcd protos not installed ({DEBIAN_ETCD} missing; apt install golang-etcd-server-dev)"
+            f"Debian etcd protos not installed ({DEBIAN_ETCD} missing; "
+            "apt install golang-etcd-server-dev)"
         )
     missing = [src for src in DEBIAN_PROTOS if not (DEBIAN_ETCD / src).is_file()]
     if missing:
-        pytest.skip(
-            f"Debian etcd protos incomplete under {DEBIAN_ETCD}: missing {missing}"
-        )
+        pytest.skip(f"Debian etcd protos incomplete under {DEBIAN_ETCD}: missing {missing}")
     fds = _compile_debian(tmp_path_factory.mktemp("debian-protos"))
     files = {f.package: f for f in fds.file}
     assert set(files) == {"mvccpb", "authpb", "etcdserverpb"}
@@ -249,12 +240,8 @@ def test_messages_match_debian(
         for f in msg.field:
             assert f.name in our_fields, f"field {full}.{f.name} missing"
             mine = our_fields[f.name]
-            assert _field_shape(mine) == _field_shape(f), (
-                f"field {full}.{f.name} differs"
-            )
-            assert _oneof_name(ours[full], mine) == _oneof_name(msg, f), (
-                f"oneof of {full}.{f.name}"
-            )
+            assert _field_shape(mine) == _field_shape(f), f"field {full}.{f.name} differs"
+            assert _oneof_name(ours[full], mine) == _oneof_name(msg, f), f"oneof of {full}.{f.name}"
 
 
 @pytest.mark.parametrize("package", ["mvccpb", "authpb", "etcdserverpb"])

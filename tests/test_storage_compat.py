@@ -15,7 +15,7 @@ from tests.servers import GeminiServer, Postgres
 
 R = pb.RangeRequest
 
-# kine.md §1.1: pre-v0.11.5, v0.11.5–v0.12 (BIGINT, varchar), v0.13+ (text COLLATE "C").
+# kine.md §1.1: pre-v0.11.5, v0.11.5-v0.12 (BIGINT, varchar), v0.13+ (text COLLATE "C").
 VARIANTS = {
     "v0.11.4": """
         CREATE TABLE kine (id SERIAL PRIMARY KEY, name VARCHAR(630), created INTEGER,
@@ -98,8 +98,9 @@ def test_serves_go_kine_database(kine_db: str) -> None:
         kv = server.stubs().kv
         resp = kv.Range(R(key=b"/registry/pods/", range_end=b"/registry/pods0"))
         assert resp.header.revision == 11
-        got = [(kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.version)
-               for kv in resp.kvs]
+        got = [
+            (kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.version) for kv in resp.kvs
+        ]
         assert got == [
             (b"/registry/pods/a", b"a3", 3, 11, 3),
             (b"/registry/pods/b", b"b2", 10, 10, 1),
@@ -107,20 +108,30 @@ def test_serves_go_kine_database(kine_db: str) -> None:
         # history through both delete shapes
         at = lambda rev: [  # noqa: E731
             (k.key, k.value)
-            for k in kv.Range(R(key=b"/registry/pods/", range_end=b"/registry/pods0",
-                                revision=rev)).kvs
+            for k in kv.Range(
+                R(key=b"/registry/pods/", range_end=b"/registry/pods0", revision=rev)
+            ).kvs
         ]
         assert at(5) == [(b"/registry/pods/a", b"a2"), (b"/registry/pods/b", b"b1")]
         assert at(6) == [(b"/registry/pods/a", b"a2")]
         assert at(8) == [(b"/registry/pods/a", b"a2"), (b"/registry/pods/c", b"c1")]
         assert at(9) == [(b"/registry/pods/a", b"a2")]
         # writes continue the chain Kine's unique index guards
-        put = kv.Txn(pb.TxnRequest(
-            compare=[pb.Compare(key=b"/registry/pods/a", target=pb.Compare.MOD,
-                                result=pb.Compare.EQUAL, mod_revision=11)],
-            success=[pb.RequestOp(request_put=pb.PutRequest(key=b"/registry/pods/a",
-                                                            value=b"a4"))],
-        ))
+        put = kv.Txn(
+            pb.TxnRequest(
+                compare=[
+                    pb.Compare(
+                        key=b"/registry/pods/a",
+                        target=pb.Compare.MOD,
+                        result=pb.Compare.EQUAL,
+                        mod_revision=11,
+                    )
+                ],
+                success=[
+                    pb.RequestOp(request_put=pb.PutRequest(key=b"/registry/pods/a", value=b"a4"))
+                ],
+            )
+        )
         assert put.succeeded and put.header.revision == 12
         a = kv.Range(R(key=b"/registry/pods/a")).kvs[0]
         assert (a.version, a.create_revision, a.mod_revision) == (4, 3, 12)
@@ -169,7 +180,7 @@ def test_go_kine_reads_what_geminikv_wrote(postgres: Postgres) -> None:
     ]
     assert kine == [(k.key, k.value, k.create_revision, k.mod_revision) for k in ours.kvs]
     # prev_revision chains and old_value as Kine fills them
-    k1 = [r for r in rows if r["name"] == "/registry/cm/k1"][0]
+    k1 = next(r for r in rows if r["name"] == "/registry/cm/k1")
     assert k1["old_value"] == b"v1" and k1["prev_revision"] > 0 and k1["created"] == 0
 
 
@@ -188,10 +199,14 @@ def test_restart_keeps_everything(postgres: Postgres) -> None:
         kv = second.stubs().kv
         now = kv.Range(R(key=b"/r/", range_end=b"/r0"))
         assert (now.kvs, now.count, now.header.revision) == (
-            before.kvs, before.count, before.header.revision)
-        assert kv.Range(
-            R(key=b"/r/", range_end=b"/r0", revision=before.header.revision - 5)
-        ).kvs == history.kvs
+            before.kvs,
+            before.count,
+            before.header.revision,
+        )
+        assert (
+            kv.Range(R(key=b"/r/", range_end=b"/r0", revision=before.header.revision - 5)).kvs
+            == history.kvs
+        )
         resp = kv.Put(pb.PutRequest(key=b"/r/00", value=b"after"))
         assert resp.header.revision == before.header.revision + 1
         assert kv.Range(R(key=b"/r/00")).kvs[0].version == 4
@@ -213,8 +228,11 @@ def test_two_processes_agree(postgres: Postgres) -> None:
         # optimistic concurrency across processes: exactly one of two racing updates wins
         rev = ka.Range(R(key=b"/two/k")).kvs[0].mod_revision
         update = lambda v: pb.TxnRequest(  # noqa: E731
-            compare=[pb.Compare(key=b"/two/k", target=pb.Compare.MOD, result=pb.Compare.EQUAL,
-                                mod_revision=rev)],
+            compare=[
+                pb.Compare(
+                    key=b"/two/k", target=pb.Compare.MOD, result=pb.Compare.EQUAL, mod_revision=rev
+                )
+            ],
             success=[pb.RequestOp(request_put=pb.PutRequest(key=b"/two/k", value=v))],
         )
         fa = ka.Txn.future(update(b"from-a"))
@@ -245,10 +263,14 @@ def test_keys_postgres_cannot_hold_are_rejected(gemini: GeminiServer, prefix: by
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "geminikv: key must" in (err.value.details() or "")
         with pytest.raises(grpc.RpcError):
-            kv.Txn(pb.TxnRequest(success=[
-                pb.RequestOp(request_put=pb.PutRequest(key=prefix + b"ok", value=b"v")),
-                pb.RequestOp(request_put=pb.PutRequest(key=key, value=b"v")),
-            ]))
+            kv.Txn(
+                pb.TxnRequest(
+                    success=[
+                        pb.RequestOp(request_put=pb.PutRequest(key=prefix + b"ok", value=b"v")),
+                        pb.RequestOp(request_put=pb.PutRequest(key=key, value=b"v")),
+                    ]
+                )
+            )
     after = kv.Range(R(key=b"\x00", range_end=b"\x00", count_only=True)).header.revision
     assert after == before  # nothing was written
     # reading such keys is fine: they simply do not exist

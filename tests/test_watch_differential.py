@@ -46,8 +46,9 @@ class WatchPair:
         assert g == e, f"watch responses differ:\n etcd:     {e}\n geminikv: {g}"
         return [r for responses in e.values() for r in responses]
 
-    def _by_watch(self, responses: list[pb.WatchResponse], to_rel: Callable[[int], int]
-                  ) -> dict[int, list[object]]:
+    def _by_watch(
+        self, responses: list[pb.WatchResponse], to_rel: Callable[[int], int]
+    ) -> dict[int, list[object]]:
         grouped: dict[int, list[object]] = {}
         for r in responses:
             grouped.setdefault(r.watch_id, []).append(self.pair._normalise(("ok", r), to_rel))
@@ -73,12 +74,21 @@ def test_watch_live_and_replay(pair: Pair, prefix: bytes) -> None:
         w.create(lambda rev: W(key=p + b"a"))
         w.create(lambda rev: W(key=p, range_end=p[:-1] + b"0", prev_kv=True))
         w.create(lambda rev: W(key=p, range_end=p[:-1] + b"0", start_revision=rev(1)))
-        w.create(lambda rev: W(key=p, range_end=p[:-1] + b"0", start_revision=rev(2),
-                               prev_kv=True))
-        w.create(lambda rev: W(key=p + b"b", range_end=b"\x00", start_revision=rev(1),
-                               filters=[W.NOPUT], prev_kv=True))
-        w.create(lambda rev: W(key=p, range_end=p[:-1] + b"0", start_revision=rev(1),
-                               filters=[W.NODELETE]))
+        w.create(lambda rev: W(key=p, range_end=p[:-1] + b"0", start_revision=rev(2), prev_kv=True))
+        w.create(
+            lambda rev: W(
+                key=p + b"b",
+                range_end=b"\x00",
+                start_revision=rev(1),
+                filters=[W.NOPUT],
+                prev_kv=True,
+            )
+        )
+        w.create(
+            lambda rev: W(
+                key=p, range_end=p[:-1] + b"0", start_revision=rev(1), filters=[W.NODELETE]
+            )
+        )
         w.create(lambda rev: W(key=p, range_end=p[:-1] + b"0", start_revision=rev(7)))
         w.create(lambda rev: W(key=p + b"a", watch_id=100, start_revision=rev(3)))
         w.compare()
@@ -128,8 +138,11 @@ def test_watch_fragments(pair: Pair, prefix: bytes) -> None:
         put(pair, prefix + b"%d" % i, big)
     w = WatchPair(pair)
     try:
-        w.create(lambda rev: W(key=prefix, range_end=prefix[:-1] + b"0", start_revision=rev(1),
-                               fragment=True))
+        w.create(
+            lambda rev: W(
+                key=prefix, range_end=prefix[:-1] + b"0", start_revision=rev(1), fragment=True
+            )
+        )
         responses = w.compare(quiet=1.0)
         assert len(responses) > 2  # created, then several fragments
     finally:

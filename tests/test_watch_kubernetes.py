@@ -42,10 +42,20 @@ def test_apiserver_watch_pattern(gemini: GeminiServer, prefix: bytes) -> None:
     rv, listed = _paged_list(kv, pods)
 
     watch = WatchClient(gemini.stubs(), metadata=(("hasleader", "true"), ("source", "cache")))
-    main = watch.create(key=pods, range_end=pods[:-1] + b"0", start_revision=rv + 1,
-                        prev_kv=True, progress_notify=True)
-    other = watch.create(key=prefix + b"nodes/", range_end=prefix + b"nodes0",
-                         start_revision=rv + 1, prev_kv=True, progress_notify=True)
+    main = watch.create(
+        key=pods,
+        range_end=pods[:-1] + b"0",
+        start_revision=rv + 1,
+        prev_kv=True,
+        progress_notify=True,
+    )
+    other = watch.create(
+        key=prefix + b"nodes/",
+        range_end=prefix + b"nodes0",
+        start_revision=rv + 1,
+        prev_kv=True,
+        progress_notify=True,
+    )
     assert (main.watch_id, other.watch_id) == (0, 1)
 
     writes: list[tuple[int, str, bytes, bytes]] = []  # (revision, op, key, value)
@@ -66,10 +76,13 @@ def test_apiserver_watch_pattern(gemini: GeminiServer, prefix: bytes) -> None:
             else:
                 op = pb.RequestOp(request_put=pb.PutRequest(key=key, value=value))
                 kind = "put"
-            resp = stubs.kv.Txn(pb.TxnRequest(
-                compare=[C(key=key, target=C.MOD, result=C.EQUAL, mod_revision=mod)],
-                success=[op], failure=[pb.RequestOp(request_range=pb.RangeRequest(key=key))],
-            ))
+            resp = stubs.kv.Txn(
+                pb.TxnRequest(
+                    compare=[C(key=key, target=C.MOD, result=C.EQUAL, mod_revision=mod)],
+                    success=[op],
+                    failure=[pb.RequestOp(request_range=pb.RangeRequest(key=key))],
+                )
+            )
             if resp.succeeded:
                 with lock:
                     writes.append((resp.header.revision, kind, key, value))
@@ -135,5 +148,6 @@ def test_apiserver_watch_pattern(gemini: GeminiServer, prefix: bytes) -> None:
             prev = event.prev_kv
             assert (prev.value, prev.create_revision, prev.mod_revision, prev.version) == before
     _, final = _paged_list(kv, pods)
-    assert {k: (v.value, v.create_revision, v.mod_revision, v.version)
-            for k, v in final.items()} == state
+    assert {
+        k: (v.value, v.create_revision, v.mod_revision, v.version) for k, v in final.items()
+    } == state

@@ -16,8 +16,11 @@ def _state(server: GeminiServer) -> tuple[int, int, int, list[str]]:
         assert app is not None and app.watch is not None and app.hub is not None
         # tasks serving watch streams (the handler and its request reader)
         tasks = [t.get_coro().__qualname__ for t in asyncio.all_tasks()]  # type: ignore[union-attr]
-        watching = [name for name in tasks
-                    if name in ("WatchService.Watch", "WatchService.Watch.<locals>.receive")]
+        watching = [
+            name
+            for name in tasks
+            if name in ("WatchService.Watch", "WatchService.Watch.<locals>.receive")
+        ]
         return len(app.watch.streams), len(app.hub.synced), len(app.hub.unsynced), watching
 
     return server.call(probe)  # type: ignore[no-any-return]
@@ -40,7 +43,7 @@ def test_cancel_close_and_shutdown_leave_nothing_behind(postgres: Postgres) -> N
         assert _wait(server, (0, 0, 0)) == []
         stubs = server.stubs()
         clients = [WatchClient(stubs) for _ in range(5)]
-        for i, client in enumerate(clients):
+        for _i, client in enumerate(clients):
             client.create(key=b"/life/", range_end=b"/life0")
             client.create(key=b"/life/a", start_revision=1)  # replays, then live
         _wait(server, (5, 10, 0))

@@ -41,13 +41,24 @@ async def _writer(target: str, prefix: bytes, stop: asyncio.Event, acked: list[i
                 acked.append(resp.header.revision)
 
 
-async def _stream(target: str, prefix: bytes, slow: bool, seen: dict[int, list[int]],
-                  ready: asyncio.Event, done: asyncio.Event) -> None:
+async def _stream(
+    target: str,
+    prefix: bytes,
+    slow: bool,
+    seen: dict[int, list[int]],
+    ready: asyncio.Event,
+    done: asyncio.Event,
+) -> None:
     async with grpc.aio.insecure_channel(target) as channel:
         call = rpc_pb2_grpc.WatchStub(channel).Watch()
         for _ in range(WATCHERS_PER_STREAM):
-            await call.write(pb.WatchRequest(create_request=pb.WatchCreateRequest(
-                key=prefix, range_end=prefix[:-1] + b"0", prev_kv=True)))
+            await call.write(
+                pb.WatchRequest(
+                    create_request=pb.WatchCreateRequest(
+                        key=prefix, range_end=prefix[:-1] + b"0", prev_kv=True
+                    )
+                )
+            )
         ids: list[int] = []
         while len(ids) < WATCHERS_PER_STREAM:
             resp = await call.read()
@@ -81,14 +92,17 @@ async def test_every_watcher_gets_every_event(postgres: Postgres) -> None:
         stop, done = asyncio.Event(), asyncio.Event()
         readies = [asyncio.Event() for _ in range(STREAMS)]
         streams = [
-            asyncio.create_task(_stream(server.endpoint, prefix, i < SLOW_STREAMS, seen,
-                                        readies[i], done))
+            asyncio.create_task(
+                _stream(server.endpoint, prefix, i < SLOW_STREAMS, seen, readies[i], done)
+            )
             for i in range(STREAMS)
         ]
         for ready in readies:
             await asyncio.wait_for(ready.wait(), 30)
-        writers = [asyncio.create_task(_writer(server.endpoint, prefix, stop, acked))
-                   for _ in range(WRITERS)]
+        writers = [
+            asyncio.create_task(_writer(server.endpoint, prefix, stop, acked))
+            for _ in range(WRITERS)
+        ]
         await asyncio.sleep(SECONDS)
         stop.set()
         await asyncio.gather(*writers)

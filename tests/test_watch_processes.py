@@ -64,8 +64,10 @@ def test_writes_on_one_process_reach_watchers_on_another(postgres: Postgres) -> 
         # from the moment the write was sent until its event arrived on the other process
         latencies = sorted(arrived[rev] - sent_at[rev] for rev in acked)
         p99 = latencies[int(len(latencies) * 0.99) - 1]
-        print(f"cross-process watch latency p50 {statistics.median(latencies) * 1000:.1f} ms,"
-              f" p99 {p99 * 1000:.1f} ms")
+        print(
+            f"cross-process watch latency p50 {statistics.median(latencies) * 1000:.1f} ms,"
+            f" p99 {p99 * 1000:.1f} ms"
+        )
         assert p99 < 1.0  # far below the 5 s poll interval: NOTIFY delivered them
     finally:
         a.stop()
@@ -83,10 +85,13 @@ def test_rows_without_notification_arrive_by_poll(postgres: Postgres) -> None:
             # Go Kine's insert (kine.md §1.3): no advisory lock, no NOTIFY.
             conn = await asyncpg.connect(dsn)
             try:
-                return int(await conn.fetchval(
-                    "INSERT INTO kine(name, created, deleted, create_revision, prev_revision,"
-                    " lease, value, old_value) VALUES ('/kine/a', 1, 0, 0, 0, 0, 'from-kine',"
-                    " NULL) RETURNING id"))
+                return int(
+                    await conn.fetchval(
+                        "INSERT INTO kine(name, created, deleted, create_revision, prev_revision,"
+                        " lease, value, old_value) VALUES ('/kine/a', 1, 0, 0, 0, 0, 'from-kine',"
+                        " NULL) RETURNING id"
+                    )
+                )
             finally:
                 await conn.close()
 
@@ -118,10 +123,13 @@ def test_gap_from_rolled_back_insert_is_filled(postgres: Postgres) -> None:
             except asyncpg.DivisionByZeroError:
                 pass
             try:
-                return int(await conn.fetchval(
-                    "INSERT INTO kine(name, created, deleted, create_revision, prev_revision,"
-                    " lease, value, old_value) VALUES ('/gap/b', 1, 0, 0, 0, 0, 'b', NULL)"
-                    " RETURNING id"))
+                return int(
+                    await conn.fetchval(
+                        "INSERT INTO kine(name, created, deleted, create_revision, prev_revision,"
+                        " lease, value, old_value) VALUES ('/gap/b', 1, 0, 0, 0, 0, 'b', NULL)"
+                        " RETURNING id"
+                    )
+                )
             finally:
                 await conn.close()
 

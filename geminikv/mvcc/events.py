@@ -22,4 +22,6 @@ class Event:
 
 # A row as the follower applies it:
 # (id, name, created, deleted, create_revision, prev_revision, lease, version, value, old_value)
-AppliedRow = tuple[int, bytes, int, int, int, int, int, "int | None", "bytes | None", "bytes | None"]
+AppliedRow = tuple[
+    int, bytes, int, int, int, int, int, "int | None", "bytes | None", "bytes | None"
+]

@@ -49,6 +49,7 @@ class Follower:
         self._gap_seen: tuple[int, float] | None = None
         self._read_waiters: list[asyncio.Future[int]] = []
         self._read_running = False
+        self._read_task: asyncio.Task[None] | None = None
         self._refresh_compact = False
         self.physical_rev = 0
         self._compact_waiters: list[tuple[int, asyncio.Future[None]]] = []
@@ -114,7 +115,7 @@ class Follower:
         self._read_waiters.append(fut)
         if not self._read_running:
             self._read_running = True
-            asyncio.create_task(self._read_loop())
+            self._read_task = asyncio.create_task(self._read_loop(), name="read-index")
         rev = await fut
         if self.applied < rev:
             await self.wait_for(rev)
@@ -188,7 +189,7 @@ class Follower:
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self._refresh_compact = True  # the poll also picks up other processes' compactions
             self._wake.clear()
             try:
@@ -261,9 +262,15 @@ class Follower:
                 latest = self.index.latest(key)
                 events.append(
                     Event(
-                        rid, key, bool(deleted), latest[1], latest[2], latest[3],
+                        rid,
+                        key,
+                        bool(deleted),
+                        latest[1],
+                        latest[2],
+                        latest[3],
                         None if deleted else (value or b""),
-                        prev, (old or b"") if prev is not None else None,
+                        prev,
+                        (old or b"") if prev is not None else None,
                     )
                 )
         # Rows at or below the applied revision (seen twice) are dropped.

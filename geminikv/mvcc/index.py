@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-
-
 from geminikv._native.index import Index, KeyHistory
 from geminikv.mvcc.keys import COMPACT_KEY, GAP_PREFIX, key_of
 
 __all__ = ["Index", "KeyHistory", "apply_row", "is_special"]
-
 
 
 def is_special(name: bytes, created: int, deleted: int, prev_revision: int) -> bool:
@@ -37,5 +34,3 @@ def apply_row(
     if deleted:
         return key, index.delete(key, rid)
     return key, index.put(key, rid, lease or 0, bool(created), create_revision or 0, version or 0)
-
-

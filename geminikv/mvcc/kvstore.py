@@ -26,7 +26,10 @@ HEALTH_VALUE = b'{"health":"true"}'
 
 class KVStore:
     def __init__(
-        self, pool: asyncpg.Pool, writer_conn: asyncpg.Connection, poll_interval: float = 1.0,
+        self,
+        pool: asyncpg.Pool,
+        writer_conn: asyncpg.Connection,
+        poll_interval: float = 1.0,
         value_cache_bytes: int = 128 * 1024 * 1024,
     ) -> None:
         self.pool = pool
@@ -45,7 +48,10 @@ class KVStore:
         await self._load_index()
         log.info(
             "index loaded: %d keys, revision %d, compact revision %d (%.2fs)",
-            self.index.live, self.index.rev, self.index.compact_rev, time.monotonic() - started,
+            self.index.live,
+            self.index.rev,
+            self.index.compact_rev,
+            time.monotonic() - started,
         )
         await self.follower.start()
         await self.writer.start()
@@ -116,9 +122,7 @@ class KVStore:
     async def put(self, req: pb.PutRequest) -> pb.PutResponse:
         txn.check_size(req)
         txn.check_put(req)
-        resp: pb.PutResponse = await self.writer.submit(
-            lambda ev: ev.put(req), txn.lease_ids(req)
-        )
+        resp: pb.PutResponse = await self.writer.submit(lambda ev: ev.put(req), txn.lease_ids(req))
         return resp
 
     async def delete_range(self, req: pb.DeleteRangeRequest) -> pb.DeleteRangeResponse:
@@ -132,9 +136,7 @@ class KVStore:
         txn.check_txn(req)
         txn.check_intervals(req.success)
         txn.check_intervals(req.failure)
-        resp: pb.TxnResponse = await self.writer.submit(
-            lambda ev: ev.txn(req), txn.lease_ids(req)
-        )
+        resp: pb.TxnResponse = await self.writer.submit(lambda ev: ev.txn(req), txn.lease_ids(req))
         return resp
 
     async def compact(self, req: pb.CompactionRequest) -> pb.CompactionResponse:

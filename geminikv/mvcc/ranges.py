@@ -78,11 +78,13 @@ def select(
     if order != pb.RangeRequest.NONE:
         if req.sort_target == pb.RangeRequest.VALUE:
             assert values is not None
-            entries = sorted(entries, key=lambda e: values[e[1]],
-                             reverse=order == pb.RangeRequest.DESCEND)
+            entries = sorted(
+                entries, key=lambda e: values[e[1]], reverse=order == pb.RangeRequest.DESCEND
+            )
         else:
-            entries = sorted(entries, key=_SORT_KEYS[req.sort_target],
-                             reverse=order == pb.RangeRequest.DESCEND)
+            entries = sorted(
+                entries, key=_SORT_KEYS[req.sort_target], reverse=order == pb.RangeRequest.DESCEND
+            )
     more = False
     if req.limit > 0 and len(entries) > req.limit:
         entries = entries[: req.limit]
@@ -90,9 +92,7 @@ def select(
     return entries, more
 
 
-def key_values(
-    entries: list[Entry], values: dict[int, bytes] | None
-) -> list[kv_pb2.KeyValue]:
+def key_values(entries: list[Entry], values: dict[int, bytes] | None) -> list[kv_pb2.KeyValue]:
     """KeyValue messages; ``values`` None means keys only."""
     kvs = []
     for key, mod, create, version, lease in entries:

@@ -148,7 +148,11 @@ def check_intervals(
 def _kv(key: bytes, state: State, value: bytes) -> kv_pb2.KeyValue:
     mod, create, version, lease = state
     return kv_pb2.KeyValue(
-        key=key, create_revision=create, mod_revision=mod, version=version, lease=lease,
+        key=key,
+        create_revision=create,
+        mod_revision=mod,
+        version=version,
+        lease=lease,
         value=value,
     )
 

@@ -26,6 +26,7 @@ class Values:
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._wanted: dict[int, asyncio.Future[bytes | None]] = {}
         self._fetching = False
+        self._task: asyncio.Task[None] | None = None
         self.hits = 0
         self.misses = 0
 
@@ -67,7 +68,7 @@ class Values:
                 futures.append(fut)
             if not self._fetching:
                 self._fetching = True
-                asyncio.create_task(self._fetch())
+                self._task = asyncio.create_task(self._fetch(), name="value-fetch")
             for rid, fut in zip(missing, futures, strict=True):
                 value = await fut
                 if value is not None:

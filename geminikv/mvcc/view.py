@@ -128,14 +128,22 @@ class BatchView:
         prev = self.get(key)
         prev_row, prev_in_batch = self._latest_row(key)
         rid = self._next_id()
-        if prev is None:
-            state = (rid, rid, 1, lease)
-        else:
-            state = (rid, prev[1], prev[2] + 1, lease)
+        state = (rid, rid, 1, lease) if prev is None else (rid, prev[1], prev[2] + 1, lease)
         old = self.values.get(prev_row) if prev_in_batch else None
         self.rows.append(
-            (rid, stored_name(key), int(prev is None), 0, state[1], prev_row, lease,
-             value, old, prev_in_batch, state[2])
+            (
+                rid,
+                stored_name(key),
+                int(prev is None),
+                0,
+                state[1],
+                prev_row,
+                lease,
+                value,
+                old,
+                prev_in_batch,
+                state[2],
+            )
         )
         self._set(key, state)
         self.values[rid] = value
@@ -145,7 +153,5 @@ class BatchView:
         prev_row, prev_in_batch = self._latest_row(key)
         rid = self._next_id()
         old = self.values.get(prev_row) if prev_in_batch else None
-        self.rows.append(
-            (rid, stored_name(key), 0, 1, 0, prev_row, 0, None, old, prev_in_batch, 0)
-        )
+        self.rows.append((rid, stored_name(key), 0, 1, 0, prev_row, 0, None, old, prev_in_batch, 0))
         self._set(key, (rid, 0, 0, 0))

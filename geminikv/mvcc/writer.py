@@ -79,6 +79,7 @@ class Writer:
         self._queue: asyncio.Queue[_Request] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._last_id = 0
+        self._answering: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="writer")
@@ -123,7 +124,9 @@ class Writer:
             if self.follower.applied >= last:
                 _answer(batch)
             else:
-                asyncio.create_task(self._answer_when_applied(batch, last))
+                task = asyncio.create_task(self._answer_when_applied(batch, last))
+                self._answering.add(task)  # held until done (the loop keeps weak refs)
+                task.add_done_callback(self._answering.discard)
 
     async def _answer_when_applied(self, batch: list[_Request], last: int) -> None:
         try:
@@ -163,10 +166,31 @@ class Writer:
         old_values = {r[0]: r[1] for r in returned}
         self.follower.apply_local(
             [
-                (rid, name, created, deleted, create_rev, prev_rev, lease, version, value,
-                 old_values.get(rid))
-                for (rid, name, created, deleted, create_rev, prev_rev, lease, value, _old,
-                     _known, version) in rows
+                (
+                    rid,
+                    name,
+                    created,
+                    deleted,
+                    create_rev,
+                    prev_rev,
+                    lease,
+                    version,
+                    value,
+                    old_values.get(rid),
+                )
+                for (
+                    rid,
+                    name,
+                    created,
+                    deleted,
+                    create_rev,
+                    prev_rev,
+                    lease,
+                    value,
+                    _old,
+                    _known,
+                    version,
+                ) in rows
             ]
         )
         return rows[-1][0]
@@ -201,7 +225,7 @@ class Writer:
             if len(drawn) < len(used):
                 await self._draw(drawn, len(used) - len(drawn))
             if used == drawn[: len(used)]:
-                gaps = [gap_row(rid) for rid in drawn[len(used):]]
+                gaps = [gap_row(rid) for rid in drawn[len(used) :]]
                 return view, sorted(view.rows + gaps)
             ids = drawn
 
@@ -212,7 +236,10 @@ class Writer:
         self._last_id = drawn[-1]
 
     async def _evaluate(
-        self, batch: list[_Request], ids: int | list[int], values: dict[int, bytes],
+        self,
+        batch: list[_Request],
+        ids: int | list[int],
+        values: dict[int, bytes],
         leases: BatchLeases,
     ) -> BatchView:
         view = BatchView(self.index, ids, self._fetch_values, values)

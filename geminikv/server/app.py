@@ -15,18 +15,18 @@ import asyncpg
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from geminikv.compact import Compactor
 from geminikv.config import Settings
+from geminikv.leader import Leader
+from geminikv.lease import Leases
 from geminikv.mvcc.kvstore import KVStore
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
 from geminikv.server.cluster import ClusterService
-from geminikv.compact import Compactor
-from geminikv.lease import Leases
-from geminikv.leader import Leader
 from geminikv.server.kv import KVService
 from geminikv.server.lease import LeaseService
 from geminikv.server.maintenance import MaintenanceService
-from geminikv.server.watch import WatchService
 from geminikv.server.rpc import Identity, unimplemented
+from geminikv.server.watch import WatchService
 from geminikv.storage import database, schema
 from geminikv.storage.embedded import EmbeddedPostgres
 from geminikv.watch.hub import Hub
@@ -55,11 +55,11 @@ class ListenAddress:
 def parse_listen_address(text: str) -> ListenAddress:
     """Kine's forms: host:port, http://host:port, unix://path."""
     if text.startswith("unix://"):
-        path = text[len("unix://"):]
+        path = text[len("unix://") :]
         return ListenAddress(f"unix:{path}", text)
     for scheme in ("http://", "https://"):
         if text.startswith(scheme):
-            text = text[len(scheme):]
+            text = text[len(scheme) :]
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit():
         raise ValueError(f"invalid listen address {text!r}: expected host:port or unix://path")
@@ -138,7 +138,8 @@ class App:
         self.server = server
         log.info(
             "geminikv serving etcd v3 on %s (revision %d)",
-            self.address.grpc_target, int(self.store.index.rev),
+            self.address.grpc_target,
+            int(self.store.index.rev),
         )
 
     async def _identity(self) -> Identity:

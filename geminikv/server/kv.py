@@ -16,13 +16,17 @@ class KVService(rpc_pb2_grpc.KVServicer):
         self.identity = identity
 
     @etcd_errors
-    async def Range(self, request: pb.RangeRequest, context: grpc.aio.ServicerContext) -> pb.RangeResponse:
+    async def Range(
+        self, request: pb.RangeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RangeResponse:
         resp = await self.store.range(request)
         self.identity.fill(resp.header, 0)
         return resp
 
     @etcd_errors
-    async def Put(self, request: pb.PutRequest, context: grpc.aio.ServicerContext) -> pb.PutResponse:
+    async def Put(
+        self, request: pb.PutRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PutResponse:
         resp = await self.store.put(request)
         self.identity.fill(resp.header, 0)
         return resp
@@ -36,7 +40,9 @@ class KVService(rpc_pb2_grpc.KVServicer):
         return resp
 
     @etcd_errors
-    async def Txn(self, request: pb.TxnRequest, context: grpc.aio.ServicerContext) -> pb.TxnResponse:
+    async def Txn(
+        self, request: pb.TxnRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TxnResponse:
         resp = await self.store.txn(request)
         self.identity.fill(resp.header, 0)
         return resp

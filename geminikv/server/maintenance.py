@@ -17,7 +17,9 @@ class MaintenanceService(unimplemented(rpc_pb2_grpc.MaintenanceServicer, "Mainte
         self.version = version
 
     @etcd_errors
-    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
+    async def Status(
+        self, request: pb.StatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StatusResponse:
         size = await self.store.db_size()
         rev = int(self.store.index.rev)
         resp = pb.StatusResponse(
@@ -34,7 +36,9 @@ class MaintenanceService(unimplemented(rpc_pb2_grpc.MaintenanceServicer, "Mainte
         return resp
 
     @etcd_errors
-    async def Alarm(self, request: pb.AlarmRequest, context: grpc.aio.ServicerContext) -> pb.AlarmResponse:
+    async def Alarm(
+        self, request: pb.AlarmRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AlarmResponse:
         resp = pb.AlarmResponse()
         self.identity.fill(resp.header, int(self.store.index.rev))
         return resp

@@ -65,7 +65,7 @@ async def connect(dsn: str, timeout: float = 300.0) -> asyncpg.Connection:
         except asyncpg.InvalidCatalogNameError:
             await _create_database(dsn, database)
             continue
-        except (OSError, asyncpg.CannotConnectNowError, asyncio.TimeoutError) as err:
+        except (TimeoutError, OSError, asyncpg.CannotConnectNowError) as err:
             if time.monotonic() >= deadline:
                 raise DatabaseUnreachable(
                     f"cannot connect to PostgreSQL at {redact(dsn)}: {err}"
@@ -81,7 +81,11 @@ async def connect(dsn: str, timeout: float = 300.0) -> asyncpg.Connection:
 async def create_pool(dsn: str, size: int) -> asyncpg.Pool:
     dsn, _ = normalise_dsn(dsn)
     pool = await asyncpg.create_pool(
-        dsn, min_size=1, max_size=max(1, size), init=init_connection, reset=_keep_session,
+        dsn,
+        min_size=1,
+        max_size=max(1, size),
+        init=init_connection,
+        reset=_keep_session,
         statement_cache_size=256,
     )
     assert pool is not None

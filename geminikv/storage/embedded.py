@@ -14,9 +14,8 @@ import signal
 import subprocess
 import tempfile
 import time
-from pathlib import Path
-
 import warnings
+from pathlib import Path
 
 with warnings.catch_warnings():
     # The wheel's package import probes XDG_RUNTIME_DIR, which servers rarely have.
@@ -69,11 +68,16 @@ class EmbeddedPostgres:
         self.process = subprocess.Popen(
             [
                 str(POSTGRES_BIN_PATH / "postgres"),
-                "-D", str(self.pgdata),
-                "-k", str(self.socket_dir),
-                "-c", "listen_addresses=",
-                "-c", "max_connections=300",
-                "-c", "unix_socket_permissions=0777",
+                "-D",
+                str(self.pgdata),
+                "-k",
+                str(self.socket_dir),
+                "-c",
+                "listen_addresses=",
+                "-c",
+                "max_connections=300",
+                "-c",
+                "unix_socket_permissions=0777",
             ],
             stdout=logfile,
             stderr=subprocess.STDOUT,
@@ -132,11 +136,13 @@ class EmbeddedPostgres:
         result = subprocess.run(
             [
                 str(POSTGRES_BIN_PATH / "initdb"),
-                "-D", str(self.pgdata),
+                "-D",
+                str(self.pgdata),
                 "--auth=trust",
                 "--encoding=UTF8",
                 "--locale=C",
-                "-U", "postgres",
+                "-U",
+                "postgres",
             ],
             capture_output=True,
             user=self._run_as,

@@ -43,8 +43,8 @@ SQL: dict[str, str] = {
     "insert_rows": """
         INSERT INTO kine (id, name, created, deleted, create_revision, prev_revision, lease,
                           value, old_value, version)
-        SELECT t.id, convert_from(t.name, 'UTF8'), t.created, t.deleted, t.create_revision, t.prev_revision, t.lease,
-               t.value,
+        SELECT t.id, convert_from(t.name, 'UTF8'), t.created, t.deleted, t.create_revision,
+               t.prev_revision, t.lease, t.value,
                CASE WHEN t.old_known THEN t.old_value
                     ELSE (SELECT k.value FROM kine k WHERE k.id = t.prev_revision) END,
                t.version
@@ -68,7 +68,8 @@ SQL: dict[str, str] = {
     "notify": f"SELECT pg_notify('{NOTIFY_CHANNEL}', $1)",
     # Leases: expiry is absolute, on PostgreSQL's clock (the same for every process).
     "lease_grant": f"""
-        INSERT INTO geminikv_lease (id, ttl, expiry_ms) VALUES ($1::bigint, $2::bigint, {NOW_MS} + $2::bigint * 1000)
+        INSERT INTO geminikv_lease (id, ttl, expiry_ms)
+        VALUES ($1::bigint, $2::bigint, {NOW_MS} + $2::bigint * 1000)
         ON CONFLICT (id) DO NOTHING RETURNING id
     """,
     "lease_keepalive": f"""

@@ -27,7 +27,8 @@ KINE_SCHEMA = [
     "CREATE INDEX IF NOT EXISTS kine_name_id_index ON kine (name,id)",
     "CREATE INDEX IF NOT EXISTS kine_id_deleted_index ON kine (id,deleted)",
     "CREATE INDEX IF NOT EXISTS kine_prev_revision_index ON kine (prev_revision)",
-    "CREATE UNIQUE INDEX IF NOT EXISTS kine_name_prev_revision_uindex ON kine (name, prev_revision)",
+    "CREATE UNIQUE INDEX IF NOT EXISTS kine_name_prev_revision_uindex "
+    "ON kine (name, prev_revision)",
     "CREATE INDEX IF NOT EXISTS kine_list_query_index on kine(name, id DESC, deleted)",
 ]
 

@@ -39,7 +39,9 @@ def events_from_rows(index: Index, rows: Iterable[tuple[object, ...]]) -> list[E
 def to_pb(event: Event, with_prev: bool, compact_rev: int) -> kv_pb2.Event:
     """The wire event; like etcd, prev_kv is left out when revision-1 is compacted."""
     if event.deleted:
-        ev = kv_pb2.Event(type=DELETE, kv=kv_pb2.KeyValue(key=event.key, mod_revision=event.revision))
+        ev = kv_pb2.Event(
+            type=DELETE, kv=kv_pb2.KeyValue(key=event.key, mod_revision=event.revision)
+        )
     else:
         ev = kv_pb2.Event(
             type=PUT,
@@ -57,8 +59,12 @@ def to_pb(event: Event, with_prev: bool, compact_rev: int) -> kv_pb2.Event:
         mod, create, version, lease = event.prev
         ev.prev_kv.CopyFrom(
             kv_pb2.KeyValue(
-                key=event.key, create_revision=create, mod_revision=mod, version=version,
-                lease=lease, value=event.prev_value or b"",
+                key=event.key,
+                create_revision=create,
+                mod_revision=mod,
+                version=version,
+                lease=lease,
+                value=event.prev_value or b"",
             )
         )
     return ev

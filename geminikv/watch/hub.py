@@ -36,13 +36,31 @@ MAX_QUEUED_EVENTS = 2000
 
 class Watcher:
     __slots__ = (
-        "end", "fragment", "id", "key", "next_rev", "no_delete", "no_put", "prev_kv",
-        "progress_notify", "sent_since_tick", "stream", "synced",
+        "end",
+        "fragment",
+        "id",
+        "key",
+        "next_rev",
+        "no_delete",
+        "no_put",
+        "prev_kv",
+        "progress_notify",
+        "sent_since_tick",
+        "stream",
+        "synced",
     )
 
     def __init__(
-        self, stream: WatchStream, watch_id: int, key: bytes, end: bytes | None,
-        start_rev: int, prev_kv: bool, no_put: bool, no_delete: bool, fragment: bool,
+        self,
+        stream: WatchStream,
+        watch_id: int,
+        key: bytes,
+        end: bytes | None,
+        start_rev: int,
+        prev_kv: bool,
+        no_put: bool,
+        no_delete: bool,
+        fragment: bool,
         progress_notify: bool,
     ) -> None:
         self.stream = stream

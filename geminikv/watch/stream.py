@@ -29,8 +29,14 @@ _CONTROL = "control"
 class _Item:
     __slots__ = ("count", "first_rev", "kind", "response", "watcher")
 
-    def __init__(self, kind: str, response: pb.WatchResponse, watcher: Watcher | None = None,
-                 first_rev: int = 0, count: int = 0) -> None:
+    def __init__(
+        self,
+        kind: str,
+        response: pb.WatchResponse,
+        watcher: Watcher | None = None,
+        first_rev: int = 0,
+        count: int = 0,
+    ) -> None:
         self.kind = kind
         self.response = response
         self.watcher = watcher
@@ -65,8 +71,11 @@ class WatchStream:
         end = range_end(req.range_end)
         current = self.hub.revision
         if end is not None and end != b"" and key >= end:
-            self._control(self._response(-1, current, created=True, canceled=True,
-                                         cancel_reason=ERR_EMPTY_RANGE))
+            self._control(
+                self._response(
+                    -1, current, created=True, canceled=True, cancel_reason=ERR_EMPTY_RANGE
+                )
+            )
             return
         watch_id = req.watch_id
         if watch_id == 0:
@@ -75,15 +84,25 @@ class WatchStream:
             watch_id = self._next_id
             self._next_id += 1
         elif watch_id in self.watchers:
-            self._control(self._response(-1, current, created=True, canceled=True,
-                                         cancel_reason=ERR_DUPLICATE_ID))
+            self._control(
+                self._response(
+                    -1, current, created=True, canceled=True, cancel_reason=ERR_DUPLICATE_ID
+                )
+            )
             return
         start = req.start_revision if req.start_revision != 0 else current + 1
         filters = set(req.filters)
         watcher = Watcher(
-            self, watch_id, key, end, start, req.prev_kv,
-            pb.WatchCreateRequest.NOPUT in filters, pb.WatchCreateRequest.NODELETE in filters,
-            req.fragment, req.progress_notify,
+            self,
+            watch_id,
+            key,
+            end,
+            start,
+            req.prev_kv,
+            pb.WatchCreateRequest.NOPUT in filters,
+            pb.WatchCreateRequest.NODELETE in filters,
+            req.fragment,
+            req.progress_notify,
         )
         self.watchers[watch_id] = watcher
         self._control(self._response(watch_id, current, created=True))

@@ -30,11 +30,13 @@ async def session(port: int, prefix: bytes) -> dict[str, object]:
         await c.put(key, b"1")
         txn = c.transactions
         ok1, _ = await c.transaction(
-            compare=[txn.value(key) == b"1"], success=[txn.put(key, b"10")],
+            compare=[txn.value(key) == b"1"],
+            success=[txn.put(key, b"10")],
             failure=[txn.get(key)],
         )
         ok2, responses = await c.transaction(
-            compare=[txn.value(key) == b"1"], success=[txn.put(key, b"20")],
+            compare=[txn.value(key) == b"1"],
+            success=[txn.put(key, b"20")],
             failure=[txn.get(key)],
         )
         final = await c.get(key)
