@@ -22,12 +22,13 @@ import time
 import asyncpg
 import grpc
 
+from benchmarks import tables
 from benchmarks.targets import GeminiTarget
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
 from geminikv.storage.embedded import EmbeddedPostgres
-from geminikv.storage.schema import ensure_schema
 
+PREFIX = "/registry/c/"
 KINE_COMPACT = """
     DELETE FROM kine AS kv USING (
         SELECT kp.prev_revision AS id FROM kine AS kp
@@ -38,44 +39,11 @@ KINE_COMPACT = """
 """
 
 
-async def fill(dsn: str, keys: int, revisions: int) -> None:
-    admin = await asyncpg.connect(re.sub(r"/[^/?]+\?", "/postgres?", dsn))
-    name = re.search(r"/([^/?]+)\?", dsn).group(1)  # type: ignore[union-attr]
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    await admin.close()
-    conn = await asyncpg.connect(dsn)
-    try:
-        await ensure_schema(conn)
-        await conn.execute(
-            "INSERT INTO kine (name, created, deleted, create_revision, prev_revision, lease,"
-            " value, old_value, version) SELECT '/registry/c/' || lpad(g::text, 8, '0'),"
-            " 1, 0, 0, 0, 0, repeat('x', 1024)::bytea, NULL, 1 FROM generate_series(1, $1) g",
-            keys,
-        )
-        await conn.execute("UPDATE kine SET create_revision = id WHERE created = 1")
-        for _ in range(revisions - 1):
-            await conn.execute(
-                "INSERT INTO kine (name, created, deleted, create_revision, prev_revision, lease,"
-                " value, old_value, version) SELECT name, 0, 0, create_revision, id, 0, value,"
-                " NULL, version + 1 FROM kine WHERE id IN (SELECT max(id) FROM kine"
-                " WHERE name LIKE '/registry/c/%' GROUP BY name)"
-            )
-        await conn.execute("VACUUM ANALYZE kine")
-    finally:
-        await conn.close()
-
-
 async def rewrite(dsn: str, revisions: int) -> None:
     """As many new revisions again: after VACUUM they reuse the space compaction freed."""
     conn = await asyncpg.connect(dsn)
     try:
-        for _ in range(revisions - 1):
-            await conn.execute(
-                "INSERT INTO kine (name, created, deleted, create_revision, prev_revision, lease,"
-                " value, old_value, version) SELECT name, 0, 0, create_revision, id, 0, value,"
-                " NULL, version + 1 FROM kine WHERE id IN (SELECT max(id) FROM kine"
-                " WHERE name LIKE '/registry/c/%' GROUP BY name)"
-            )
+        await tables.add_revisions(conn, PREFIX, revisions - 1)
     finally:
         await conn.close()
 
@@ -119,7 +87,7 @@ def main() -> int:
         ours, kines = pg.dsn("ours"), pg.dsn("kines")
         for dsn in (ours, kines):
             t = time.monotonic()
-            asyncio.run(fill(dsn, args.keys, args.revisions))
+            asyncio.run(tables.fill(dsn, PREFIX, args.keys, args.revisions))
             print(
                 f"filled {args.keys} keys x {args.revisions} revisions "
                 f"in {time.monotonic() - t:.0f}s",

@@ -11,48 +11,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import statistics
 import sys
 import tempfile
 import time
 
-import asyncpg
 import grpc
 
+from benchmarks import tables
 from benchmarks.targets import GeminiTarget
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
 from geminikv.storage.embedded import EmbeddedPostgres
 
-
-async def fill(dsn: str, keys: int, history: int) -> None:
-    conn = await asyncpg.connect(dsn.replace("/kubernetes?", "/postgres?"))
-    with contextlib.suppress(asyncpg.DuplicateDatabaseError):
-        await conn.execute('CREATE DATABASE "kubernetes"')
-    await conn.close()
-    conn = await asyncpg.connect(dsn)
-    try:
-        from geminikv.storage.schema import ensure_schema
-
-        await ensure_schema(conn)
-        await conn.execute(
-            "INSERT INTO kine (name, created, deleted, create_revision, prev_revision, lease,"
-            " value, old_value, version) SELECT '/registry/bench/' || lpad(g::text, 8, '0'),"
-            " 1, 0, 0, 0, 0, repeat('x', 1024)::bytea, NULL, 1 FROM generate_series(1, $1) g",
-            keys,
-        )
-        for h in range(history):
-            await conn.execute(
-                "INSERT INTO kine (name, created, deleted, create_revision, prev_revision, lease,"
-                " value, old_value, version) SELECT name, 0, 0, create_revision, id, 0, value,"
-                " value, version + 1 FROM kine k WHERE id = (SELECT max(id) FROM kine k2"
-                " WHERE k2.name = k.name) AND name LIKE '/registry/bench/%'"
-            )
-            print(f"history {h + 1}/{history}", flush=True)
-        await conn.execute("VACUUM ANALYZE kine")
-    finally:
-        await conn.close()
+PREFIX = "/registry/bench/"
 
 
 def latency(endpoint: str, n: int = 500) -> tuple[list[float], list[float]]:
@@ -80,7 +52,7 @@ def main() -> int:
     dsn = pg.start()
     try:
         started = time.monotonic()
-        asyncio.run(fill(dsn, args.keys, args.history))
+        asyncio.run(tables.fill(dsn, PREFIX, args.keys, args.history + 1))
         print(
             f"filled {args.keys} keys x {args.history + 1} revisions in "
             f"{time.monotonic() - started:.1f}s",

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 
+from geminikv import tasks
 from geminikv.storage.queries import LEADER_LOCK_KEY, SQL
 
 log = logging.getLogger(__name__)
@@ -40,11 +41,8 @@ class Leader:
         self._task = asyncio.create_task(self._run(), name="leader")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await tasks.stop(self._task)
+        self._task = None
 
     def _set(self, leading: bool) -> None:
         self.is_leader = leading

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
+from tests.differential import Pair
 from tests.servers import Etcd, GeminiServer, Postgres, Stubs
 
 settings.register_profile(
@@ -68,3 +69,12 @@ def unique_prefix() -> bytes:
 @pytest.fixture
 def prefix() -> bytes:
     return unique_prefix()
+
+
+@pytest.fixture
+def pair(etcd: Etcd, gemini: GeminiServer) -> Iterator[Pair]:
+    """The session's etcd and geminikv, for differential checks."""
+    e, g = etcd.stubs(), gemini.stubs()
+    yield Pair(e, g)
+    e.close()
+    g.close()

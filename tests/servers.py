@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -19,6 +17,7 @@ from pathlib import Path
 import asyncpg
 import grpc
 
+from benchmarks.targets import EtcdTarget
 from geminikv.config import Settings
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
 from geminikv.server.app import App
@@ -143,50 +142,19 @@ class GeminiServer:
 
 
 class Etcd:
-    """A real etcd (Debian etcd-server) in a temporary directory."""
+    """A real etcd (Debian etcd-server) in a temporary directory (the harness's target)."""
 
     def __init__(self) -> None:
-        binary = shutil.which("etcd")
-        if binary is None:
+        if not EtcdTarget.available():
             raise FileNotFoundError("etcd")
-        self.dir = tempfile.mkdtemp(prefix="etcd-test-")
-        self.port = free_port()
-        peer = free_port()
-        self.endpoint = f"127.0.0.1:{self.port}"
-        self.process = subprocess.Popen(
-            [
-                binary,
-                "--data-dir",
-                os.path.join(self.dir, "data"),
-                "--listen-client-urls",
-                f"http://{self.endpoint}",
-                "--advertise-client-urls",
-                f"http://{self.endpoint}",
-                "--listen-peer-urls",
-                f"http://127.0.0.1:{peer}",
-                "--initial-advertise-peer-urls",
-                f"http://127.0.0.1:{peer}",
-                "--initial-cluster",
-                f"default=http://127.0.0.1:{peer}",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=open(os.path.join(self.dir, "etcd.log"), "wb"),  # noqa: SIM115
-        )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    break
-            except OSError:
-                time.sleep(0.1)
+        self.target = EtcdTarget().start()
+        self.endpoint = self.target.endpoint
 
     def stubs(self) -> Stubs:
         return Stubs(self.endpoint)
 
     def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(10)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self.target.stop()
 
 
 class GeminiProcess:

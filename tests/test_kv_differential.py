@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from tests.differential import Pair
-from tests.servers import Etcd, GeminiServer
 
 pytestmark = pytest.mark.etcd
 
 R = pb.RangeRequest
 C = pb.Compare
-
-
-@pytest.fixture
-def pair(etcd: Etcd, gemini: GeminiServer) -> Iterator[Pair]:
-    e, g = etcd.stubs(), gemini.stubs()
-    yield Pair(e, g)
-    e.close()
-    g.close()
 
 
 def put(pair: Pair, key: bytes, value: bytes = b"v", **kw: object) -> None:

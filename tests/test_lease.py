@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import asyncpg
 import grpc
@@ -15,14 +14,6 @@ from tests.servers import Etcd, GeminiProcess, GeminiServer, Postgres, run_sync
 from tests.watching import WatchClient
 
 R = pb.RangeRequest
-
-
-@pytest.fixture
-def pair(etcd: Etcd, gemini: GeminiServer) -> Iterator[Pair]:
-    e, g = etcd.stubs(), gemini.stubs()
-    yield Pair(e, g)
-    e.close()
-    g.close()
 
 
 def _lease_id(prefix: bytes, n: int) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -14,14 +14,6 @@ from tests.watching import WatchClient
 pytestmark = pytest.mark.etcd
 
 W = pb.WatchCreateRequest
-
-
-@pytest.fixture
-def pair(etcd: Etcd, gemini: GeminiServer) -> Iterator[Pair]:
-    e, g = etcd.stubs(), gemini.stubs()
-    yield Pair(e, g)
-    e.close()
-    g.close()
 
 
 class WatchPair:

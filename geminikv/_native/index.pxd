@@ -15,6 +15,7 @@ cdef class KeyHistory:
     cdef Py_ssize_t cap
 
     cdef void append(self, int64_t mod, int64_t create, int64_t version, int64_t lease) except *
+    cdef Py_ssize_t upto(self, int64_t rev)
     cdef Rev* at(self, int64_t rev)
     cdef Rev* live_at(self, int64_t rev)
     cdef Rev* latest(self)

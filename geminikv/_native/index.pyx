@@ -41,8 +41,8 @@ cdef class KeyHistory:
         self.revs[self.n].lease = lease
         self.n += 1
 
-    cdef Rev* at(self, int64_t rev):
-        """The newest revision <= rev, or NULL."""
+    cdef Py_ssize_t upto(self, int64_t rev):
+        """How many retained revisions are <= rev."""
         cdef Py_ssize_t lo = 0, hi = self.n, mid
         while lo < hi:
             mid = (lo + hi) >> 1
@@ -50,9 +50,14 @@ cdef class KeyHistory:
                 lo = mid + 1
             else:
                 hi = mid
-        if lo == 0:
+        return lo
+
+    cdef Rev* at(self, int64_t rev):
+        """The newest revision <= rev, or NULL."""
+        cdef Py_ssize_t n = self.upto(rev)
+        if n == 0:
             return NULL
-        return &self.revs[lo - 1]
+        return &self.revs[n - 1]
 
     cdef Rev* live_at(self, int64_t rev):
         """The visible revision at rev (NULL when absent or deleted)."""
@@ -225,13 +230,7 @@ cdef class Index:
         The newest revision <= rev stays readable at rev, unless it is a tombstone;
         everything older goes.
         """
-        cdef Py_ssize_t lo = 0, hi = h.n, mid
-        while lo < hi:
-            mid = (lo + hi) >> 1
-            if h.revs[mid].mod <= rev:
-                lo = mid + 1
-            else:
-                hi = mid
+        cdef Py_ssize_t lo = h.upto(rev)
         if lo == 0:
             return 0
         if h.revs[lo - 1].version == 0:

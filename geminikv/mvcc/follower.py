@@ -19,6 +19,7 @@ from typing import Any
 
 import asyncpg
 
+from geminikv import tasks
 from geminikv.mvcc.events import AppliedRow, Event
 from geminikv.mvcc.index import Index, apply_row
 from geminikv.mvcc.values import Values
@@ -67,13 +68,9 @@ class Follower:
         self._task = asyncio.create_task(self._run(), name="follower")
 
     async def stop(self) -> None:
-        if self._compacting is not None:
-            self._compacting.cancel()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await tasks.stop(self._compacting)
+        await tasks.stop(self._task)
+        self._task = None
         if self._listen_conn is not None:
             with contextlib.suppress(Exception):
                 await self._listen_conn.remove_listener(NOTIFY_CHANNEL, self._on_notify)

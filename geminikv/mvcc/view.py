@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
+from geminikv.mvcc.events import AppliedRow
 from geminikv.mvcc.index import Index
 from geminikv.mvcc.keys import stored_name
 from geminikv.mvcc.ranges import Entry, in_range
@@ -19,6 +20,12 @@ State = tuple[int, int, int, int]  # (mod, create, version, lease); version 0 = 
 # (id, name, created, deleted, create_revision, prev_revision, lease, value, old_value,
 #  old_known, version)
 NewRow = tuple[int, bytes, int, int, int, int, int, "bytes | None", "bytes | None", bool, int]
+
+
+def as_applied(row: NewRow, old_value: bytes | None) -> AppliedRow:
+    """The follower's form of a row this batch inserted."""
+    rid, name, created, deleted, create_rev, prev_rev, lease, value, _old, _known, version = row
+    return (rid, name, created, deleted, create_rev, prev_rev, lease, version, value, old_value)
 
 
 def gap_row(rid: int) -> NewRow:

@@ -21,12 +21,12 @@ from typing import Any
 
 import asyncpg
 
-from geminikv import errors
+from geminikv import errors, tasks
 from geminikv.mvcc.follower import Follower
 from geminikv.mvcc.index import Index
 from geminikv.mvcc.txn import Evaluator
 from geminikv.mvcc.values import Values
-from geminikv.mvcc.view import BatchView, NewRow, OutOfIds, gap_row
+from geminikv.mvcc.view import BatchView, NewRow, OutOfIds, as_applied, gap_row
 from geminikv.storage import queries
 from geminikv.storage.queries import SQL
 
@@ -85,11 +85,8 @@ class Writer:
         self._task = asyncio.create_task(self._run(), name="writer")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await tasks.stop(self._task)
+        self._task = None
         while not self._queue.empty():
             req = self._queue.get_nowait()
             if not req.future.done():
@@ -164,35 +161,7 @@ class Writer:
         if not rows:
             return view.rev
         old_values = {r[0]: r[1] for r in returned}
-        self.follower.apply_local(
-            [
-                (
-                    rid,
-                    name,
-                    created,
-                    deleted,
-                    create_rev,
-                    prev_rev,
-                    lease,
-                    version,
-                    value,
-                    old_values.get(rid),
-                )
-                for (
-                    rid,
-                    name,
-                    created,
-                    deleted,
-                    create_rev,
-                    prev_rev,
-                    lease,
-                    value,
-                    _old,
-                    _known,
-                    version,
-                ) in rows
-            ]
-        )
+        self.follower.apply_local([as_applied(row, old_values.get(row[0])) for row in rows])
         return rows[-1][0]
 
     async def _leases(self, batch: list[_Request]) -> BatchLeases:

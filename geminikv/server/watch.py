@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from geminikv import tasks
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
 from geminikv.server.rpc import Identity
@@ -32,10 +33,7 @@ class WatchService(rpc_pb2_grpc.WatchServicer):
         self._ticker = asyncio.create_task(self._tick(), name="watch-progress")
 
     async def stop(self) -> None:
-        if self._ticker is not None:
-            self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
+        await tasks.stop(self._ticker)
         for stream in list(self.streams):
             stream.close()
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import asyncpg
 
+from geminikv import tasks
 from geminikv.mvcc.events import Event
 from geminikv.mvcc.follower import Follower
 from geminikv.mvcc.index import Index
@@ -107,11 +108,8 @@ class Hub:
         self._task = asyncio.create_task(self._catch_up_loop(), name="watch-catch-up")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await tasks.stop(self._task)
+        self._task = None
         self.synced.clear()
         self.unsynced.clear()
 
