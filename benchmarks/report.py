@@ -90,8 +90,8 @@ def plot(out: Path, results: dict[str, Any], latencies: dict[str, dict[str, arra
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(workloads)), 4.5))
     width = 0.8 / max(1, len(targets))
     for i, target in enumerate(targets):
-        values = [results["workloads"][w].get(target, {}).get("throughput", 0) for w in workloads]
-        ax.bar([x + i * width for x in range(len(workloads))], values, width, label=target)
+        figures = [results["workloads"][w].get(target, {}).get("throughput", 0) for w in workloads]
+        ax.bar([x + i * width for x in range(len(workloads))], figures, width, label=target)
     ax.set_xticks([x + width * (len(targets) - 1) / 2 for x in range(len(workloads))])
     ax.set_xticklabels(workloads, rotation=20, ha="right")
     ax.set_ylabel("operations / s")
@@ -109,9 +109,9 @@ def plot(out: Path, results: dict[str, Any], latencies: dict[str, dict[str, arra
         for target, values in latencies.get(workload, {}).items():
             if not values:
                 continue
-            ordered = sorted(v * 1000 for v in values)
-            ys = [(i + 1) / len(ordered) for i in range(len(ordered))]
-            ax.plot(ordered, ys, label=target)
+            in_ms = sorted(v * 1000 for v in values)
+            ys = [(i + 1) / len(in_ms) for i in range(len(in_ms))]
+            ax.plot(in_ms, ys, label=target)
         ax.set_xscale("log")
         ax.set_title(workload)
         ax.set_xlabel("latency ms (log)")

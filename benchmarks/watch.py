@@ -11,6 +11,7 @@ import asyncio
 import multiprocessing as mp
 import time
 from array import array
+from multiprocessing.synchronize import Event as EventT
 
 import grpc
 
@@ -20,8 +21,8 @@ from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 
 
 async def _watchers(
-    endpoint: str, prefix: bytes, count: int, stop: mp.Event, ready: mp.Event
-) -> list[tuple[bytes, bytes]]:  # type: ignore[valid-type]
+    endpoint: str, prefix: bytes, count: int, stop: EventT, ready: EventT
+) -> list[tuple[bytes, bytes]]:
     channel = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
     stub = channel.stream_stream("/etcdserverpb.Watch/Watch")
     create = pb.WatchRequest(
@@ -93,8 +94,8 @@ async def _writers(
 
 
 def _run_watchers(
-    endpoint: str, prefix: bytes, count: int, stop: mp.Event, ready: mp.Event, out: mp.Queue
-) -> None:  # type: ignore[type-arg,valid-type]
+    endpoint: str, prefix: bytes, count: int, stop: EventT, ready: EventT, out: mp.Queue
+) -> None:
     out.put(("watchers", asyncio.run(_watchers(endpoint, prefix, count, stop, ready))))
 
 

@@ -215,7 +215,7 @@ class Follower:
                 )
             for r in records:
                 if r[0] > self.applied:
-                    self._pending[r[0]] = tuple(r)  # type: ignore[assignment]
+                    self._pending[r[0]] = tuple(r)
             self._drain()
             if self._pending:
                 if await self._gap_waits():
@@ -257,6 +257,7 @@ class Follower:
             if applied is not None and self.subscribers:
                 key, prev = applied
                 latest = self.index.latest(key)
+                assert latest is not None  # the row was just applied
                 events.append(
                     Event(
                         rid,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from geminikv.mvcc.events import Event
 from geminikv.mvcc.index import Index, is_special
@@ -13,25 +14,29 @@ PUT = kv_pb2.Event.PUT
 DELETE = kv_pb2.Event.DELETE
 
 
-def events_from_rows(index: Index, rows: Iterable[tuple[object, ...]]) -> list[Event]:
+def events_from_rows(index: Index, rows: Iterable[Sequence[Any]]) -> list[Event]:
     """Events for table rows (id, name, created, deleted, create_rev, prev_rev, lease,
     version, value, old_value) that the index has already applied."""
     out = []
     for row in rows:
-        rid, name, created, deleted, _c, prev_rev, _l, _v, value, old = row
-        if is_special(name, created, deleted, prev_rev):  # type: ignore[arg-type]
+        rid: int = row[0]
+        name: bytes = row[1]
+        created, deleted, prev_rev = row[2], row[3], row[5]
+        value: bytes | None = row[8]
+        old: bytes | None = row[9]
+        if is_special(name, created, deleted, prev_rev):
             continue
-        key = key_of(name)  # type: ignore[arg-type]
-        prev = index.get(key, rid - 1)  # type: ignore[operator]
+        key = key_of(name)
+        prev = index.get(key, rid - 1)
         prev_value = (old or b"") if prev is not None else None
         if deleted:
-            out.append(Event(rid, key, True, 0, 0, 0, None, prev, prev_value))  # type: ignore[arg-type]
+            out.append(Event(rid, key, True, 0, 0, 0, None, prev, prev_value))
             continue
         state = index.get(key, rid)
         if state is None or state[0] != rid:
             continue  # history no longer held (compacted meanwhile)
         out.append(
-            Event(rid, key, False, state[1], state[2], state[3], value or b"", prev, prev_value)  # type: ignore[arg-type]
+            Event(rid, key, False, state[1], state[2], state[3], value or b"", prev, prev_value)
         )
     return out
 

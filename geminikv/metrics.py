@@ -1,0 +1,94 @@
+"""Prometheus metrics, and the HTTP endpoints /metrics, /healthz and /readyz.
+
+The HTTP server runs in a thread (prometheus-client's WSGI app behind wsgiref), so it
+answers even while the event loop is busy; health and readiness are judged from
+timestamps the event loop refreshes every second.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
+
+log = logging.getLogger(__name__)
+
+RPC_SECONDS = Histogram(
+    "geminikv_grpc_request_duration_seconds", "Unary etcd RPC latency", ["method"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+RPC_TOTAL = Counter("geminikv_grpc_requests_total", "etcd RPCs handled", ["method", "code"])
+WRITER_BATCH = Histogram(
+    "geminikv_writer_batch_requests", "Requests per write batch (one PostgreSQL transaction)",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
+WRITER_COMMIT_SECONDS = Histogram(
+    "geminikv_writer_batch_duration_seconds", "Time from lock to commit of a write batch",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+SQL_SECONDS = Histogram(
+    "geminikv_sql_duration_seconds", "SQL statement time by statement name", ["statement"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
+)
+REVISION = Gauge("geminikv_revision", "Newest revision applied to this process's index")
+COMPACT_REVISION = Gauge("geminikv_compact_revision", "The compact revision")
+FOLLOWER_LAG = Gauge(
+    "geminikv_follower_lag_revisions", "Committed revisions not yet applied here (last check)"
+)
+WATCH_STREAMS = Gauge("geminikv_watch_streams", "Open Watch streams")
+WATCHERS = Gauge("geminikv_watchers", "Watchers, synced and catching up")
+UNSYNCED_WATCHERS = Gauge("geminikv_watchers_unsynced", "Watchers catching up from the table")
+LEASES_EXPIRED = Counter("geminikv_leases_expired_total", "Leases revoked because they expired")
+COMPACTED_ROWS = Counter("geminikv_compaction_deleted_rows_total", "Rows deleted by compaction")
+DB_SIZE = Gauge("geminikv_db_size_bytes", "Size of the kine table with its indexes")
+LEADER = Gauge("geminikv_leader", "1 if this process expires leases and compacts")
+
+
+class Health:
+    """What /healthz and /readyz report; refreshed by the event loop."""
+
+    STALE = 5.0
+
+    def __init__(self) -> None:
+        self.loop_beat = time.monotonic()
+        self.database_ok = 0.0  # when PostgreSQL last answered
+        self.caught_up = False
+
+    def healthy(self) -> bool:
+        return time.monotonic() - self.loop_beat < self.STALE
+
+    def ready(self) -> bool:
+        fresh = time.monotonic() - self.database_ok < self.STALE
+        return self.healthy() and fresh and self.caught_up
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass
+
+
+def serve_http(address: str, health: Health) -> WSGIServer | None:
+    """Serve /metrics, /healthz and /readyz on ``address`` (``0`` or empty: off)."""
+    if address in ("", "0"):
+        return None
+    host, _, port = address.rpartition(":")
+    metrics_app = make_wsgi_app()
+
+    def app(environ: dict[str, Any], start: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path in ("/healthz", "/readyz"):
+            ok = health.healthy() if path == "/healthz" else health.ready()
+            start("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [b"ok\n" if ok else b"not ready\n"]
+        result: Iterable[bytes] = metrics_app(environ, start)
+        return result
+
+    server = make_server(host or "0.0.0.0", int(port), app, handler_class=_Quiet)
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    log.info("metrics and health on http://%s/metrics, /healthz, /readyz", address)
+    return server
