@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 
+from geminikv import metrics
 from geminikv.config import Settings
 from geminikv.mvcc.kvstore import KVStore
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
@@ -72,6 +73,7 @@ class Compactor:
             await conn.execute(SQL["notify"], b"compacted:%d" % target)
         self.done = target
         self.deleted_rows += len(ids) + gaps
+        metrics.COMPACTED_ROWS.inc(len(ids) + gaps)
         if ids or gaps:
             log.info(
                 "compacted to revision %d: %d rows and %d gap rows deleted in %.2fs "
@@ -87,7 +89,9 @@ class Compactor:
         start = time.monotonic()
         async with self.store.pool.acquire() as conn:
             await conn.execute(sql, arg)
-        self.longest_statement = max(self.longest_statement, time.monotonic() - start)
+        took = time.monotonic() - start
+        metrics.SQL_SECONDS.labels("compact_delete").observe(took)
+        self.longest_statement = max(self.longest_statement, took)
 
     async def _automatic(self) -> None:
         """Kine's --compact-interval: compact to the revision seen at the previous tick,

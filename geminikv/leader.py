@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 
-from geminikv import tasks
+from geminikv import metrics, tasks
 from geminikv.storage.queries import LEADER_LOCK_KEY, SQL
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ class Leader:
 
     def _set(self, leading: bool) -> None:
         self.is_leader = leading
+        metrics.LEADER.set(1 if leading else 0)
         for callback in self.on_change:
             callback(leading)
 

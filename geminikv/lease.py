@@ -15,7 +15,7 @@ import logging
 import random
 import time
 
-from geminikv import errors
+from geminikv import errors, metrics
 from geminikv.mvcc.events import Event
 from geminikv.mvcc.kvstore import KVStore
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
@@ -109,6 +109,7 @@ class Leases:
             await asyncio.gather(*(self._revoke_expired(chunk) for chunk in chunks))
             if expired:
                 log.info("expired %d leases", len(expired))
+                metrics.LEASES_EXPIRED.inc(len(expired))
             await self._expire_kine_ttls()
             ms = await conn.fetchval(SQL["lease_next_expiry_ms"])
         wait = 60.0 if ms is None else max(ms, 0) / 1000

@@ -19,20 +19,26 @@ from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
 log = logging.getLogger(__name__)
 
 RPC_SECONDS = Histogram(
-    "geminikv_grpc_request_duration_seconds", "Unary etcd RPC latency", ["method"],
+    "geminikv_grpc_request_duration_seconds",
+    "Unary etcd RPC latency",
+    ["method"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 RPC_TOTAL = Counter("geminikv_grpc_requests_total", "etcd RPCs handled", ["method", "code"])
 WRITER_BATCH = Histogram(
-    "geminikv_writer_batch_requests", "Requests per write batch (one PostgreSQL transaction)",
+    "geminikv_writer_batch_requests",
+    "Requests per write batch (one PostgreSQL transaction)",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
 )
 WRITER_COMMIT_SECONDS = Histogram(
-    "geminikv_writer_batch_duration_seconds", "Time from lock to commit of a write batch",
+    "geminikv_writer_batch_duration_seconds",
+    "Time from lock to commit of a write batch",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
 SQL_SECONDS = Histogram(
-    "geminikv_sql_duration_seconds", "SQL statement time by statement name", ["statement"],
+    "geminikv_sql_duration_seconds",
+    "SQL statement time by statement name",
+    ["statement"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
 )
 REVISION = Gauge("geminikv_revision", "Newest revision applied to this process's index")
@@ -68,7 +74,7 @@ class Health:
 
 
 class _Quiet(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
 

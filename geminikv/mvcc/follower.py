@@ -19,7 +19,7 @@ from typing import Any
 
 import asyncpg
 
-from geminikv import tasks
+from geminikv import metrics, tasks
 from geminikv.mvcc.events import AppliedRow, Event
 from geminikv.mvcc.index import Index, apply_row
 from geminikv.mvcc.values import Values
@@ -125,7 +125,9 @@ class Follower:
                 try:
                     # On the LISTEN connection: idle otherwise, and no pool round trip.
                     assert self._listen_conn is not None
-                    rev = int(await self._listen_conn.fetchval(SQL["current_rev"]))
+                    with metrics.SQL_SECONDS.labels("read_index").time():
+                        rev = int(await self._listen_conn.fetchval(SQL["current_rev"]))
+                    metrics.FOLLOWER_LAG.set(max(0, rev - self.applied))
                 except Exception as err:  # handed to every waiting reader
                     for fut in waiters:
                         if not fut.done():

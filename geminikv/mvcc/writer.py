@@ -15,13 +15,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 
-from geminikv import errors, tasks
+from geminikv import errors, metrics, tasks
+from geminikv.metrics import SQL_SECONDS
 from geminikv.mvcc.follower import Follower
 from geminikv.mvcc.index import Index
 from geminikv.mvcc.txn import Evaluator
@@ -138,22 +140,30 @@ class Writer:
     async def _run_batch(self, batch: list[_Request]) -> int:
         """Evaluate and commit one batch; returns the last revision the callers must see."""
         conn = self.conn
-        await conn.execute(SQL["begin_locked"])
+        started = time.perf_counter()
+        metrics.WRITER_BATCH.observe(len(batch))
+        with SQL_SECONDS.labels("begin_locked").time():
+            await conn.execute(SQL["begin_locked"])
         try:
-            current = int(await conn.fetchval(SQL["current_rev"]))
+            with SQL_SECONDS.labels("current_rev").time():
+                current = int(await conn.fetchval(SQL["current_rev"]))
             await self.follower.wait_for(current)
             leases = await self._leases(batch)
             view, rows = await self._evaluate_with_ids(
                 batch, max(current, self._last_id) + 1, leases
             )
             if rows:
-                returned = await conn.fetch(
-                    SQL["insert_rows"] + " RETURNING id, old_value", *queries.insert_args(rows)
-                )
+                with SQL_SECONDS.labels("insert_rows").time():
+                    returned = await conn.fetch(
+                        SQL["insert_rows"] + " RETURNING id, old_value",
+                        *queries.insert_args(rows),
+                    )
                 await conn.execute(SQL["notify"], b"%d" % rows[-1][0])
             if view.revoked_leases:
                 await conn.execute(SQL["lease_delete"], view.revoked_leases)
-            await conn.execute("COMMIT")
+            with SQL_SECONDS.labels("commit").time():
+                await conn.execute("COMMIT")
+            metrics.WRITER_COMMIT_SECONDS.observe(time.perf_counter() - started)
         except BaseException:
             with contextlib.suppress(Exception):
                 await conn.execute("ROLLBACK")

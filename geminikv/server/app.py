@@ -9,12 +9,15 @@ import logging
 import os
 import signal
 import socket
+import time
 from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
 
 import asyncpg
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from geminikv import metrics, tasks
 from geminikv.compact import Compactor
 from geminikv.config import Settings
 from geminikv.leader import Leader
@@ -87,6 +90,9 @@ class App:
         self.watch: WatchService | None = None
         self.leases: Leases | None = None
         self.leader: Leader | None = None
+        self.health = metrics.Health()
+        self.http: WSGIServer | None = None
+        self._health_task: asyncio.Task[None] | None = None
         self.address = parse_listen_address(settings.listen_address)
         self.port = 0
 
@@ -136,11 +142,42 @@ class App:
             raise OSError(f"cannot listen on {self.address.grpc_target}")
         await server.start()
         self.server = server
+        self._watch_gauges()
+        self.http = metrics.serve_http(s.metrics_bind_address, self.health)
+        self._health_task = asyncio.create_task(self._check_health(), name="health")
         log.info(
             "geminikv serving etcd v3 on %s (revision %d)",
             self.address.grpc_target,
             int(self.store.index.rev),
         )
+
+    def _watch_gauges(self) -> None:
+        watch, hub, index = self.watch, self.hub, self.store.index if self.store else None
+        assert watch is not None and hub is not None and index is not None
+        metrics.WATCH_STREAMS.set_function(lambda: len(watch.streams))
+        metrics.WATCHERS.set_function(lambda: len(hub.synced) + len(hub.unsynced))
+        metrics.UNSYNCED_WATCHERS.set_function(lambda: len(hub.unsynced))
+        metrics.REVISION.set_function(lambda: int(index.rev))
+        metrics.COMPACT_REVISION.set_function(lambda: int(index.compact_rev))
+
+    async def _check_health(self) -> None:
+        """Every second: the loop is alive, PostgreSQL answers, the index is caught up."""
+        assert self.store is not None
+        last_size = 0.0
+        while True:
+            now = time.monotonic()
+            self.health.loop_beat = now
+            try:
+                rev = await asyncio.wait_for(self.store.follower.read_index(), 2.0)
+                self.health.database_ok = time.monotonic()
+                self.health.caught_up = self.store.follower.applied >= rev
+                if now - last_size > 30:
+                    metrics.DB_SIZE.set(await self.store.db_size())
+                    last_size = now
+            except Exception as err:
+                log.warning("health check: PostgreSQL not answering (%s)", err)
+                self.health.caught_up = False
+            await asyncio.sleep(1.0)
 
     async def _identity(self) -> Identity:
         assert self.writer_conn is not None
@@ -154,6 +191,10 @@ class App:
         return Identity(cluster, member, host, self.address.client_url)
 
     async def stop(self) -> None:
+        await tasks.stop(self._health_task)
+        if self.http is not None:
+            self.http.shutdown()
+            self.http.server_close()
         if self.watch is not None:
             await self.watch.stop()  # ends watch streams so the server can drain
         if self.server is not None:

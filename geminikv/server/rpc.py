@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import asyncpg
 import grpc
 
-from geminikv import errors
+from geminikv import errors, metrics
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -41,15 +42,25 @@ Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
 def etcd_errors(method: Handler) -> Handler:
     """Turn core errors into gRPC statuses with etcd's codes and messages."""
 
+    name = method.__name__
+    seconds = metrics.RPC_SECONDS.labels(name)
+    ok = metrics.RPC_TOTAL.labels(name, "OK")
+
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        start = time.perf_counter()
         try:
-            return await method(self, request, context)
+            result = await method(self, request, context)
         except errors.EtcdError as err:
+            metrics.RPC_TOTAL.labels(name, err.code.name).inc()
             await context.abort(err.code, err.message)
         except (asyncpg.PostgresConnectionError, OSError, ConnectionError) as err:
-            log.warning("%s failed: PostgreSQL unavailable: %s", method.__name__, err)
+            log.warning("%s failed: PostgreSQL unavailable: %s", name, err)
+            metrics.RPC_TOTAL.labels(name, "UNAVAILABLE").inc()
             await context.abort(grpc.StatusCode.UNAVAILABLE, errors.Unavailable.message)
+        ok.inc()
+        seconds.observe(time.perf_counter() - start)
+        return result
 
     return wrapper  # type: ignore[return-value]
 
