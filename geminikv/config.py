@@ -48,6 +48,9 @@ class Settings:
     compact_min_retain: int = 1000
     compact_batch_size: int = 1000
     metrics_bind_address: str = ":8080"
+    server_cert_file: str = ""
+    server_key_file: str = ""
+    trusted_ca_file: str = ""
     datastore_max_open_connections: int = 10
     value_cache_size: int = 128
     slow_sql_threshold: float = 1.0
@@ -66,6 +69,9 @@ _HELP: dict[str, str] = {
     "compact_min_retain": "revisions automatic compaction always keeps",
     "compact_batch_size": "revisions compacted per automatic compaction step",
     "metrics_bind_address": "address for /metrics, /healthz and /readyz (0 = off)",
+    "server_cert_file": "TLS certificate for the etcd endpoint (with --server-key-file)",
+    "server_key_file": "TLS key for the etcd endpoint",
+    "trusted_ca_file": "CA for client certificates: when set, clients must present one",
     "datastore_max_open_connections": "PostgreSQL connections in the pool",
     "value_cache_size": "MiB of values kept in memory (0 = read every value from PostgreSQL)",
     "slow_sql_threshold": "log SQL statements slower than this",

@@ -55,8 +55,8 @@ class ListenAddress:
     client_url: str  # what MemberList advertises
 
 
-def parse_listen_address(text: str) -> ListenAddress:
-    """Kine's forms: host:port, http://host:port, unix://path."""
+def parse_listen_address(text: str, tls: bool = False) -> ListenAddress:
+    """Kine's forms: host:port, http://host:port, https://host:port, unix://path."""
     if text.startswith("unix://"):
         path = text[len("unix://") :]
         return ListenAddress(f"unix:{path}", text)
@@ -68,7 +68,8 @@ def parse_listen_address(text: str) -> ListenAddress:
         raise ValueError(f"invalid listen address {text!r}: expected host:port or unix://path")
     host = host or "0.0.0.0"
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "[::]") else host
-    return ListenAddress(f"{host}:{port}", f"http://{shown}:{port}")
+    scheme = "https" if tls else "http"
+    return ListenAddress(f"{host}:{port}", f"{scheme}://{shown}:{port}")
 
 
 def _id64(*parts: str) -> int:
@@ -93,7 +94,9 @@ class App:
         self.health = metrics.Health()
         self.http: WSGIServer | None = None
         self._health_task: asyncio.Task[None] | None = None
-        self.address = parse_listen_address(settings.listen_address)
+        self.address = parse_listen_address(
+            settings.listen_address, tls=bool(settings.server_cert_file)
+        )
         self.port = 0
 
     async def start(self) -> None:
@@ -137,7 +140,11 @@ class App:
         health_servicer = health.aio.HealthServicer()
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        self.port = server.add_insecure_port(self.address.grpc_target)
+        credentials = self._tls()
+        if credentials is None:
+            self.port = server.add_insecure_port(self.address.grpc_target)
+        else:
+            self.port = server.add_secure_port(self.address.grpc_target, credentials)
         if self.port == 0 and not self.address.grpc_target.startswith("unix:"):
             raise OSError(f"cannot listen on {self.address.grpc_target}")
         await server.start()
@@ -149,6 +156,23 @@ class App:
             "geminikv serving etcd v3 on %s (revision %d)",
             self.address.grpc_target,
             int(self.store.index.rev),
+        )
+
+    def _tls(self) -> grpc.ServerCredentials | None:
+        """Server TLS from Kine's flags; a trusted CA makes client certificates mandatory."""
+        s = self.settings
+        if not s.server_cert_file and not s.server_key_file:
+            return None
+        if not (s.server_cert_file and s.server_key_file):
+            raise ValueError("--server-cert-file and --server-key-file go together")
+        with open(s.server_key_file, "rb") as key, open(s.server_cert_file, "rb") as cert:
+            pair = (key.read(), cert.read())
+        ca = None
+        if s.trusted_ca_file:
+            with open(s.trusted_ca_file, "rb") as f:
+                ca = f.read()
+        return grpc.ssl_server_credentials(
+            [pair], root_certificates=ca, require_client_auth=ca is not None
         )
 
     def _watch_gauges(self) -> None:
