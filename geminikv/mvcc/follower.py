@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -35,9 +35,16 @@ _NO_UPPER = 2**62
 
 class Follower:
     def __init__(
-        self, pool: asyncpg.Pool, index: Index, values: Values, poll_interval: float = 1.0
+        self,
+        pool: asyncpg.Pool,
+        index: Index,
+        values: Values,
+        poll_interval: float = 1.0,
+        connect: Callable[[], Awaitable[asyncpg.Connection]] | None = None,
     ) -> None:
         self.pool = pool
+        # LISTEN needs a connection of its own; without a factory it comes from the pool.
+        self._connect = connect
         self.index = index
         self.values = values
         self.poll_interval = poll_interval
@@ -63,7 +70,7 @@ class Follower:
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._listen_conn = await self.pool.acquire()
+        self._listen_conn = await self._new_listen_conn()
         await self._listen_conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
         self._task = asyncio.create_task(self._run(), name="follower")
 
@@ -74,7 +81,7 @@ class Follower:
         if self._listen_conn is not None:
             with contextlib.suppress(Exception):
                 await self._listen_conn.remove_listener(NOTIFY_CHANNEL, self._on_notify)
-            await self.pool.release(self._listen_conn)
+                await self._close_listen_conn(self._listen_conn)
             self._listen_conn = None
         for futures in self._waiters.values():
             for fut in futures:
@@ -124,7 +131,8 @@ class Follower:
                 waiters, self._read_waiters = self._read_waiters, []
                 try:
                     # On the LISTEN connection: idle otherwise, and no pool round trip.
-                    assert self._listen_conn is not None
+                    if self._listen_conn is None:
+                        raise ConnectionError("PostgreSQL connection lost")
                     with metrics.SQL_SECONDS.labels("read_index").time():
                         rev = int(await self._listen_conn.fetchval(SQL["current_rev"]))
                     metrics.FOLLOWER_LAG.set(max(0, rev - self.applied))
@@ -198,10 +206,40 @@ class Follower:
                 await self._fetch()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("follower: fetching new rows failed; retrying")
+            except Exception as err:
+                log.warning("follower: fetching new rows failed (%s); retrying", err)
                 await asyncio.sleep(0.5)
+                await self._listen_again()
                 self._wake.set()
+
+    async def _new_listen_conn(self) -> asyncpg.Connection:
+        if self._connect is not None:
+            return await self._connect()
+        return await self.pool.acquire()
+
+    async def _close_listen_conn(self, conn: asyncpg.Connection) -> None:
+        if self._connect is not None:
+            await conn.close()
+        else:
+            await self.pool.release(conn)
+
+    async def _listen_again(self) -> None:
+        """After an outage the LISTEN connection is gone: open a new one."""
+        conn = self._listen_conn
+        if conn is not None and not conn.is_closed():
+            return
+        self._listen_conn = None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await self._close_listen_conn(conn)
+        try:
+            fresh = await self._new_listen_conn()
+            await fresh.add_listener(NOTIFY_CHANNEL, self._on_notify)
+        except Exception as err:
+            log.warning("follower: cannot listen yet (%s)", err)
+            return
+        self._listen_conn = fresh
+        log.info("follower listening again")
 
     async def _read_compact_rev(self) -> None:
         async with self.pool.acquire() as conn:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 
@@ -31,13 +31,13 @@ class KVStore:
         writer_conn: asyncpg.Connection,
         poll_interval: float = 1.0,
         value_cache_bytes: int = 128 * 1024 * 1024,
+        reconnect: Callable[[], Awaitable[asyncpg.Connection]] | None = None,
     ) -> None:
         self.pool = pool
         self.index = Index()
         self.values = Values(pool, value_cache_bytes)
-        self.follower = Follower(pool, self.index, self.values, poll_interval)
-        self.writer = Writer(writer_conn, self.index, self.follower, self.values)
-        self._writer_conn = writer_conn
+        self.follower = Follower(pool, self.index, self.values, poll_interval, reconnect)
+        self.writer = Writer(writer_conn, self.index, self.follower, self.values, reconnect)
         self.on_compact: list[Callable[[], None]] = []  # told of every logical compaction
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -62,7 +62,7 @@ class KVStore:
 
     async def _ensure_special_rows(self) -> None:
         """Kine's compact_rev_key row (holds the compact revision) and /registry/health."""
-        conn = self._writer_conn
+        conn = self.writer.conn
         await conn.execute(SQL["begin_locked"])
         try:
             for name, value in ((COMPACT_KEY, b""), (HEALTH_KEY, HEALTH_VALUE)):

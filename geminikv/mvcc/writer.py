@@ -72,9 +72,15 @@ class BatchLeases:
 
 class Writer:
     def __init__(
-        self, conn: asyncpg.Connection, index: Index, follower: Follower, values: Values
+        self,
+        conn: asyncpg.Connection,
+        index: Index,
+        follower: Follower,
+        values: Values,
+        reconnect: Callable[[], Awaitable[asyncpg.Connection]] | None = None,
     ) -> None:
         self.conn = conn
+        self.reconnect = reconnect
         self.index = index
         self.follower = follower
         self.values = values
@@ -119,6 +125,8 @@ class Writer:
                 for req in batch:
                     if not req.future.done():
                         req.future.set_exception(_as_etcd_error(err))
+                if self.conn.is_closed():
+                    await self._reconnect()
                 continue
             if self.follower.applied >= last:
                 _answer(batch)
@@ -126,6 +134,25 @@ class Writer:
                 task = asyncio.create_task(self._answer_when_applied(batch, last))
                 self._answering.add(task)  # held until done (the loop keeps weak refs)
                 task.add_done_callback(self._answering.discard)
+
+    async def _reconnect(self) -> None:
+        """PostgreSQL went away: fail what waits (clients retry), reconnect with backoff."""
+        delay = 0.2
+        while True:
+            while not self._queue.empty():
+                req = self._queue.get_nowait()
+                if not req.future.done():
+                    req.future.set_exception(errors.Unavailable())
+            if self.reconnect is None:
+                raise errors.Unavailable()
+            try:
+                self.conn = await self.reconnect()
+                log.info("writer reconnected to PostgreSQL")
+                return
+            except Exception as err:
+                log.warning("writer: PostgreSQL still unavailable (%s); retrying", err)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def _answer_when_applied(self, batch: list[_Request], last: int) -> None:
         try:

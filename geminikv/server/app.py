@@ -110,7 +110,11 @@ class App:
         await schema.ensure_schema(self.writer_conn)
         self.pool = await database.create_pool(dsn, s.datastore_max_open_connections)
         self.store = KVStore(
-            self.pool, self.writer_conn, s.poll_interval, s.value_cache_size * 1024 * 1024
+            self.pool,
+            self.writer_conn,
+            s.poll_interval,
+            s.value_cache_size * 1024 * 1024,
+            reconnect=lambda: database.connect_once(dsn),
         )
         await self.store.start()
         identity = await self._identity()
@@ -233,9 +237,9 @@ class App:
         if self.pool is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.pool.close(), 5)
-        if self.writer_conn is not None:
+        if self.store is not None:
             with contextlib.suppress(Exception):
-                await self.writer_conn.close()
+                await self.store.writer.conn.close()
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)
 

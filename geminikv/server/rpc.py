@@ -8,11 +8,11 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-import asyncpg
 import grpc
 
 from geminikv import errors, metrics
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
+from geminikv.storage.database import CONNECTION_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def etcd_errors(method: Handler) -> Handler:
         except errors.EtcdError as err:
             metrics.RPC_TOTAL.labels(name, err.code.name).inc()
             await context.abort(err.code, err.message)
-        except (asyncpg.PostgresConnectionError, OSError, ConnectionError) as err:
+        except CONNECTION_ERRORS as err:
             log.warning("%s failed: PostgreSQL unavailable: %s", name, err)
             metrics.RPC_TOTAL.labels(name, "UNAVAILABLE").inc()
             await context.abort(grpc.StatusCode.UNAVAILABLE, errors.Unavailable.message)

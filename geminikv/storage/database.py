@@ -78,6 +78,25 @@ async def connect(dsn: str, timeout: float = 300.0) -> asyncpg.Connection:
             raise DatabaseUnreachable(f"PostgreSQL at {redact(dsn)} refused: {err}") from None
 
 
+async def connect_once(dsn: str) -> asyncpg.Connection:
+    """One attempt (for reconnecting after an outage: the caller retries with backoff)."""
+    dsn, _ = normalise_dsn(dsn)
+    conn = await asyncpg.connect(dsn, timeout=5)
+    await init_connection(conn)
+    return conn
+
+
+# What a lost or restarting PostgreSQL raises (reported to clients as Unavailable).
+CONNECTION_ERRORS = (
+    OSError,
+    ConnectionError,
+    asyncio.TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.OperatorInterventionError,
+)
+
+
 async def create_pool(dsn: str, size: int) -> asyncpg.Pool:
     dsn, _ = normalise_dsn(dsn)
     pool = await asyncpg.create_pool(
