@@ -106,7 +106,7 @@ def settings(args: argparse.Namespace) -> Settings:
         return value if value is not None else (quick if q else full)
 
     return Settings(
-        seconds=pick(args.seconds, 10.0, 2.0),
+        seconds=pick(args.seconds, 10.0, 1.0),
         clients=pick(args.clients, 64, 8),
         connections=pick(args.conns, 4, 2),
         processes=pick(args.processes, 2, 1),

@@ -13,6 +13,7 @@ import shutil
 import time
 from array import array
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -31,6 +32,14 @@ class Job:
     seconds: float
 
 
+@dataclass(frozen=True)
+class Start:
+    """Workers signal ``ready``; the parent sets ``event`` when all have."""
+
+    ready: Any
+    event: Any
+
+
 @dataclass
 class WorkerResult:
     ops: int
@@ -40,7 +49,7 @@ class WorkerResult:
     first_error: str = ""
 
 
-async def _worker(job: Job, worker: int, clients: int, start_at: float) -> WorkerResult:
+async def _worker(job: Job, worker: int, clients: int, go: Start) -> WorkerResult:
     workload = WORKLOADS[job.workload]
     channels = [
         grpc.aio.insecure_channel(job.endpoint, options=CHANNEL_OPTIONS)
@@ -51,7 +60,10 @@ async def _worker(job: Job, worker: int, clients: int, start_at: float) -> Worke
     counts = {"ops": 0, "errors": 0}
     first_error: list[str] = []
     ops = [workload.client(calls[i % len(calls)], job.params, worker, i) for i in range(clients)]
-    await asyncio.sleep(max(0.0, start_at - time.time()))
+    # Every worker starts measuring together, once all are connected and ready.
+    go.ready.release()
+    while not go.event.is_set():
+        await asyncio.sleep(0.01)
     deadline = time.monotonic() + job.seconds
 
     async def client(op):  # type: ignore[no-untyped-def]
@@ -82,16 +94,16 @@ async def _worker(job: Job, worker: int, clients: int, start_at: float) -> Worke
 
 
 def _run_worker(
-    job: Job, worker: int, clients: int, start_at: float, cpus: str | None, out: mp.Queue
+    job: Job, worker: int, clients: int, go: Start, cpus: str | None, out: mp.Queue
 ) -> None:  # type: ignore[type-arg]
     if cpus and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
     try:
         import uvloop
 
-        result = uvloop.run(_worker(job, worker, clients, start_at))
+        result = uvloop.run(_worker(job, worker, clients, go))
     except ImportError:
-        result = asyncio.run(_worker(job, worker, clients, start_at))
+        result = asyncio.run(_worker(job, worker, clients, go))
     out.put((worker, result))
 
 
@@ -99,20 +111,22 @@ def run(job: Job, processes: int, client_cpus: str | None = None) -> list[Worker
     """Run a job across ``processes`` worker processes; returns each worker's result."""
     ctx = mp.get_context("spawn")
     out: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
-    start_at = time.time() + 1.5 + 0.3 * processes  # after every worker has started
+    go = Start(ctx.Semaphore(0), ctx.Event())
     shares = [
         job.clients // processes + (1 if i < job.clients % processes else 0)
         for i in range(processes)
     ]
     procs = [
-        ctx.Process(
-            target=_run_worker, args=(job, i, shares[i], start_at, client_cpus, out), daemon=True
-        )
+        ctx.Process(target=_run_worker, args=(job, i, shares[i], go, client_cpus, out), daemon=True)
         for i in range(processes)
         if shares[i]
     ]
     for proc in procs:
         proc.start()
+    for _ in procs:
+        if not go.ready.acquire(timeout=120):
+            raise RuntimeError("a load worker did not start")
+    go.event.set()
     results = [out.get(timeout=job.seconds + 300) for _ in procs]
     for proc in procs:
         proc.join(30)
