@@ -17,7 +17,7 @@ from pathlib import Path
 import asyncpg
 import grpc
 
-from benchmarks.targets import EtcdTarget
+from benchmarks.targets import EtcdTarget, terminate
 from geminikv.config import Settings
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
 from geminikv.server.app import App
@@ -209,10 +209,4 @@ class GeminiProcess:
             self.process.wait(10)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        terminate(self.process)

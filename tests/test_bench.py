@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.cli import ALL
+
 pytestmark = pytest.mark.slow
 
 
@@ -38,18 +40,7 @@ def test_quick_bench_produces_results(tmp_path: Path) -> None:
     results = json.loads((out / "results.json").read_text())
     assert results["parameters"]["quick"] is True
     assert results["versions"]["geminikv"]
-    assert set(results["workloads"]) == {
-        "create",
-        "update",
-        "get",
-        "get-serializable",
-        "list",
-        "count",
-        "watch",
-        "watch-full",
-        "lease",
-        "mixed",
-    }
+    assert set(results["workloads"]) == set(ALL)
     for name, by_target in results["workloads"].items():
         figures = by_target["geminikv"]
         assert figures["errors"] == 0, (name, figures.get("first_error"))
