@@ -90,7 +90,6 @@ class Compactor:
         async with self.store.pool.acquire() as conn:
             await conn.execute(sql, arg)
         took = time.monotonic() - start
-        metrics.SQL_SECONDS.labels("compact_delete").observe(took)
         self.longest_statement = max(self.longest_statement, took)
 
     async def _automatic(self) -> None:

@@ -51,9 +51,17 @@ class Settings:
     server_cert_file: str = ""
     server_key_file: str = ""
     trusted_ca_file: str = ""
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    skip_verify: bool = False
     datastore_max_open_connections: int = 10
+    datastore_max_idle_connections: int = 0
+    datastore_connection_max_lifetime: float = 0.0
+    datastore_connection_max_idle_time: float = 120.0
     value_cache_size: int = 128
     slow_sql_threshold: float = 1.0
+    slow_sql_warning_threshold: float = 5.0
     log_format: str = "plain"
     debug: bool = False
 
@@ -72,9 +80,18 @@ _HELP: dict[str, str] = {
     "server_cert_file": "TLS certificate for the etcd endpoint (with --server-key-file)",
     "server_key_file": "TLS key for the etcd endpoint",
     "trusted_ca_file": "CA for client certificates: when set, clients must present one",
-    "datastore_max_open_connections": "PostgreSQL connections in the pool",
+    "ca_file": "CA that signed PostgreSQL's certificate (enables TLS to PostgreSQL)",
+    "cert_file": "client certificate presented to PostgreSQL (with --key-file)",
+    "key_file": "key of the client certificate presented to PostgreSQL",
+    "skip_verify": "TLS to PostgreSQL without verifying its certificate",
+    "datastore_max_open_connections": "PostgreSQL connections in the read pool",
+    "datastore_max_idle_connections": "accepted for Kine compatibility; no effect (idle "
+    "connections are closed after --datastore-connection-max-idle-time)",
+    "datastore_connection_max_lifetime": "accepted for Kine compatibility; no effect",
+    "datastore_connection_max_idle_time": "close pooled connections idle this long",
     "value_cache_size": "MiB of values kept in memory (0 = read every value from PostgreSQL)",
-    "slow_sql_threshold": "log SQL statements slower than this",
+    "slow_sql_threshold": "log SQL statements slower than this (info; 0 = off)",
+    "slow_sql_warning_threshold": "log SQL statements slower than this as warnings (0 = off)",
     "log_format": "plain or json",
     "debug": "debug logging",
 }

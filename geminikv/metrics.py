@@ -41,6 +41,11 @@ SQL_SECONDS = Histogram(
     ["statement"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
 )
+SQL_TOTAL = Counter(
+    "geminikv_sql_statements_total",
+    "SQL statements run, by name and result",
+    ["statement", "result"],
+)
 REVISION = Gauge("geminikv_revision", "Newest revision applied to this process's index")
 COMPACT_REVISION = Gauge("geminikv_compact_revision", "The compact revision")
 FOLLOWER_LAG = Gauge(

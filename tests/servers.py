@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -34,6 +37,51 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def start_postgres(data: Path) -> str:
+    """Start an embedded PostgreSQL on ``data`` from a helper process and return its DSN.
+
+    From a separate process: forking a process that runs gRPC (this one) can crash the
+    child in gRPC's fork handlers. The server outlives the helper."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from geminikv.storage.embedded import EmbeddedPostgres as E; "
+            "E(sys.argv[1]).start()",
+            str(data),
+        ],
+        check=True,
+        timeout=120,
+    )
+    return EmbeddedPostgres(data).dsn()
+
+
+def postgres_pid(data: Path) -> int | None:
+    pidfile = data / "pgdata" / "postmaster.pid"
+    try:
+        return int(pidfile.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def stop_postgres(data: Path, sig: int = signal.SIGINT, timeout: float = 60.0) -> None:
+    """Stop the server on ``data``: SIGINT = fast shutdown (commits kept, clients cut off),
+    SIGQUIT = immediate shutdown (crash recovery at the next start); wait until it is down."""
+    pid = postgres_pid(data)
+    if pid is None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"PostgreSQL {pid} did not stop")
 
 
 class Postgres:

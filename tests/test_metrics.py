@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import urllib.error
 import urllib.request
@@ -64,13 +65,45 @@ def test_metrics_and_health_after_traffic(postgres: Postgres) -> None:
         )
         assert m[("geminikv_grpc_request_duration_seconds_count", (("method", "Put"),))] == 20
         assert m[("geminikv_writer_batch_requests_count", ())] >= 1
-        assert m[("geminikv_sql_duration_seconds_count", (("statement", "insert_rows"),))] >= 1
-        assert m[("geminikv_sql_duration_seconds_count", (("statement", "read_index"),))] >= 1
+        # every statement is timed under its name (writes: lock, insert, commit; linearizable
+        # reads: the current revision)
+        for statement in ("begin_locked", "insert_rows_returning", "commit", "current_rev"):
+            key = ("geminikv_sql_duration_seconds_count", (("statement", statement),))
+            assert m[key] >= 1, statement
+        ok = ("geminikv_sql_statements_total", (("result", "ok"), ("statement", "commit")))
+        assert m[ok] >= 1
         m = after  # gauges: absolute
         assert m[("geminikv_revision", ())] == head
         assert m[("geminikv_watch_streams", ())] == 1
         assert m[("geminikv_watchers", ())] == 1
         assert m[("geminikv_leader", ())] == 1
         watch.close()
+    finally:
+        server.stop()
+
+
+def test_slow_sql_is_logged_with_statement_name(
+    postgres: Postgres, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = GeminiServer(
+        postgres.new_database("slowsql"), slow_sql_threshold=1e-9, slow_sql_warning_threshold=0.0
+    ).start()
+    try:
+        caplog.set_level(logging.INFO, logger="geminikv.sql")
+        stubs = server.stubs()
+        stubs.kv.Put(pb.PutRequest(key=b"/slow/a", value=b"v"))
+        stubs.kv.Range(pb.RangeRequest(key=b"/slow/a"))
+        stubs.close()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not any(
+            "statement=commit" in r.getMessage() for r in caplog.records
+        ):
+            time.sleep(0.05)
+        lines = [r.getMessage() for r in caplog.records if r.name == "geminikv.sql"]
+        assert any("slow SQL: statement=insert_rows_returning duration=" in x for x in lines)
+        assert any("statement=commit" in x for x in lines)
+        # below the warning threshold (off here): info, one line each, no traceback
+        assert {r.levelno for r in caplog.records if r.name == "geminikv.sql"} == {logging.INFO}
+        assert all(r.exc_info is None for r in caplog.records if r.name == "geminikv.sql")
     finally:
         server.stop()

@@ -3,11 +3,7 @@ health endpoints follow, and geminikv recovers by itself losing no acknowledged 
 
 from __future__ import annotations
 
-import contextlib
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -15,10 +11,11 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+import pytest
 
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
-from geminikv.storage.embedded import EmbeddedPostgres
-from tests.servers import GeminiServer, free_port
+from tests.servers import GeminiServer, free_port, start_postgres, stop_postgres
+from tests.watching import WatchClient
 
 
 def _ready(url: str) -> int:
@@ -40,41 +37,16 @@ def _until(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-untyped
     raise AssertionError("condition not reached in time")
 
 
-def _start_postgres(data: Path) -> str:
-    # From a separate process: forking a process that runs gRPC (this one) can crash the
-    # child in gRPC's fork handlers. The server outlives the helper.
-    subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from geminikv.storage.embedded import EmbeddedPostgres as E; "
-            "E(sys.argv[1]).start()",
-            str(data),
-        ],
-        check=True,
-        timeout=120,
-    )
-    return EmbeddedPostgres(data).dsn()
-
-
-def _stop_postgres(data: Path) -> None:
-    """Fast shutdown (committed transactions are kept), and wait until it is down."""
-    pidfile = data / "pgdata" / "postmaster.pid"
-    if not pidfile.exists():
-        return
-    pid = int(pidfile.read_text().split()[0])
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGINT)
-    _until(lambda: not pidfile.exists())
-
-
-def test_postgres_restart_under_write_load(tmp_path: Path) -> None:
+@pytest.mark.parametrize("shutdown", [signal.SIGINT, signal.SIGQUIT], ids=["fast", "immediate"])
+def test_postgres_restart_under_write_load(tmp_path: Path, shutdown: signal.Signals) -> None:
+    """Fast shutdown (SIGINT) or immediate shutdown (SIGQUIT: crash recovery at start)."""
     data = tmp_path / "pg"
-    dsn = _start_postgres(data)
+    dsn = start_postgres(data)
     port = free_port()
     server = GeminiServer(dsn, metrics_bind_address=f"127.0.0.1:{port}").start()
     ready = f"http://127.0.0.1:{port}/readyz"
     acked: dict[bytes, bytes] = {}
+    every_ack: list[tuple[bytes, bytes]] = []
     codes: set[grpc.StatusCode] = set()
     stop = threading.Event()
 
@@ -86,6 +58,7 @@ def test_postgres_restart_under_write_load(tmp_path: Path) -> None:
             try:
                 kv.Put(pb.PutRequest(key=key, value=value), timeout=5)
                 acked[key] = value
+                every_ack.append((key, value))
             except grpc.RpcError as err:
                 codes.add(err.code())
                 time.sleep(0.05)
@@ -93,14 +66,16 @@ def test_postgres_restart_under_write_load(tmp_path: Path) -> None:
 
     try:
         _until(lambda: _ready(ready) == 200)
+        watcher = WatchClient(server.stubs())
+        watcher.create(key=b"/outage/", range_end=b"/outage0")
         writer = threading.Thread(target=write)
         writer.start()
         time.sleep(1.0)
         before = len(acked)
-        _stop_postgres(data)
+        stop_postgres(data, shutdown)
         _until(lambda: _ready(ready) == 503)
         time.sleep(1.0)
-        _start_postgres(data)
+        start_postgres(data)
         _until(lambda: _ready(ready) == 200)
         at_restart = dict(acked)
         time.sleep(2.0)
@@ -117,7 +92,16 @@ def test_postgres_restart_under_write_load(tmp_path: Path) -> None:
             # outage (applied entirely or not at all, never an older one)
             stored = kv.Range(pb.RangeRequest(key=key)).kvs[0].value
             assert int(stored) >= int(value)
+        # the watch opened before the outage saw every acknowledged write, in order, once
+        responses = watcher.drain()
+        assert watcher.error is None and not any(r.canceled for r in responses)
+        events = [(e.kv.key, e.kv.value, e.kv.mod_revision) for r in responses for e in r.events]
+        revisions = [rev for _, _, rev in events]
+        assert revisions == sorted(set(revisions)), "watch events out of order or repeated"
+        seen = {(k, v) for k, v, _ in events}
+        assert all(ack in seen for ack in every_ack), "a watch missed an acknowledged write"
+        watcher.close()
     finally:
         stop.set()
         server.stop()
-        _stop_postgres(data)
+        stop_postgres(data)

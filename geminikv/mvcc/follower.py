@@ -133,8 +133,7 @@ class Follower:
                     # On the LISTEN connection: idle otherwise, and no pool round trip.
                     if self._listen_conn is None:
                         raise ConnectionError("PostgreSQL connection lost")
-                    with metrics.SQL_SECONDS.labels("read_index").time():
-                        rev = int(await self._listen_conn.fetchval(SQL["current_rev"]))
+                    rev = int(await self._listen_conn.fetchval(SQL["current_rev"]))
                     metrics.FOLLOWER_LAG.set(max(0, rev - self.applied))
                 except Exception as err:  # handed to every waiting reader
                     for fut in waiters:

@@ -23,7 +23,6 @@ from typing import Any
 import asyncpg
 
 from geminikv import errors, metrics, tasks
-from geminikv.metrics import SQL_SECONDS
 from geminikv.mvcc.follower import Follower
 from geminikv.mvcc.index import Index
 from geminikv.mvcc.txn import Evaluator
@@ -169,27 +168,22 @@ class Writer:
         conn = self.conn
         started = time.perf_counter()
         metrics.WRITER_BATCH.observe(len(batch))
-        with SQL_SECONDS.labels("begin_locked").time():
-            await conn.execute(SQL["begin_locked"])
+        await conn.execute(SQL["begin_locked"])
         try:
-            with SQL_SECONDS.labels("current_rev").time():
-                current = int(await conn.fetchval(SQL["current_rev"]))
+            current = int(await conn.fetchval(SQL["current_rev"]))
             await self.follower.wait_for(current)
             leases = await self._leases(batch)
             view, rows = await self._evaluate_with_ids(
                 batch, max(current, self._last_id) + 1, leases
             )
             if rows:
-                with SQL_SECONDS.labels("insert_rows").time():
-                    returned = await conn.fetch(
-                        SQL["insert_rows"] + " RETURNING id, old_value",
-                        *queries.insert_args(rows),
-                    )
+                returned = await conn.fetch(
+                    SQL["insert_rows_returning"], *queries.insert_args(rows)
+                )
                 await conn.execute(SQL["notify"], b"%d" % rows[-1][0])
             if view.revoked_leases:
                 await conn.execute(SQL["lease_delete"], view.revoked_leases)
-            with SQL_SECONDS.labels("commit").time():
-                await conn.execute("COMMIT")
+            await conn.execute("COMMIT")
             metrics.WRITER_COMMIT_SECONDS.observe(time.perf_counter() - started)
         except BaseException:
             with contextlib.suppress(Exception):

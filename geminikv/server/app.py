@@ -32,6 +32,7 @@ from geminikv.server.rpc import Identity, unimplemented
 from geminikv.server.watch import WatchService
 from geminikv.storage import database, schema
 from geminikv.storage.embedded import EmbeddedPostgres
+from geminikv.storage.sqlstats import SqlObserver
 from geminikv.watch.hub import Hub
 
 log = logging.getLogger(__name__)
@@ -106,15 +107,28 @@ class App:
             self.embedded = EmbeddedPostgres(s.data_dir)
             dsn = await asyncio.to_thread(self.embedded.start)
         log.info("connecting to PostgreSQL at %s", database.redact(dsn))
-        self.writer_conn = await database.connect(dsn)
+        if s.datastore_max_idle_connections or s.datastore_connection_max_lifetime:
+            log.warning(
+                "--datastore-max-idle-connections and --datastore-connection-max-lifetime "
+                "have no effect in geminikv (asyncpg's pool closes idle connections after "
+                "--datastore-connection-max-idle-time)"
+            )
+        backend = database.Backend.create(
+            dsn,
+            database.client_tls(s.ca_file, s.cert_file, s.key_file, s.skip_verify),
+            SqlObserver(s.slow_sql_threshold, s.slow_sql_warning_threshold),
+        )
+        self.writer_conn = await database.connect(backend)
         await schema.ensure_schema(self.writer_conn)
-        self.pool = await database.create_pool(dsn, s.datastore_max_open_connections)
+        self.pool = await database.create_pool(
+            backend, s.datastore_max_open_connections, s.datastore_connection_max_idle_time
+        )
         self.store = KVStore(
             self.pool,
             self.writer_conn,
             s.poll_interval,
             s.value_cache_size * 1024 * 1024,
-            reconnect=lambda: database.connect_once(dsn),
+            reconnect=lambda: database.connect_once(backend),
         )
         await self.store.start()
         identity = await self._identity()
@@ -132,7 +146,7 @@ class App:
         rpc_pb2_grpc.add_WatchServicer_to_server(self.watch, server)
         self.leases = Leases(self.store)
         self.compactor = Compactor(self.store, s)
-        self.leader = Leader(lambda: database.connect(dsn))
+        self.leader = Leader(lambda: database.connect(backend))
         self.leader.duties += [self.leases.expire, self.compactor.run]
         self.leader.on_change += [self.leases.leadership, self.compactor.leadership]
         self.store.on_compact.append(self.leader.wake)
@@ -219,15 +233,21 @@ class App:
         return Identity(cluster, member, host, self.address.client_url)
 
     async def stop(self) -> None:
+        # Stop accepting calls, let unary calls in flight finish (the writer still runs),
+        # and end watch streams so the server can drain.
+        draining = None
+        if self.server is not None:
+            draining = asyncio.create_task(self.server.stop(grace=5))
+            await asyncio.sleep(0)
+        if self.watch is not None:
+            await self.watch.stop()
+        if draining is not None:
+            await draining
+            self.server = None
         await tasks.stop(self._health_task)
         if self.http is not None:
-            self.http.shutdown()
+            await asyncio.to_thread(self.http.shutdown)  # blocks up to its poll interval
             self.http.server_close()
-        if self.watch is not None:
-            await self.watch.stop()  # ends watch streams so the server can drain
-        if self.server is not None:
-            await self.server.stop(grace=5)
-            self.server = None
         if self.hub is not None:
             await self.hub.stop()
         if self.leader is not None:

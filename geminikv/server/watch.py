@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from geminikv import tasks
+from geminikv.errors import ServerStopped
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
 from geminikv.server.rpc import Identity
@@ -28,11 +29,15 @@ class WatchService(rpc_pb2_grpc.WatchServicer):
         self.progress_interval = progress_interval
         self.streams: set[WatchStream] = set()
         self._ticker: asyncio.Task[None] | None = None
+        self.stopping = False
 
     def start(self) -> None:
         self._ticker = asyncio.create_task(self._tick(), name="watch-progress")
 
     async def stop(self) -> None:
+        """End every stream with etcd's "server stopped" (Unavailable): clients resume
+        their watches on another endpoint."""
+        self.stopping = True
         await tasks.stop(self._ticker)
         for stream in list(self.streams):
             stream.close()
@@ -64,6 +69,8 @@ class WatchService(rpc_pb2_grpc.WatchServicer):
                 if stream.pending():
                     # Busy: let events gather so each watcher gets fewer, larger messages.
                     await asyncio.sleep(COALESCE_SECONDS)
+            if self.stopping:
+                await context.abort(ServerStopped.code, ServerStopped.message)
         finally:
             receiver.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+
+from geminikv.storage.sqlstats import SqlObserver
 
 log = logging.getLogger(__name__)
 
@@ -36,54 +40,91 @@ def redact(dsn: str) -> str:
     return dsn
 
 
-async def init_connection(conn: asyncpg.Connection) -> None:
-    """Keys travel as bytes: decode text/varchar as raw UTF-8 without a Python str."""
-    for typename in ("text", "varchar"):
-        await conn.set_type_codec(
-            typename,
-            schema="pg_catalog",
-            encoder=_identity,
-            decoder=_identity,
-            format="binary",
-        )
+def client_tls(
+    ca_file: str = "", cert_file: str = "", key_file: str = "", skip_verify: bool = False
+) -> ssl.SSLContext | None:
+    """Kine's backend TLS flags as an SSL context; None leaves TLS to the DSN's sslmode."""
+    if not (ca_file or cert_file or key_file or skip_verify):
+        return None
+    context = ssl.create_default_context(cafile=ca_file or None)
+    if cert_file:
+        context.load_cert_chain(cert_file, key_file or None)
+    if skip_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How to reach PostgreSQL: the DSN, TLS, and the observer timing every statement."""
+
+    dsn: str
+    database: str
+    tls: ssl.SSLContext | None = None
+    observer: SqlObserver = field(default_factory=SqlObserver)
+
+    @classmethod
+    def create(
+        cls, dsn: str, tls: ssl.SSLContext | None = None, observer: SqlObserver | None = None
+    ) -> Backend:
+        dsn, database = normalise_dsn(dsn)
+        return cls(dsn, database, tls, observer or SqlObserver())
+
+    async def init_connection(self, conn: asyncpg.Connection) -> None:
+        """Keys travel as bytes: decode text/varchar as raw UTF-8 without a Python str."""
+        for typename in ("text", "varchar"):
+            await conn.set_type_codec(
+                typename,
+                schema="pg_catalog",
+                encoder=_identity,
+                decoder=_identity,
+                format="binary",
+            )
+        conn.add_query_logger(self.observer)
+
+    async def _open(self, timeout: float = 60.0) -> asyncpg.Connection:
+        kwargs: dict[str, Any] = {"timeout": timeout}
+        if self.tls is not None:
+            kwargs["ssl"] = self.tls
+        conn = await asyncpg.connect(self.dsn, **kwargs)
+        await self.init_connection(conn)
+        return conn
 
 
 def _identity(value: Any) -> Any:
     return value
 
 
-async def connect(dsn: str, timeout: float = 300.0) -> asyncpg.Connection:
+async def connect(backend: Backend, timeout: float = 300.0) -> asyncpg.Connection:
     """Connect, creating the database if missing; retry (logging) until ``timeout``."""
-    dsn, database = normalise_dsn(dsn)
     deadline = time.monotonic() + timeout
     logged = False
+    where = redact(backend.dsn)
     while True:
         try:
-            conn = await asyncpg.connect(dsn)
-            await init_connection(conn)
-            return conn
+            return await backend._open()
         except asyncpg.InvalidCatalogNameError:
-            await _create_database(dsn, database)
+            await _create_database(backend)
             continue
+        except ssl.SSLError as err:  # a certificate problem does not go away by retrying
+            raise DatabaseUnreachable(f"TLS to PostgreSQL at {where} failed: {err}") from None
         except (TimeoutError, OSError, asyncpg.CannotConnectNowError) as err:
             if time.monotonic() >= deadline:
                 raise DatabaseUnreachable(
-                    f"cannot connect to PostgreSQL at {redact(dsn)}: {err}"
+                    f"cannot connect to PostgreSQL at {where}: {err}"
                 ) from None
             if not logged:
-                log.info("waiting for PostgreSQL at %s (%s)", redact(dsn), err)
+                log.info("waiting for PostgreSQL at %s (%s)", where, err)
                 logged = True
             await asyncio.sleep(1.0)
         except asyncpg.PostgresError as err:
-            raise DatabaseUnreachable(f"PostgreSQL at {redact(dsn)} refused: {err}") from None
+            raise DatabaseUnreachable(f"PostgreSQL at {where} refused: {err}") from None
 
 
-async def connect_once(dsn: str) -> asyncpg.Connection:
+async def connect_once(backend: Backend) -> asyncpg.Connection:
     """One attempt (for reconnecting after an outage: the caller retries with backoff)."""
-    dsn, _ = normalise_dsn(dsn)
-    conn = await asyncpg.connect(dsn, timeout=5)
-    await init_connection(conn)
-    return conn
+    return await backend._open(timeout=5)
 
 
 # What a lost or restarting PostgreSQL raises (reported to clients as Unavailable).
@@ -97,15 +138,16 @@ CONNECTION_ERRORS = (
 )
 
 
-async def create_pool(dsn: str, size: int) -> asyncpg.Pool:
-    dsn, _ = normalise_dsn(dsn)
+async def create_pool(backend: Backend, size: int, max_idle_time: float) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
-        dsn,
+        backend.dsn,
         min_size=1,
         max_size=max(1, size),
-        init=init_connection,
+        max_inactive_connection_lifetime=max_idle_time,
+        init=backend.init_connection,
         reset=_keep_session,
         statement_cache_size=256,
+        ssl=backend.tls,
     )
     assert pool is not None
     return pool
@@ -116,12 +158,13 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     state behind (advisory locks are transaction-scoped; LISTEN uses its own connection)."""
 
 
-async def _create_database(dsn: str, database: str) -> None:
-    admin = urlunsplit(urlsplit(dsn)._replace(path="/postgres"))
-    conn = await asyncpg.connect(admin)
+async def _create_database(backend: Backend) -> None:
+    admin = urlunsplit(urlsplit(backend.dsn)._replace(path="/postgres"))
+    kwargs: dict[str, Any] = {} if backend.tls is None else {"ssl": backend.tls}
+    conn = await asyncpg.connect(admin, **kwargs)
     try:
-        log.info("creating database %r", database)
-        await conn.execute(f'CREATE DATABASE "{database}"')
+        log.info("creating database %r", backend.database)
+        await conn.execute(f'CREATE DATABASE "{backend.database}"')
     except asyncpg.DuplicateDatabaseError:
         pass
     finally:

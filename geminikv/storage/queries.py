@@ -53,6 +53,7 @@ SQL: dict[str, str] = {
           AS t(id, name, created, deleted, create_revision, prev_revision, lease,
                value, old_value, old_known, version)
     """,
+    "insert_rows_returning": "",  # insert_rows + RETURNING, set below
     "fill_gap": """
         INSERT INTO kine (id, name, created, deleted, create_revision, prev_revision, lease,
                           value, old_value)
@@ -99,6 +100,21 @@ SQL: dict[str, str] = {
     """,
     "db_size": "SELECT pg_total_relation_size('kine')",
 }
+
+SQL["insert_rows_returning"] = SQL["insert_rows"] + " RETURNING id, old_value"
+
+# Statement text -> name, for timing every statement (see sqlstats.py).
+NAMES: dict[str, str] = {text: name for name, text in SQL.items()}
+
+
+def statement_name(query: str) -> str:
+    """The name of a statement in SQL, else its first keyword (COMMIT, ROLLBACK, …)."""
+    name = NAMES.get(query)
+    if name is not None:
+        return name
+    head = query.split(None, 1)
+    return head[0].lower() if head else "empty"
+
 
 Row = tuple[int, bytes, int, int, int, int, int, int | None]
 """(id, name, created, deleted, create_revision, prev_revision, lease, version)."""
