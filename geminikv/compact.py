@@ -57,7 +57,11 @@ class Compactor:
     async def purge(self, target: int) -> None:
         """Delete every row a compaction at ``target`` made unreachable."""
         started = time.monotonic()
-        ids = self.store.index.plan_compaction(target)
+        # The newest row stays even when it is a compacted tombstone: MAX(id) is the
+        # current revision, and it must never go down (a lower one means a restored
+        # database, see KVStore.rewound).
+        newest = int(self.store.index.rev)
+        ids = [i for i in self.store.index.plan_compaction(target) if i != newest]
         pool = self.store.pool
         for i in range(0, len(ids), DELETE_BATCH):
             await self._timed(SQL["delete_rows"], ids[i : i + DELETE_BATCH])

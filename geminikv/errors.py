@@ -98,6 +98,13 @@ class ServerStopped(Unavailable):
     message = "etcdserver: server stopped"
 
 
+class Rewound(Unavailable):
+    """PostgreSQL's newest revision went below one already served (a restore from an
+    older backup, a failover to a lagging replica): geminikv rebuilds its index."""
+
+    message = "geminikv: the database revision went backwards; rebuilding the index"
+
+
 class Unimplemented(EtcdError):
     code = grpc.StatusCode.UNIMPLEMENTED
 

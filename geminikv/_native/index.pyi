@@ -12,6 +12,7 @@ class Index:
     compact_rev: int
     live: int
     def __len__(self) -> int: ...
+    def take(self, other: Index) -> None: ...
     def put(
         self,
         key: bytes,

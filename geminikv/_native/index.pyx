@@ -104,6 +104,20 @@ cdef class Index:
         self.compact_rev = 0
         self.live = 0
 
+    def take(self, Index other):
+        """Become ``other`` (which is left empty), in one step: a rebuilt index replaces
+        this one while every holder keeps its reference."""
+        self.chunks, other.chunks = other.chunks, [[]]
+        self.firsts, other.firsts = other.firsts, [b""]
+        self.by_key, other.by_key = other.by_key, {}
+        self.by_lease, other.by_lease = other.by_lease, {}
+        self.dirty_revs, other.dirty_revs = other.dirty_revs, []
+        self.dirty_keys, other.dirty_keys = other.dirty_keys, []
+        self.dirty_head, other.dirty_head = other.dirty_head, 0
+        self.rev, other.rev = other.rev, 1
+        self.compact_rev, other.compact_rev = other.compact_rev, 0
+        self.live, other.live = other.live, 0
+
     def __len__(self):
         """Number of keys with retained history (live or tombstoned)."""
         return len(self.by_key)

@@ -19,7 +19,7 @@ from typing import Any
 
 import asyncpg
 
-from geminikv import metrics, tasks
+from geminikv import errors, metrics, tasks
 from geminikv.mvcc.events import AppliedRow, Event
 from geminikv.mvcc.index import Index, apply_row
 from geminikv.mvcc.values import Values
@@ -62,6 +62,8 @@ class Follower:
         self.physical_rev = 0
         self._compact_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._compacting: asyncio.Task[None] | None = None
+        # told when PostgreSQL's newest revision is below the applied one (see KVStore)
+        self.on_rewind: Callable[[int], None] | None = None
 
     @property
     def applied(self) -> int:
@@ -121,6 +123,7 @@ class Follower:
             self._read_running = True
             self._read_task = asyncio.create_task(self._read_loop(), name="read-index")
         rev = await fut
+        self.check_not_rewound(rev)
         if self.applied < rev:
             await self.wait_for(rev)
         return rev
@@ -145,6 +148,25 @@ class Follower:
                         fut.set_result(rev)
         finally:
             self._read_running = False
+
+    def check_not_rewound(self, newest: int) -> None:
+        """``newest`` is PostgreSQL's newest revision: below the applied one, the database
+        has lost revisions this process served."""
+        if newest < self.applied:
+            if self.on_rewind is not None:
+                self.on_rewind(newest)
+            raise errors.Rewound()
+
+    def reset(self) -> None:
+        """Forget everything applied (before the index is rebuilt from the table)."""
+        self._pending.clear()
+        self._gap_seen = None
+        self.physical_rev = 0
+        for futures in self._waiters.values():
+            for fut in futures:
+                if not fut.done():
+                    fut.set_exception(errors.Rewound())
+        self._waiters.clear()
 
     async def wait_compacted(self, rev: int) -> None:
         """Return once the rows a compaction at ``rev`` made unreachable are deleted."""

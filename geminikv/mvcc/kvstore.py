@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
 
 import asyncpg
 
-from geminikv import errors
+from geminikv import errors, tasks
 from geminikv.mvcc import ranges, txn
 from geminikv.mvcc.follower import Follower
 from geminikv.mvcc.index import Index, apply_row
@@ -39,6 +40,11 @@ class KVStore:
         self.follower = Follower(pool, self.index, self.values, poll_interval, reconnect)
         self.writer = Writer(writer_conn, self.index, self.follower, self.values, reconnect)
         self.on_compact: list[Callable[[], None]] = []  # told of every logical compaction
+        # told (with a reason) when the database lost revisions this process served
+        self.on_rewind: list[Callable[[str], None]] = []
+        self.rebuilding = False
+        self._rebuild_task: asyncio.Task[None] | None = None
+        self.follower.on_rewind = self.rewound
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -57,6 +63,7 @@ class KVStore:
         await self.writer.start()
 
     async def stop(self) -> None:
+        await tasks.stop(self._rebuild_task)
         await self.writer.stop()
         await self.follower.stop()
 
@@ -73,17 +80,57 @@ class KVStore:
             await conn.execute("ROLLBACK")
             raise
 
-    async def _load_index(self) -> None:
-        index = self.index
+    async def _load_index(self, index: Index | None = None) -> None:
+        index = self.index if index is None else index
         async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
             index.compact_rev = int(await conn.fetchval(SQL["compact_rev"]))
             async for r in conn.cursor(SQL["all_rows"], prefetch=20000):
                 apply_row(index, r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7])
 
+    # -- a database that went back in time --------------------------------------------
+
+    def rewound(self, newest: int) -> None:
+        """PostgreSQL's newest revision is below the one this process applied: it was
+        restored from an older backup or failed over to a lagging replica. Stop serving
+        the lost future, cancel every watch, rebuild the index from the table."""
+        if self.rebuilding:
+            return
+        reason = (
+            f"geminikv: the database revision went backwards from {int(self.index.rev)} "
+            f"to {newest} (restored from a backup, or failed over to a lagging replica); "
+            "watch again from a current revision"
+        )
+        log.error("%s; rebuilding the index", reason.removeprefix("geminikv: "))
+        self.rebuilding = True
+        for callback in self.on_rewind:
+            callback(reason)
+        self._rebuild_task = asyncio.create_task(self._rebuild(), name="index-rebuild")
+
+    async def _rebuild(self) -> None:
+        while True:
+            try:
+                fresh = Index()
+                await self._load_index(fresh)
+                break
+            except Exception as err:  # e.g. PostgreSQL still restarting: try again
+                log.warning("rebuilding the index failed (%s); retrying", err)
+                await asyncio.sleep(1.0)
+        self.follower.reset()
+        self.values.clear()
+        self.writer.reset()
+        self.index.take(fresh)  # in one step: no request sees a half-built index
+        self.rebuilding = False
+        log.info("index rebuilt: %d keys, revision %d", self.index.live, self.index.rev)
+
+    def _check_serving(self) -> None:
+        if self.rebuilding:
+            raise errors.Rewound()
+
     # -- reads -------------------------------------------------------------------------
 
     async def range(self, req: pb.RangeRequest) -> pb.RangeResponse:
         txn.check_range(req)
+        self._check_serving()
         if not req.serializable:
             await self.follower.read_index()
         index = self.index
@@ -122,12 +169,14 @@ class KVStore:
     async def put(self, req: pb.PutRequest) -> pb.PutResponse:
         txn.check_size(req)
         txn.check_put(req)
+        self._check_serving()
         resp: pb.PutResponse = await self.writer.submit(lambda ev: ev.put(req), txn.lease_ids(req))
         return resp
 
     async def delete_range(self, req: pb.DeleteRangeRequest) -> pb.DeleteRangeResponse:
         txn.check_size(req)
         txn.check_delete(req)
+        self._check_serving()
         resp: pb.DeleteRangeResponse = await self.writer.submit(lambda ev: ev.delete_range(req))
         return resp
 
@@ -136,11 +185,13 @@ class KVStore:
         txn.check_txn(req)
         txn.check_intervals(req.success)
         txn.check_intervals(req.failure)
+        self._check_serving()
         resp: pb.TxnResponse = await self.writer.submit(lambda ev: ev.txn(req), txn.lease_ids(req))
         return resp
 
     async def compact(self, req: pb.CompactionRequest) -> pb.CompactionResponse:
         """Logical compaction: reads and watches below the revision fail from now on."""
+        self._check_serving()
         async with self.pool.acquire() as conn:
             await conn.execute(SQL["begin_locked"])
             try:

@@ -30,6 +30,11 @@ class Values:
         self.hits = 0
         self.misses = 0
 
+    def clear(self) -> None:
+        """Forget every cached value (row ids of a restored database mean other rows)."""
+        self._cache.clear()
+        self.bytes = 0
+
     def remember(self, rid: int, value: bytes) -> None:
         if self.max_bytes <= 0 or rid in self._cache:
             return

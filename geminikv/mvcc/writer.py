@@ -88,6 +88,10 @@ class Writer:
         self._last_id = 0
         self._answering: set[asyncio.Task[None]] = set()
 
+    def reset(self) -> None:
+        """The index is being rebuilt: forget the last id drawn (only a guess anyway)."""
+        self._last_id = 0
+
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="writer")
 
@@ -171,6 +175,7 @@ class Writer:
         await conn.execute(SQL["begin_locked"])
         try:
             current = int(await conn.fetchval(SQL["current_rev"]))
+            self.follower.check_not_rewound(current)
             await self.follower.wait_for(current)
             leases = await self._leases(batch)
             view, rows = await self._evaluate_with_ids(

@@ -141,6 +141,9 @@ class App:
         rpc_pb2_grpc.add_ClusterServicer_to_server(ClusterService(self.store, identity), server)
         self.hub = Hub(self.pool, self.store.index, self.store.follower)
         await self.hub.start()
+        self.store.on_rewind.append(self.hub.cancel_all)
+        store = self.store
+        self.hub.rebuilding = lambda: store.rebuilding
         self.watch = WatchService(self.hub, identity, s.watch_progress_notify_interval)
         self.watch.start()
         rpc_pb2_grpc.add_WatchServicer_to_server(self.watch, server)

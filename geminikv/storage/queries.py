@@ -96,7 +96,7 @@ SQL: dict[str, str] = {
         DELETE FROM kine WHERE id IN (
             SELECT id FROM kine
             WHERE id <= $1 AND deleted = 1 AND created = 0 AND prev_revision = 0
-              AND name LIKE 'gap-%' LIMIT $2)
+              AND name LIKE 'gap-%' AND id < (SELECT MAX(id) FROM kine) LIMIT $2)
     """,
     "db_size": "SELECT pg_total_relation_size('kine')",
 }

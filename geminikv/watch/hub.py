@@ -98,6 +98,8 @@ class Hub:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.on_compacted: Callable[[Watcher, int], None] | None = None
+        # True while the index is rebuilt after the database lost revisions (KVStore)
+        self.rebuilding: Callable[[], bool] = lambda: False
         follower.subscribers.append(self._publish)
 
     @property
@@ -110,6 +112,13 @@ class Hub:
     async def stop(self) -> None:
         await tasks.stop(self._task)
         self._task = None
+        self.synced.clear()
+        self.unsynced.clear()
+
+    def cancel_all(self, reason: str) -> None:
+        """End every watcher with ``reason`` (the database lost revisions they saw)."""
+        for watcher in list(self.synced) + list(self.unsynced):
+            watcher.stream.cancel_with_reason(watcher, reason)
         self.synced.clear()
         self.unsynced.clear()
 

@@ -10,6 +10,7 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 
+from geminikv.errors import Rewound
 from geminikv.mvcc.events import Event
 from geminikv.mvcc.ranges import range_end
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
@@ -20,6 +21,7 @@ MAX_RESPONSE_BYTES = 1536 * 1024  # fragments are cut at etcd's max request size
 
 ERR_EMPTY_RANGE = "mvcc: watcher range is empty"
 ERR_DUPLICATE_ID = "mvcc: duplicate watch ID provided on the WatchStream"
+REBUILDING = Rewound.message
 
 _EVENTS = "events"
 _PROGRESS = "progress"
@@ -75,6 +77,11 @@ class WatchStream:
                 self._response(
                     -1, current, created=True, canceled=True, cancel_reason=ERR_EMPTY_RANGE
                 )
+            )
+            return
+        if self.hub.rebuilding():
+            self._control(
+                self._response(-1, current, created=True, canceled=True, cancel_reason=REBUILDING)
             )
             return
         watch_id = req.watch_id
@@ -150,6 +157,13 @@ class WatchStream:
         self._queued[watcher] = queued
         if queued > MAX_QUEUED_EVENTS:
             self._fall_behind(watcher)
+
+    def cancel_with_reason(self, watcher: Watcher, reason: str) -> None:
+        """Cancel, dropping what is queued for the watcher: nothing more reaches it."""
+        self.watchers.pop(watcher.id, None)
+        self.hub.remove(watcher)
+        self._drop(watcher)
+        self._control(self._response(watcher.id, 0, canceled=True, cancel_reason=reason))
 
     def cancel_compacted(self, watcher: Watcher, compact_rev: int) -> None:
         self.watchers.pop(watcher.id, None)
