@@ -123,7 +123,6 @@ class Follower:
             self._read_running = True
             self._read_task = asyncio.create_task(self._read_loop(), name="read-index")
         rev = await fut
-        self.check_not_rewound(rev)
         if self.applied < rev:
             await self.wait_for(rev)
         return rev
@@ -136,7 +135,11 @@ class Follower:
                     # On the LISTEN connection: idle otherwise, and no pool round trip.
                     if self._listen_conn is None:
                         raise ConnectionError("PostgreSQL connection lost")
+                    # Rows applied while the query runs may be newer than its answer:
+                    # only what was applied before it started must be in the table.
+                    floor = self.applied
                     rev = int(await self._listen_conn.fetchval(SQL["current_rev"]))
+                    self.check_not_rewound(rev, floor)
                     metrics.FOLLOWER_LAG.set(max(0, rev - self.applied))
                 except Exception as err:  # handed to every waiting reader
                     for fut in waiters:
@@ -149,10 +152,10 @@ class Follower:
         finally:
             self._read_running = False
 
-    def check_not_rewound(self, newest: int) -> None:
-        """``newest`` is PostgreSQL's newest revision: below the applied one, the database
-        has lost revisions this process served."""
-        if newest < self.applied:
+    def check_not_rewound(self, newest: int, applied: int) -> None:
+        """``newest`` is PostgreSQL's newest revision, read after ``applied`` was applied
+        here: if it is lower, the database has lost revisions this process served."""
+        if newest < applied:
             if self.on_rewind is not None:
                 self.on_rewind(newest)
             raise errors.Rewound()

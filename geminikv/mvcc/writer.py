@@ -175,7 +175,8 @@ class Writer:
         await conn.execute(SQL["begin_locked"])
         try:
             current = int(await conn.fetchval(SQL["current_rev"]))
-            self.follower.check_not_rewound(current)
+            # Under the writer lock every applied row is committed: current >= applied.
+            self.follower.check_not_rewound(current, self.follower.applied)
             await self.follower.wait_for(current)
             leases = await self._leases(batch)
             view, rows = await self._evaluate_with_ids(
