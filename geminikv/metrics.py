@@ -57,6 +57,7 @@ UNSYNCED_WATCHERS = Gauge("geminikv_watchers_unsynced", "Watchers catching up fr
 LEASES_EXPIRED = Counter("geminikv_leases_expired_total", "Leases revoked because they expired")
 COMPACTED_ROWS = Counter("geminikv_compaction_deleted_rows_total", "Rows deleted by compaction")
 DB_SIZE = Gauge("geminikv_db_size_bytes", "Size of the kine table with its indexes")
+TASKS = Gauge("geminikv_asyncio_tasks", "asyncio tasks in the event loop (a leak shows here)")
 LEADER = Gauge("geminikv_leader", "1 if this process expires leases and compacts")
 
 

@@ -212,6 +212,7 @@ class App:
         while True:
             now = time.monotonic()
             self.health.loop_beat = now
+            metrics.TASKS.set(len(asyncio.all_tasks()))
             try:
                 rev = await asyncio.wait_for(self.store.follower.read_index(), 2.0)
                 self.health.database_ok = time.monotonic()

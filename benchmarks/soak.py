@@ -1,0 +1,179 @@
+"""Soak: Kubernetes-shaped traffic for a long time, watching for slow leaks.
+
+    python -m benchmarks.soak --minutes 30
+
+Runs geminikv (embedded PostgreSQL) under kube-apiserver's mix (get, optimistic update,
+create, delete, paged list), watchers on the whole prefix, leases that expire (short
+TTLs) and compaction every minute keeping 1 000 revisions, as kube-apiserver compacts.
+Every 10 s it samples geminikv's and PostgreSQL's resident memory, geminikv's open file
+descriptors and asyncio tasks, the table size and the watchers; at the end it compares
+the first and last fifths of the run. Not part of the test suite (it takes minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from benchmarks.targets import GeminiTarget, free_port
+from benchmarks.workloads import WORKLOADS, Calls, Params, create_txn, prefix_end
+from geminikv.proto.etcdserverpb import rpc_pb2 as pb
+
+PREFIX = b"/registry/soak/"
+SAMPLE_SECONDS = 10.0
+
+
+def metrics(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        text = resp.read().decode()
+    return {
+        s.name: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if not s.labels
+    }
+
+
+def sample(target: GeminiTarget, url: str, started: float) -> dict[str, float]:
+    procs = target.processes()
+    root = procs[0]
+    m = metrics(url)
+    return {
+        "t": round(time.monotonic() - started, 1),
+        "geminikv_rss_mib": root.memory_info().rss / 2**20,
+        "postgres_rss_mib": sum(p.memory_info().rss for p in procs[1:]) / 2**20,
+        "fds": root.num_fds(),
+        "tasks": m.get("geminikv_asyncio_tasks", -1),
+        "table_mib": m.get("geminikv_db_size_bytes", 0) / 2**20,
+        "watchers": m.get("geminikv_watchers", -1),
+        "revision": m.get("geminikv_revision", 0),
+    }
+
+
+async def traffic(endpoint: str, stop: asyncio.Event, counts: dict[str, int]) -> None:
+    channel = grpc.aio.insecure_channel(endpoint)
+    calls = Calls(channel)
+    params = Params(prefix=PREFIX, keys=2000)
+    mixed = WORKLOADS["mixed"]
+    await mixed.setup(calls, params)
+    lease_calls = channel.unary_unary("/etcdserverpb.Lease/LeaseGrant")
+    compact = channel.unary_unary("/etcdserverpb.KV/Compact")
+
+    async def client(index: int) -> None:
+        op = mixed.client(calls, params, 0, index)
+        while not stop.is_set():
+            try:
+                await op()
+                counts["calls"] += 1
+            except grpc.RpcError:
+                counts["errors"] += 1
+
+    async def leases() -> None:  # short-lived leased keys: expiry runs all the time
+        n = 0
+        while not stop.is_set():
+            grant = pb.LeaseGrantResponse.FromString(
+                await lease_calls(
+                    pb.LeaseGrantRequest(TTL=random.randint(2, 6)).SerializeToString()
+                )
+            )
+            await calls.txn(create_txn(PREFIX + b"lease/%d" % n, b"x" * 256, grant.ID))
+            n += 1
+            await asyncio.sleep(0.05)
+
+    async def watcher() -> None:
+        while not stop.is_set():
+            call = channel.stream_stream("/etcdserverpb.Watch/Watch")()
+            create = pb.WatchCreateRequest(key=PREFIX, range_end=prefix_end(PREFIX), prev_kv=True)
+            await call.write(pb.WatchRequest(create_request=create).SerializeToString())
+            until = time.monotonic() + random.uniform(30, 120)  # watches come and go
+            while not stop.is_set() and time.monotonic() < until:
+                try:
+                    await asyncio.wait_for(asyncio.shield(call.read()), 1.0)
+                    counts["watch_responses"] += 1
+                except TimeoutError:
+                    continue
+            call.cancel()
+
+    async def compactor() -> None:  # kube-apiserver's compaction, every minute
+        while not stop.is_set():
+            await asyncio.sleep(60)
+            head = pb.RangeResponse.FromString(
+                await calls.range(pb.RangeRequest(key=PREFIX, count_only=True).SerializeToString())
+            ).header.revision
+            if head > 1000:
+                req = pb.CompactionRequest(revision=head - 1000)
+                await compact(req.SerializeToString())
+                counts["compactions"] += 1
+
+    jobs = [client(i) for i in range(16)] + [watcher() for _ in range(10)]
+    await asyncio.gather(*jobs, leases(), compactor())
+    await channel.close()
+
+
+def summary(samples: list[dict[str, float]]) -> dict[str, Any]:
+    fifth = max(1, len(samples) // 5)
+    first, last = samples[:fifth], samples[-fifth:]
+    out: dict[str, Any] = {}
+    for name in ("geminikv_rss_mib", "postgres_rss_mib", "fds", "tasks", "table_mib"):
+        a = statistics.mean(s[name] for s in first)
+        b = statistics.mean(s[name] for s in last)
+        out[name] = {
+            "first_fifth": round(a, 1),
+            "last_fifth": round(b, 1),
+            "growth": round(b / a, 3) if a else None,
+        }
+    return out
+
+
+async def run(minutes: float, out: Path) -> dict[str, Any]:
+    port = free_port()
+    target = GeminiTarget(extra=["--metrics-bind-address", f"127.0.0.1:{port}"])
+    target.start()
+    url = f"http://127.0.0.1:{port}/metrics"
+    counts = {"calls": 0, "errors": 0, "watch_responses": 0, "compactions": 0}
+    stop = asyncio.Event()
+    samples: list[dict[str, float]] = []
+    started = time.monotonic()
+    load = asyncio.create_task(traffic(target.endpoint, stop, counts))
+    try:
+        while time.monotonic() - started < minutes * 60:
+            await asyncio.sleep(SAMPLE_SECONDS)
+            if load.done():
+                load.result()  # raises what stopped the traffic
+            samples.append(sample(target, url, started))
+            print(json.dumps({**samples[-1], **counts}), flush=True)
+        stop.set()
+        await asyncio.wait_for(load, 120)
+    finally:
+        target.stop()
+    result = {"minutes": minutes, "counts": counts, "summary": summary(samples), "samples": samples}
+    out.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.soak", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--minutes", type=float, default=30.0)
+    parser.add_argument("--out", type=Path, default=Path("bench-results/soak.json"))
+    args = parser.parse_args(argv)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    result = asyncio.run(run(args.minutes, args.out))
+    print(json.dumps({"counts": result["counts"], "summary": result["summary"]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
