@@ -84,7 +84,8 @@ def test_history_under_faults_is_linearizable(tmp_path: Path) -> None:
     traffic = Traffic([p.endpoint for p in processes], b"/reliability/", Settings(seed=SEED))
 
     async def run() -> None:
-        await asyncio.gather(traffic.run(SECONDS), faults.run(SECONDS))
+        work = asyncio.gather(traffic.run(SECONDS), faults.run(SECONDS))
+        await asyncio.wait_for(work, SECONDS + 120)  # a hang fails the test
         await traffic.complete()
 
     try:

@@ -11,7 +11,8 @@ import grpc
 import pytest
 
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
-from tests.servers import GeminiServer, Postgres
+from geminikv.storage import schema
+from tests.servers import GeminiServer, Postgres, run_sync
 
 R = pb.RangeRequest
 
@@ -275,3 +276,30 @@ def test_keys_postgres_cannot_hold_are_rejected(gemini: GeminiServer, prefix: by
     assert after == before  # nothing was written
     # reading such keys is fine: they simply do not exist
     assert kv.Range(R(key=prefix + b"\xff")).count == 0
+
+
+def test_starting_beside_a_busy_writer_takes_no_table_lock(postgres: Postgres) -> None:
+    """A second process starting while a write transaction is open must not queue a
+    table lock (every reader and writer would wait behind it)."""
+    dsn = postgres.new_database("schemalock")
+    GeminiServer(dsn).start().stop()  # creates the schema
+
+    async def check() -> None:
+        busy = await asyncpg.connect(dsn)
+        fresh = await asyncpg.connect(dsn)
+        try:
+            await busy.execute("BEGIN")
+            await busy.execute(
+                "INSERT INTO kine (name, created, deleted, create_revision, prev_revision, "
+                "lease, value, old_value) VALUES ('/busy', 1, 0, 0, 0, 0, '', '')"
+            )
+            await asyncio.wait_for(schema.ensure_schema(fresh), 5)
+            locks = await busy.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'kine'::regclass"
+            )
+            assert locks == 0
+        finally:
+            await busy.close()
+            await fresh.close()
+
+    run_sync(check())

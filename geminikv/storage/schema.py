@@ -8,6 +8,8 @@ collation) work unchanged: geminikv orders keys in its own index, never in SQL.
 
 from __future__ import annotations
 
+import re
+
 import asyncpg
 
 # pkg/drivers/pgsql/pgsql.go
@@ -45,8 +47,31 @@ GEMINIKV_EXTRAS = [
 SCHEMA_LOCK_KEY = 0x6B696E65_00000001
 
 
+INDEXES = [
+    m.group(1) for m in map(re.compile(r"INDEX IF NOT EXISTS (\w+)").search, KINE_SCHEMA) if m
+]
+
+# Whether everything above is already there.
+SCHEMA_COMPLETE = """
+    SELECT to_regclass('kine') IS NOT NULL AND to_regclass('geminikv_lease') IS NOT NULL
+       AND (SELECT count(*) FROM pg_indexes
+            WHERE schemaname = current_schema() AND tablename = 'kine'
+              AND indexname = ANY($1::text[])) = $2
+       AND EXISTS (SELECT 1 FROM information_schema.columns
+                   WHERE table_schema = current_schema() AND table_name = 'kine'
+                     AND column_name = 'version')
+"""
+
+
 async def ensure_schema(conn: asyncpg.Connection) -> None:
-    """Create Kine's table and indexes if missing and add geminikv's extras."""
+    """Create Kine's table and indexes if missing and add geminikv's extras.
+
+    Only when something is missing: even a no-op ``CREATE INDEX IF NOT EXISTS`` or ``ALTER
+    TABLE … IF NOT EXISTS`` takes a table lock that waits for running writes and holds
+    every other reader and writer behind it, stalling processes already serving."""
+    names = list(INDEXES)
+    if await conn.fetchval(SCHEMA_COMPLETE, names, len(names)):
+        return
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK_KEY)
         for statement in KINE_SCHEMA + GEMINIKV_EXTRAS:

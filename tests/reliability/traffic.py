@@ -52,9 +52,15 @@ class Traffic:
 
     async def run(self, duration: float) -> History:
         async with grpc.aio.insecure_channel(self.endpoints[0], CHANNEL_OPTIONS) as channel:
-            head = await rpc_pb2_grpc.KVStub(channel).Range(
-                pb.RangeRequest(key=self.prefix, range_end=self.end), timeout=30
-            )
+            request = pb.RangeRequest(key=self.prefix, range_end=self.end)
+            for attempt in range(20):
+                try:
+                    head = await rpc_pb2_grpc.KVStub(channel).Range(request, timeout=10)
+                    break
+                except grpc.RpcError:
+                    if attempt == 19:
+                        raise
+                    await asyncio.sleep(0.5)
         assert head.count == 0, "the prefix must be empty at the start"
         self.history.base_revision = head.header.revision
         tasks = [asyncio.create_task(self._client(i)) for i in range(self.settings.clients)]
@@ -242,7 +248,10 @@ class _Client:
             op.ret = time.monotonic_ns()
             return op.response
         except asyncio.CancelledError:
-            op.error = "CANCELLED"
+            task = asyncio.current_task()
+            if not drop or (task is not None and task.cancelling()):
+                raise  # the run itself is being cancelled
+            op.error = "CANCELLED"  # the dropped call: its outcome is unknown
             return None
         except grpc.RpcError as err:
             op.error = err.code().name
