@@ -61,7 +61,7 @@ def sample(target: GeminiTarget, url: str, started: float) -> dict[str, float]:
     }
 
 
-async def traffic(endpoint: str, stop: asyncio.Event, counts: dict[str, int]) -> None:
+async def traffic(endpoint: str, stop: asyncio.Event, counts: dict[str, int], clients: int) -> None:
     channel = grpc.aio.insecure_channel(endpoint)
     calls = Calls(channel)
     params = Params(prefix=PREFIX, keys=2000)
@@ -116,7 +116,7 @@ async def traffic(endpoint: str, stop: asyncio.Event, counts: dict[str, int]) ->
                 await compact(req.SerializeToString())
                 counts["compactions"] += 1
 
-    jobs = [client(i) for i in range(16)] + [watcher() for _ in range(10)]
+    jobs = [client(i) for i in range(clients)] + [watcher() for _ in range(10)]
     await asyncio.gather(*jobs, leases(), compactor())
     await channel.close()
 
@@ -136,7 +136,7 @@ def summary(samples: list[dict[str, float]]) -> dict[str, Any]:
     return out
 
 
-async def run(minutes: float, out: Path) -> dict[str, Any]:
+async def run(minutes: float, out: Path, clients: int) -> dict[str, Any]:
     port = free_port()
     target = GeminiTarget(extra=["--metrics-bind-address", f"127.0.0.1:{port}"])
     target.start()
@@ -145,7 +145,7 @@ async def run(minutes: float, out: Path) -> dict[str, Any]:
     stop = asyncio.Event()
     samples: list[dict[str, float]] = []
     started = time.monotonic()
-    load = asyncio.create_task(traffic(target.endpoint, stop, counts))
+    load = asyncio.create_task(traffic(target.endpoint, stop, counts, clients))
     try:
         while time.monotonic() - started < minutes * 60:
             await asyncio.sleep(SAMPLE_SECONDS)
@@ -167,10 +167,11 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m benchmarks.soak", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--minutes", type=float, default=30.0)
+    parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--out", type=Path, default=Path("bench-results/soak.json"))
     args = parser.parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = asyncio.run(run(args.minutes, args.out))
+    result = asyncio.run(run(args.minutes, args.out, args.clients))
     print(json.dumps({"counts": result["counts"], "summary": result["summary"]}, indent=1))
     return 0
 
