@@ -3,11 +3,12 @@
     python -m benchmarks.soak --minutes 30
 
 Runs geminikv (embedded PostgreSQL) under kube-apiserver's mix (get, optimistic update,
-create, delete, paged list), watchers on the whole prefix, leases that expire (short
-TTLs) and compaction every minute keeping 1 000 revisions, as kube-apiserver compacts.
-Every 10 s it samples geminikv's resident memory and PostgreSQL's (PSS), geminikv's open file
-descriptors and asyncio tasks, the table size and the watchers; at the end it compares
-the first and last fifths of the run. Not part of the test suite (it takes minutes).
+create, delete, paged list) on a bounded set of objects, watchers on the whole prefix,
+leases that expire (short TTLs) and compaction every minute keeping 1 000 revisions, as
+kube-apiserver compacts. Every 10 s it samples geminikv's resident memory, PostgreSQL's
+(PSS), geminikv's open file descriptors and asyncio tasks, the table size and the
+watchers; at the end it compares the first and last fifths of the run. Not part of the
+test suite (it takes minutes).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.targets import GeminiTarget, free_port
-from benchmarks.workloads import WORKLOADS, Calls, Params, create_txn, prefix_end
+from benchmarks.workloads import WORKLOADS, Calls, Params, create_txn, paged_list, prefix_end
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 
 PREFIX = b"/registry/soak/"
@@ -66,16 +67,35 @@ async def traffic(endpoint: str, stop: asyncio.Event, counts: dict[str, int], cl
     channel = grpc.aio.insecure_channel(endpoint)
     calls = Calls(channel)
     params = Params(prefix=PREFIX, keys=2000)
-    mixed = WORKLOADS["mixed"]
-    await mixed.setup(calls, params)
+    await WORKLOADS["get"].setup(calls, params)
+    page = Params(prefix=PREFIX, page=100)
+
+    def mixed_update(index: int):  # type: ignore[no-untyped-def]
+        return WORKLOADS["update"].client(calls, params, 0, index)
+
     lease_calls = channel.unary_unary("/etcdserverpb.Lease/LeaseGrant")
     compact = channel.unary_unary("/etcdserverpb.KV/Compact")
 
     async def client(index: int) -> None:
-        op = mixed.client(calls, params, 0, index)
+        # kube-apiserver's mix on a bounded set of objects (creates and deletes balance,
+        # as in a steady cluster), so any growth is a leak, not more data
+        rnd = random.Random(index)
+        get, update = WORKLOADS["get"].client(calls, params, 0, index), mixed_update(index)
         while not stop.is_set():
+            roll = rnd.random()
+            name = PREFIX + b"obj/%d" % rnd.randrange(2000)
             try:
-                await op()
+                if roll < 0.45:
+                    await get()
+                elif roll < 0.70:
+                    await update()
+                elif roll < 0.80:
+                    await calls.txn(create_txn(name, b"o" * 1024))
+                elif roll < 0.90:
+                    await calls.delete(pb.DeleteRangeRequest(key=name).SerializeToString())
+                else:
+                    objects = PREFIX + b"obj/"
+                    await paged_list(calls, page, objects, prefix_end(objects))
                 counts["calls"] += 1
             except grpc.RpcError:
                 counts["errors"] += 1
