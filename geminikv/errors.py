@@ -53,6 +53,12 @@ class RequestTooLarge(InvalidArgument):
     message = "etcdserver: request is too large"
 
 
+class InvalidSortOption(InvalidArgument):
+    """etcd 3.6 rejects unknown sort enums; 3.4 and 3.5 crash on an unknown sort target."""
+
+    message = "etcdserver: invalid sort option"
+
+
 class InvalidKey(InvalidArgument):
     """A key PostgreSQL's text column cannot hold (Kine's layout stores keys as text)."""
 

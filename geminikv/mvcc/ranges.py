@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.proto.mvccpb import kv_pb2
 
 # (key, mod, create, version, lease)
 Entry = tuple[bytes, int, int, int, int]
+
+MAX_FETCH = 2**62  # a larger limit (up to int64's) means "all" and must fit the index's C integer
 
 _SORT_KEYS = {
     pb.RangeRequest.KEY: lambda e: e[0],
@@ -45,7 +49,7 @@ def needs_everything(req: pb.RangeRequest) -> bool:
 def fetch_limit(req: pb.RangeRequest) -> int:
     if needs_everything(req) or req.limit <= 0:
         return 0
-    return req.limit + 1
+    return min(req.limit, MAX_FETCH) + 1
 
 
 def needs_values_to_sort(req: pb.RangeRequest) -> bool:
@@ -92,14 +96,16 @@ def select(
     return entries, more
 
 
-def key_values(entries: list[Entry], values: dict[int, bytes] | None) -> list[kv_pb2.KeyValue]:
-    """KeyValue messages; ``values`` None means keys only."""
-    kvs = []
+def key_values(entries: list[Entry], values: dict[int, bytes] | None) -> Iterator[kv_pb2.KeyValue]:
+    """KeyValue messages, one at a time; ``values`` None means keys only.
+
+    A generator: ``resp.kvs.extend`` copies each message into the response, so building
+    them one at a time keeps a large response (a 100 MB list) in memory once, not twice.
+    """
     for key, mod, create, version, lease in entries:
         kv = kv_pb2.KeyValue(
             key=key, create_revision=create, mod_revision=mod, version=version, lease=lease
         )
         if values is not None:
             kv.value = values[mod]
-        kvs.append(kv)
-    return kvs
+        yield kv

@@ -19,6 +19,8 @@ from geminikv.proto.mvccpb import kv_pb2
 
 MAX_TXN_OPS = 128
 MAX_REQUEST_BYTES = 1536 * 1024  # etcd's --max-request-bytes default (1.5 MiB)
+SORT_ORDERS = frozenset(pb.RangeRequest.SortOrder.values())
+SORT_TARGETS = frozenset(pb.RangeRequest.SortTarget.values())
 
 
 class Leases(Protocol):
@@ -49,13 +51,33 @@ def lease_ids(req: pb.PutRequest | pb.TxnRequest) -> set[int]:
 
 
 def check_size(req: pb.PutRequest | pb.DeleteRangeRequest | pb.TxnRequest) -> None:
-    if req.ByteSize() > MAX_REQUEST_BYTES:
-        raise errors.RequestTooLarge()
+    """etcd's max request size, which limits raft proposals: a request is validated first
+    (v3rpc's checks come before the proposal), and a read-only txn is never proposed."""
+    if req.ByteSize() <= MAX_REQUEST_BYTES:
+        return
+    if isinstance(req, pb.PutRequest):
+        check_put(req)
+    elif isinstance(req, pb.DeleteRangeRequest):
+        check_delete(req)
+    else:
+        check_txn(req)
+        check_intervals(req.success)
+        check_intervals(req.failure)
+        if is_read_only(req):
+            return
+    raise errors.RequestTooLarge()
+
+
+def is_read_only(req: pb.TxnRequest) -> bool:
+    """etcd's isTxnReadonly: every op of both branches is a Range (nested txns are not)."""
+    return all(op.WhichOneof("request") == "request_range" for op in (*req.success, *req.failure))
 
 
 def check_range(req: pb.RangeRequest) -> None:
     if not req.key:
         raise errors.EmptyKey()
+    if req.sort_order not in SORT_ORDERS or req.sort_target not in SORT_TARGETS:
+        raise errors.InvalidSortOption()
 
 
 def check_put(req: pb.PutRequest) -> None:
@@ -168,6 +190,10 @@ class Evaluator:
     # -- top-level requests
 
     async def put(self, req: pb.PutRequest) -> pb.PutResponse:
+        # etcd's applier looks a top-level Put's lease up before the key (in a txn,
+        # checkRequestPut does the key first)
+        if req.lease and not self.leases.exists(req.lease):
+            raise errors.LeaseNotFound()
         self._check_put_state(req)
         return await self._put(req)
 
@@ -267,9 +293,13 @@ class Evaluator:
             self._check_revision(op.request_range.revision)
 
     def _check_revision(self, rev: int) -> None:
+        # etcd's checkRequestRange: any revision but 0 below the store's first revision
+        # (its compact revision, -1 before the first compaction) is compacted, negative
+        # ones included.
         if rev > self.view.base_rev:
             raise errors.FutureRevision()
-        if 0 < rev < self.compact_rev:
+        first = self.compact_rev if self.compact_rev > 0 else -1
+        if rev != 0 and rev < first:
             raise errors.Compacted()
 
     # -- ops
@@ -369,7 +399,7 @@ def _compare_kv(cmp: pb.Compare, entry: ranges.Entry, value: bytes) -> bool:
         elif target == pb.Compare.LEASE:
             have, want_i = entry[4], cmp.lease if union == "lease" else 0
         else:
-            return True
+            have = want_i = 0  # an unknown target compares as equal
         result = (have > want_i) - (have < want_i)
     op = cmp.result
     if op == pb.Compare.EQUAL:

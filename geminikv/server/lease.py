@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import grpc
+from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 
 from geminikv.lease import Leases
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
-from geminikv.server.rpc import Identity, etcd_errors
+from geminikv.server.rpc import Identity, abort_stream, etcd_errors
 
 
 class LeaseService(rpc_pb2_grpc.LeaseServicer):
@@ -42,11 +43,14 @@ class LeaseService(rpc_pb2_grpc.LeaseServicer):
         request_iterator: AsyncIterator[pb.LeaseKeepAliveRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.LeaseKeepAliveResponse]:
-        async for request in request_iterator:
-            ttl = await self.leases.keep_alive(request.ID)
-            resp = pb.LeaseKeepAliveResponse(ID=request.ID, TTL=ttl)
-            self.identity.fill(resp.header, self._rev())
-            yield resp
+        try:
+            async for request in request_iterator:
+                ttl = await self.leases.keep_alive(request.ID)
+                resp = pb.LeaseKeepAliveResponse(ID=request.ID, TTL=ttl)
+                self.identity.fill(resp.header, self._rev())
+                yield resp
+        except DecodeError as err:
+            await abort_stream(context, err, "LeaseKeepAlive")
 
     @etcd_errors
     async def LeaseTimeToLive(

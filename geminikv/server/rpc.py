@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 
 from geminikv import errors, metrics
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
@@ -63,6 +64,18 @@ def etcd_errors(method: Handler) -> Handler:
         return result
 
     return wrapper  # type: ignore[return-value]
+
+
+async def abort_stream(context: grpc.aio.ServicerContext, err: Exception, name: str) -> None:
+    """End a stream whose request could not be read or handled, as etcd's gRPC server does:
+    an undecodable message is INTERNAL (Go gRPC's "failed to unmarshal"), anything else
+    UNKNOWN."""
+    if isinstance(err, DecodeError):
+        await context.abort(
+            grpc.StatusCode.INTERNAL, f"grpc: failed to unmarshal the received message: {err}"
+        )
+    log.error("%s stream failed", name, exc_info=err)
+    await context.abort(grpc.StatusCode.UNKNOWN, f"{type(err).__name__}: {err}")
 
 
 def unimplemented(servicer_base: type, service: str) -> type:

@@ -13,7 +13,7 @@ from geminikv import tasks
 from geminikv.errors import ServerStopped
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
-from geminikv.server.rpc import Identity
+from geminikv.server.rpc import Identity, abort_stream
 from geminikv.watch.hub import Hub
 from geminikv.watch.stream import WatchStream
 
@@ -53,10 +53,17 @@ class WatchService(rpc_pb2_grpc.WatchServicer):
     ) -> None:
         stream = WatchStream(self.hub, self.identity.fill)
         self.streams.add(stream)
+        failed: list[Exception] = []
 
         async def receive() -> None:
-            async for request in request_iterator:
-                stream.handle(request)
+            # A client that half-closes keeps its watches (etcd's recvLoop returns on EOF
+            # without ending the stream); a request that cannot be read ends the stream.
+            try:
+                async for request in request_iterator:
+                    stream.handle(request)
+            except Exception as err:
+                failed.append(err)
+                stream.close()
 
         receiver = asyncio.create_task(receive())
         try:
@@ -71,6 +78,8 @@ class WatchService(rpc_pb2_grpc.WatchServicer):
                     await asyncio.sleep(COALESCE_SECONDS)
             if self.stopping:
                 await context.abort(ServerStopped.code, ServerStopped.message)
+            if failed:
+                await abort_stream(context, failed[0], "Watch")
         finally:
             receiver.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -166,8 +166,11 @@ class WatchStream:
         self._control(self._response(watcher.id, 0, canceled=True, cancel_reason=reason))
 
     def cancel_compacted(self, watcher: Watcher, compact_rev: int) -> None:
-        self.watchers.pop(watcher.id, None)
+        # Like etcd, the watch ID stays taken until the client cancels it (clientv3 does,
+        # on this response): a create reusing it is a duplicate, the cancel is answered,
+        # and, the watcher being unsynced, progress requests wait for that cancel.
         self.hub.remove(watcher)
+        watcher.synced = False
         resp = pb.WatchResponse(watch_id=watcher.id, compact_revision=compact_rev, canceled=True)
         self.fill_header(resp.header, 0)
         self._control(resp)
