@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import statistics
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.targets import GeminiTarget, free_port
@@ -46,6 +48,13 @@ def metrics(url: str) -> dict[str, float]:
     }
 
 
+def _pss(process: psutil.Process) -> int:
+    try:
+        return int(process.memory_full_info().pss)
+    except psutil.NoSuchProcess:  # a backend that just ended
+        return 0
+
+
 def sample(target: GeminiTarget, url: str, started: float) -> dict[str, float]:
     procs = target.processes()
     root = procs[0]
@@ -54,7 +63,7 @@ def sample(target: GeminiTarget, url: str, started: float) -> dict[str, float]:
         "t": round(time.monotonic() - started, 1),
         "geminikv_rss_mib": root.memory_info().rss / 2**20,
         # PSS: PostgreSQL's backends share its buffers; RSS would count them once each
-        "postgres_pss_mib": sum(p.memory_full_info().pss for p in procs[1:]) / 2**20,
+        "postgres_pss_mib": sum(_pss(p) for p in procs[1:]) / 2**20,
         "fds": root.num_fds(),
         "tasks": m.get("geminikv_asyncio_tasks", -1),
         "table_mib": m.get("geminikv_db_size_bytes", 0) / 2**20,
@@ -118,13 +127,19 @@ async def traffic(endpoint: str, stop: asyncio.Event, counts: dict[str, int], cl
             create = pb.WatchCreateRequest(key=PREFIX, range_end=prefix_end(PREFIX), prev_kv=True)
             await call.write(pb.WatchRequest(create_request=create).SerializeToString())
             until = time.monotonic() + random.uniform(30, 120)  # watches come and go
+            reading: asyncio.Future[Any] | None = None
             while not stop.is_set() and time.monotonic() < until:
-                try:
-                    await asyncio.wait_for(asyncio.shield(call.read()), 1.0)
+                reading = reading or asyncio.ensure_future(call.read())
+                done, _ = await asyncio.wait({reading}, timeout=1.0)
+                if done:
+                    reading.result()
+                    reading = None
                     counts["watch_responses"] += 1
-                except TimeoutError:
-                    continue
             call.cancel()
+            if reading is not None:
+                reading.cancel()
+                with contextlib.suppress(asyncio.CancelledError, grpc.RpcError):
+                    await reading
 
     async def compactor() -> None:  # kube-apiserver's compaction, every minute
         while not stop.is_set():

@@ -4,7 +4,7 @@ down fast and immediately and restarted, client connections and watch streams ar
 dropped and one watcher reads slowly; then the history is checked for linearizability
 and the watches for etcd's guarantees (tests/reliability/).
 
-GEMINIKV_RELIABILITY_SECONDS (default 30) sets how long the traffic runs; the faults
+GEMINIKV_RELIABILITY_SECONDS (default 60) sets how long the traffic runs; the faults
 repeat every 30 s. GEMINIKV_RELIABILITY_SEED picks the random traffic.
 """
 
@@ -23,7 +23,7 @@ from tests.reliability.check import check
 from tests.reliability.traffic import Settings, Traffic
 from tests.servers import GeminiProcess, start_postgres, stop_postgres
 
-SECONDS = float(os.environ.get("GEMINIKV_RELIABILITY_SECONDS", "30"))
+SECONDS = float(os.environ.get("GEMINIKV_RELIABILITY_SECONDS", "60"))
 SEED = int(os.environ.get("GEMINIKV_RELIABILITY_SEED", str(int(time.time()) % 10_000)))
 
 
