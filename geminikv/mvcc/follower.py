@@ -23,6 +23,7 @@ from geminikv import errors, metrics, tasks
 from geminikv.mvcc.events import AppliedRow, Event
 from geminikv.mvcc.index import Index, apply_row
 from geminikv.mvcc.values import Values
+from geminikv.storage.database import CONNECTION_ERRORS
 from geminikv.storage.queries import NOTIFY_CHANNEL, SQL
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,13 @@ class Follower:
                     self.check_not_rewound(rev, floor)
                     metrics.FOLLOWER_LAG.set(max(0, rev - self.applied))
                 except Exception as err:  # handed to every waiting reader
+                    if not isinstance(err, CONNECTION_ERRORS):
+                        # e.g. asyncpg's "another operation is in progress" on a
+                        # connection broken mid-query by an outage: start afresh
+                        if self._listen_conn is not None:
+                            self._listen_conn.terminate()
+                            self._wake.set()  # the follower listens again
+                        err = ConnectionError(f"PostgreSQL read failed: {err}")
                     for fut in waiters:
                         if not fut.done():
                             fut.set_exception(err)
@@ -224,6 +232,8 @@ class Follower:
                 self._refresh_compact = True  # the poll also picks up other processes' compactions
             self._wake.clear()
             try:
+                if self._listen_conn is None or self._listen_conn.is_closed():
+                    await self._listen_again()
                 if self._refresh_compact:
                     self._refresh_compact = False
                     await self._read_compact_rev()

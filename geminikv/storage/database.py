@@ -141,7 +141,7 @@ CONNECTION_ERRORS = (
 async def create_pool(backend: Backend, size: int, max_idle_time: float) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
         backend.dsn,
-        min_size=1,
+        min_size=0,  # no floor to restore (and log) while PostgreSQL is away
         max_size=max(1, size),
         max_inactive_connection_lifetime=max_idle_time,
         init=backend.init_connection,

@@ -23,6 +23,7 @@ from geminikv import tasks
 from geminikv.mvcc.events import Event
 from geminikv.mvcc.follower import Follower
 from geminikv.mvcc.index import Index
+from geminikv.storage.database import CONNECTION_ERRORS
 from geminikv.storage.queries import SQL
 from geminikv.watch.events import events_from_rows
 
@@ -180,6 +181,9 @@ class Hub:
                         await asyncio.wait_for(self._wake.wait(), 1.0)
             except asyncio.CancelledError:
                 raise
+            except CONNECTION_ERRORS as err:
+                log.warning("watch catch-up: PostgreSQL unavailable (%s); retrying", err)
+                await asyncio.sleep(0.5)
             except Exception:
                 log.exception("watch catch-up failed; retrying")
                 await asyncio.sleep(0.5)

@@ -306,23 +306,19 @@ class _Client:
             revision = revision or resp.header.revision
             key = resp.kvs[-1].key + b"\x00"
 
+    async def guarded(self, key: bytes, mod: int, then: pb.RequestOp) -> None:
+        """kube-apiserver's guarded write: ``then`` if the key's MOD is ``mod`` (0: the key
+        does not exist), else read the key."""
+        compare = pb.Compare(key=key, target=pb.Compare.MOD, result=pb.Compare.EQUAL)
+        compare.mod_revision = mod
+        otherwise = pb.RequestOp(request_range=pb.RangeRequest(key=key))
+        request = pb.TxnRequest(compare=[compare], success=[then], failure=[otherwise])
+        await self.call("txn", request)
+
     async def create(self) -> None:
         key = self.key()
-        await self.call(
-            "txn",
-            pb.TxnRequest(
-                compare=[
-                    pb.Compare(
-                        key=key,
-                        target=pb.Compare.MOD,
-                        result=pb.Compare.EQUAL,
-                        mod_revision=0,
-                    )
-                ],
-                success=[pb.RequestOp(request_put=pb.PutRequest(key=key, value=self.value()))],
-                failure=[pb.RequestOp(request_range=pb.RangeRequest(key=key))],
-            ),
-        )
+        put = pb.RequestOp(request_put=pb.PutRequest(key=key, value=self.value()))
+        await self.guarded(key, 0, put)
 
     async def _current(self, key: bytes) -> int | None:
         resp = await self.call("range", pb.RangeRequest(key=key))
@@ -337,38 +333,15 @@ class _Client:
             return
         if self.rng.random() < 0.2:
             mod -= 1  # a stale read: the compare must fail
-        await self.call(
-            "txn",
-            pb.TxnRequest(
-                compare=[
-                    pb.Compare(
-                        key=key, target=pb.Compare.MOD, result=pb.Compare.EQUAL, mod_revision=mod
-                    )
-                ],
-                success=[pb.RequestOp(request_put=pb.PutRequest(key=key, value=self.value()))],
-                failure=[pb.RequestOp(request_range=pb.RangeRequest(key=key))],
-            ),
-        )
+        put = pb.RequestOp(request_put=pb.PutRequest(key=key, value=self.value()))
+        await self.guarded(key, mod, put)
 
     async def delete(self) -> None:
         key = self.key()
         mod = await self._current(key)
-        if mod is None:
-            return
-        await self.call(
-            "txn",
-            pb.TxnRequest(
-                compare=[
-                    pb.Compare(
-                        key=key, target=pb.Compare.MOD, result=pb.Compare.EQUAL, mod_revision=mod
-                    )
-                ],
-                success=[
-                    pb.RequestOp(request_delete_range=pb.DeleteRangeRequest(key=key, prev_kv=True))
-                ],
-                failure=[pb.RequestOp(request_range=pb.RangeRequest(key=key))],
-            ),
-        )
+        if mod is not None:
+            delete = pb.DeleteRangeRequest(key=key, prev_kv=True)
+            await self.guarded(key, mod, pb.RequestOp(request_delete_range=delete))
 
     async def leased_put(self) -> None:
         if not self.leases or self.rng.random() < 0.3:
