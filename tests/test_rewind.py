@@ -73,8 +73,9 @@ def test_database_restored_from_an_older_backup(postgres: Postgres) -> None:
             try:
                 got = stubs.kv.Range(pb.RangeRequest(key=b"/rw/", range_end=b"/rw0"))
                 break
-            except grpc.RpcError as err:  # Unavailable while rebuilding
+            except grpc.RpcError as err:  # Unavailable while rebuilding, saying why
                 assert err.code() == grpc.StatusCode.UNAVAILABLE
+                assert "revision went backwards" in (err.details() or "")
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
         assert got.header.revision == backup_rev

@@ -143,7 +143,7 @@ class Follower:
                     self.check_not_rewound(rev, floor)
                     metrics.FOLLOWER_LAG.set(max(0, rev - self.applied))
                 except Exception as err:  # handed to every waiting reader
-                    if not isinstance(err, CONNECTION_ERRORS):
+                    if not isinstance(err, (*CONNECTION_ERRORS, errors.EtcdError)):
                         # e.g. asyncpg's "another operation is in progress" on a
                         # connection broken mid-query by an outage: start afresh
                         if self._listen_conn is not None:
