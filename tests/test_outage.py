@@ -78,14 +78,18 @@ def test_postgres_restart_under_write_load(tmp_path: Path, shutdown: signal.Sign
         start_postgres(data)
         _until(lambda: _ready(ready) == 200)
         at_restart = dict(acked)
-        time.sleep(2.0)
+
+        def changed() -> list[bytes]:
+            return [k for k, v in dict(acked).items() if at_restart.get(k) != v]
+
+        # writes succeed again after the restart, without restarting geminikv
+        _until(lambda: len(changed()) > 0, timeout=15.0)
+        time.sleep(1.0)
         stop.set()
         writer.join(30)
         assert before > 0 and len(acked) > 0
         assert codes <= {grpc.StatusCode.UNAVAILABLE}, codes  # clients retry these
-        # writes succeed again after the restart, without restarting geminikv
-        changed = [k for k, v in acked.items() if at_restart.get(k) != v]
-        assert changed, "no write succeeded after PostgreSQL came back"
+        assert changed(), "no write succeeded after PostgreSQL came back"
         kv = server.stubs().kv
         for key, value in acked.items():
             # the last acknowledged value, or a later write whose answer was lost in the

@@ -155,7 +155,9 @@ class Writer:
             except Exception as err:
                 log.warning("writer: PostgreSQL still unavailable (%s); retrying", err)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                # capped low: PostgreSQL back after a restart should mean writes back
+                # within a second, and one attempt a second costs nothing
+                delay = min(delay * 2, 1.0)
 
     async def _answer_when_applied(self, batch: list[_Request], last: int) -> None:
         try:
