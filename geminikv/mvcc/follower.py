@@ -65,6 +65,10 @@ class Follower:
         self._compacting: asyncio.Task[None] | None = None
         # told when PostgreSQL's newest revision is below the applied one (see KVStore)
         self.on_rewind: Callable[[int], None] | None = None
+        # the backend pid of this process's writer: its notifications are skipped, since
+        # the writer hands its rows over itself (a batch whose answer was lost is still
+        # fetched, by the writer's catch_up or the next poll)
+        self.own_writer_pid: Callable[[], int | None] = lambda: None
 
     @property
     def applied(self) -> int:
@@ -209,13 +213,19 @@ class Follower:
 
     # -- internals ---------------------------------------------------------------------
 
-    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+    def catch_up(self) -> None:
+        """Look for new rows now (e.g. a batch may have committed without its answer)."""
+        self._wake.set()
+
+    def _on_notify(self, _conn: Any, pid: int, _channel: str, payload: str) -> None:
         if payload.startswith("compacted:"):
             self._physically_compacted(int(payload.split(":", 1)[1]))
             return
         if payload == "compact":
             self._refresh_compact = True
             self._wake.set()
+            return
+        if pid == self.own_writer_pid():
             return
         try:
             rev = int(payload)

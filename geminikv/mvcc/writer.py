@@ -77,6 +77,7 @@ class Writer:
         follower: Follower,
         values: Values,
         reconnect: Callable[[], Awaitable[asyncpg.Connection]] | None = None,
+        gather_wait: float = 0.005,
     ) -> None:
         self.conn = conn
         self.reconnect = reconnect
@@ -87,6 +88,14 @@ class Writer:
         self._task: asyncio.Task[None] | None = None
         self._last_id = 0
         self._answering: set[asyncio.Task[None]] = set()
+        self.gather_wait = gather_wait
+        self._last_batch = 1
+        self._want = 0
+        self._filled: asyncio.Future[None] | None = None
+        follower.own_writer_pid = self._backend_pid
+
+    def _backend_pid(self) -> int | None:
+        return None if self.conn.is_closed() else int(self.conn.get_server_pid())
 
     def reset(self) -> None:
         """The index is being rebuilt: forget the last id drawn (only a guess anyway)."""
@@ -107,6 +116,9 @@ class Writer:
         """Run ``operation`` in the next batch; ``leases`` are the lease ids it may use."""
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Request(operation, fut, leases))
+        filled = self._filled
+        if filled is not None and self._queue.qsize() >= self._want:
+            _done(filled)
         return await fut
 
     # -- the batch loop ----------------------------------------------------------------
@@ -114,9 +126,8 @@ class Writer:
     async def _run(self) -> None:
         while True:
             batch = [await self._queue.get()]
-            while len(batch) < MAX_BATCH and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
             try:
+                await self._fill(batch)
                 last = await self._run_batch(batch)
             except asyncio.CancelledError:
                 for req in batch:
@@ -125,6 +136,7 @@ class Writer:
                 raise
             except Exception as err:
                 log.warning("write batch of %d failed: %s", len(batch), err)
+                self.follower.catch_up()  # it may have committed all the same
                 for req in batch:
                     if not req.future.done():
                         req.future.set_exception(_as_etcd_error(err))
@@ -137,6 +149,29 @@ class Writer:
                 task = asyncio.create_task(self._answer_when_applied(batch, last))
                 self._answering.add(task)  # held until done (the loop keeps weak refs)
                 task.add_done_callback(self._answering.discard)
+
+    async def _fill(self, batch: list[_Request]) -> None:
+        """Take the queued requests into ``batch``; under load, wait for more first.
+
+        Clients of a busy server send again soon after being answered, so as many requests
+        as the last batch had are expected shortly: waiting for them (at most
+        ``gather_wait``) makes fewer, larger batches. That costs PostgreSQL and this
+        process less per request (one statement, one commit, fewer wake-ups), which is
+        what bounds throughput. A lone client never waits (its last batch had one)."""
+        want = min(self._last_batch, MAX_BATCH) - 1
+        if want > 0 and self.gather_wait > 0 and self._queue.qsize() < want:
+            loop = asyncio.get_running_loop()
+            self._filled = loop.create_future()
+            self._want = want
+            timer = loop.call_later(self.gather_wait, _done, self._filled)
+            try:
+                await self._filled
+            finally:
+                timer.cancel()
+                self._filled = None
+        while len(batch) < MAX_BATCH and not self._queue.empty():
+            batch.append(self._queue.get_nowait())
+        self._last_batch = len(batch)
 
     async def _reconnect(self) -> None:
         """PostgreSQL went away: fail what waits (clients retry), reconnect with backoff."""
@@ -171,9 +206,49 @@ class Writer:
 
     async def _run_batch(self, batch: list[_Request]) -> int:
         """Evaluate and commit one batch; returns the last revision the callers must see."""
+        metrics.WRITER_BATCH.observe(len(batch))
+        if self._last_id <= self.follower.applied and not any(req.leases for req in batch):
+            last = await self._run_batch_at_once(batch)
+            if last is not None:
+                return last
+        return await self._run_batch_locked(batch)
+
+    async def _run_batch_at_once(self, batch: list[_Request]) -> int | None:
+        """The common case in one round trip: evaluate against the index as it is, then
+        let ``write_batch`` check under the lock that the table holds nothing newer and
+        insert. None when it did (another process wrote, or the ids were taken): the
+        caller evaluates again under the lock. Batches touching leases need their rows
+        locked first, so they always take the locked path."""
+        started = time.perf_counter()
+        expected = self.follower.applied
+        view = await self._evaluate(batch, expected + 1, {}, BatchLeases({}))
+        if view.revoked_leases:
+            return None
+        rows = view.rows
+        try:
+            returned = await self.conn.fetch(
+                SQL["write_batch"], expected, *queries.insert_args(rows)
+            )
+        except asyncpg.PostgresError as err:
+            if err.sqlstate != queries.WRITE_CONFLICT:
+                raise
+            metrics.WRITER_RETRIES.labels("index_behind").inc()
+            return None
+        if rows and not returned:
+            metrics.WRITER_RETRIES.labels("ids_taken").inc()
+            return None
+        metrics.WRITER_COMMIT_SECONDS.observe(time.perf_counter() - started)
+        if not rows:
+            return view.rev
+        self._last_id = rows[-1][0]
+        old_values = {r[0]: r[1] for r in returned}
+        self.follower.apply_local([as_applied(row, old_values.get(row[0])) for row in rows])
+        return rows[-1][0]
+
+    async def _run_batch_locked(self, batch: list[_Request]) -> int:
+        """Lock first, catch up with the table, evaluate, insert, commit."""
         conn = self.conn
         started = time.perf_counter()
-        metrics.WRITER_BATCH.observe(len(batch))
         await conn.execute(SQL["begin_locked"])
         try:
             current = int(await conn.fetchval(SQL["current_rev"]))
@@ -270,6 +345,11 @@ class Writer:
         if missing:
             found.update(await queries.values_by_id(self.conn, missing))
         return found
+
+
+def _done(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def _answer(batch: list[_Request]) -> None:
