@@ -60,7 +60,7 @@ class Settings:
     datastore_connection_max_lifetime: float = 0.0
     datastore_connection_max_idle_time: float = 120.0
     value_cache_size: int = 128
-    write_batch_wait: float = 0.005
+    batch_wait: float = 0.005
     slow_sql_threshold: float = 1.0
     slow_sql_warning_threshold: float = 5.0
     log_format: str = "plain"
@@ -91,7 +91,8 @@ _HELP: dict[str, str] = {
     "datastore_connection_max_lifetime": "accepted for Kine compatibility; no effect",
     "datastore_connection_max_idle_time": "close pooled connections idle this long",
     "value_cache_size": "MiB of values kept in memory (0 = read every value from PostgreSQL)",
-    "write_batch_wait": "under load, how long a write batch may wait to fill up (0 = never)",
+    "batch_wait": "under load, how long a write batch or a linearizable read's revision "
+    "check may wait for more requests to share it (0 = never)",
     "slow_sql_threshold": "log SQL statements slower than this (info; 0 = off)",
     "slow_sql_warning_threshold": "log SQL statements slower than this as warnings (0 = off)",
     "log_format": "plain or json",

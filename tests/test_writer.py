@@ -117,7 +117,7 @@ def test_ids_taken_from_the_sequence_become_gap_rows(postgres: Postgres) -> None
 
 
 def test_concurrent_writes_share_batches(postgres: Postgres) -> None:
-    server = GeminiServer(postgres.new_database("gather"), write_batch_wait=0.05).start()
+    server = GeminiServer(postgres.new_database("gather"), batch_wait=0.05).start()
     try:
         count = "geminikv_writer_batch_requests_count"
         total = "geminikv_writer_batch_requests_sum"

@@ -21,6 +21,7 @@ import asyncpg
 
 from geminikv import errors, metrics, tasks
 from geminikv.mvcc.events import AppliedRow, Event
+from geminikv.mvcc.gather import Gather
 from geminikv.mvcc.index import Index, apply_row
 from geminikv.mvcc.values import Values
 from geminikv.storage.database import CONNECTION_ERRORS
@@ -42,6 +43,7 @@ class Follower:
         values: Values,
         poll_interval: float = 1.0,
         connect: Callable[[], Awaitable[asyncpg.Connection]] | None = None,
+        batch_wait: float = 0.0,
     ) -> None:
         self.pool = pool
         # LISTEN needs a connection of its own; without a factory it comes from the pool.
@@ -59,6 +61,7 @@ class Follower:
         self._read_waiters: list[asyncio.Future[int]] = []
         self._read_running = False
         self._read_task: asyncio.Task[None] | None = None
+        self._read_gather = Gather(batch_wait, 1 << 30)
         self._refresh_compact = False
         self.physical_rev = 0
         self._compact_waiters: list[tuple[int, asyncio.Future[None]]] = []
@@ -124,6 +127,7 @@ class Follower:
         """
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._read_waiters.append(fut)
+        self._read_gather.arrived(len(self._read_waiters) - 1)
         if not self._read_running:
             self._read_running = True
             self._read_task = asyncio.create_task(self._read_loop(), name="read-index")
@@ -135,7 +139,9 @@ class Follower:
     async def _read_loop(self) -> None:
         try:
             while self._read_waiters:
+                await self._read_gather.fill(lambda: len(self._read_waiters) - 1)
                 waiters, self._read_waiters = self._read_waiters, []
+                self._read_gather.taken(len(waiters))
                 try:
                     # On the LISTEN connection: idle otherwise, and no pool round trip.
                     if self._listen_conn is None:

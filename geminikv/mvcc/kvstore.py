@@ -33,14 +33,16 @@ class KVStore:
         poll_interval: float = 1.0,
         value_cache_bytes: int = 128 * 1024 * 1024,
         reconnect: Callable[[], Awaitable[asyncpg.Connection]] | None = None,
-        write_batch_wait: float = 0.005,
+        batch_wait: float = 0.0,
     ) -> None:
         self.pool = pool
         self.index = Index()
         self.values = Values(pool, value_cache_bytes)
-        self.follower = Follower(pool, self.index, self.values, poll_interval, reconnect)
+        self.follower = Follower(
+            pool, self.index, self.values, poll_interval, reconnect, batch_wait
+        )
         self.writer = Writer(
-            writer_conn, self.index, self.follower, self.values, reconnect, write_batch_wait
+            writer_conn, self.index, self.follower, self.values, reconnect, batch_wait
         )
         self.on_compact: list[Callable[[], None]] = []  # told of every logical compaction
         # told (with a reason) when the database lost revisions this process served

@@ -24,6 +24,7 @@ import asyncpg
 
 from geminikv import errors, metrics, tasks
 from geminikv.mvcc.follower import Follower
+from geminikv.mvcc.gather import Gather
 from geminikv.mvcc.index import Index
 from geminikv.mvcc.txn import Evaluator
 from geminikv.mvcc.values import Values
@@ -77,7 +78,7 @@ class Writer:
         follower: Follower,
         values: Values,
         reconnect: Callable[[], Awaitable[asyncpg.Connection]] | None = None,
-        gather_wait: float = 0.005,
+        batch_wait: float = 0.0,
     ) -> None:
         self.conn = conn
         self.reconnect = reconnect
@@ -88,10 +89,7 @@ class Writer:
         self._task: asyncio.Task[None] | None = None
         self._last_id = 0
         self._answering: set[asyncio.Task[None]] = set()
-        self.gather_wait = gather_wait
-        self._last_batch = 1
-        self._want = 0
-        self._filled: asyncio.Future[None] | None = None
+        self._gather = Gather(batch_wait, MAX_BATCH)
         follower.own_writer_pid = self._backend_pid
 
     def _backend_pid(self) -> int | None:
@@ -116,9 +114,7 @@ class Writer:
         """Run ``operation`` in the next batch; ``leases`` are the lease ids it may use."""
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Request(operation, fut, leases))
-        filled = self._filled
-        if filled is not None and self._queue.qsize() >= self._want:
-            _done(filled)
+        self._gather.arrived(self._queue.qsize())
         return await fut
 
     # -- the batch loop ----------------------------------------------------------------
@@ -151,27 +147,11 @@ class Writer:
                 task.add_done_callback(self._answering.discard)
 
     async def _fill(self, batch: list[_Request]) -> None:
-        """Take the queued requests into ``batch``; under load, wait for more first.
-
-        Clients of a busy server send again soon after being answered, so as many requests
-        as the last batch had are expected shortly: waiting for them (at most
-        ``gather_wait``) makes fewer, larger batches. That costs PostgreSQL and this
-        process less per request (one statement, one commit, fewer wake-ups), which is
-        what bounds throughput. A lone client never waits (its last batch had one)."""
-        want = min(self._last_batch, MAX_BATCH) - 1
-        if want > 0 and self.gather_wait > 0 and self._queue.qsize() < want:
-            loop = asyncio.get_running_loop()
-            self._filled = loop.create_future()
-            self._want = want
-            timer = loop.call_later(self.gather_wait, _done, self._filled)
-            try:
-                await self._filled
-            finally:
-                timer.cancel()
-                self._filled = None
+        """Take the queued requests into ``batch`` (under load, once more have come)."""
+        await self._gather.fill(self._queue.qsize)
         while len(batch) < MAX_BATCH and not self._queue.empty():
             batch.append(self._queue.get_nowait())
-        self._last_batch = len(batch)
+        self._gather.taken(len(batch))
 
     async def _reconnect(self) -> None:
         """PostgreSQL went away: fail what waits (clients retry), reconnect with backoff."""
@@ -345,11 +325,6 @@ class Writer:
         if missing:
             found.update(await queries.values_by_id(self.conn, missing))
         return found
-
-
-def _done(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
 
 
 def _answer(batch: list[_Request]) -> None:

@@ -129,7 +129,7 @@ class App:
             s.poll_interval,
             s.value_cache_size * 1024 * 1024,
             reconnect=lambda: database.connect_once(backend),
-            write_batch_wait=s.write_batch_wait,
+            batch_wait=s.batch_wait,
         )
         await self.store.start()
         identity = await self._identity()
