@@ -62,6 +62,7 @@ class Follower:
         self._read_running = False
         self._read_task: asyncio.Task[None] | None = None
         self._read_gather = Gather(batch_wait, 1 << 30)
+        self._read_urgent = False
         self._refresh_compact = False
         self.physical_rev = 0
         self._compact_waiters: list[tuple[int, asyncio.Future[None]]] = []
@@ -119,15 +120,18 @@ class Follower:
         self._wake.set()
         await fut
 
-    async def read_index(self) -> int:
+    async def read_index(self, urgent: bool = False) -> int:
         """The newest committed revision in PostgreSQL, applied locally before returning.
 
         Concurrent callers share one query; a caller never joins a query that started
         before it arrived, so the answer reflects every write committed before the call.
+        An ``urgent`` caller (an expensive read, such as a list page, which gains little
+        from sharing and pays any wait once per page) sends the query without waiting.
         """
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._read_waiters.append(fut)
-        self._read_gather.arrived(len(self._read_waiters) - 1)
+        self._read_gather.arrived(len(self._read_waiters) - 1, urgent)
+        self._read_urgent = self._read_urgent or urgent
         if not self._read_running:
             self._read_running = True
             self._read_task = asyncio.create_task(self._read_loop(), name="read-index")
@@ -139,7 +143,9 @@ class Follower:
     async def _read_loop(self) -> None:
         try:
             while self._read_waiters:
-                await self._read_gather.fill(lambda: len(self._read_waiters) - 1)
+                if not self._read_urgent:
+                    await self._read_gather.fill(lambda: len(self._read_waiters) - 1)
+                self._read_urgent = False
                 waiters, self._read_waiters = self._read_waiters, []
                 self._read_gather.taken(len(waiters))
                 try:

@@ -21,10 +21,11 @@ class Gather:
         self._want = 0
         self._filled: asyncio.Future[None] | None = None
 
-    def arrived(self, queued: int) -> None:
-        """A request was queued; ``queued`` are now waiting (the batch's first excluded)."""
+    def arrived(self, queued: int, urgent: bool = False) -> None:
+        """A request was queued; ``queued`` are now waiting (the batch's first excluded).
+        An ``urgent`` one sends the batch at once."""
         filled = self._filled
-        if filled is not None and queued >= self._want and not filled.done():
+        if filled is not None and (urgent or queued >= self._want) and not filled.done():
             filled.set_result(None)
 
     async def fill(self, queued: Callable[[], int]) -> None:

@@ -137,7 +137,7 @@ class KVStore:
         txn.check_range(req)
         self._check_serving()
         if not req.serializable:
-            await self.follower.read_index()
+            await self.follower.read_index(urgent=bool(req.range_end))
         index = self.index
         rev = int(index.rev)
         if req.revision > rev:
@@ -158,7 +158,7 @@ class KVStore:
         entries, resp.more = ranges.select(req, entries, values)
         if not req.keys_only and values is None:
             values = await self._values(entries)
-        resp.kvs.extend(ranges.key_values(entries, None if req.keys_only else values))
+        ranges.add_key_values(resp.kvs, entries, None if req.keys_only else values)
         return resp
 
     async def _values(self, entries: list[ranges.Entry]) -> dict[int, bytes]:

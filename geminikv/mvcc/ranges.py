@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from typing import Any
 
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
-from geminikv.proto.mvccpb import kv_pb2
 
 # (key, mod, create, version, lease)
 Entry = tuple[bytes, int, int, int, int]
@@ -96,16 +95,21 @@ def select(
     return entries, more
 
 
-def key_values(entries: list[Entry], values: dict[int, bytes] | None) -> Iterator[kv_pb2.KeyValue]:
-    """KeyValue messages, one at a time; ``values`` None means keys only.
-
-    A generator: ``resp.kvs.extend`` copies each message into the response, so building
-    them one at a time keeps a large response (a 100 MB list) in memory once, not twice.
-    """
+def add_key_values(into: Any, entries: list[Entry], values: dict[int, bytes] | None) -> None:
+    """Append a KeyValue per entry to the repeated field ``into``; ``values`` None means
+    keys only. Built in place with ``add``: no second copy of a large response (a 100 MB
+    list) and about a third faster than building messages and extending with them."""
+    add = into.add
+    if values is None:
+        for key, mod, create, version, lease in entries:
+            add(key=key, create_revision=create, mod_revision=mod, version=version, lease=lease)
+        return
     for key, mod, create, version, lease in entries:
-        kv = kv_pb2.KeyValue(
-            key=key, create_revision=create, mod_revision=mod, version=version, lease=lease
+        add(
+            key=key,
+            create_revision=create,
+            mod_revision=mod,
+            version=version,
+            lease=lease,
+            value=values[mod],
         )
-        if values is not None:
-            kv.value = values[mod]
-        yield kv

@@ -344,7 +344,7 @@ class Evaluator:
         entries, resp.more = ranges.select(req, entries, values)
         if not req.keys_only:
             values = await view.values_of(e[1] for e in entries)
-        resp.kvs.extend(ranges.key_values(entries, None if req.keys_only else values))
+        ranges.add_key_values(resp.kvs, entries, None if req.keys_only else values)
         return resp
 
     async def _put(self, req: pb.PutRequest) -> pb.PutResponse:
@@ -374,7 +374,7 @@ class Evaluator:
         resp = pb.DeleteRangeResponse(deleted=len(entries))
         if req.prev_kv and entries:
             values = await view.values_of(e[1] for e in entries)
-            resp.prev_kvs.extend(ranges.key_values(entries, values))
+            ranges.add_key_values(resp.prev_kvs, entries, values)
         for entry in entries:
             view.delete(entry[0])
         resp.header.revision = view.rev
