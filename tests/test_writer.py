@@ -1,6 +1,5 @@
-"""The writer's one-round-trip batch (``geminikv_write_v1``) and its fallbacks: another
-process wrote since the index was read, the sequence handed out other ids, and batches
-filling up under load. Every case must keep revisions gap-free, ordered and never lost."""
+"""The writer under load: requests from concurrent clients share write batches, and every
+one is committed exactly once."""
 
 from __future__ import annotations
 
@@ -14,10 +13,6 @@ from tests.servers import GeminiServer, Postgres
 
 def _sample(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
-
-
-def _retries(reason: str) -> float:
-    return _sample("geminikv_writer_batch_retries_total", reason=reason)
 
 
 def test_concurrent_writes_share_batches(postgres: Postgres) -> None:

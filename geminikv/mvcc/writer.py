@@ -186,48 +186,9 @@ class Writer:
 
     async def _run_batch(self, batch: list[_Request]) -> int:
         """Evaluate and commit one batch; returns the last revision the callers must see."""
-        metrics.WRITER_BATCH.observe(len(batch))
-        # The one-round-trip path (_run_batch_at_once) is off: the reliability run found
-        # a delete answered from a stale index with it (seed 7976); until that is
-        # understood every batch takes the locked path.
-        return await self._run_batch_locked(batch)
-
-    async def _run_batch_at_once(self, batch: list[_Request]) -> int | None:
-        """The common case in one round trip: evaluate against the index as it is, then
-        let ``write_batch`` check under the lock that the table holds nothing newer and
-        insert. None when it did (another process wrote, or the ids were taken): the
-        caller evaluates again under the lock. Batches touching leases need their rows
-        locked first, so they always take the locked path."""
-        started = time.perf_counter()
-        expected = self.follower.applied
-        view = await self._evaluate(batch, expected + 1, {}, BatchLeases({}))
-        if view.revoked_leases:
-            return None
-        rows = view.rows
-        try:
-            returned = await self.conn.fetch(
-                SQL["write_batch"], expected, *queries.insert_args(rows)
-            )
-        except asyncpg.PostgresError as err:
-            if err.sqlstate != queries.WRITE_CONFLICT:
-                raise
-            metrics.WRITER_RETRIES.labels("index_behind").inc()
-            return None
-        if rows and not returned:
-            metrics.WRITER_RETRIES.labels("ids_taken").inc()
-            return None
-        metrics.WRITER_COMMIT_SECONDS.observe(time.perf_counter() - started)
-        if not rows:
-            return view.rev
-        self._last_id = rows[-1][0]
-        old_values = {r[0]: r[1] for r in returned}
-        self.follower.apply_local([as_applied(row, old_values.get(row[0])) for row in rows])
-        return rows[-1][0]
-
-    async def _run_batch_locked(self, batch: list[_Request]) -> int:
-        """Lock first, catch up with the table, evaluate, insert, commit."""
         conn = self.conn
         started = time.perf_counter()
+        metrics.WRITER_BATCH.observe(len(batch))
         await conn.execute(SQL["begin_locked"])
         try:
             current = int(await conn.fetchval(SQL["current_rev"]))
