@@ -30,6 +30,11 @@ WRITER_BATCH = Histogram(
     "Requests per write batch (one PostgreSQL transaction)",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
 )
+WRITER_RETRIES = Counter(
+    "geminikv_writer_batch_retries_total",
+    "Write batches evaluated again under the lock: the index was behind, or ids were taken",
+    ["reason"],
+)
 WRITER_COMMIT_SECONDS = Histogram(
     "geminikv_writer_batch_duration_seconds",
     "Time from lock to commit of a write batch",

@@ -1,18 +1,119 @@
-"""The writer under load: requests from concurrent clients share write batches, and every
-one is committed exactly once."""
+"""The writer's one-round-trip batch (``geminikv_write_v1``) and its fallbacks: another
+process wrote since the index was read, the sequence handed out other ids, and batches
+filling up under load. Every case must keep revisions gap-free, ordered and never lost."""
 
 from __future__ import annotations
 
 import threading
 
+import asyncpg
 from prometheus_client import REGISTRY
 
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
-from tests.servers import GeminiServer, Postgres
+from tests.servers import GeminiServer, Postgres, run_sync
+from tests.watching import WatchClient
 
 
 def _sample(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def _retries(reason: str) -> float:
+    return _sample("geminikv_writer_batch_retries_total", reason=reason)
+
+
+def test_a_row_written_elsewhere_makes_the_batch_retry_under_the_lock(
+    postgres: Postgres,
+) -> None:
+    dsn = postgres.new_database("behind")
+    # no notification and no poll during the test: the index stays behind the table
+    server = GeminiServer(dsn, poll_interval=60.0).start()
+    try:
+        kv = server.stubs().kv
+        kv.Put(pb.PutRequest(key=b"/behind/other", value=b"x"))
+
+        async def insert_as_kine() -> int:  # Go Kine's create: no NOTIFY
+            conn = await asyncpg.connect(dsn)
+            try:
+                return int(
+                    await conn.fetchval(
+                        "INSERT INTO kine(name, created, deleted, create_revision,"
+                        " prev_revision, lease, value, old_value)"
+                        " VALUES ('/behind/k', 1, 0, 0, 0, 0, 'kine', NULL) RETURNING id"
+                    )
+                )
+            finally:
+                await conn.close()
+
+        kine_rev = run_sync(insert_as_kine())
+        before = _retries("index_behind")
+        # create-if-absent on the key Go Kine just created: evaluated against the stale
+        # index it would succeed; under the lock, caught up, it must fail
+        create = pb.TxnRequest(
+            compare=[pb.Compare(key=b"/behind/k", target=pb.Compare.MOD, result=pb.Compare.EQUAL)],
+            success=[pb.RequestOp(request_put=pb.PutRequest(key=b"/behind/k", value=b"gk"))],
+            failure=[pb.RequestOp(request_range=pb.RangeRequest(key=b"/behind/k"))],
+        )
+        resp = kv.Txn(create)
+        assert _retries("index_behind") == before + 1
+        assert not resp.succeeded
+        got = resp.responses[0].response_range.kvs[0]
+        assert (got.value, got.mod_revision) == (b"kine", kine_rev)
+        assert resp.header.revision == kine_rev
+        put = kv.Put(pb.PutRequest(key=b"/behind/k", value=b"gk"))
+        assert put.header.revision == kine_rev + 1
+    finally:
+        server.stop()
+
+
+def test_ids_taken_from_the_sequence_become_gap_rows(postgres: Postgres) -> None:
+    dsn = postgres.new_database("idstaken")
+    server = GeminiServer(dsn).start()
+    try:
+        kv = server.stubs().kv
+        first = kv.Put(pb.PutRequest(key=b"/ids/a", value=b"1")).header.revision
+        watch = WatchClient(server.stubs())
+        watch.create(key=b"/ids/", range_end=b"/ids0", start_revision=first + 1)
+        before = _retries("ids_taken")
+
+        async def burn() -> None:  # as a rolled-back insert (or Go Kine) would
+            conn = await asyncpg.connect(dsn)
+            try:
+                await conn.fetch(
+                    "SELECT nextval(pg_get_serial_sequence('kine', 'id'))"
+                    " FROM generate_series(1, 3)"
+                )
+            finally:
+                await conn.close()
+
+        run_sync(burn())
+        second = kv.Put(pb.PutRequest(key=b"/ids/b", value=b"2")).header.revision
+        assert _retries("ids_taken") == before + 1
+        assert second > first + 3
+
+        async def rows() -> list[tuple[int, str]]:
+            conn = await asyncpg.connect(dsn)
+            try:
+                found = await conn.fetch(
+                    "SELECT id, name FROM kine WHERE id > $1 AND id <= $2 ORDER BY id",
+                    first,
+                    second,
+                )
+                return [(int(r[0]), str(r[1])) for r in found]
+            finally:
+                await conn.close()
+
+        # no revision is left missing: every id between the two writes is a gap row
+        found = run_sync(rows())
+        assert [rid for rid, _ in found] == list(range(first + 1, second + 1))
+        assert all(name.startswith("gap-") for _, name in found[:-1])
+        assert found[-1] == (second, "/ids/b")
+        resp = watch.next(10)
+        assert resp is not None
+        assert [(e.kv.key, e.kv.mod_revision) for e in resp.events] == [(b"/ids/b", second)]
+        watch.close()
+    finally:
+        server.stop()
 
 
 def test_concurrent_writes_share_batches(postgres: Postgres) -> None:
@@ -45,5 +146,35 @@ def test_concurrent_writes_share_batches(postgres: Postgres) -> None:
             pb.RangeRequest(key=b"/gather/", range_end=b"/gather0", count_only=True)
         )
         assert listed.count == 200
+    finally:
+        server.stop()
+
+
+def test_a_write_is_answered_only_once_committed_even_inside_a_stray_transaction(
+    postgres: Postgres,
+) -> None:
+    """The one-round-trip batch relies on autocommit. A writer connection left inside a
+    transaction (a failed batch whose ROLLBACK failed too) must not answer writes that
+    are not committed: they would vanish with the transaction."""
+    dsn = postgres.new_database("stray")
+    server = GeminiServer(dsn).start()
+    try:
+        kv = server.stubs().kv
+        kv.Put(pb.PutRequest(key=b"/stray/a", value=b"1"))
+        writer = server.app.store.writer  # type: ignore[union-attr]
+        server.call(lambda: writer.conn.execute("BEGIN"))
+        assert writer.conn.is_in_transaction()
+        rev = kv.Put(pb.PutRequest(key=b"/stray/b", value=b"2")).header.revision
+
+        async def committed() -> list[tuple[int, bytes]]:
+            conn = await asyncpg.connect(dsn)
+            try:
+                found = await conn.fetch("SELECT id, value FROM kine WHERE name = '/stray/b'")
+                return [(int(r[0]), bytes(r[1])) for r in found]
+            finally:
+                await conn.close()
+
+        assert run_sync(committed()) == [(rev, b"2")]
+        assert not writer.conn.is_in_transaction()
     finally:
         server.stop()

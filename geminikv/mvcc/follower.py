@@ -159,12 +159,12 @@ class Follower:
                     self.check_not_rewound(rev, floor)
                     metrics.FOLLOWER_LAG.set(max(0, rev - self.applied))
                 except Exception as err:  # handed to every waiting reader
-                    if not isinstance(err, (*CONNECTION_ERRORS, errors.EtcdError)):
+                    if not isinstance(err, errors.EtcdError) and self._listen_conn is not None:
                         # e.g. asyncpg's "another operation is in progress" on a
                         # connection broken mid-query by an outage: start afresh
-                        if self._listen_conn is not None:
-                            self._listen_conn.terminate()
-                            self._wake.set()  # the follower listens again
+                        self._listen_conn.terminate()
+                        self._wake.set()  # the follower listens again
+                    if not isinstance(err, (*CONNECTION_ERRORS, errors.EtcdError)):
                         err = ConnectionError(f"PostgreSQL read failed: {err}")
                     for fut in waiters:
                         if not fut.done():

@@ -135,6 +135,9 @@ CONNECTION_ERRORS = (
     asyncpg.InterfaceError,
     asyncpg.PostgresConnectionError,
     asyncpg.OperatorInterventionError,
+    # a connection an outage broke mid-operation can be left in a state asyncpg refuses
+    # to use ("cannot switch to state 12; another operation (2) is in progress")
+    asyncpg.InternalClientError,
 )
 
 

@@ -15,6 +15,8 @@ import asyncpg
 # held, so commit order equals id order (a follower that sees id N has seen all below N).
 WRITER_LOCK_KEY = 0x6B696E65_00000002
 NOTIFY_CHANNEL = "geminikv"
+# SQLSTATE geminikv_write_v1 raises when the caller's index is behind the table.
+WRITE_CONFLICT = "GK001"
 COMPACT_KEY = b"compact_rev_key"
 
 # Milliseconds since the epoch on the database server's clock.
@@ -54,6 +56,12 @@ SQL: dict[str, str] = {
                value, old_value, old_known, version)
     """,
     "insert_rows_returning": "",  # insert_rows + RETURNING, set below
+    # The writer's fast path (schema.py): $1 the index revision, then insert_rows' arrays.
+    "write_batch": """
+        SELECT out_id, out_old_value FROM geminikv_write_v1(
+            $1::bigint, $2::bigint[], $3::bytea[], $4::int[], $5::int[], $6::bigint[],
+            $7::bigint[], $8::int[], $9::bytea[], $10::bytea[], $11::bool[], $12::bigint[])
+    """,
     "fill_gap": """
         INSERT INTO kine (id, name, created, deleted, create_revision, prev_revision, lease,
                           value, old_value)
@@ -129,4 +137,4 @@ async def values_by_id(conn: asyncpg.Connection, ids: Sequence[int]) -> dict[int
 
 def insert_args(rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
     """Column arrays for ``insert_rows`` from row tuples in its column order."""
-    return [list(column) for column in zip(*rows, strict=True)]
+    return [list(column) for column in zip(*rows, strict=True)] or [[] for _ in range(11)]

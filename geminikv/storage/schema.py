@@ -1,9 +1,10 @@
 """Kine's table, exactly as Go Kine creates it, plus geminikv's compatible extras.
 
 Go Kine reads and writes the same table, so nothing here may change a column Kine uses.
-Extras: a nullable ``version`` column (etcd's per-key version; NULL in Go Kine's rows) and
-the ``geminikv_lease`` table. Older Kine schemas (INTEGER ids, varchar names, default
-collation) work unchanged: geminikv orders keys in its own index, never in SQL.
+Extras: a nullable ``version`` column (etcd's per-key version; NULL in Go Kine's rows), the
+``geminikv_lease`` table and ``geminikv_write_v1``, the writer's one-round-trip batch.
+Older Kine schemas (INTEGER ids, varchar names, default collation) work unchanged:
+geminikv orders keys in its own index, never in SQL.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import re
 
 import asyncpg
+
+from geminikv.storage.queries import NOTIFY_CHANNEL, WRITE_CONFLICT, WRITER_LOCK_KEY
 
 # pkg/drivers/pgsql/pgsql.go
 KINE_SCHEMA = [
@@ -41,6 +44,57 @@ GEMINIKV_EXTRAS = [
         ttl BIGINT NOT NULL,
         expiry_ms BIGINT NOT NULL
     )""",
+    # A whole write batch in one statement (autocommit, so one round trip): take the
+    # writer lock, check nobody committed since the caller's index revision, draw the
+    # batch's ids and insert its rows. Each statement in a volatile function takes a
+    # fresh snapshot, so MAX(id) sees every batch committed before the lock was granted.
+    # A stale index raises WRITE_CONFLICT (nothing written, no id drawn); ids other than
+    # the planned ones (burned by a rollback, or taken by Go Kine) are filled as Kine gap
+    # rows, so no revision is left missing, and no row comes back: the caller retries.
+    f"""CREATE OR REPLACE FUNCTION geminikv_write_v1(
+        expected bigint, p_id bigint[], p_name bytea[], p_created int[], p_deleted int[],
+        p_create_revision bigint[], p_prev_revision bigint[], p_lease int[],
+        p_value bytea[], p_old_value bytea[], p_old_known bool[], p_version bigint[])
+    RETURNS TABLE (out_id bigint, out_old_value bytea)
+    LANGUAGE plpgsql VOLATILE AS $fn$
+    DECLARE
+        head bigint;
+        drawn bigint[];
+    BEGIN
+        PERFORM pg_advisory_xact_lock({WRITER_LOCK_KEY});
+        SELECT COALESCE(MAX(k.id), 0) INTO head FROM kine k;
+        IF head <> expected THEN
+            RAISE EXCEPTION USING ERRCODE = '{WRITE_CONFLICT}', MESSAGE = head::text;
+        END IF;
+        IF cardinality(p_id) = 0 THEN
+            RETURN;
+        END IF;
+        SELECT array_agg(s.n ORDER BY s.n) INTO drawn
+        FROM (SELECT nextval(pg_get_serial_sequence('kine', 'id')) AS n
+              FROM generate_series(1, cardinality(p_id))) s;
+        IF drawn <> p_id THEN
+            INSERT INTO kine (id, name, created, deleted, create_revision, prev_revision,
+                              lease, value, old_value)
+            SELECT d, 'gap-' || d::text, 0, 1, 0, 0, 0, NULL, NULL FROM unnest(drawn) d;
+            PERFORM pg_notify('{NOTIFY_CHANNEL}', drawn[cardinality(drawn)]::text);
+            RETURN;
+        END IF;
+        RETURN QUERY
+        INSERT INTO kine AS k (id, name, created, deleted, create_revision, prev_revision,
+                               lease, value, old_value, version)
+        SELECT t.id, convert_from(t.name, 'UTF8'), t.created, t.deleted, t.create_revision,
+               t.prev_revision, t.lease, t.value,
+               CASE WHEN t.old_known THEN t.old_value
+                    ELSE (SELECT o.value FROM kine o WHERE o.id = t.prev_revision) END,
+               t.version
+        FROM unnest(p_id, p_name, p_created, p_deleted, p_create_revision, p_prev_revision,
+                    p_lease, p_value, p_old_value, p_old_known, p_version)
+          AS t(id, name, created, deleted, create_revision, prev_revision, lease,
+               value, old_value, old_known, version)
+        RETURNING k.id::bigint, k.old_value;
+        PERFORM pg_notify('{NOTIFY_CHANNEL}', p_id[cardinality(p_id)]::text);
+    END
+    $fn$""",
 ]
 
 # Serialises schema set-up between processes starting at the same time.
@@ -57,6 +111,7 @@ SCHEMA_COMPLETE = """
        AND (SELECT count(*) FROM pg_indexes
             WHERE schemaname = current_schema() AND tablename = 'kine'
               AND indexname = ANY($1::text[])) = $2
+       AND to_regproc('geminikv_write_v1') IS NOT NULL
        AND EXISTS (SELECT 1 FROM information_schema.columns
                    WHERE table_schema = current_schema() AND table_name = 'kine'
                      AND column_name = 'version')
