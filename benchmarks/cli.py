@@ -144,8 +144,14 @@ class Sampler(threading.Thread):
         return out
 
     def run(self) -> None:
+        tick = 0
         while not self.stop_event.wait(0.25):
             self.cpu.update(self._cpu())
+            tick += 1
+            if tick % 4 != 1:
+                # PSS reads every mapping of every process (~1 ms each, and PostgreSQL
+                # has a dozen): once a second keeps the sampler off the servers' cores
+                continue
             rss = 0
             for proc in self.target.processes():
                 # PSS: PostgreSQL's shared buffers are counted once, not per backend.
