@@ -111,6 +111,10 @@ class Rewound(Unavailable):
     message = "geminikv: the database revision went backwards; rebuilding the index"
 
 
+# Rewound's message when the rebuild is because this process fell behind compaction.
+BEHIND_COMPACTION = "geminikv: this process fell behind compaction; rebuilding the index"
+
+
 class Unimplemented(EtcdError):
     code = grpc.StatusCode.UNIMPLEMENTED
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import asyncpg
+import grpc
 import pytest
 
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
@@ -166,6 +167,60 @@ def test_compaction_through_any_process_runs_once(postgres: Postgres) -> None:
             assert stubs.Range(R(key=b"/m/k")).kvs[0].version == 50
         _wait(lambda: len(b.app.store.index.history(b"/m/k")) == 1)  # type: ignore[union-attr]
         _wait(lambda: len(a.app.store.index.history(b"/m/k")) == 1)  # type: ignore[union-attr]
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_a_process_behind_compaction_rebuilds_instead_of_missing_a_delete(
+    postgres: Postgres,
+) -> None:
+    """A process that had not applied a delete when compaction removed its tombstone
+    must not go on serving the deleted key: it sees the missing revision is compacted
+    and rebuilds its index (and cancels its watches) rather than filling a gap."""
+    dsn = postgres.new_database("clag")
+    a = GeminiServer(dsn).start()
+    time.sleep(0.5)  # a holds the leader lock, so a purges
+    b = GeminiServer(dsn, poll_interval=60.0).start()
+    try:
+        kva, kvb = a.stubs().kv, b.stubs().kv
+        kva.Put(pb.PutRequest(key=b"/lag/k", value=b"v"))
+        assert len(kvb.Range(R(key=b"/lag/k")).kvs) == 1  # b has applied the put
+        assert b.app is not None
+        follower = b.app.store.follower
+        watch = WatchClient(b.stubs())
+        watch.create(key=b"/lag/", range_end=b"/lag0")
+        # b hears nothing more: no notifications, no poll for a minute
+        b.call(lambda: follower._listen_conn.remove_listener("geminikv", follower._on_notify))
+        deleted = kva.DeleteRange(pb.DeleteRangeRequest(key=b"/lag/k")).header.revision
+        head = kva.Put(pb.PutRequest(key=b"/lag/other", value=b"o")).header.revision
+        kva.Compact(pb.CompactionRequest(revision=head, physical=True))
+        assert _rows(dsn, f"id = {deleted}") == 0  # the tombstone is gone
+        assert int(follower.applied) < deleted
+        # b's next linearizable read finds the missing revision compacted and rebuilds
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                got = kvb.Range(R(key=b"/lag/", range_end=b"/lag0"))
+                break
+            except grpc.RpcError as err:  # Unavailable while rebuilding, saying why
+                assert err.code() == grpc.StatusCode.UNAVAILABLE
+                assert "fell behind compaction" in (err.details() or "")
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        assert [kv.key for kv in got.kvs] == [b"/lag/other"]
+        assert got.header.revision == head
+        canceled = None
+        while canceled is None and time.monotonic() < deadline:
+            resp = watch.next(1.0)
+            if resp is not None and resp.canceled:
+                canceled = resp
+        assert canceled is not None, "b's watch was not cancelled"
+        assert f"revision {deleted} not applied, compacted to {head}" in canceled.cancel_reason
+        watch.close()
+        # and b writes on the current state
+        put = kvb.Put(pb.PutRequest(key=b"/lag/k", value=b"again"))
+        assert kva.Range(R(key=b"/lag/k")).kvs[0].create_revision == put.header.revision
     finally:
         a.stop()
         b.stop()

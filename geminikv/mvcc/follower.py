@@ -69,6 +69,9 @@ class Follower:
         self._compacting: asyncio.Task[None] | None = None
         # told when PostgreSQL's newest revision is below the applied one (see KVStore)
         self.on_rewind: Callable[[int], None] | None = None
+        # told (missing revision, compact revision) when a missing row may have been
+        # deleted by compaction before this process applied it (see KVStore)
+        self.on_behind_compaction: Callable[[int, int], None] | None = None
         # the backend pid of this process's writer: its notifications are skipped, since
         # the writer hands its rows over itself (a batch whose answer was lost is still
         # fetched, by the writer's catch_up or the next poll)
@@ -184,15 +187,16 @@ class Follower:
                 self.on_rewind(newest)
             raise errors.Rewound()
 
-    def reset(self) -> None:
-        """Forget everything applied (before the index is rebuilt from the table)."""
+    def reset(self, message: str = errors.Rewound.message) -> None:
+        """Forget everything applied (before the index is rebuilt from the table); who
+        waits for a revision fails with Unavailable and ``message``."""
         self._pending.clear()
         self._gap_seen = None
         self.physical_rev = 0
         for futures in self._waiters.values():
             for fut in futures:
                 if not fut.done():
-                    fut.set_exception(errors.Rewound())
+                    fut.set_exception(errors.Rewound(message))
         self._waiters.clear()
 
     async def wait_compacted(self, rev: int) -> None:
@@ -330,8 +334,16 @@ class Follower:
         if now - self._gap_seen[1] < GAP_GRACE:
             asyncio.get_running_loop().call_later(GAP_GRACE / 2, self._wake.set)
             return True
-        log.info("filling gap at revision %d", gap)
         async with self.pool.acquire() as conn:
+            compacted = int(await conn.fetchval(SQL["compact_rev"]))
+            if gap <= compacted:
+                # not a burned id to fill: compaction may have deleted the row (and with
+                # it a delete this index would never see)
+                if self.on_behind_compaction is not None:
+                    self.on_behind_compaction(gap, compacted)
+                self._gap_seen = None
+                return True
+            log.info("filling gap at revision %d", gap)
             await conn.execute(SQL["fill_gap"], gap)
         self._gap_seen = None
         return False

@@ -48,8 +48,10 @@ class KVStore:
         # told (with a reason) when the database lost revisions this process served
         self.on_rewind: list[Callable[[str], None]] = []
         self.rebuilding = False
+        self.rebuild_message = errors.Rewound.message
         self._rebuild_task: asyncio.Task[None] | None = None
         self.follower.on_rewind = self.rewound
+        self.follower.on_behind_compaction = self.behind_compaction
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -98,15 +100,31 @@ class KVStore:
         """PostgreSQL's newest revision is below the one this process applied: it was
         restored from an older backup or failed over to a lagging replica. Stop serving
         the lost future, cancel every watch, rebuild the index from the table."""
-        if self.rebuilding:
-            return
-        reason = (
+        self._resync(
             f"geminikv: the database revision went backwards from {int(self.index.rev)} "
             f"to {newest} (restored from a backup, or failed over to a lagging replica); "
-            "watch again from a current revision"
+            "watch again from a current revision",
+            errors.Rewound.message,
         )
+
+    def behind_compaction(self, missing: int, compacted: int) -> None:
+        """Revision ``missing`` is not in the table and the table is compacted to
+        ``compacted`` >= it: the rows this process had yet to apply may have been deleted
+        (a delete's tombstone among them), so they cannot be replayed. Rebuild instead."""
+        self._resync(
+            f"geminikv: this process fell behind compaction (revision {missing} not applied, "
+            f"compacted to {compacted}); watch again from a current revision",
+            errors.BEHIND_COMPACTION,
+        )
+
+    def _resync(self, reason: str, message: str) -> None:
+        """Stop serving, cancel every watch with ``reason``, rebuild the index; requests
+        meanwhile fail with Unavailable and ``message``."""
+        if self.rebuilding:
+            return
         log.error("%s; rebuilding the index", reason.removeprefix("geminikv: "))
         self.rebuilding = True
+        self.rebuild_message = message
         for callback in self.on_rewind:
             callback(reason)
         self._rebuild_task = asyncio.create_task(self._rebuild(), name="index-rebuild")
@@ -120,7 +138,7 @@ class KVStore:
             except Exception as err:  # e.g. PostgreSQL still restarting: try again
                 log.warning("rebuilding the index failed (%s); retrying", err)
                 await asyncio.sleep(1.0)
-        self.follower.reset()
+        self.follower.reset(self.rebuild_message)
         self.values.clear()
         self.writer.reset()
         self.index.take(fresh)  # in one step: no request sees a half-built index
@@ -129,7 +147,7 @@ class KVStore:
 
     def _check_serving(self) -> None:
         if self.rebuilding:
-            raise errors.Rewound()
+            raise errors.Rewound(self.rebuild_message)
 
     # -- reads -------------------------------------------------------------------------
 
