@@ -226,6 +226,37 @@ def test_a_process_behind_compaction_rebuilds_instead_of_missing_a_delete(
         b.stop()
 
 
+def test_a_lagging_leader_catches_up_before_it_purges(postgres: Postgres) -> None:
+    """The leader plans the purge from its index: it first applies every revision up
+    to the compaction, else rows it had not seen would stay in the table for good."""
+    dsn = postgres.new_database("cleader")
+    b = GeminiServer(dsn, poll_interval=60.0).start()
+    time.sleep(0.5)  # b holds the leader lock, so b purges
+    a = GeminiServer(dsn).start()
+    try:
+        assert b.app is not None
+        follower = b.app.store.follower
+        # b hears of new rows only when something wakes its follower
+        b.call(lambda: follower._listen_conn.remove_listener("geminikv", follower._on_notify))
+        kva = a.stubs().kv
+        for i in range(20):
+            head = kva.Put(pb.PutRequest(key=b"/ll/k", value=b"%d" % i)).header.revision
+        assert int(follower.applied) < head
+        kva.Compact(pb.CompactionRequest(revision=head))
+        b.call(lambda: _wake_leader(b))  # as its poll would: reads the compact revision
+        _wait(lambda: _rows(dsn, "name = '/ll/k'") == 1)
+        assert b.app.compactor.deleted_rows == 19
+    finally:
+        a.stop()
+        b.stop()
+
+
+async def _wake_leader(server: GeminiServer) -> None:
+    assert server.app is not None
+    await server.app.store.follower._read_compact_rev()
+    server.app.leader.wake()
+
+
 def test_automatic_compaction(postgres: Postgres) -> None:
     dsn = postgres.new_database("cauto")
     server = GeminiServer(
