@@ -423,6 +423,58 @@ def test_hand_written_history_is_valid() -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_revoke_answered_at_the_revision_of_a_delete_of_its_key(mode: str) -> None:
+    """A delete and a lease revoke applied together (one write batch), the delete first:
+    the revoke finds the key gone and deletes nothing, and both answer at the delete's
+    revision. The DELETE is the delete's (its response says deleted=1), not the revoke's,
+    though the revoke, evaluated just before, would make the same change."""
+    a = PREFIX + b"a"
+
+    def resp(msg: Any, revision: int) -> Any:
+        msg.header.revision = revision
+        return msg
+
+    kv_a = kv_pb2.KeyValue(key=a, value=b"x", create_revision=2, mod_revision=2, version=1, lease=7)
+    ops = [
+        Operation(
+            1,
+            10,
+            20,
+            "lease_grant",
+            pb.LeaseGrantRequest(TTL=60, ID=7),
+            resp(pb.LeaseGrantResponse(ID=7, TTL=60), 1),
+        ),
+        Operation(1, 21, 30, "put", put(a, b"x", lease=7), resp(pb.PutResponse(), 2)),
+        Operation(
+            1,
+            31,
+            50,
+            "lease_revoke",
+            pb.LeaseRevokeRequest(ID=7),
+            resp(pb.LeaseRevokeResponse(), 3),
+        ),
+        Operation(
+            2,
+            32,
+            49,
+            "delete",
+            pb.DeleteRangeRequest(key=a, prev_kv=True),
+            resp(pb.DeleteRangeResponse(deleted=1, prev_kvs=[kv_a]), 3),
+        ),
+    ]
+    events = [
+        kv_pb2.Event(type=kv_pb2.Event.PUT, kv=kv_a),
+        kv_pb2.Event(type=kv_pb2.Event.DELETE, kv=kv_pb2.KeyValue(key=a, mod_revision=3)),
+    ]
+    complete = WatchRecord(0, pb.WatchCreateRequest(key=PREFIX, range_end=PREFIX_END))
+    complete.responses = [(100, resp(pb.WatchResponse(created=True), 1))] + [
+        (101 + i, resp(pb.WatchResponse(events=[e]), e.kv.mod_revision))
+        for i, e in enumerate(events)
+    ]
+    assert check(History(PREFIX, BASE, ops, [], complete, mode)) == []
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_simple_history_is_valid(mode: str) -> None:
     _, history = simple_history(mode)
     assert len(history.complete.responses) > 1 if history.complete else False

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pickle
 import signal
 import time
 from collections import Counter
@@ -113,6 +114,10 @@ def test_history_under_faults_is_linearizable(tmp_path: Path) -> None:
     assert not traffic.unexpected, traffic.unexpected[:10]  # only errors etcd gives here
     violations = check(history)
     print(f"checked in {time.monotonic() - started:.1f}s")
+    if violations:  # keep the history for a post-mortem (tests/reliability/describe.py)
+        dump = tmp_path / "history.pickle"
+        dump.write_bytes(pickle.dumps(history))
+        print("history saved to", dump)
     assert not violations, f"seed {SEED}: " + "\n".join(violations[:30])
     # the run did what it claims: traffic got through, and every fault was injected
     assert outcomes["ok"] > 500 and events > 200

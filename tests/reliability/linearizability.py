@@ -63,12 +63,18 @@ class Match:
     index: int  # into History.operations
     outcome: Outcome
     matched: int  # how many leading changes of the outcome the history has
+    # the response names what changed (a lease revoke's does not: a revoke batched right
+    # after a delete of its key deletes nothing, and both answer at the delete's revision)
+    evidence: bool = True
 
     def better(self, other: Match) -> bool:
-        """A better rank; among exact unknown writes, the one making fewer changes (leaving
-        the rest to other writes); among partial ones, the one matching more."""
+        """A better rank; among acknowledged writes, one whose response shows the change;
+        among exact unknown writes, the one making fewer changes (leaving the rest to
+        other writes); among partial ones, the one matching more."""
         if self.rank != other.rank:
             return self.rank < other.rank
+        if self.rank == EXACT_ACK:
+            return self.evidence and not other.evidence
         if self.rank >= PARTIAL:
             return self.matched > other.matched
         return len(self.outcome.changes) < len(other.outcome.changes)
@@ -77,7 +83,7 @@ class Match:
         """Nothing can be better."""
         if self.rank == EXACT_UNKNOWN:
             return mode == "txn" or len(self.outcome.changes) == 1
-        return self.rank == EXACT_ACK
+        return self.rank == EXACT_ACK and self.evidence
 
 
 class Checker:
@@ -268,7 +274,7 @@ class Checker:
             rank = EXACT_ACK
         else:
             rank = EXACT_WRONG_RESPONSE
-        return Match(rank, index, outcome, n)
+        return Match(rank, index, outcome, n, op.kind != "lease_revoke")
 
     def accept(self, m: Match, i: int, end: int) -> int:
         op = self.ops[m.index]
