@@ -206,8 +206,8 @@ class KVStore:
     async def txn(self, req: pb.TxnRequest) -> pb.TxnResponse:
         txn.check_size(req)
         txn.check_txn(req)
-        txn.check_intervals(req.success)
-        txn.check_intervals(req.failure)
+        txn.check_branch(req.success)
+        txn.check_branch(req.failure)
         self._check_serving()
         resp: pb.TxnResponse = await self.writer.submit(lambda ev: ev.txn(req), txn.lease_ids(req))
         return resp

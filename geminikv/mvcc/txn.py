@@ -38,12 +38,15 @@ def lease_ids(req: pb.PutRequest | pb.TxnRequest) -> set[int]:
     if isinstance(req, pb.PutRequest):
         return {req.lease} if req.lease else set()
     out: set[int] = set()
-    for op in (*req.success, *req.failure):
-        kind = op.WhichOneof("request")
-        if kind == "request_put" and op.request_put.lease:
-            out.add(op.request_put.lease)
-        elif kind == "request_txn":
-            out |= lease_ids(op.request_txn)
+    for branch in (req.success, req.failure):
+        for op in branch:
+            kind = op.WhichOneof("request")
+            if kind == "request_put":
+                lease = op.request_put.lease
+                if lease:
+                    out.add(lease)
+            elif kind == "request_txn":
+                out |= lease_ids(op.request_txn)
     return out
 
 
@@ -102,8 +105,9 @@ def check_txn(req: pb.TxnRequest, max_ops: int = MAX_TXN_OPS) -> None:
     for cmp in req.compare:
         if not cmp.key:
             raise errors.EmptyKey()
-    for op in (*req.success, *req.failure):
-        _check_op(op, max_ops - ops)
+    for branch in (req.success, req.failure):
+        for op in branch:
+            _check_op(op, max_ops - ops)
 
 
 def _check_op(op: pb.RequestOp, max_ops: int) -> None:
@@ -127,6 +131,13 @@ def _point(key: bytes) -> tuple[bytes, bytes]:
 def _intersects(intervals: list[tuple[bytes, bytes]], key: bytes) -> bool:
     # Intervals are [begin, end) with an empty end meaning +infinity (etcd's adt affine).
     return any(begin <= key and (not end or key < end) for begin, end in intervals)
+
+
+def check_branch(ops: Sequence[pb.RequestOp]) -> None:
+    """check_intervals for one branch of a txn; a lone put, delete or range (the common
+    case) cannot collide with itself."""
+    if len(ops) > 1 or (ops and ops[0].WhichOneof("request") == "request_txn"):
+        check_intervals(ops)
 
 
 def check_intervals(
