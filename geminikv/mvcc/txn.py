@@ -206,10 +206,10 @@ class Evaluator:
         if req.lease and not self.leases.exists(req.lease):
             raise errors.LeaseNotFound()
         self._check_put_state(req)
-        return await self._put(req)
+        return await self._put(req, pb.PutResponse())
 
     async def delete_range(self, req: pb.DeleteRangeRequest) -> pb.DeleteRangeResponse:
-        return await self._delete_range(req)
+        return await self._delete_range(req, pb.DeleteRangeResponse())
 
     async def revoke(self, lease_id: int, only_if_expired: bool) -> pb.LeaseRevokeResponse | None:
         """Delete every key attached to the lease, then the lease itself.
@@ -322,19 +322,17 @@ class Evaluator:
             out = resp.responses.add()
             kind = op.WhichOneof("request")
             if kind == "request_range":
-                out.response_range.CopyFrom(await self.range(op.request_range))
+                await self.range(op.request_range, out.response_range)
             elif kind == "request_put":
-                out.response_put.CopyFrom(await self._put(op.request_put))
+                await self._put(op.request_put, out.response_put)
             elif kind == "request_delete_range":
-                out.response_delete_range.CopyFrom(
-                    await self._delete_range(op.request_delete_range)
-                )
+                await self._delete_range(op.request_delete_range, out.response_delete_range)
             elif kind == "request_txn":
                 nested = out.response_txn
                 nested.header.SetInParent()
                 await self._apply_txn(op.request_txn, path, nested)
 
-    async def range(self, req: pb.RangeRequest) -> pb.RangeResponse:
+    async def range(self, req: pb.RangeRequest, resp: pb.RangeResponse) -> pb.RangeResponse:
         """A Range inside a txn: at the current state (own writes included) or at a revision."""
         end = ranges.range_end(req.range_end)
         view = self.view
@@ -343,7 +341,7 @@ class Evaluator:
         else:
             all_entries = view.range(req.key, end)
             count = len(all_entries)
-        resp = pb.RangeResponse(count=count)
+        resp.count = count
         resp.header.revision = view.rev
         if req.count_only:
             return resp
@@ -358,7 +356,10 @@ class Evaluator:
         ranges.add_key_values(resp.kvs, entries, None if req.keys_only else values)
         return resp
 
-    async def _put(self, req: pb.PutRequest) -> pb.PutResponse:
+    # The ops below fill the response they are given: in a txn, the one inside its
+    # ResponseOp (building it apart and copying it in costs a copy of every value).
+
+    async def _put(self, req: pb.PutRequest, resp: pb.PutResponse) -> pb.PutResponse:
         view = self.view
         prev = view.get(req.key)
         if prev is None and (req.ignore_value or req.ignore_lease):
@@ -366,7 +367,6 @@ class Evaluator:
             # (etcd 3.4 panics here): the whole request fails, nothing is written.
             raise errors.KeyNotFound()
         value, lease = req.value, req.lease
-        resp = pb.PutResponse()
         if prev is not None and (req.ignore_value or req.prev_kv):
             prev_value = (await view.values_of((prev[0],)))[prev[0]]
             if req.ignore_value:
@@ -379,10 +379,12 @@ class Evaluator:
         resp.header.revision = view.rev
         return resp
 
-    async def _delete_range(self, req: pb.DeleteRangeRequest) -> pb.DeleteRangeResponse:
+    async def _delete_range(
+        self, req: pb.DeleteRangeRequest, resp: pb.DeleteRangeResponse
+    ) -> pb.DeleteRangeResponse:
         view = self.view
         entries = view.range(req.key, ranges.range_end(req.range_end))
-        resp = pb.DeleteRangeResponse(deleted=len(entries))
+        resp.deleted = len(entries)
         if req.prev_kv and entries:
             values = await view.values_of(e[1] for e in entries)
             ranges.add_key_values(resp.prev_kvs, entries, values)
