@@ -33,6 +33,20 @@ def run_sync(coro):  # type: ignore[no-untyped-def]
         return pool.submit(asyncio.run, coro).result()
 
 
+def range_once_rebuilt(kv, request, reason: str, timeout: float = 15.0):  # type: ignore[no-untyped-def]
+    """``kv.Range(request)`` once the server has rebuilt its index; meanwhile every call
+    must fail with Unavailable saying ``reason``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return kv.Range(request)
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.UNAVAILABLE
+            assert reason in (err.details() or "")
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

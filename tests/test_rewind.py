@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
-from tests.servers import GeminiServer, Postgres, run_sync
+from tests.servers import GeminiServer, Postgres, range_once_rebuilt, run_sync
 from tests.watching import WatchClient
 
 
@@ -68,16 +68,9 @@ def test_database_restored_from_an_older_backup(postgres: Postgres) -> None:
         assert "revision went backwards" in canceled.cancel_reason
         assert f"from {lost_rev} to {backup_rev}" in canceled.cancel_reason
         # once rebuilt, it serves the restored state and nothing of the lost future
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                got = stubs.kv.Range(pb.RangeRequest(key=b"/rw/", range_end=b"/rw0"))
-                break
-            except grpc.RpcError as err:  # Unavailable while rebuilding, saying why
-                assert err.code() == grpc.StatusCode.UNAVAILABLE
-                assert "revision went backwards" in (err.details() or "")
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+        got = range_once_rebuilt(
+            stubs.kv, pb.RangeRequest(key=b"/rw/", range_end=b"/rw0"), "revision went backwards"
+        )
         assert got.header.revision == backup_rev
         assert sorted(kv.key for kv in got.kvs) == [b"/rw/old%d" % i for i in range(5)]
         with pytest.raises(grpc.RpcError) as future:
