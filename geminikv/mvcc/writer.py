@@ -1,9 +1,12 @@
 """The writer: turns concurrent write requests into batches, one PostgreSQL txn each.
 
-A batch takes the cluster-wide advisory lock, makes sure the index has every committed
-row, evaluates each request in order against the index plus the batch's earlier writes,
-inserts all rows with one statement, notifies other processes and commits. Callers are
-answered once the follower has applied their rows (read-your-writes).
+Usually a batch is evaluated against the index as it stands and sent in one round trip
+(``geminikv_write_v1``, autocommit): under the cluster-wide advisory lock PostgreSQL checks
+that the table holds no row the index lacks, then inserts and notifies. Otherwise (another
+process wrote, a lease is involved) the batch takes the lock first, makes sure the index
+has every committed row, evaluates each request in order against the index plus the
+batch's earlier writes, inserts all rows with one statement, notifies and commits. Callers
+are answered once the follower has applied their rows (read-your-writes).
 
 Row ids are drawn from Kine's sequence after evaluation. The evaluation first assumes
 they follow the newest id; if the sequence hands out others (ids burned by a rollback,
