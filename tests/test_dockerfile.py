@@ -1,16 +1,23 @@
-"""The container image: linted with hadolint, and its build and entrypoint commands run
-here (no container engine is available on these machines)."""
+"""The container image: linted with hadolint, then built and run with podman (Debian's
+podman, buildah, runc and debootstrap, which .ci/run installs): embedded PostgreSQL on a
+volume, and an external PostgreSQL."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
 import subprocess
-import sys
-import venv
+from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
+
+from geminikv.storage.embedded import EmbeddedPostgres
+from tests.container import Podman, wait_ready
+from tests.servers import free_port, run_sync, start_postgres, stop_postgres
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -34,59 +41,108 @@ def test_image_shape() -> None:
     assert re.search(r'^ENTRYPOINT \["geminikv"\]$', text, re.M)
 
 
-@pytest.mark.slow
-def test_build_stage_commands_produce_a_working_entrypoint(tmp_path: Path) -> None:
-    # The build stage's `pip wheel .` (only geminikv itself: its dependencies are
-    # already installed here), then the runtime stage's `pip install` and ENTRYPOINT.
-    src = tmp_path / "src"
-    src.mkdir()
-    for name in ("pyproject.toml", "setup.py", "README.md"):
-        shutil.copy(ROOT / name, src / name)
-    for name in ("proto", "geminikv", "benchmarks"):
-        shutil.copytree(
-            ROOT / name, src / name, ignore=shutil.ignore_patterns("*.so", "*.c", "__pycache__")
-        )
-    wheels = tmp_path / "wheels"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-cache-dir",
-            "--no-build-isolation",
-            "--wheel-dir",
-            str(wheels),
-            str(src),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
-    (wheel,) = wheels.glob("geminikv-*.whl")
-    runtime = tmp_path / "runtime"
-    venv.create(runtime, system_site_packages=True, with_pip=True)
-    python = runtime / "bin" / "python"
-    subprocess.run(
-        [str(python), "-m", "pip", "install", "--no-deps", "--no-cache-dir", str(wheel)],
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
+IMAGE = "localhost/geminikv:test"
+
+
+def etcdctl(port: int, *args: str) -> str:
     done = subprocess.run(
-        [str(runtime / "bin" / "geminikv"), "--version"],
-        capture_output=True,
-        text=True,
-        timeout=120,
+        ["etcdctl", "--endpoints", f"127.0.0.1:{port}", "--command-timeout=20s", *args],
+        env=dict(os.environ, ETCDCTL_API="3"), capture_output=True, text=True, timeout=60,
         check=False,
-    )
-    assert done.returncode == 0 and done.stdout.startswith("geminikv "), done.stderr
-    compiled = subprocess.run(
-        [str(python), "-c", "import geminikv._native.index as m; print(m.__file__)"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        check=True,
-    )
-    assert str(runtime) in compiled.stdout and compiled.stdout.strip().endswith(".so")
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
+    missing = [c for c in ("podman", "runc", "debootstrap", "etcdctl") if shutil.which(c) is None]
+    if missing:
+        pytest.skip(f"not installed: {', '.join(missing)} (.ci/run installs them)")
+    engine = Podman(tmp_path_factory.mktemp("podman"))
+    try:
+        engine.make_base_image(tmp_path_factory.mktemp("base"))
+        # --format docker keeps HEALTHCHECK (OCI images have no such field); chroot
+        # isolation: RUN steps need no cgroups
+        engine(
+            "build", "--format", "docker", "--isolation", "chroot", "--pull=never",
+            "--network", "host", "--tag", IMAGE, str(ROOT), timeout=900,
+        )  # fmt: skip
+        yield engine
+    finally:
+        engine.destroy()
+
+
+@pytest.mark.slow
+def test_image_serves_from_a_volume_and_stops_cleanly(podman: Podman) -> None:
+    port, metrics = free_port(), free_port()
+    name = "geminikv-embedded"
+    run = ["run", "--detach", "--name", name, *podman.run_flags(),
+           "--publish", f"127.0.0.1:{port}:2379", "--publish", f"127.0.0.1:{metrics}:8080",
+           "--volume", "geminikv-data:/var/lib/geminikv", IMAGE]  # fmt: skip
+    podman(*run)
+    wait_ready(metrics)
+    etcdctl(port, "put", "/registry/pods/default/p", "one")
+    inspect = json.loads(podman("inspect", name).stdout)[0]
+    assert inspect["Config"]["User"] == "10001"
+    assert podman("exec", name, "id", "-u").stdout.strip() == "10001"
+    assert podman("healthcheck", "run", name).returncode == 0
+    assert inspect["State"]["Health"]["Status"] in ("starting", "healthy")
+
+    podman("stop", "--time", "30", name)  # SIGTERM
+    state = json.loads(podman("inspect", name).stdout)[0]["State"]
+    assert state["ExitCode"] == 0, podman("logs", name).stderr
+    # the embedded PostgreSQL was shut down cleanly, not left to crash recovery
+    pg_log = podman(
+        "run", "--rm", *podman.run_flags(), "--volume", "geminikv-data:/var/lib/geminikv",
+        "--entrypoint", "cat", IMAGE, "/var/lib/geminikv/postgres.log",
+    ).stdout  # fmt: skip
+    assert "database system is shut down" in pg_log
+    podman("rm", name)
+
+    podman(*run)  # a new container on the same volume has the data
+    wait_ready(metrics)
+    assert etcdctl(port, "get", "/registry/pods/default/p").splitlines() == [
+        "/registry/pods/default/p", "one",
+    ]  # fmt: skip
+    podman("stop", "--time", "30", name)
+    assert "not properly shut down" not in podman(
+        "run", "--rm", *podman.run_flags(), "--volume", "geminikv-data:/var/lib/geminikv",
+        "--entrypoint", "cat", IMAGE, "/var/lib/geminikv/postgres.log",
+    ).stdout  # fmt: skip
+
+
+@pytest.mark.slow
+def test_image_with_an_external_postgres(podman: Podman, tmp_path: Path) -> None:
+    pg = tmp_path / "pg"
+    start_postgres(pg)
+    try:
+        pg.chmod(0o755)  # the container's user reaches the socket through the mount
+        port, metrics = free_port(), free_port()
+        podman(
+            "run", "--detach", "--name", "geminikv-external", *podman.run_flags(),
+            "--publish", f"127.0.0.1:{port}:2379", "--publish", f"127.0.0.1:{metrics}:8080",
+            "--volume", f"{pg}:/run/postgresql", IMAGE,
+            "--endpoint", "postgresql://postgres@/kubernetes?host=/run/postgresql",
+        )  # fmt: skip
+        wait_ready(metrics)
+        etcdctl(port, "put", "/registry/configmaps/default/c", "external")
+
+        async def stored() -> bytes:
+            conn = await asyncpg.connect(EmbeddedPostgres(pg).dsn())
+            try:
+                value = await conn.fetchval(
+                    "SELECT value FROM kine WHERE name = $1 ORDER BY id DESC LIMIT 1",
+                    "/registry/configmaps/default/c",
+                )
+                return bytes(value)
+            finally:
+                await conn.close()
+
+        assert run_sync(stored()) == b"external"
+        # nothing of its own in the data directory: no embedded PostgreSQL was started
+        listing = podman("exec", "geminikv-external", "ls", "-A", "/var/lib/geminikv").stdout
+        assert listing.strip() == ""
+        podman("stop", "--time", "30", "geminikv-external")
+    finally:
+        stop_postgres(pg)
