@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +14,14 @@ from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.proto.mvccpb import kv_pb2
 from tests.reliability.check import check
 from tests.reliability.convert import event_to_pb, response_to_pb
-from tests.reliability.history import DEFINITE_FAILURES, History, Operation, WatchRecord
+from tests.reliability.history import (
+    DEFINITE_FAILURES,
+    History,
+    Operation,
+    WatchRecord,
+    load,
+    save,
+)
 from tests.reliability.model import (
     KV,
     PUT,
@@ -492,6 +500,16 @@ def test_random_concurrent_history_is_valid(mode: str, seed: int) -> None:
     # calls overlap: some call starts before the previous one returned
     assert any(b.call < (a.ret or 0) for a, b in itertools.pairwise(ops))
     assert check(history) == []
+
+
+def test_a_saved_history_loads_back_and_checks_the_same(tmp_path: Path) -> None:
+    _, history = simple_history("key")
+    record = history.watches[0]
+    del record.responses[event_responses(record)[1]]
+    save(history, tmp_path / "history.pickle")
+    loaded = load(tmp_path / "history.pickle")
+    assert loaded.operations[0].request == history.operations[0].request
+    assert check(loaded) == check(history) != []
 
 
 # -- injected bugs ----------------------------------------------------------------------------

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import pickle
 import signal
 import time
 from collections import Counter
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.reliability.check import check
+from tests.reliability.history import save
 from tests.reliability.traffic import Settings, Traffic
 from tests.servers import GeminiProcess, start_postgres, stop_postgres
 
@@ -114,9 +114,9 @@ def test_history_under_faults_is_linearizable(tmp_path: Path) -> None:
     assert not traffic.unexpected, traffic.unexpected[:10]  # only errors etcd gives here
     violations = check(history)
     print(f"checked in {time.monotonic() - started:.1f}s")
-    if violations:  # keep the history for a post-mortem (tests/reliability/describe.py)
+    if violations:  # keep the history for a post-mortem (tests.reliability.history.load)
         dump = tmp_path / "history.pickle"
-        dump.write_bytes(pickle.dumps(history))
+        save(history, dump)
         print("history saved to", dump)
     assert not violations, f"seed {SEED}: " + "\n".join(violations[:30])
     # the run did what it claims: traffic got through, and every fault was injected

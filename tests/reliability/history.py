@@ -6,8 +6,18 @@ responses are the etcd protobuf messages (``geminikv.proto.etcdserverpb.rpc_pb2`
 
 from __future__ import annotations
 
+import pickle
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import geminikv.proto.authpb
+import geminikv.proto.etcdserverpb
+import geminikv.proto.mvccpb
+from geminikv.proto.authpb import auth_pb2
+from geminikv.proto.etcdserverpb import rpc_pb2
+from geminikv.proto.mvccpb import kv_pb2
 
 # gRPC codes after which a write has certainly not been applied (etcd rejects these
 # before proposing); after any other error (Unavailable, DeadlineExceeded, a dropped
@@ -64,3 +74,29 @@ class History:
     # revisions consumed by a write: "key" = one per changed key, consecutive (geminikv);
     # "txn" = one per write whatever it changes (etcd)
     revisions: str = "key"
+
+
+def save(history: History, path: Path) -> None:
+    """Keep a history for a post-mortem (``load`` reads it back)."""
+    _alias_protobuf_modules()
+    path.write_bytes(pickle.dumps(history))
+
+
+def load(path: Path) -> History:
+    _alias_protobuf_modules()
+    history = pickle.loads(path.read_bytes())
+    assert isinstance(history, History)
+    return history
+
+
+def _alias_protobuf_modules() -> None:
+    # The generated classes name their modules by the .proto packages
+    # ("etcdserverpb.rpc_pb2"), which is where pickle looks them up.
+    for package, module in (
+        (geminikv.proto.etcdserverpb, rpc_pb2),
+        (geminikv.proto.mvccpb, kv_pb2),
+        (geminikv.proto.authpb, auth_pb2),
+    ):
+        name = package.__name__.rsplit(".", 1)[1]
+        sys.modules.setdefault(name, package)
+        sys.modules.setdefault(f"{name}.{module.__name__.rsplit('.', 1)[1]}", module)
