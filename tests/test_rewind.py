@@ -4,14 +4,26 @@ serves the restored state — never a mix of the lost future and the restored pa
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import time
+from pathlib import Path
 
 import asyncpg
 import grpc
 import pytest
 
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
-from tests.servers import GeminiServer, Postgres, range_once_rebuilt, run_sync
+from tests.servers import (
+    GeminiProcess,
+    GeminiServer,
+    Postgres,
+    Stubs,
+    range_once_rebuilt,
+    run_sync,
+    start_postgres,
+    stop_postgres,
+)
 from tests.watching import WatchClient
 
 
@@ -88,3 +100,77 @@ def test_database_restored_from_an_older_backup(postgres: Postgres) -> None:
         stubs.close()
     finally:
         server.stop()
+
+
+def _wait_canceled(watcher: WatchClient, timeout: float) -> pb.WatchResponse | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        resp = watcher.next(1.0)
+        if resp is not None and resp.canceled:
+            return resp
+    return None
+
+
+def _put_retrying(stubs: Stubs, key: bytes, value: bytes) -> int:
+    """A put as clients make it after PostgreSQL restarted: retried while Unavailable (the
+    first write on a connection PostgreSQL dropped finds it broken and reconnects)."""
+    for _ in range(100):
+        try:
+            return int(stubs.kv.Put(pb.PutRequest(key=key, value=value)).header.revision)
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.UNAVAILABLE
+            time.sleep(0.2)
+    raise AssertionError("no write got through")
+
+
+@pytest.mark.slow
+def test_data_directory_restored_from_a_file_backup_under_two_processes(tmp_path: Path) -> None:
+    # The real thing: PostgreSQL stopped, its data directory replaced by an older copy
+    # (what a restore or a failover to a lagging replica does), started again.
+    data = tmp_path / "pg"
+    dsn = start_postgres(data)
+    processes = [GeminiProcess(dsn).start(), GeminiProcess(dsn).start()]
+    try:
+        first, second = (p.stubs() for p in processes)
+        for i in range(5):
+            first.kv.Put(pb.PutRequest(key=b"/fb/old%d" % i, value=b"old"))
+        backup_rev = first.kv.Range(pb.RangeRequest(key=b"/fb/old0")).header.revision
+        stop_postgres(data)
+        subprocess.run(["cp", "-a", str(data / "pgdata"), str(tmp_path / "backup")], check=True)
+        start_postgres(data)
+        lost_rev = _put_retrying(second, b"/fb/new", b"lost")
+        assert lost_rev > backup_rev
+        watchers = []
+        for stubs in (first, second):
+            watcher = WatchClient(stubs)
+            watcher.create(key=b"/fb/", range_end=b"/fb0", start_revision=backup_rev + 1)
+            assert [e.kv.value for r in watcher.drain() for e in r.events] == [b"lost"]
+            watchers.append(watcher)
+
+        stop_postgres(data, signal.SIGQUIT)  # as a crash: no shutdown checkpoint
+        subprocess.run(["rm", "-rf", str(data / "pgdata")], check=True)
+        subprocess.run(["cp", "-a", str(tmp_path / "backup"), str(data / "pgdata")], check=True)
+        start_postgres(data)
+
+        for number, (stubs, watcher) in enumerate(zip((first, second), watchers, strict=True)):
+            canceled = _wait_canceled(watcher, 20)
+            assert canceled is not None, f"process {number}: the watch was not cancelled"
+            assert f"revision went backwards from {lost_rev} to {backup_rev}" in (
+                canceled.cancel_reason
+            )
+            got = range_once_rebuilt(
+                stubs.kv, pb.RangeRequest(key=b"/fb/", range_end=b"/fb0"), "went backwards"
+            )
+            assert got.header.revision == backup_rev
+            assert sorted(kv.key for kv in got.kvs) == [b"/fb/old%d" % i for i in range(5)]
+            watcher.close()
+        # both carry on from the restored revision, and see each other's writes
+        assert _put_retrying(first, b"/fb/after", b"v") == backup_rev + 1
+        got = second.kv.Range(pb.RangeRequest(key=b"/fb/after"))
+        assert [(kv.key, kv.value) for kv in got.kvs] == [(b"/fb/after", b"v")]
+        first.close()
+        second.close()
+    finally:
+        for p in processes:
+            p.stop()
+        stop_postgres(data)
