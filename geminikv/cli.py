@@ -6,7 +6,7 @@ import logging
 import sys
 
 from geminikv import log as logsetup
-from geminikv.config import build_parser, settings_from
+from geminikv.config import no_effect, parse_settings
 from geminikv.storage.database import DatabaseUnreachable
 from geminikv.storage.embedded import EmbeddedPostgresError
 
@@ -19,14 +19,17 @@ def main(argv: list[str] | None = None) -> int:
         return bench(args[1:])
     if args and args[0] == "serve":
         args = args[1:]
-    settings = settings_from(build_parser().parse_args(args))
+    settings = parse_settings(args)
     logsetup.setup(settings.log_format, settings.debug)
+    log = logging.getLogger("geminikv")
+    for line in no_effect(settings):
+        log.warning("%s", line)
     try:
         import uvloop
 
         uvloop.run(_serve(settings))
     except (DatabaseUnreachable, EmbeddedPostgresError, OSError, ValueError) as err:
-        logging.getLogger("geminikv").error("%s", err)
+        log.error("%s", err)
         return 1
     except KeyboardInterrupt:
         pass

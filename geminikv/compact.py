@@ -31,6 +31,9 @@ class Compactor:
         self.interval = settings.compact_interval
         self.min_retain = settings.compact_min_retain
         self.batch_revisions = max(settings.compact_batch_size, 100)
+        # Kine's --compact-timeout, per DELETE; one that times out is retried by the
+        # leader's next run (the plan comes from the index again)
+        self.timeout = settings.compact_timeout or None
         self.done = 0  # rows up to this revision are gone (in this leadership)
         self.longest_statement = 0.0
         self.deleted_rows = 0
@@ -73,7 +76,9 @@ class Compactor:
         gaps = 0
         while True:
             async with pool.acquire() as conn:
-                status = await conn.execute(SQL["delete_gap_rows"], target, DELETE_BATCH)
+                status = await conn.execute(
+                    SQL["delete_gap_rows"], target, DELETE_BATCH, timeout=self.timeout
+                )
             count = int(status.split()[-1])
             gaps += count
             if count < DELETE_BATCH:
@@ -97,7 +102,7 @@ class Compactor:
     async def _timed(self, sql: str, arg: object) -> None:
         start = time.monotonic()
         async with self.store.pool.acquire() as conn:
-            await conn.execute(sql, arg)
+            await conn.execute(sql, arg, timeout=self.timeout)
         took = time.monotonic() - start
         self.longest_statement = max(self.longest_statement, took)
 

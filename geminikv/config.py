@@ -1,7 +1,8 @@
 """geminikv's settings: one object, read from command-line flags and GEMINIKV_* variables.
 
-Flag names follow Kine's (pkg/app/app.go) so geminikv can replace it on a command line;
-every flag ``--some-flag`` can also be given as ``GEMINIKV_SOME_FLAG``.
+Flag names and value syntax follow Kine's (pkg/app/app.go) so geminikv can replace it on
+a command line; every flag ``--some-flag`` can also be given as ``GEMINIKV_SOME_FLAG``,
+and the command line wins over the environment.
 """
 
 from __future__ import annotations
@@ -9,31 +10,103 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
 from geminikv import __version__
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+# Go's time.ParseDuration: an optional sign, then numbers each with a unit.
+_DURATION = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_UNIT_SECONDS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "μs": 1e-6,
+    "ms": 0.001,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+_TRUE = ("1", "t", "true", "yes", "on")
+_FALSE = ("0", "f", "false", "no", "off")
+
+# Kine's 0 (or less) for --datastore-max-open-connections means no limit; asyncpg's pool
+# needs a number, and PostgreSQL's default max_connections (100) is the real limit then.
+UNLIMITED_CONNECTIONS = 100
 
 
 def parse_duration(text: str) -> float:
-    """Seconds in a Go-style duration ("5s", "1m30s", "100ms"); a bare number is seconds."""
+    """Seconds in a Go duration ("5s", "1m30s", "100ms", "-1s"); a bare number is seconds."""
     text = text.strip()
     try:
         return float(text)
     except ValueError:
         pass
+    sign, body = (-1.0, text[1:]) if text.startswith("-") else (1.0, text.removeprefix("+"))
     pos, total = 0, 0.0
-    for match in _DURATION.finditer(text):
+    for match in _DURATION.finditer(body):
         if match.start() != pos:
             break
         total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
         pos = match.end()
-    if pos != len(text) or not text:
+    if pos != len(body) or not body:
         raise argparse.ArgumentTypeError(f"invalid duration {text!r} (use e.g. 5s, 100ms, 1m)")
-    return total
+    return sign * total
+
+
+def _duration(text: str) -> float:
+    seconds = parse_duration(text)
+    if seconds < 0:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: must not be negative")
+    return seconds
+
+
+def _duration_or_off(text: str) -> float:
+    """A duration where Kine reads 0 or less as off (or no limit): 0 here."""
+    return max(0.0, parse_duration(text))
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+
+
+def _positive(text: str) -> int:
+    value = _integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be at least 1")
+    return value
+
+
+def _percent(text: str) -> int:
+    value = _integer(text)
+    if not 0 <= value < 100:
+        raise argparse.ArgumentTypeError(f"invalid percentage {text!r}: must be 0 to 99")
+    return value
+
+
+def _connections(text: str) -> int:
+    value = _integer(text)
+    return UNLIMITED_CONNECTIONS if value <= 0 else value
+
+
+def _log_format(text: str) -> str:
+    if text not in ("plain", "json"):
+        raise argparse.ArgumentTypeError(f"invalid log format {text!r} (plain or json)")
+    return text
+
+
+def parse_bool(text: str) -> bool:
+    """Go's strconv.ParseBool spellings (true, false, 1, 0, t, f, ...), and yes/no, on/off."""
+    lowered = text.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"invalid boolean {text!r} (true or false)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,10 +117,15 @@ class Settings:
     emulated_etcd_version: str = "3.5.16"
     watch_progress_notify_interval: float = 5.0
     poll_interval: float = 1.0
+    poll_batch_size: int = 1000
     compact_interval: float = 0.0
+    compact_interval_jitter: int = 0
+    compact_timeout: float = 5.0
     compact_min_retain: int = 1000
     compact_batch_size: int = 1000
     metrics_bind_address: str = ":8080"
+    metrics_enable_profiling: bool = False
+    metrics_ignore_tls_config: bool = False
     server_cert_file: str = ""
     server_key_file: str = ""
     trusted_ca_file: str = ""
@@ -67,6 +145,16 @@ class Settings:
     debug: bool = False
 
 
+# Kine's flags that do nothing in geminikv, and why: accepted so a Kine command line
+# works, each logged once at start-up when set.
+NO_EFFECT: dict[str, str] = {
+    "poll_batch_size": "not applied yet; the follower fetches up to 1000 rows per query",
+    "compact_interval_jitter": "only the leader process compacts, so there are no "
+    "simultaneous compactions to spread",
+    "metrics_enable_profiling": "geminikv serves no profiling endpoints",
+    "metrics_ignore_tls_config": "geminikv serves /metrics over plain HTTP always",
+}
+
 _HELP: dict[str, str] = {
     "listen_address": "address to serve etcd v3 gRPC on: host:port, http://host:port or unix://path",
     "endpoint": "PostgreSQL DSN (postgres://user:pass@host:5432/db); empty = embedded PostgreSQL",
@@ -74,10 +162,16 @@ _HELP: dict[str, str] = {
     "emulated_etcd_version": "etcd version reported by Maintenance.Status",
     "watch_progress_notify_interval": "interval of watch progress notifications",
     "poll_interval": "how often to poll for rows written without a notification (Go Kine)",
+    "poll_batch_size": "Kine's number of revisions fetched per poll",
     "compact_interval": "automatic compaction interval (0 = off; kube-apiserver compacts)",
+    "compact_interval_jitter": "Kine's +/- percent of jitter on --compact-interval (0 to 99)",
+    "compact_timeout": "timeout of each compaction DELETE statement (0 = none; Kine: "
+    "of each compaction batch)",
     "compact_min_retain": "revisions automatic compaction always keeps",
     "compact_batch_size": "revisions compacted per automatic compaction step",
     "metrics_bind_address": "address for /metrics, /healthz and /readyz (0 = off)",
+    "metrics_enable_profiling": "Kine's pprof handlers on the metrics address",
+    "metrics_ignore_tls_config": "Kine's /metrics without the server TLS settings",
     "server_cert_file": "TLS certificate for the etcd endpoint (with --server-key-file)",
     "server_key_file": "TLS key for the etcd endpoint",
     "trusted_ca_file": "CA for client certificates: when set, clients must present one",
@@ -85,11 +179,13 @@ _HELP: dict[str, str] = {
     "cert_file": "client certificate presented to PostgreSQL (with --key-file)",
     "key_file": "key of the client certificate presented to PostgreSQL",
     "skip_verify": "TLS to PostgreSQL without verifying its certificate",
-    "datastore_max_open_connections": "PostgreSQL connections in the read pool",
+    "datastore_max_open_connections": "PostgreSQL connections in the read pool; 0 or less "
+    f"= no limit, as in Kine (capped at {UNLIMITED_CONNECTIONS}, PostgreSQL's default "
+    "max_connections)",
     "datastore_max_idle_connections": "accepted for Kine compatibility; no effect (idle "
     "connections are closed after --datastore-connection-max-idle-time)",
     "datastore_connection_max_lifetime": "accepted for Kine compatibility; no effect",
-    "datastore_connection_max_idle_time": "close pooled connections idle this long",
+    "datastore_connection_max_idle_time": "close pooled connections idle this long (0 = never)",
     "value_cache_size": "MiB of values kept in memory (0 = read every value from PostgreSQL)",
     "batch_wait": "under load, how long a write batch or a linearizable read's revision "
     "check may wait for more requests to share it (0 = never)",
@@ -99,42 +195,111 @@ _HELP: dict[str, str] = {
     "debug": "debug logging",
 }
 
+# How each setting's text is read: by its type, unless the setting has a rule of its own.
+_BY_TYPE: dict[str, Callable[[str], Any]] = {
+    "float": _duration,
+    "int": _integer,
+    "str": str,
+    "bool": parse_bool,
+}
+_PARSE: dict[str, Callable[[str], Any]] = {
+    "poll_batch_size": _positive,
+    "compact_interval": _duration_or_off,
+    "compact_interval_jitter": _percent,
+    "compact_timeout": _duration_or_off,
+    "datastore_max_open_connections": _connections,
+    "datastore_connection_max_lifetime": _duration_or_off,
+    "datastore_connection_max_idle_time": _duration_or_off,
+    "slow_sql_threshold": _duration_or_off,
+    "slow_sql_warning_threshold": _duration_or_off,
+    "log_format": _log_format,
+}
+_METAVAR = {"float": "DURATION", "int": "N", "str": "TEXT"}
+
+
+def _parser_of(name: str, kind: str) -> Callable[[str], Any]:
+    return _PARSE.get(name) or _BY_TYPE[kind]
+
 
 def _env_name(field: str) -> str:
     return "GEMINIKV_" + field.upper()
 
 
+def _shown(default: object, kind: str) -> str:
+    if kind == "bool":
+        return "on" if default else "off"
+    if kind == "float":
+        seconds = float(default)  # type: ignore[arg-type]
+        if seconds and seconds % 60 == 0:
+            return f"{seconds / 60:g}m"
+        return f"{seconds:g}s" if seconds >= 1 or not seconds else f"{seconds * 1000:g}ms"
+    return repr(default)
+
+
+def _help(name: str, kind: str, default: object) -> str:
+    text = _HELP[name]
+    if name in NO_EFFECT:
+        text += f": accepted for Kine compatibility, no effect ({NO_EFFECT[name]})"
+    return f"{text} (default {_shown(default, kind)}) [env {_env_name(name)}]".replace("%", "%%")
+
+
 def build_parser(prog: str = "geminikv") -> argparse.ArgumentParser:
+    """The command line: one flag per setting. A flag not given is absent from the result."""
     parser = argparse.ArgumentParser(
         prog=prog,
         description="An etcd v3 server backed by PostgreSQL (Kine's table layout). "
-        "Every flag can also be set as GEMINIKV_<FLAG> (e.g. GEMINIKV_ENDPOINT).",
+        "Every flag can also be set as GEMINIKV_<FLAG> (e.g. GEMINIKV_ENDPOINT); the "
+        "command line wins. Durations are Go's (5s, 1m30s, 100ms; a bare number is "
+        "seconds). `geminikv bench --help` describes the benchmark harness.",
+        argument_default=argparse.SUPPRESS,
     )
-    parser.add_argument("--version", action="version", version=f"geminikv {__version__}")
+    parser.add_argument("-v", "--version", action="version", version=f"geminikv {__version__}")
     for f in fields(Settings):
         flag = "--" + f.name.replace("_", "-")
-        env = os.environ.get(_env_name(f.name))
-        default: Any = f.default
-        kind: Any
-        if f.type == "bool":
+        kind = str(f.type)
+        text = _help(f.name, kind, f.default)
+        if kind == "bool":
+            # Kine's (urfave/cli) spellings: --flag, --flag=true, --flag=false
             parser.add_argument(
-                flag,
-                action=argparse.BooleanOptionalAction,
-                default=(env.lower() in ("1", "true", "yes")) if env is not None else default,
-                help=f"{_HELP[f.name]} [env {_env_name(f.name)}]",
+                flag, nargs="?", const=True, type=parse_bool, metavar="BOOL", help=text
             )
             continue
-        kind = {"float": parse_duration, "int": int, "str": str}[str(f.type)]
-        if env is not None:
-            default = kind(env)
-        parser.add_argument(
-            flag,
-            type=kind,
-            default=default,
-            help=f"{_HELP[f.name]} (default {f.default!r}) [env {_env_name(f.name)}]",
-        )
+        parser.add_argument(flag, type=_parser_of(f.name, kind), metavar=_METAVAR[kind], help=text)
     return parser
 
 
-def settings_from(namespace: argparse.Namespace) -> Settings:
-    return Settings(**{f.name: getattr(namespace, f.name) for f in fields(Settings)})
+def parse_settings(
+    argv: Sequence[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    prog: str = "geminikv",
+) -> Settings:
+    """Settings from the command line, then GEMINIKV_* variables, then the defaults.
+
+    A bad value, on the command line or in the environment, exits with status 2 and a
+    message naming the flag or the variable, as argparse does.
+    """
+    parser = build_parser(prog)
+    values: dict[str, Any] = vars(parser.parse_args(argv))
+    env = os.environ if environ is None else environ
+    for f in fields(Settings):
+        name = _env_name(f.name)
+        if f.name in values or name not in env:
+            continue
+        try:
+            values[f.name] = _parser_of(f.name, str(f.type))(env[name])
+        except argparse.ArgumentTypeError as err:
+            parser.error(f"{name}: {err}")
+    return Settings(**values)
+
+
+def no_effect(settings: Settings) -> list[str]:
+    """One line for each flag set that geminikv accepts from Kine but does not act on."""
+    return [
+        f"--{name.replace('_', '-')} is accepted for Kine compatibility and has no effect "
+        f"({reason})"
+        for name, reason in NO_EFFECT.items()
+        if getattr(settings, name) != getattr(_DEFAULTS, name)
+    ]
+
+
+_DEFAULTS = Settings()

@@ -70,7 +70,8 @@ class Leader:
             except asyncio.CancelledError:
                 raise
             except Exception as err:
-                log.warning("background duties interrupted (%s); retrying", err)
+                # str() of a statement timeout (--compact-timeout) is empty: name it
+                log.warning("background duties interrupted (%r); retrying", err)
                 await asyncio.sleep(RETRY_LOCK)
             finally:
                 if self.is_leader:
