@@ -282,10 +282,14 @@ class _Client:
         elif roll < 0.89:
             prefix, end = self.traffic.prefix, self.traffic.end
             await self.call("range", pb.RangeRequest(key=prefix, range_end=end, count_only=True))
-        elif roll < 0.95:
+        elif roll < 0.93:
             await self.leased_put()
-        elif roll < 0.97:
+        elif roll < 0.95:
             await self.revoke()
+        elif roll < 0.965:
+            await self.multi_key_txn()
+        elif roll < 0.97:
+            await self.range_delete()
         else:
             req = pb.PutRequest(key=self.key(), value=self.value())
             await self.call("put", req, drop=True)
@@ -342,6 +346,20 @@ class _Client:
         if mod is not None:
             delete = pb.DeleteRangeRequest(key=key, prev_kv=True)
             await self.guarded(key, mod, pb.RequestOp(request_delete_range=delete))
+
+    async def multi_key_txn(self) -> None:
+        """Several keys written in one txn: atomic, all or nothing, in the watches too."""
+        keys = sorted({self.key() for _ in range(3)})
+        ops = [pb.RequestOp(request_put=pb.PutRequest(key=k, value=self.value())) for k in keys]
+        if len(keys) > 1 and self.rng.random() < 0.5:
+            ops[-1] = pb.RequestOp(request_delete_range=pb.DeleteRangeRequest(key=keys[-1]))
+        await self.call("txn", pb.TxnRequest(success=ops))
+
+    async def range_delete(self) -> None:
+        """A DeleteRange over a few neighbouring keys."""
+        i = self.rng.randrange(self.traffic.settings.keys)
+        key, end = (self.traffic.prefix + b"k%02d" % n for n in (i, i + 3))
+        await self.call("delete", pb.DeleteRangeRequest(key=key, range_end=end, prev_kv=True))
 
     async def leased_put(self) -> None:
         if not self.leases or self.rng.random() < 0.3:
