@@ -88,6 +88,11 @@ class Leases:
         async with self.pool.acquire() as conn:
             return [r[0] for r in await conn.fetch(SQL["lease_list"])]
 
+    async def count(self) -> int:
+        """Leases in the table, granted by any process (the geminikv_leases metric)."""
+        async with self.pool.acquire() as conn:
+            return int(await conn.fetchval(SQL["lease_count"]))
+
     # -- expiry (a Leader duty) ----------------------------------------------------------
 
     def leadership(self, leading: bool) -> None:

@@ -1,4 +1,8 @@
-"""Logging: one line per event, plain or JSON (--log-format)."""
+"""Logging: one line per event, plain or JSON (--log-format).
+
+A traceback stays on its event's line: escaped newlines (``\\n``) in plain text, the
+``error`` field in JSON, so a log collector never splits one event into many.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,20 @@ import time
 
 import orjson
 
+PLAIN = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
-class JSONFormatter(logging.Formatter):
+
+class Formatter(logging.Formatter):
+    """One line per record: plain text, or one JSON object with ``json=True``."""
+
+    def __init__(self, json: bool = False) -> None:
+        super().__init__(PLAIN)
+        self.json = json
+
     def format(self, record: logging.LogRecord) -> str:
+        if not self.json:
+            # the message, the traceback and any stack, newlines escaped
+            return super().format(record).replace("\r", "\\r").replace("\n", "\\n")
         entry = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
@@ -20,15 +35,15 @@ class JSONFormatter(logging.Formatter):
         }
         if record.exc_info:
             entry["error"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
         return orjson.dumps(entry).decode()
 
 
 def setup(fmt: str = "plain", debug: bool = False) -> None:
+    """Send every log record to stderr, one line each, as ``fmt`` (plain or json)."""
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JSONFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(Formatter(json=fmt == "json"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)

@@ -54,11 +54,20 @@ SQL_TOTAL = Counter(
 REVISION = Gauge("geminikv_revision", "Newest revision applied to this process's index")
 COMPACT_REVISION = Gauge("geminikv_compact_revision", "The compact revision")
 FOLLOWER_LAG = Gauge(
-    "geminikv_follower_lag_revisions", "Committed revisions not yet applied here (last check)"
+    "geminikv_follower_lag_revisions",
+    "Committed revisions known to this process but not yet applied to its index",
+)
+FOLLOWER_LAG_SECONDS = Gauge(
+    "geminikv_follower_lag_seconds",
+    "How long the oldest committed revision not yet applied here has been known to exist "
+    "(from a NOTIFY, a poll, a writer hand-over or a linearizable read's head revision); "
+    "0 when caught up. Refreshed when the follower learns of the head or applies rows, "
+    "including at each readiness check",
 )
 WATCH_STREAMS = Gauge("geminikv_watch_streams", "Open Watch streams")
 WATCHERS = Gauge("geminikv_watchers", "Watchers, synced and catching up")
 UNSYNCED_WATCHERS = Gauge("geminikv_watchers_unsynced", "Watchers catching up from the table")
+LEASES = Gauge("geminikv_leases", "Leases in geminikv_lease, all processes (counted every 5 s)")
 LEASES_EXPIRED = Counter("geminikv_leases_expired_total", "Leases revoked because they expired")
 COMPACTED_ROWS = Counter("geminikv_compaction_deleted_rows_total", "Rows deleted by compaction")
 DB_SIZE = Gauge("geminikv_db_size_bytes", "Size of the kine table with its indexes")

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 FETCH_LIMIT = 1000
 GAP_GRACE = 0.05  # seconds a missing id may stay missing before it is filled
 COMPACT_SLICE = 20_000  # superseded revisions dropped from the index per event-loop turn
+LAG_MARKS = 1024  # (revision, first known) pairs kept for the lag-in-seconds metric
 _NO_UPPER = 2**62
 
 
@@ -67,6 +69,10 @@ class Follower:
         self.physical_rev = 0
         self._compact_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._compacting: asyncio.Task[None] | None = None
+        # For the lag metrics: the newest committed revision known here, and when each
+        # newer head became known, oldest first, while not yet applied.
+        self._known = 0
+        self._unapplied: deque[tuple[int, float]] = deque()
         # told when PostgreSQL's newest revision is below the applied one (see KVStore)
         self.on_rewind: Callable[[int], None] | None = None
         # told (missing revision, compact revision) when a missing row may have been
@@ -111,6 +117,8 @@ class Follower:
             if row[0] > self.applied:
                 self._pending[row[0]] = row
         self._drain()
+        if rows:
+            self._learned(rows[-1][0])
         if self._pending:
             self._wake.set()
 
@@ -160,7 +168,7 @@ class Follower:
                     floor = self.applied
                     rev = int(await self._listen_conn.fetchval(SQL["current_rev"]))
                     self.check_not_rewound(rev, floor)
-                    metrics.FOLLOWER_LAG.set(max(0, rev - self.applied))
+                    self._learned(rev)
                 except Exception as err:  # handed to every waiting reader
                     if not isinstance(err, errors.EtcdError) and self._listen_conn is not None:
                         # e.g. asyncpg's "another operation is in progress" on a
@@ -193,6 +201,9 @@ class Follower:
         self._pending.clear()
         self._gap_seen = None
         self.physical_rev = 0
+        self._known = 0
+        self._unapplied.clear()
+        self._report_lag()
         for futures in self._waiters.values():
             for fut in futures:
                 if not fut.done():
@@ -247,6 +258,8 @@ class Follower:
             rev = int(payload)
         except ValueError:
             rev = _NO_UPPER
+        else:
+            self._learned(rev)
         if rev > self.applied:
             self._wake.set()
 
@@ -317,6 +330,8 @@ class Follower:
                 if r[0] > self.applied:
                     self._pending[r[0]] = tuple(r)
             self._drain()
+            if records:
+                self._learned(records[-1][0])
             if self._pending:
                 if await self._gap_waits():
                     return
@@ -385,7 +400,32 @@ class Follower:
         if events:
             for subscriber in self.subscribers:
                 subscriber(events)
+        if self._unapplied:
+            self._report_lag()
         self._release_waiters()
+
+    def _learned(self, rev: int) -> None:
+        """``rev`` is committed in PostgreSQL: note when it became known, for the lag."""
+        marks = self._unapplied
+        if rev > self._known:
+            self._known = rev
+            if rev > self.applied:
+                if len(marks) < LAG_MARKS:
+                    marks.append((rev, time.monotonic()))
+                else:
+                    # merged into the newest mark, whose older time can only overstate lag
+                    marks[-1] = (rev, marks[-1][1])
+        if marks:
+            self._report_lag()  # also refreshes the seconds of a follower that is stuck
+
+    def _report_lag(self) -> None:
+        applied = self.applied
+        marks = self._unapplied
+        while marks and marks[0][0] <= applied:
+            marks.popleft()
+        # the oldest unapplied revision, applied + 1, became known with the first mark above
+        metrics.FOLLOWER_LAG.set(max(0, self._known - applied))
+        metrics.FOLLOWER_LAG_SECONDS.set(time.monotonic() - marks[0][1] if marks else 0.0)
 
     def _release_waiters(self) -> None:
         if not self._waiters:

@@ -48,6 +48,7 @@ GRPC_OPTIONS = [
     # Off: a second server on a busy port must fail, not silently share it.
     ("grpc.so_reuseport", 0),
 ]
+LEASE_COUNT_INTERVAL = 5.0  # seconds between counts of geminikv_lease for the metric
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +96,7 @@ class App:
         self.health = metrics.Health()
         self.http: WSGIServer | None = None
         self._health_task: asyncio.Task[None] | None = None
+        self.lease_count = 0  # counted by the health task, read by the geminikv_leases gauge
         self.address = parse_listen_address(
             settings.listen_address, tls=bool(settings.server_cert_file)
         )
@@ -205,11 +207,12 @@ class App:
         metrics.UNSYNCED_WATCHERS.set_function(lambda: len(hub.unsynced))
         metrics.REVISION.set_function(lambda: int(index.rev))
         metrics.COMPACT_REVISION.set_function(lambda: int(index.compact_rev))
+        metrics.LEASES.set_function(lambda: self.lease_count)
 
     async def _check_health(self) -> None:
         """Every second: the loop is alive, PostgreSQL answers, the index is caught up."""
-        assert self.store is not None
-        last_size = 0.0
+        assert self.store is not None and self.leases is not None
+        last_size = last_count = 0.0
         while True:
             now = time.monotonic()
             self.health.loop_beat = now
@@ -221,8 +224,11 @@ class App:
                 if now - last_size > 30:
                     metrics.DB_SIZE.set(await self.store.db_size())
                     last_size = now
+                if now - last_count >= LEASE_COUNT_INTERVAL:
+                    self.lease_count = await self.leases.count()
+                    last_count = now
             except Exception as err:
-                log.warning("health check: PostgreSQL not answering (%s)", err)
+                log.warning("health check: PostgreSQL not answering (%r)", err)
                 self.health.caught_up = False
             await asyncio.sleep(1.0)
 

@@ -97,6 +97,7 @@ SQL: dict[str, str] = {
         SELECT id FROM geminikv_lease WHERE expiry_ms <= {NOW_MS} ORDER BY expiry_ms LIMIT $1
     """,
     "lease_next_expiry_ms": f"SELECT MIN(expiry_ms) - {NOW_MS} FROM geminikv_lease",
+    "lease_count": "SELECT count(*) FROM geminikv_lease",
     "try_leader_lock": "SELECT pg_try_advisory_lock($1)",
     # Compaction: short statements by primary key, never one giant DELETE.
     "delete_rows": "DELETE FROM kine WHERE id = ANY($1::bigint[])",
