@@ -165,11 +165,12 @@ def test_leases_survive_restart(postgres: Postgres) -> None:
         server.stop()
 
 
-def test_expiry_moves_to_the_surviving_process(postgres: Postgres) -> None:
+def test_expiry_and_compaction_move_to_the_surviving_process(postgres: Postgres) -> None:
     dsn = postgres.new_database("leasefail")
-    first = GeminiProcess(dsn).start()
-    time.sleep(1.0)  # the first process takes the expiry lock
-    second = GeminiProcess(dsn).start()
+    compaction = ("--compact-interval", "1s", "--compact-min-retain", "5")
+    first = GeminiProcess(dsn, *compaction).start()
+    time.sleep(1.0)  # the first process takes the expiry (and compaction) lock
+    second = GeminiProcess(dsn, *compaction).start()
     try:
         kv1 = first.stubs()
         kv2 = second.stubs()
@@ -183,6 +184,20 @@ def test_expiry_moves_to_the_surviving_process(postgres: Postgres) -> None:
         _wait(lambda: not kv2.kv.Range(R(key=b"/fo/k")).kvs, 15)
         assert time.monotonic() - start < 7  # 4 s TTL, then the takeover within seconds
         assert "now runs lease expiry" in second.output()
+        # automatic compaction moved with it: revisions written after the kill get compacted
+        after_kill = kv2.kv.Put(pb.PutRequest(key=b"/fo/c", value=b"0")).header.revision
+        for i in range(10):
+            kv2.kv.Put(pb.PutRequest(key=b"/fo/c", value=b"%d" % i))
+
+        def compacted() -> bool:
+            try:
+                kv2.kv.Range(R(key=b"/fo/c", revision=after_kill))
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.OUT_OF_RANGE
+                return True
+            return False
+
+        _wait(compacted, 10)
     finally:
         first.stop()
         second.stop()
