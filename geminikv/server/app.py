@@ -28,7 +28,7 @@ from geminikv.server.cluster import ClusterService
 from geminikv.server.kv import KVService
 from geminikv.server.lease import LeaseService
 from geminikv.server.maintenance import MaintenanceService
-from geminikv.server.rpc import Identity, unimplemented
+from geminikv.server.rpc import Identity, UndecodableAsInternal, unimplemented
 from geminikv.server.watch import WatchService
 from geminikv.storage import database, schema
 from geminikv.storage.embedded import EmbeddedPostgres
@@ -136,7 +136,8 @@ class App:
         await self.store.start()
         identity = await self._identity()
 
-        server = grpc.aio.server(options=GRPC_OPTIONS)
+        grpc_server = grpc.aio.server(options=GRPC_OPTIONS)
+        server = UndecodableAsInternal(grpc_server)  # registers the services
         rpc_pb2_grpc.add_KVServicer_to_server(KVService(self.store, identity), server)
         rpc_pb2_grpc.add_MaintenanceServicer_to_server(
             MaintenanceService(self.store, identity, s.emulated_etcd_version), server
@@ -166,13 +167,13 @@ class App:
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         credentials = self._tls()
         if credentials is None:
-            self.port = server.add_insecure_port(self.address.grpc_target)
+            self.port = grpc_server.add_insecure_port(self.address.grpc_target)
         else:
-            self.port = server.add_secure_port(self.address.grpc_target, credentials)
+            self.port = grpc_server.add_secure_port(self.address.grpc_target, credentials)
         if self.port == 0 and not self.address.grpc_target.startswith("unix:"):
             raise OSError(f"cannot listen on {self.address.grpc_target}")
-        await server.start()
-        self.server = server
+        await grpc_server.start()
+        self.server = grpc_server
         self._watch_gauges()
         self.http = metrics.serve_http(s.metrics_bind_address, self.health)
         self._health_task = asyncio.create_task(self._check_health(), name="health")

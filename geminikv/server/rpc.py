@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -76,6 +77,74 @@ async def abort_stream(context: grpc.aio.ServicerContext, err: Exception, name: 
         )
     log.error("%s stream failed", name, exc_info=err)
     await context.abort(grpc.StatusCode.UNKNOWN, f"{type(err).__name__}: {err}")
+
+
+class Undecodable:
+    """A unary request whose bytes did not parse (handed to the handler, not raised)."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class UndecodableAsInternal:
+    """Stands in for the gRPC server while the generated ``add_*Servicer_to_server``
+    functions register handlers: a single request that does not parse gets etcd's (Go
+    gRPC's) INTERNAL "grpc: error unmarshalling request" instead of grpc-python's UNKNOWN.
+    Request streams already end with INTERNAL (``abort_stream``)."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self.server = server
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass  # the generated code registers the same handlers next, by name, below
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        lenient = {name: _lenient(handler) for name, handler in handlers.items()}
+        self.server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service, lenient),)
+        )
+        self.server.add_registered_method_handlers(service, lenient)
+
+
+def _lenient(handler: Any) -> Any:
+    """``handler`` with a request that fails to parse answered INTERNAL, as etcd does."""
+    kind = "unary_unary" if handler.unary_unary is not None else "unary_stream"
+    behaviour = getattr(handler, kind)
+    if behaviour is None:
+        return handler  # request streams: abort_stream
+    parse = handler.request_deserializer
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as err:
+            return Undecodable(str(err))
+
+    async def refuse(request: Undecodable, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(
+            grpc.StatusCode.INTERNAL, f"grpc: error unmarshalling request: {request.reason}"
+        )
+
+    if inspect.isasyncgenfunction(behaviour):
+
+        async def checked_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if request.__class__ is Undecodable:
+                await refuse(request, context)
+            async for response in behaviour(request, context):
+                yield response
+
+        checked: Any = checked_stream
+    else:
+
+        async def checked_call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if request.__class__ is Undecodable:
+                await refuse(request, context)
+            return await behaviour(request, context)
+
+        checked = checked_call
+    return handler._replace(request_deserializer=deserialize, **{kind: checked})
 
 
 def unimplemented(servicer_base: type, service: str) -> type:
