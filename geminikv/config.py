@@ -148,7 +148,6 @@ class Settings:
 # Kine's flags that do nothing in geminikv, and why: accepted so a Kine command line
 # works, each logged once at start-up when set.
 NO_EFFECT: dict[str, str] = {
-    "poll_batch_size": "not applied yet; the follower fetches up to 1000 rows per query",
     "compact_interval_jitter": "only the leader process compacts, so there are no "
     "simultaneous compactions to spread",
     "metrics_enable_profiling": "geminikv serves no profiling endpoints",
@@ -162,7 +161,7 @@ _HELP: dict[str, str] = {
     "emulated_etcd_version": "etcd version reported by Maintenance.Status",
     "watch_progress_notify_interval": "interval of watch progress notifications",
     "poll_interval": "how often to poll for rows written without a notification (Go Kine)",
-    "poll_batch_size": "Kine's number of revisions fetched per poll",
+    "poll_batch_size": "rows fetched per query when catching up with the table",
     "compact_interval": "automatic compaction interval (0 = off; kube-apiserver compacts)",
     "compact_interval_jitter": "Kine's +/- percent of jitter on --compact-interval (0 to 99)",
     "compact_timeout": "timeout of each compaction DELETE statement (0 = none; Kine: "

@@ -9,6 +9,7 @@ import time
 
 import asyncpg
 
+from geminikv import metrics
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from tests.servers import GeminiServer, Postgres, run_sync
 from tests.watching import WatchClient
@@ -103,6 +104,40 @@ def test_rows_without_notification_arrive_by_poll(postgres: Postgres) -> None:
         got = server.stubs().kv.Range(pb.RangeRequest(key=b"/kine/a"))
         assert got.kvs[0].value == b"from-kine" and got.kvs[0].version == 1
         watch.close()
+    finally:
+        server.stop()
+
+
+def test_poll_batch_size_bounds_each_catch_up_query(postgres: Postgres) -> None:
+    dsn = postgres.new_database("pollbatch")
+    server = GeminiServer(dsn, poll_interval=0.3, poll_batch_size=7).start()
+    try:
+        kv = server.stubs().kv
+        fetches = metrics.SQL_TOTAL.labels("rows_with_values_after", "ok")
+        before = fetches._value.get()
+
+        async def kine_inserts() -> int:
+            # 30 rows in one transaction, Go Kine's way (no NOTIFY): found by the poll
+            conn = await asyncpg.connect(dsn)
+            try:
+                return int(
+                    await conn.fetchval(
+                        "WITH ins AS (INSERT INTO kine(name, created, deleted, create_revision,"
+                        " prev_revision, lease, value, old_value) SELECT '/pb/' || n, 1, 0, 0,"
+                        " 0, 0, 'v', NULL FROM generate_series(10, 39) n RETURNING id)"
+                        " SELECT max(id) FROM ins"
+                    )
+                )
+            finally:
+                await conn.close()
+
+        last = run_sync(kine_inserts())
+        deadline = time.monotonic() + 10
+        while kv.Range(pb.RangeRequest(key=b"/pb/", range_end=b"/pb0", count_only=True)).count < 30:
+            assert time.monotonic() < deadline, "the rows were not picked up"
+            time.sleep(0.1)
+        assert kv.Range(pb.RangeRequest(key=b"/pb/39", serializable=True)).header.revision >= last
+        assert fetches._value.get() - before >= 30 // 7  # 7 rows at most per query
     finally:
         server.stop()
 

@@ -30,7 +30,7 @@ from geminikv.storage.queries import NOTIFY_CHANNEL, SQL
 
 log = logging.getLogger(__name__)
 
-FETCH_LIMIT = 1000
+FETCH_LIMIT = 1000  # rows per catch-up query (Kine's --poll-batch-size)
 GAP_GRACE = 0.05  # seconds a missing id may stay missing before it is filled
 COMPACT_SLICE = 20_000  # superseded revisions dropped from the index per event-loop turn
 LAG_MARKS = 1024  # (revision, first known) pairs kept for the lag-in-seconds metric
@@ -46,8 +46,10 @@ class Follower:
         poll_interval: float = 1.0,
         connect: Callable[[], Awaitable[asyncpg.Connection]] | None = None,
         batch_wait: float = 0.0,
+        fetch_limit: int = FETCH_LIMIT,
     ) -> None:
         self.pool = pool
+        self.fetch_limit = fetch_limit
         # LISTEN needs a connection of its own; without a factory it comes from the pool.
         self._connect = connect
         self.index = index
@@ -324,7 +326,7 @@ class Follower:
         while True:
             async with self.pool.acquire() as conn:
                 records = await conn.fetch(
-                    SQL["rows_with_values_after"], self.applied, _NO_UPPER, FETCH_LIMIT
+                    SQL["rows_with_values_after"], self.applied, _NO_UPPER, self.fetch_limit
                 )
             for r in records:
                 if r[0] > self.applied:
@@ -337,7 +339,7 @@ class Follower:
                     return
                 continue
             self._gap_seen = None
-            if len(records) < FETCH_LIMIT:
+            if len(records) < self.fetch_limit:
                 return
 
     async def _gap_waits(self) -> bool:

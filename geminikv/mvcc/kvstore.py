@@ -11,7 +11,7 @@ import asyncpg
 
 from geminikv import errors, tasks
 from geminikv.mvcc import ranges, txn
-from geminikv.mvcc.follower import Follower
+from geminikv.mvcc.follower import FETCH_LIMIT, Follower
 from geminikv.mvcc.index import Index, apply_row
 from geminikv.mvcc.keys import COMPACT_KEY
 from geminikv.mvcc.values import Values
@@ -34,12 +34,13 @@ class KVStore:
         value_cache_bytes: int = 128 * 1024 * 1024,
         reconnect: Callable[[], Awaitable[asyncpg.Connection]] | None = None,
         batch_wait: float = 0.0,
+        poll_batch_size: int = FETCH_LIMIT,
     ) -> None:
         self.pool = pool
         self.index = Index()
         self.values = Values(pool, value_cache_bytes)
         self.follower = Follower(
-            pool, self.index, self.values, poll_interval, reconnect, batch_wait
+            pool, self.index, self.values, poll_interval, reconnect, batch_wait, poll_batch_size
         )
         self.writer = Writer(
             writer_conn, self.index, self.follower, self.values, reconnect, batch_wait

@@ -132,6 +132,7 @@ class App:
             s.value_cache_size * 1024 * 1024,
             reconnect=lambda: database.connect_once(backend),
             batch_wait=s.batch_wait,
+            poll_batch_size=s.poll_batch_size,
         )
         await self.store.start()
         identity = await self._identity()
