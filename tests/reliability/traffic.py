@@ -290,9 +290,35 @@ class _Client:
             await self.multi_key_txn()
         elif roll < 0.97:
             await self.range_delete()
-        else:
+        elif roll < 0.985:
             req = pb.PutRequest(key=self.key(), value=self.value())
             await self.call("put", req, drop=True)
+        else:
+            await self.put_then_disconnect()
+
+    async def put_then_disconnect(self) -> None:
+        """The client's connection closes (TCP, not a cancel) while its put is in flight."""
+        req = pb.PutRequest(key=self.key(), value=self.value())
+        op = Operation(self.number, time.monotonic_ns(), None, "put", req)
+        self.traffic.history.operations.append(op)
+        channel = grpc.aio.insecure_channel(self.endpoint, CHANNEL_OPTIONS)
+        call = rpc_pb2_grpc.KVStub(channel).Put(req, timeout=CALL_TIMEOUT)
+        closing = asyncio.get_running_loop().call_later(
+            self.rng.uniform(0, 0.003), lambda: asyncio.ensure_future(channel.close())
+        )
+        try:
+            op.response = await call
+            op.ret = time.monotonic_ns()
+        except grpc.RpcError as err:
+            op.error = err.code().name  # the outcome is unknown
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the run itself is being cancelled
+            op.error = "CANCELLED"
+        finally:
+            closing.cancel()
+            await channel.close()
 
     async def put(self) -> None:
         req = pb.PutRequest(key=self.key(), value=self.value(), prev_kv=self.rng.random() < 0.5)
