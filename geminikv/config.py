@@ -147,7 +147,10 @@ class Settings:
 
 # Kine's flags that do nothing in geminikv, and why: accepted so a Kine command line
 # works, each logged once at start-up when set.
+_POOL_IDLE = "asyncpg's pool closes idle connections after --datastore-connection-max-idle-time"
 NO_EFFECT: dict[str, str] = {
+    "datastore_max_idle_connections": _POOL_IDLE,
+    "datastore_connection_max_lifetime": _POOL_IDLE,
     "compact_interval_jitter": "only the leader process compacts, so there are no "
     "simultaneous compactions to spread",
     "metrics_enable_profiling": "geminikv serves no profiling endpoints",
@@ -181,9 +184,8 @@ _HELP: dict[str, str] = {
     "datastore_max_open_connections": "PostgreSQL connections in the read pool; 0 or less "
     f"= no limit, as in Kine (capped at {UNLIMITED_CONNECTIONS}, PostgreSQL's default "
     "max_connections)",
-    "datastore_max_idle_connections": "accepted for Kine compatibility; no effect (idle "
-    "connections are closed after --datastore-connection-max-idle-time)",
-    "datastore_connection_max_lifetime": "accepted for Kine compatibility; no effect",
+    "datastore_max_idle_connections": "Kine's idle connections kept in the pool",
+    "datastore_connection_max_lifetime": "Kine's longest life of a pooled connection",
     "datastore_connection_max_idle_time": "close pooled connections idle this long (0 = never)",
     "value_cache_size": "MiB of values kept in memory (0 = read every value from PostgreSQL)",
     "batch_wait": "under load, how long a write batch or a linearizable read's revision "

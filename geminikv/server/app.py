@@ -109,12 +109,6 @@ class App:
             self.embedded = EmbeddedPostgres(s.data_dir)
             dsn = await asyncio.to_thread(self.embedded.start)
         log.info("connecting to PostgreSQL at %s", database.redact(dsn))
-        if s.datastore_max_idle_connections or s.datastore_connection_max_lifetime:
-            log.warning(
-                "--datastore-max-idle-connections and --datastore-connection-max-lifetime "
-                "have no effect in geminikv (asyncpg's pool closes idle connections after "
-                "--datastore-connection-max-idle-time)"
-            )
         backend = database.Backend.create(
             dsn,
             database.client_tls(s.ca_file, s.cert_file, s.key_file, s.skip_verify),
