@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import json
 import random
-import statistics
 import sys
 import time
 import urllib.request
