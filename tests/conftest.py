@@ -24,6 +24,22 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("geminikv reliability run (tests/test_reliability.py)")
+    group.addoption(
+        "--reliability-seconds",
+        type=float,
+        default=float(os.environ.get("GEMINIKV_RELIABILITY_SECONDS", "60")),
+        help="how long the traffic runs (default 60, or GEMINIKV_RELIABILITY_SECONDS)",
+    )
+    group.addoption(
+        "--reliability-seed",
+        type=int,
+        default=int(os.environ.get("GEMINIKV_RELIABILITY_SEED", str(int(time.time()) % 10_000))),
+        help="the random traffic's seed (default: the clock, or GEMINIKV_RELIABILITY_SEED)",
+    )
+
+
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[Postgres]:
     root = Path(tempfile.mkdtemp(prefix="geminikv-pg-"))

@@ -4,14 +4,14 @@ down fast and immediately and restarted, client connections and watch streams ar
 dropped and one watcher reads slowly; then the history is checked for linearizability
 and the watches for etcd's guarantees (tests/reliability/).
 
-GEMINIKV_RELIABILITY_SECONDS (default 60) sets how long the traffic runs; the faults
-repeat every 30 s. GEMINIKV_RELIABILITY_SEED picks the random traffic.
+``--reliability-seconds`` (default 60; or GEMINIKV_RELIABILITY_SECONDS) sets how long the
+traffic runs; the faults repeat every 30 s. ``--reliability-seed`` (or
+GEMINIKV_RELIABILITY_SEED) picks the random traffic.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import time
 from collections import Counter
@@ -23,9 +23,6 @@ from tests.reliability.check import check
 from tests.reliability.history import save
 from tests.reliability.traffic import Settings, Traffic
 from tests.servers import GeminiProcess, start_postgres, stop_postgres
-
-SECONDS = float(os.environ.get("GEMINIKV_RELIABILITY_SECONDS", "60"))
-SEED = int(os.environ.get("GEMINIKV_RELIABILITY_SEED", str(int(time.time()) % 10_000)))
 
 
 class Faults:
@@ -77,16 +74,20 @@ class Faults:
 
 
 @pytest.mark.slow
-def test_history_under_faults_is_linearizable(tmp_path: Path) -> None:
+def test_history_under_faults_is_linearizable(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    seconds = float(request.config.getoption("--reliability-seconds"))
+    seed = int(request.config.getoption("--reliability-seed"))
     pg_data = tmp_path / "pg"
     dsn = start_postgres(pg_data)
     processes = [GeminiProcess(dsn).start(), GeminiProcess(dsn).start()]
     faults = Faults(processes, pg_data)
-    traffic = Traffic([p.endpoint for p in processes], b"/reliability/", Settings(seed=SEED))
+    traffic = Traffic([p.endpoint for p in processes], b"/reliability/", Settings(seed=seed))
 
     async def run() -> None:
-        work = asyncio.gather(traffic.run(SECONDS), faults.run(SECONDS))
-        await asyncio.wait_for(work, SECONDS + 120)  # a hang fails the test
+        work = asyncio.gather(traffic.run(seconds), faults.run(seconds))
+        await asyncio.wait_for(work, seconds + 120)  # a hang fails the test
         await traffic.complete()
 
     try:
@@ -102,7 +103,7 @@ def test_history_under_faults_is_linearizable(tmp_path: Path) -> None:
     assert complete is not None
     events = sum(len(r.events) for _, r in complete.responses)
     print(
-        f"\nseed {SEED}: {len(ops)} calls {dict(outcomes)}, {events} events, "
+        f"\nseed {seed}: {len(ops)} calls {dict(outcomes)}, {events} events, "
         f"{len(history.watches)} watch records "
         f"{dict(Counter(w.ended for w in history.watches))}, faults: {faults.done}"
     )
@@ -118,8 +119,8 @@ def test_history_under_faults_is_linearizable(tmp_path: Path) -> None:
         dump = tmp_path / "history.pickle"
         save(history, dump)
         print("history saved to", dump)
-    assert not violations, f"seed {SEED}: " + "\n".join(violations[:30])
+    assert not violations, f"seed {seed}: " + "\n".join(violations[:30])
     # the run did what it claims: traffic got through, and every fault was injected
     assert outcomes["ok"] > 500 and events > 200
-    assert len(faults.done) >= min(len(Faults.SCHEDULE), int(SECONDS // 7))
+    assert len(faults.done) >= min(len(Faults.SCHEDULE), int(seconds // 7))
     assert sum(1 for w in history.watches if w.resumed) >= 2
