@@ -75,6 +75,15 @@ def test_writes_on_one_process_reach_watchers_on_another(postgres: Postgres) -> 
         b.stop()
 
 
+async def _fetch_int(dsn: str, sql: str) -> int:
+    """One statement on a connection of its own (as another program would run it)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(await conn.fetchval(sql))
+    finally:
+        await conn.close()
+
+
 def test_rows_without_notification_arrive_by_poll(postgres: Postgres) -> None:
     dsn = postgres.new_database("kinewrites")
     server = GeminiServer(dsn, poll_interval=0.3).start()
@@ -82,21 +91,15 @@ def test_rows_without_notification_arrive_by_poll(postgres: Postgres) -> None:
         watch = WatchClient(server.stubs())
         watch.create(key=b"/kine/", range_end=b"/kine0", prev_kv=True)
 
-        async def kine_insert() -> int:
-            # Go Kine's insert (kine.md §1.3): no advisory lock, no NOTIFY.
-            conn = await asyncpg.connect(dsn)
-            try:
-                return int(
-                    await conn.fetchval(
-                        "INSERT INTO kine(name, created, deleted, create_revision, prev_revision,"
-                        " lease, value, old_value) VALUES ('/kine/a', 1, 0, 0, 0, 0, 'from-kine',"
-                        " NULL) RETURNING id"
-                    )
-                )
-            finally:
-                await conn.close()
-
-        rev = run_sync(kine_insert())
+        # Go Kine's insert (kine.md §1.3): no advisory lock, no NOTIFY.
+        rev = run_sync(
+            _fetch_int(
+                dsn,
+                "INSERT INTO kine(name, created, deleted, create_revision, prev_revision,"
+                " lease, value, old_value) VALUES ('/kine/a', 1, 0, 0, 0, 0, 'from-kine',"
+                " NULL) RETURNING id",
+            )
+        )
         resp = watch.next(5)
         assert resp is not None and [e.kv.mod_revision for e in resp.events] == [rev]
         assert resp.events[0].kv.value == b"from-kine"
@@ -116,22 +119,16 @@ def test_poll_batch_size_bounds_each_catch_up_query(postgres: Postgres) -> None:
         fetches = metrics.SQL_TOTAL.labels("rows_with_values_after", "ok")
         before = fetches._value.get()
 
-        async def kine_inserts() -> int:
-            # 30 rows in one transaction, Go Kine's way (no NOTIFY): found by the poll
-            conn = await asyncpg.connect(dsn)
-            try:
-                return int(
-                    await conn.fetchval(
-                        "WITH ins AS (INSERT INTO kine(name, created, deleted, create_revision,"
-                        " prev_revision, lease, value, old_value) SELECT '/pb/' || n, 1, 0, 0,"
-                        " 0, 0, 'v', NULL FROM generate_series(10, 39) n RETURNING id)"
-                        " SELECT max(id) FROM ins"
-                    )
-                )
-            finally:
-                await conn.close()
-
-        last = run_sync(kine_inserts())
+        # 30 rows in one transaction, Go Kine's way (no NOTIFY): found by the poll
+        last = run_sync(
+            _fetch_int(
+                dsn,
+                "WITH ins AS (INSERT INTO kine(name, created, deleted, create_revision,"
+                " prev_revision, lease, value, old_value) SELECT '/pb/' || n, 1, 0, 0,"
+                " 0, 0, 'v', NULL FROM generate_series(10, 39) n RETURNING id)"
+                " SELECT max(id) FROM ins",
+            )
+        )
         deadline = time.monotonic() + 10
         while kv.Range(pb.RangeRequest(key=b"/pb/", range_end=b"/pb0", count_only=True)).count < 30:
             assert time.monotonic() < deadline, "the rows were not picked up"
