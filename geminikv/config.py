@@ -55,18 +55,6 @@ def parse_duration(text: str) -> float:
     return sign * total
 
 
-def _duration(text: str) -> float:
-    seconds = parse_duration(text)
-    if seconds < 0:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: must not be negative")
-    return seconds
-
-
-def _duration_or_off(text: str) -> float:
-    """A duration where Kine reads 0 or less as off (or no limit): 0 here."""
-    return max(0.0, parse_duration(text))
-
-
 def _integer(text: str) -> int:
     try:
         return int(text.strip())
@@ -74,18 +62,27 @@ def _integer(text: str) -> int:
         raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
 
 
-def _positive(text: str) -> int:
-    value = _integer(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be at least 1")
-    return value
+def _checked(parse: Callable[[str], Any], ok: Callable[[Any], bool], problem: str) -> Any:
+    """``parse``, then refuse values ``ok`` rejects with "invalid <problem>"."""
+
+    def read(text: str) -> Any:
+        value = parse(text)
+        if not ok(value):
+            what, _, rule = problem.partition(":")
+            raise argparse.ArgumentTypeError(f"invalid {what} {text!r}:{rule}")
+        return value
+
+    return read
 
 
-def _percent(text: str) -> int:
-    value = _integer(text)
-    if not 0 <= value < 100:
-        raise argparse.ArgumentTypeError(f"invalid percentage {text!r}: must be 0 to 99")
-    return value
+_duration = _checked(parse_duration, lambda v: v >= 0, "duration: must not be negative")
+_positive = _checked(_integer, lambda v: v >= 1, "value: must be at least 1")
+_percent = _checked(_integer, lambda v: 0 <= v < 100, "percentage: must be 0 to 99")
+
+
+def _duration_or_off(text: str) -> float:
+    """A duration where Kine reads 0 or less as off (or no limit): 0 here."""
+    return max(0.0, parse_duration(text))
 
 
 def _connections(text: str) -> int:
