@@ -19,7 +19,12 @@ import grpc
 
 from benchmarks.workloads import WORKLOADS, Calls, Params
 
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1)]
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", -1),
+    # Each channel its own TCP connection: grpc shares one between identical channels of a
+    # process otherwise, and --conns would mean nothing.
+    ("grpc.use_local_subchannel_pool", 1),
+]
 
 
 @dataclass(frozen=True)
