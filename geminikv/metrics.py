@@ -10,21 +10,76 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
-RPC_SECONDS = Histogram(
-    "geminikv_grpc_request_duration_seconds",
-    "Unary etcd RPC latency",
-    ["method"],
-    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
-)
-RPC_TOTAL = Counter("geminikv_grpc_requests_total", "etcd RPCs handled", ["method", "code"])
+RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+class RpcMethodStats:
+    """One method's request count by status code and latency histogram.
+
+    Plain counters touched only by the event loop, read at scrape time: prometheus
+    client's labelled metrics take a lock and walk the buckets in Python on every
+    observation, which a profile showed as ~3 % of the event loop under load.
+    """
+
+    __slots__ = ("buckets", "codes", "sum")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(RPC_BUCKETS) + 1)  # the last one is +Inf
+        self.codes: dict[str, int] = {}
+        self.sum = 0.0
+
+    def ok(self, seconds: float) -> None:
+        self.buckets[bisect_left(RPC_BUCKETS, seconds)] += 1
+        self.sum += seconds
+        self.codes["OK"] = self.codes.get("OK", 0) + 1
+
+    def failed(self, code: str) -> None:
+        self.codes[code] = self.codes.get(code, 0) + 1
+
+
+class RpcStats(Collector):
+    """geminikv_grpc_request_duration_seconds (successful calls) and
+    geminikv_grpc_requests_total (every call, by status code), per method."""
+
+    def __init__(self) -> None:
+        self.methods: dict[str, RpcMethodStats] = {}
+
+    def method(self, name: str) -> RpcMethodStats:
+        return self.methods.setdefault(name, RpcMethodStats())
+
+    def collect(self) -> Iterable[Metric]:
+        seconds = HistogramMetricFamily(
+            "geminikv_grpc_request_duration_seconds", "Unary etcd RPC latency", labels=["method"]
+        )
+        total = CounterMetricFamily(
+            "geminikv_grpc_requests", "etcd RPCs handled", labels=["method", "code"]
+        )
+        for name, stats in list(self.methods.items()):
+            counts = list(stats.buckets)  # a snapshot: the event loop keeps counting
+            cumulative, running = [], 0
+            for bound, count in zip((*map(str, RPC_BUCKETS), "+Inf"), counts, strict=True):
+                running += count
+                cumulative.append((bound, running))
+            seconds.add_metric([name], cumulative, stats.sum)
+            for code, count in list(stats.codes.items()):
+                total.add_metric([name, code], count)
+        yield seconds
+        yield total
+
+
+RPC = RpcStats()
+REGISTRY.register(RPC)
 WRITER_BATCH = Histogram(
     "geminikv_writer_batch_requests",
     "Requests per write batch (one PostgreSQL transaction)",

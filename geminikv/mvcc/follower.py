@@ -59,6 +59,8 @@ class Follower:
         self._pending: dict[int, AppliedRow] = {}
         self._waiters: dict[int, list[asyncio.Future[None]]] = {}
         self._wake = asyncio.Event()
+        # Python 3.11's get_running_loop() makes a getpid() system call: once, not per read.
+        self._loop = asyncio.get_running_loop()
         self._task: asyncio.Task[None] | None = None
         self._listen_conn: asyncpg.Connection | None = None
         self._gap_seen: tuple[int, float] | None = None
@@ -128,7 +130,7 @@ class Follower:
         """Return once every row up to ``rev`` is applied."""
         if self.applied >= rev:
             return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[None] = self._loop.create_future()
         self._waiters.setdefault(rev, []).append(fut)
         self._wake.set()
         await fut
@@ -141,7 +143,7 @@ class Follower:
         An ``urgent`` caller (an expensive read, such as a list page, which gains little
         from sharing and pays any wait once per page) sends the query without waiting.
         """
-        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[int] = self._loop.create_future()
         self._read_waiters.append(fut)
         self._read_gather.arrived(len(self._read_waiters) - 1, urgent)
         self._read_urgent = self._read_urgent or urgent

@@ -194,7 +194,8 @@ class KVStore:
         txn.check_size(req)
         txn.check_put(req)
         self._check_serving()
-        resp: pb.PutResponse = await self.writer.submit(lambda ev: ev.put(req), txn.lease_ids(req))
+        leases = (req.lease,) if req.lease else ()
+        resp: pb.PutResponse = await self.writer.submit(lambda ev: ev.put(req), leases)
         return resp
 
     async def delete_range(self, req: pb.DeleteRangeRequest) -> pb.DeleteRangeResponse:
@@ -206,11 +207,11 @@ class KVStore:
 
     async def txn(self, req: pb.TxnRequest) -> pb.TxnResponse:
         txn.check_size(req)
-        txn.check_txn(req)
+        leases = txn.check_txn(req)
         txn.check_branch(req.success)
         txn.check_branch(req.failure)
         self._check_serving()
-        resp: pb.TxnResponse = await self.writer.submit(lambda ev: ev.txn(req), txn.lease_ids(req))
+        resp: pb.TxnResponse = await self.writer.submit(lambda ev: ev.txn(req), leases)
         return resp
 
     async def compact(self, req: pb.CompactionRequest) -> pb.CompactionResponse:

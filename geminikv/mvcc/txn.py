@@ -33,23 +33,6 @@ class Leases(Protocol):
     def forget(self, lease_id: int) -> None: ...
 
 
-def lease_ids(req: pb.PutRequest | pb.TxnRequest) -> set[int]:
-    """Every lease a request could attach (all txn branches)."""
-    if isinstance(req, pb.PutRequest):
-        return {req.lease} if req.lease else set()
-    out: set[int] = set()
-    for branch in (req.success, req.failure):
-        for op in branch:
-            kind = op.WhichOneof("request")
-            if kind == "request_put":
-                lease = op.request_put.lease
-                if lease:
-                    out.add(lease)
-            elif kind == "request_txn":
-                out |= lease_ids(op.request_txn)
-    return out
-
-
 # -- request checks (before anything is evaluated) ------------------------------------------
 
 
@@ -98,30 +81,33 @@ def check_delete(req: pb.DeleteRangeRequest) -> None:
         raise errors.EmptyKey()
 
 
-def check_txn(req: pb.TxnRequest, max_ops: int = MAX_TXN_OPS) -> None:
+def check_txn(req: pb.TxnRequest, max_ops: int = MAX_TXN_OPS) -> set[int]:
+    """etcd's checkTxnRequest; returns every lease the txn's puts could attach (all
+    branches, nested txns included), which the writer locks for the batch."""
     ops = max(len(req.compare), len(req.success), len(req.failure))
     if ops > max_ops:
         raise errors.TooManyOps()
     for cmp in req.compare:
         if not cmp.key:
             raise errors.EmptyKey()
+    leases: set[int] = set()
     for branch in (req.success, req.failure):
         for op in branch:
-            _check_op(op, max_ops - ops)
-
-
-def _check_op(op: pb.RequestOp, max_ops: int) -> None:
-    kind = op.WhichOneof("request")
-    if kind == "request_range":
-        check_range(op.request_range)
-    elif kind == "request_put":
-        check_put(op.request_put)
-    elif kind == "request_delete_range":
-        check_delete(op.request_delete_range)
-    elif kind == "request_txn":
-        check_txn(op.request_txn, max_ops)
-    else:
-        raise errors.KeyNotFound()
+            kind = op.WhichOneof("request")
+            if kind == "request_range":
+                check_range(op.request_range)
+            elif kind == "request_put":
+                put = op.request_put
+                check_put(put)
+                if put.lease:
+                    leases.add(put.lease)
+            elif kind == "request_delete_range":
+                check_delete(op.request_delete_range)
+            elif kind == "request_txn":
+                leases |= check_txn(op.request_txn, max_ops - ops)
+            else:
+                raise errors.KeyNotFound()
+    return leases
 
 
 def _point(key: bytes) -> tuple[bytes, bytes]:

@@ -93,6 +93,8 @@ class Writer:
         self._last_id = 0
         self._answering: set[asyncio.Task[None]] = set()
         self._gather = Gather(batch_wait, MAX_BATCH)
+        # Python 3.11's get_running_loop() makes a getpid() system call: once here, not per call.
+        self._loop = asyncio.get_running_loop()
         follower.own_writer_pid = self._backend_pid
 
     def _conn_unusable(self) -> bool:
@@ -120,7 +122,7 @@ class Writer:
 
     async def submit(self, operation: Operation, leases: Collection[int] = ()) -> Any:
         """Run ``operation`` in the next batch; ``leases`` are the lease ids it may use."""
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Any] = self._loop.create_future()
         self._queue.put_nowait(_Request(operation, fut, leases))
         self._gather.arrived(self._queue.qsize())
         return await fut

@@ -5,8 +5,8 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import time
 from collections.abc import Awaitable, Callable
+from time import perf_counter
 from typing import Any, TypeVar
 
 import grpc
@@ -42,28 +42,30 @@ Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
 
 
 def etcd_errors(method: Handler) -> Handler:
-    """Turn core errors into gRPC statuses with etcd's codes and messages."""
+    """Turn core errors into gRPC statuses with etcd's codes and messages; a request that
+    did not parse is refused here too (``_lenient`` then adds no call of its own)."""
 
     name = method.__name__
-    seconds = metrics.RPC_SECONDS.labels(name)
-    ok = metrics.RPC_TOTAL.labels(name, "OK")
+    stats = metrics.RPC.method(name)
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        start = time.perf_counter()
+        if request.__class__ is Undecodable:
+            await refuse(request, context)
+        start = perf_counter()
         try:
             result = await method(self, request, context)
         except errors.EtcdError as err:
-            metrics.RPC_TOTAL.labels(name, err.code.name).inc()
+            stats.failed(err.code.name)
             await context.abort(err.code, err.message)
         except CONNECTION_ERRORS as err:
             log.warning("%s failed: PostgreSQL unavailable: %s", name, err)
-            metrics.RPC_TOTAL.labels(name, "UNAVAILABLE").inc()
+            stats.failed("UNAVAILABLE")
             await context.abort(grpc.StatusCode.UNAVAILABLE, errors.Unavailable.message)
-        ok.inc()
-        seconds.observe(time.perf_counter() - start)
+        stats.ok(perf_counter() - start)
         return result
 
+    wrapper.refuses_undecodable = True  # type: ignore[attr-defined]
     return wrapper  # type: ignore[return-value]
 
 
@@ -122,11 +124,8 @@ def _lenient(handler: Any) -> Any:
         except DecodeError as err:
             return Undecodable(str(err))
 
-    async def refuse(request: Undecodable, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(
-            grpc.StatusCode.INTERNAL, f"grpc: error unmarshalling request: {request.reason}"
-        )
-
+    if getattr(behaviour, "refuses_undecodable", False):  # etcd_errors checks (one call less)
+        return handler._replace(request_deserializer=deserialize)
     if inspect.isasyncgenfunction(behaviour):
 
         async def checked_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -145,6 +144,12 @@ def _lenient(handler: Any) -> Any:
 
         checked = checked_call
     return handler._replace(request_deserializer=deserialize, **{kind: checked})
+
+
+async def refuse(request: Undecodable, context: grpc.aio.ServicerContext) -> None:
+    await context.abort(
+        grpc.StatusCode.INTERNAL, f"grpc: error unmarshalling request: {request.reason}"
+    )
 
 
 def unimplemented(servicer_base: type, service: str) -> type:
