@@ -43,6 +43,7 @@ ALL = [
 @dataclass
 class Settings:
     seconds: float
+    warmup: float
     clients: int
     connections: int
     processes: int
@@ -81,7 +82,10 @@ def parser() -> argparse.ArgumentParser:
         help="extra flag for the geminikv server (repeatable)",
     )
     p.add_argument("--workloads", default=",".join(ALL), help=f"comma list of {ALL}")
-    p.add_argument("--seconds", type=float, help="seconds per workload (default 10, quick 2)")
+    p.add_argument("--seconds", type=float, help="seconds per workload (default 10, quick 1)")
+    p.add_argument(
+        "--warmup", type=float, help="unmeasured load before each workload (default 2, quick 0.2)"
+    )
     p.add_argument("--clients", type=int, help="concurrent clients (default 64)")
     p.add_argument("--conns", type=int, help="gRPC connections per client process (default 4)")
     p.add_argument("--processes", type=int, help="client processes (default 2)")
@@ -107,6 +111,7 @@ def settings(args: argparse.Namespace) -> Settings:
 
     return Settings(
         seconds=pick(args.seconds, 10.0, 1.0),
+        warmup=pick(args.warmup, 2.0, 0.2),
         clients=pick(args.clients, 64, 8),
         connections=pick(args.conns, 4, 2),
         processes=pick(args.processes, 2, 1),
@@ -158,6 +163,11 @@ class Sampler(threading.Thread):
                 with contextlib.suppress(psutil.Error, AttributeError):
                     rss += proc.memory_full_info().pss
             self.peak_rss = max(self.peak_rss, rss)
+
+    def restart(self) -> None:
+        """Measuring begins now (after the warm-up): count CPU from here."""
+        self.start_cpu = self._cpu()
+        self.cpu = dict(self.start_cpu)
 
     def finish(self) -> tuple[float, float]:
         self.stop_event.set()
@@ -240,10 +250,10 @@ def run_workload(
     )
     asyncio.run(runner.setup(target.endpoint, name, params))
     clients = s.list_clients if name == "list" else s.clients
-    job = runner.Job(target.endpoint, name, params, clients, s.connections, s.seconds)
+    job = runner.Job(target.endpoint, name, params, clients, s.connections, s.seconds, s.warmup)
     sampler = Sampler(target)
     sampler.start()
-    results = runner.run(job, min(s.processes, clients), cpus)
+    results = runner.run(job, min(s.processes, clients), cpus, on_start=sampler.restart)
     cpu, peak = sampler.finish()
     latencies = array("d")
     for r in results:

@@ -1,7 +1,9 @@
 """Load generation: several client processes, each with many concurrent clients.
 
 Each worker process runs its share of the clients on its own event loop and reports
-every latency, its op and error counts, and the CPU time it used.
+every latency, its op and error counts, and the CPU time it used. The load runs for a
+warm-up first (connections settle, caches fill, servers reach their steady state), which
+is not measured.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ import asyncio
 import multiprocessing as mp
 import os
 import shutil
+import threading
 import time
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +39,7 @@ class Job:
     clients: int
     connections: int
     seconds: float
+    warmup: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -65,35 +70,46 @@ async def _worker(job: Job, worker: int, clients: int, go: Start) -> WorkerResul
     counts = {"ops": 0, "errors": 0}
     first_error: list[str] = []
     ops = [workload.client(calls[i % len(calls)], job.params, worker, i) for i in range(clients)]
-    # Every worker starts measuring together, once all are connected and ready.
+    await asyncio.gather(*(ch.channel_ready() for ch in channels))
+    # Every worker starts together, once all are connected and ready.
     go.ready.release()
     while not go.event.is_set():
         await asyncio.sleep(0.01)
-    deadline = time.monotonic() + job.seconds
+    start = time.monotonic() + job.warmup  # what completes before is not counted
+    deadline = start + job.seconds
 
     async def client(op):  # type: ignore[no-untyped-def]
-        while time.monotonic() < deadline:
+        while (now := time.monotonic()) < deadline:
             t0 = time.perf_counter()
             try:
                 await op()
             except (grpc.RpcError, AssertionError) as err:
-                counts["errors"] += 1
-                if not first_error:
-                    first_error.append(str(err)[:300])
+                if now >= start:
+                    counts["errors"] += 1
+                    if not first_error:
+                        first_error.append(str(err)[:300])
                 continue
-            latencies.append(time.perf_counter() - t0)
-            counts["ops"] += 1
+            if now >= start:
+                latencies.append(time.perf_counter() - t0)
+                counts["ops"] += 1
 
-    cpu0 = time.process_time()
+    cpu = {}
+
+    async def measure_cpu() -> None:
+        await asyncio.sleep(max(0.0, start - time.monotonic()))
+        cpu["start"] = time.process_time()
+
+    meter = asyncio.create_task(measure_cpu())
     await asyncio.gather(*(client(op) for op in ops))
-    cpu = time.process_time() - cpu0
+    await meter
+    cpu_seconds = time.process_time() - cpu["start"]
     for ch in channels:
         await ch.close()
     return WorkerResult(
         counts["ops"],
         counts["errors"],
         latencies.tobytes(),
-        cpu,
+        cpu_seconds,
         first_error[0] if first_error else "",
     )
 
@@ -112,8 +128,14 @@ def _run_worker(
     out.put((worker, result))
 
 
-def run(job: Job, processes: int, client_cpus: str | None = None) -> list[WorkerResult]:
-    """Run a job across ``processes`` worker processes; returns each worker's result."""
+def run(
+    job: Job,
+    processes: int,
+    client_cpus: str | None = None,
+    on_start: Callable[[], None] | None = None,
+) -> list[WorkerResult]:
+    """Run a job across ``processes`` worker processes; returns each worker's result.
+    ``on_start`` is called (in a thread) when the warm-up ends and measuring begins."""
     ctx = mp.get_context("spawn")
     out: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
     go = Start(ctx.Semaphore(0), ctx.Event())
@@ -132,7 +154,9 @@ def run(job: Job, processes: int, client_cpus: str | None = None) -> list[Worker
         if not go.ready.acquire(timeout=120):
             raise RuntimeError("a load worker did not start")
     go.event.set()
-    results = [out.get(timeout=job.seconds + 300) for _ in procs]
+    if on_start is not None:
+        threading.Timer(job.warmup, on_start).start()
+    results = [out.get(timeout=job.warmup + job.seconds + 300) for _ in procs]
     for proc in procs:
         proc.join(30)
     return [r for _, r in sorted(results, key=lambda item: item[0])]

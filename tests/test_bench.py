@@ -1,16 +1,26 @@
-"""``geminikv bench --quick`` runs end to end and writes consistent results (no speed
-is asserted: performance lives in benchmarks/, not in tests)."""
+"""``geminikv bench --quick`` runs end to end and writes consistent results, and the load
+generator does what its options say (no speed is asserted: performance lives in
+benchmarks/, not in tests)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
+import threading
+import time
+from array import array
 from pathlib import Path
 
+import psutil
 import pytest
 
+from benchmarks import runner
 from benchmarks.cli import ALL
+from benchmarks.workloads import Params
+from geminikv import metrics
+from tests.servers import GeminiServer
 
 pytestmark = pytest.mark.slow
 
@@ -56,3 +66,35 @@ def test_quick_bench_produces_results(tmp_path: Path) -> None:
     table = (out / "table.txt").read_text()
     assert "geminikv" in table and "null" in table
     assert "get-serializable" in done.stdout  # the progress lines
+
+
+def test_load_opens_its_connections_and_does_not_count_the_warmup(gemini: GeminiServer) -> None:
+    params = Params(prefix=b"/bench-runner/", value_size=16, keys=10)
+    asyncio.run(runner.setup(gemini.endpoint, "get", params))
+    served = metrics.RPC.method("Range")
+    before = served.codes.get("OK", 0)
+    connections: set[tuple[str, int]] = set()
+    done = threading.Event()
+
+    def watch_connections() -> None:  # the server runs in this process: its sockets are ours
+        while not done.wait(0.05):
+            for c in psutil.Process().net_connections("tcp"):
+                if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == gemini.port:
+                    connections.add((c.raddr.ip, c.raddr.port))
+
+    started: list[float] = []
+    job = runner.Job(gemini.endpoint, "get", params, 6, 3, seconds=0.5, warmup=1.0)
+    watcher = threading.Thread(target=watch_connections, daemon=True)
+    watcher.start()
+    began = time.monotonic()
+    try:
+        (result,) = runner.run(job, 1, on_start=lambda: started.append(time.monotonic()))
+    finally:
+        done.set()
+        watcher.join()
+    assert len(connections) == 3  # one TCP connection per channel, not one shared
+    assert result.errors == 0 and result.ops > 0
+    assert len(array("d", result.latencies)) == result.ops
+    # the server answered the warm-up's gets as well; the result counts only the rest
+    assert served.codes.get("OK", 0) - before > result.ops
+    assert len(started) == 1 and started[0] - began >= job.warmup
