@@ -93,16 +93,13 @@ async def _worker(job: Job, worker: int, clients: int, go: Start) -> WorkerResul
                 latencies.append(time.perf_counter() - t0)
                 counts["ops"] += 1
 
-    cpu = {}
-
-    async def measure_cpu() -> None:
+    async def cpu_at_start() -> float:
         await asyncio.sleep(max(0.0, start - time.monotonic()))
-        cpu["start"] = time.process_time()
+        return time.process_time()
 
-    meter = asyncio.create_task(measure_cpu())
+    cpu_start = asyncio.create_task(cpu_at_start())
     await asyncio.gather(*(client(op) for op in ops))
-    await meter
-    cpu_seconds = time.process_time() - cpu["start"]
+    cpu_seconds = time.process_time() - await cpu_start
     for ch in channels:
         await ch.close()
     return WorkerResult(

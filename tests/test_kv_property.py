@@ -64,8 +64,8 @@ def _range(draw: st.DrawFn, p: bytes, top_rev: int) -> Build:
     )
     frel = draw(st.integers(1, max(1, top_rev)))
     if fields["sort_target"] in REVISION_SORTS:
-        # Keys written by one txn tie on etcd (one revision each txn) but not on geminikv
-        # (one each key): a limit could cut the tie differently. See _ties_in_key_order.
+        # Keys written by one txn tie on etcd (one revision per txn) but not on geminikv
+        # (one per key): a limit could cut the tie differently. See _ties_in_key_order.
         fields["limit"] = 0
 
     def build(rev: Callable[[int], int]) -> R:
