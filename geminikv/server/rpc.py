@@ -119,7 +119,7 @@ class UndecodableAsInternal:
         pass  # the generated code registers the same handlers next, by name, below
 
     def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
-        registered = {}
+        registered: dict[str, Any] = {}
         for name, handler in handlers.items():
             full_name = f"/{service}/{name}"
             self.table.methods[full_name] = _lenient(handler)
@@ -129,7 +129,7 @@ class UndecodableAsInternal:
             self.server.add_registered_method_handlers(service, registered)
 
 
-class MethodTable(grpc.GenericRpcHandler):
+class MethodTable(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
     """Every method's handler by its full name (``/etcdserverpb.KV/Range``)."""
 
     def __init__(self) -> None:
