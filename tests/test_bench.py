@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from benchmarks import runner
-from benchmarks.cli import ALL
+from benchmarks.cli import ALL, median_run
 from benchmarks.workloads import Params
 from geminikv import metrics
 from tests.servers import GeminiServer
@@ -98,3 +98,62 @@ def test_load_opens_its_connections_and_does_not_count_the_warmup(gemini: Gemini
     # the server answered the warm-up's gets as well; the result counts only the rest
     assert served.codes.get("OK", 0) - before > result.ops
     assert len(started) == 1 and started[0] - began >= job.warmup
+
+
+def test_rounds_interleave_the_targets_and_report_the_median(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "geminikv",
+            "bench",
+            "--quick",
+            "--targets",
+            "geminikv,null",
+            "--workloads",
+            "create,list",
+            "--rounds",
+            "3",
+            "--seconds",
+            "0.5",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    progress = [line.split()[3:5] for line in done.stdout.splitlines() if "/9 " in line]
+    # rounds take turns, alternating the order: no target always goes first
+    assert progress == [
+        ["geminikv", "create"],
+        ["null", "create"],
+        ["null", "create"],
+        ["geminikv", "create"],
+        ["geminikv", "create"],
+        ["null", "create"],
+        ["geminikv", "list"],
+        ["geminikv", "list"],
+        ["geminikv", "list"],
+    ]
+    results = json.loads((out / "results.json").read_text())
+    assert results["parameters"]["rounds"] == 3
+    for name, by_target in results["workloads"].items():
+        for figures in by_target.values():
+            rounds = figures["rounds"]
+            assert len(rounds) == 3
+            reported = figures["p50_ms"] if name == "list" else figures["throughput"]
+            assert reported == sorted(rounds)[1]
+
+
+def test_the_median_of_an_even_count_is_the_worse_middle_run() -> None:
+    def run(throughput: float, p50: float, kind: str = "throughput") -> tuple[dict, array]:  # type: ignore[type-arg]
+        return {"kind": kind, "throughput": throughput, "p50_ms": p50}, array("d")
+
+    figures, _ = median_run("create", [run(300, 1), run(100, 1), run(400, 1), run(200, 1)])
+    assert figures["throughput"] == 200 and figures["rounds"] == [300, 100, 400, 200]
+    figures, _ = median_run("list", [run(5, p50, "latency") for p50 in (70, 90, 80, 60)])
+    assert figures["p50_ms"] == 80  # for a latency, the worse middle is the slower one
