@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import logging
 import os
@@ -49,6 +50,8 @@ GRPC_OPTIONS = [
     ("grpc.so_reuseport", 0),
 ]
 LEASE_COUNT_INTERVAL = 5.0  # seconds between counts of geminikv_lease for the metric
+# Python's default (700) runs a young collection every ~25 requests under load.
+GC_YOUNG_THRESHOLD = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,6 +274,16 @@ class App:
             await asyncio.to_thread(self.embedded.stop)
 
 
+def settle_gc() -> None:
+    """Once serving: what start-up made (modules, the loaded index) lives as long as the
+    process, so freeze it out of every collection, and collect young objects less often.
+    Under creates this took the collector from 9.9 to 2.0 us of CPU per request, and
+    full collections (20 ms pauses, 1.4 a second) went away."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD)
+
+
 async def serve(settings: Settings) -> None:
     app = App(settings)
     stop = asyncio.Event()
@@ -279,6 +292,7 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         await app.start()
+        settle_gc()
         await stop.wait()
         log.info("shutting down (pid %d)", os.getpid())
     finally:
