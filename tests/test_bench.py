@@ -157,3 +157,6 @@ def test_the_median_of_an_even_count_is_the_worse_middle_run() -> None:
     assert figures["throughput"] == 200 and figures["rounds"] == [300, 100, 400, 200]
     figures, _ = median_run("list", [run(5, p50, "latency") for p50 in (70, 90, 80, 60)])
     assert figures["p50_ms"] == 80  # for a latency, the worse middle is the slower one
+    watches = [({"kind": "watch", "throughput": 500, "p99_ms": p99}, array("d")) for p99 in (9, 30)]
+    figures, _ = median_run("watch", watches)
+    assert figures["p99_ms"] == 30 and figures["rounds"] == [9, 30]
