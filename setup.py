@@ -5,7 +5,10 @@ from setuptools import Extension, setup
 
 setup(
     ext_modules=cythonize(
-        [Extension("geminikv._native.index", ["geminikv/_native/index.pyx"])],
+        [
+            Extension("geminikv._native.index", ["geminikv/_native/index.pyx"]),
+            Extension("geminikv._native.txnwire", ["geminikv/_native/txnwire.pyx"]),
+        ],
         compiler_directives={"language_level": "3"},
     )
 )

@@ -13,8 +13,9 @@ from geminikv import errors, tasks
 from geminikv.mvcc import ranges, txn
 from geminikv.mvcc.follower import FETCH_LIMIT, Follower
 from geminikv.mvcc.index import Index, apply_row
-from geminikv.mvcc.keys import COMPACT_KEY
+from geminikv.mvcc.keys import COMPACT_KEY, check_writable
 from geminikv.mvcc.values import Values
+from geminikv.mvcc.view import State
 from geminikv.mvcc.writer import Writer
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.storage.queries import SQL
@@ -213,6 +214,18 @@ class KVStore:
         self._check_serving()
         resp: pb.TxnResponse = await self.writer.submit(lambda ev: ev.txn(req), leases)
         return resp
+
+    async def guarded_put(
+        self, key: bytes, want_mod: int, value: bytes, read_on_failure: bool
+    ) -> tuple[bool, int, State | None, bytes]:
+        """kube-apiserver's create and update txn (Evaluator.guarded_put). Of txn's request
+        checks only this one can fail for that shape (the parser holds the rest)."""
+        check_writable(key)
+        self._check_serving()
+        result: tuple[bool, int, State | None, bytes] = await self.writer.submit(
+            lambda ev: ev.guarded_put(key, want_mod, value, read_on_failure)
+        )
+        return result
 
     async def compact(self, req: pb.CompactionRequest) -> pb.CompactionResponse:
         """Logical compaction: reads and watches below the revision fail from now on."""

@@ -240,6 +240,22 @@ class Evaluator:
         resp.header.revision = self.view.rev
         return resp
 
+    async def guarded_put(
+        self, key: bytes, want_mod: int, value: bytes, read_on_failure: bool
+    ) -> tuple[bool, int, State | None, bytes]:
+        """``txn`` for kube-apiserver's create and update, ``MOD(key) == want_mod →
+        Put(key, value)`` else ``Range(key)`` (or nothing), without messages: (succeeded,
+        revision, on failure the key's state (None: absent), its value)."""
+        view = self.view
+        state = view.get(key)
+        if (state[0] if state is not None else 0) == want_mod:
+            view.put(key, value, 0)
+            return True, view.rev, None, b""
+        if state is None or not read_on_failure:
+            return False, view.rev, None, b""
+        values = await view.values_of((state[0],))
+        return False, view.rev, state, values[state[0]]
+
     # -- compares
 
     async def _compare_path(self, req: pb.TxnRequest, path: list[bool]) -> None:

@@ -7,13 +7,19 @@ import grpc
 from geminikv.mvcc.kvstore import KVStore
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
+from geminikv.server import guarded
+from geminikv.server.guarded import GuardedPut
 from geminikv.server.rpc import Identity, etcd_errors
+
+# Methods whose requests and answers are not always the generated messages.
+CODECS = {"/etcdserverpb.KV/Txn": (guarded.read_txn, guarded.write_txn)}
 
 
 class KVService(rpc_pb2_grpc.KVServicer):
     def __init__(self, store: KVStore, identity: Identity) -> None:
         self.store = store
         self.identity = identity
+        self.answerer = guarded.Answerer(identity)
 
     @etcd_errors
     async def Range(
@@ -41,8 +47,13 @@ class KVService(rpc_pb2_grpc.KVServicer):
 
     @etcd_errors
     async def Txn(
-        self, request: pb.TxnRequest, context: grpc.aio.ServicerContext
-    ) -> pb.TxnResponse:
+        self, request: pb.TxnRequest | GuardedPut, context: grpc.aio.ServicerContext
+    ) -> pb.TxnResponse | bytes:
+        if isinstance(request, GuardedPut):
+            outcome = await self.store.guarded_put(
+                request.key, request.want_mod, request.value, request.read_on_failure
+            )
+            return self.answerer.answer(request, *outcome)
         resp = await self.store.txn(request)
         self.identity.fill(resp.header, 0)
         return resp

@@ -1,0 +1,21 @@
+"""Type stub for kube-apiserver's guarded put txn in wire format (txnwire.pyx)."""
+
+class GuardedPut:
+    key: bytes
+    want_mod: int
+    value: bytes
+    read_on_failure: bool
+    size: int
+
+def parse_guarded_put(data: bytes, max_bytes: int) -> GuardedPut | None: ...
+def encode_answer(
+    header_prefix: bytes,
+    raft_term: int,
+    succeeded: bool,
+    revision: int,
+    read_on_failure: bool,
+    key: bytes,
+    found: tuple[int, int, int, int] | None,
+    value: bytes,
+) -> bytes: ...
+def encode_header_prefix(cluster_id: int, member_id: int) -> bytes: ...

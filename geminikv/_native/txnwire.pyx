@@ -1,0 +1,294 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""kube-apiserver's create and update txns read from and answered in protobuf wire
+format directly, without building messages (etcd's rpc.proto field numbers below).
+
+The shape: ``Txn{compare: [MOD(key) == rev], success: [Put{key, value}], failure: [] or
+[Range{key}]}`` on one key, no lease and no other field set. ``parse_guarded_put`` returns
+None for anything else (the generic path then parses it, and reports malformed bytes).
+"""
+
+from libc.stdint cimport int64_t, uint64_t
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.string cimport memcmp
+
+DEF WIRE_VARINT = 0
+DEF WIRE_BYTES = 2
+DEF COMPARE_MOD = 2  # Compare.CompareTarget.MOD; Compare.CompareResult.EQUAL is 0
+
+
+cdef class GuardedPut:
+    """A parsed guarded put: put ``value`` at ``key`` if its mod revision is ``want_mod``;
+    otherwise, if ``read_on_failure``, answer with the key as it is."""
+
+    cdef readonly bytes key
+    cdef readonly int64_t want_mod
+    cdef readonly bytes value
+    cdef readonly bint read_on_failure
+    cdef readonly Py_ssize_t size
+
+    def __repr__(self):
+        return (f"GuardedPut(key={self.key!r}, want_mod={self.want_mod}, "
+                f"{len(self.value)} value bytes, read_on_failure={self.read_on_failure})")
+
+
+cdef struct Reader:
+    const unsigned char* p
+    const unsigned char* end
+    bint bad
+
+
+cdef inline uint64_t _varint(Reader* r) noexcept:
+    cdef uint64_t result = 0
+    cdef int shift = 0
+    cdef unsigned char b
+    while r.p < r.end and shift < 64:
+        b = r.p[0]
+        r.p += 1
+        result |= (<uint64_t>(b & 0x7F)) << shift
+        if not (b & 0x80):
+            return result
+        shift += 7
+    r.bad = True
+    return 0
+
+
+cdef inline Py_ssize_t _length(Reader* r) noexcept:
+    """A length-delimited field's length, checked against what is left."""
+    cdef uint64_t n = _varint(r)
+    if r.bad or n > <uint64_t>(r.end - r.p):
+        r.bad = True
+        return 0
+    return <Py_ssize_t>n
+
+
+cdef bint _put_request(const unsigned char* p, Py_ssize_t n, GuardedPut out) except -1:
+    """PutRequest{key (1), value (2)}: anything else set (lease, prev_kv, ignore_*), or a
+    field twice, is not the shape."""
+    cdef Reader r = Reader(p, p + n, False)
+    cdef uint64_t tag
+    cdef Py_ssize_t length
+    cdef bint seen_key = False, seen_value = False
+    while r.p < r.end:
+        tag = _varint(&r)
+        if r.bad:
+            return False
+        if tag == (1 << 3 | WIRE_BYTES) and not seen_key:
+            length = _length(&r)
+            if r.bad or length != len(out.key) or memcmp(r.p, <const char*>out.key, length):
+                return False
+            r.p += length
+            seen_key = True
+        elif tag == (2 << 3 | WIRE_BYTES) and not seen_value:
+            length = _length(&r)
+            if r.bad:
+                return False
+            out.value = PyBytes_FromStringAndSize(<const char*>r.p, length)
+            r.p += length
+            seen_value = True
+        else:
+            return False
+    return seen_key
+
+
+cdef bint _range_request(const unsigned char* p, Py_ssize_t n, bytes key) except -1:
+    """RangeRequest{key (1)} on ``key`` and nothing else."""
+    cdef Reader r = Reader(p, p + n, False)
+    cdef uint64_t tag = _varint(&r)
+    cdef Py_ssize_t length
+    if r.bad or tag != (1 << 3 | WIRE_BYTES):
+        return False
+    length = _length(&r)
+    if r.bad or length != len(key) or memcmp(r.p, <const char*>key, length):
+        return False
+    return r.p + length == r.end
+
+
+cdef bint _compare(const unsigned char* p, Py_ssize_t n, GuardedPut out) except -1:
+    """Compare{result EQUAL (1), target MOD (2), key (3), mod_revision (6)}."""
+    cdef Reader r = Reader(p, p + n, False)
+    cdef uint64_t tag, v
+    cdef Py_ssize_t length
+    cdef bint seen_result = False, seen_target = False, seen_key = False, seen_mod = False
+    cdef bint is_mod = False
+    while r.p < r.end:
+        tag = _varint(&r)
+        if r.bad:
+            return False
+        if tag == (1 << 3 | WIRE_VARINT) and not seen_result:
+            if _varint(&r) != 0 or r.bad:
+                return False
+            seen_result = True
+        elif tag == (2 << 3 | WIRE_VARINT) and not seen_target:
+            v = _varint(&r)
+            if r.bad or v != COMPARE_MOD:
+                return False
+            is_mod = seen_target = True
+        elif tag == (3 << 3 | WIRE_BYTES) and not seen_key:
+            length = _length(&r)
+            if r.bad or length == 0:
+                return False
+            out.key = PyBytes_FromStringAndSize(<const char*>r.p, length)
+            r.p += length
+            seen_key = True
+        elif tag == (6 << 3 | WIRE_VARINT) and not seen_mod:
+            v = _varint(&r)
+            if r.bad:
+                return False
+            out.want_mod = <int64_t>v
+            seen_mod = True
+        else:
+            return False
+    return seen_key and is_mod
+
+
+cdef bint _single_op(const unsigned char* p, Py_ssize_t n, int field,
+                     const unsigned char** inner, Py_ssize_t* inner_n) except -1:
+    """RequestOp with only ``field`` (a request message) set."""
+    cdef Reader r = Reader(p, p + n, False)
+    cdef uint64_t tag = _varint(&r)
+    if r.bad or tag != (<uint64_t>field << 3 | WIRE_BYTES):
+        return False
+    inner_n[0] = _length(&r)
+    if r.bad:
+        return False
+    inner[0] = r.p
+    return r.p + inner_n[0] == r.end
+
+
+def parse_guarded_put(bytes data, Py_ssize_t max_bytes):
+    """The request as a GuardedPut, or None when it is not exactly that shape (or larger
+    than ``max_bytes``: the generic path reports the limit)."""
+    cdef Py_ssize_t n = len(data)
+    if n > max_bytes:
+        return None
+    cdef const unsigned char* start = <const unsigned char*>(<char*>data)
+    cdef Reader r = Reader(start, start + n, False)
+    cdef uint64_t tag
+    cdef Py_ssize_t length
+    cdef const unsigned char* op_p = NULL
+    cdef Py_ssize_t op_n = 0
+    cdef const unsigned char* inner = NULL
+    cdef Py_ssize_t inner_n = 0
+    cdef const unsigned char* success_p = NULL
+    cdef Py_ssize_t success_n = 0
+    cdef const unsigned char* failure_p = NULL
+    cdef Py_ssize_t failure_n = 0
+    cdef GuardedPut out = GuardedPut.__new__(GuardedPut)
+    cdef bint seen_compare = False, seen_success = False, seen_failure = False
+    out.value = b""
+    out.want_mod = 0
+    out.size = n
+    while r.p < r.end:
+        tag = _varint(&r)
+        if r.bad:
+            return None
+        length = _length(&r) if (tag & 7) == WIRE_BYTES else 0
+        if r.bad:
+            return None
+        if tag == (1 << 3 | WIRE_BYTES) and not seen_compare:
+            if not _compare(r.p, length, out):
+                return None
+            seen_compare = True
+        elif tag == (2 << 3 | WIRE_BYTES) and not seen_success:
+            success_p, success_n = r.p, length
+            seen_success = True
+        elif tag == (3 << 3 | WIRE_BYTES) and not seen_failure:
+            failure_p, failure_n = r.p, length
+            seen_failure = True
+        else:
+            return None
+        r.p += length
+    if not (seen_compare and seen_success):
+        return None
+    # the compare is parsed (it names the key); now the ops on that key
+    if not _single_op(success_p, success_n, 2, &inner, &inner_n):
+        return None
+    if not _put_request(inner, inner_n, out):
+        return None
+    out.read_on_failure = seen_failure
+    if seen_failure:
+        if not _single_op(failure_p, failure_n, 1, &inner, &inner_n):
+            return None
+        if not _range_request(inner, inner_n, out.key):
+            return None
+    return out
+
+
+# -- answers ------------------------------------------------------------------------------
+
+cdef inline void _put_varint(bytearray out, uint64_t v):
+    while v >= 0x80:
+        out.append(<unsigned char>((v & 0x7F) | 0x80))
+        v >>= 7
+    out.append(<unsigned char>v)
+
+
+cdef inline void _put_field_varint(bytearray out, int field, uint64_t v):
+    if v:
+        _put_varint(out, <uint64_t>field << 3 | WIRE_VARINT)
+        _put_varint(out, v)
+
+
+cdef inline void _put_field_bytes(bytearray out, int field, const unsigned char* p, Py_ssize_t n):
+    _put_varint(out, <uint64_t>field << 3 | WIRE_BYTES)
+    _put_varint(out, <uint64_t>n)
+    out.extend(p[:n])
+
+
+cdef bytes _revision_header(int64_t revision):
+    cdef bytearray out = bytearray()
+    _put_field_varint(out, 3, <uint64_t>revision)
+    return bytes(out)
+
+
+def encode_answer(
+    bytes header_prefix,
+    int64_t raft_term,
+    bint succeeded,
+    int64_t revision,
+    bint read_on_failure,
+    bytes key,
+    tuple found,
+    bytes value,
+):
+    """The TxnResponse for a GuardedPut. ``header_prefix``: the ResponseHeader's cluster
+    and member id fields, already encoded. ``found``: on failure, the key's (mod, create,
+    version, lease), or None when it does not exist; ``value`` its value."""
+    cdef bytearray header = bytearray(header_prefix)
+    _put_field_varint(header, 3, <uint64_t>revision)
+    _put_field_varint(header, 4, <uint64_t>raft_term)
+    cdef bytes nested_header = _revision_header(revision)
+    cdef bytearray out = bytearray()
+    cdef bytearray inner = bytearray()
+    cdef bytearray op = bytearray()
+    cdef bytearray kv
+    _put_field_bytes(out, 1, header, len(header))
+    if succeeded:
+        _put_field_varint(out, 2, 1)
+        _put_field_bytes(inner, 1, nested_header, len(nested_header))  # PutResponse.header
+        _put_field_bytes(op, 2, inner, len(inner))  # ResponseOp.response_put
+        _put_field_bytes(out, 3, op, len(op))
+    elif read_on_failure:
+        _put_field_bytes(inner, 1, nested_header, len(nested_header))  # RangeResponse.header
+        if found is not None:
+            kv = bytearray()  # KeyValue{key, create_revision, mod_revision, version, value, lease}
+            _put_field_bytes(kv, 1, key, len(key))
+            _put_field_varint(kv, 2, <uint64_t><int64_t>found[1])
+            _put_field_varint(kv, 3, <uint64_t><int64_t>found[0])
+            _put_field_varint(kv, 4, <uint64_t><int64_t>found[2])
+            if value:
+                _put_field_bytes(kv, 5, value, len(value))
+            _put_field_varint(kv, 6, <uint64_t><int64_t>found[3])
+            _put_field_bytes(inner, 2, kv, len(kv))  # RangeResponse.kvs
+            _put_field_varint(inner, 4, 1)  # RangeResponse.count
+        _put_field_bytes(op, 1, inner, len(inner))  # ResponseOp.response_range
+        _put_field_bytes(out, 3, op, len(op))
+    return bytes(out)
+
+
+def encode_header_prefix(uint64_t cluster_id, uint64_t member_id):
+    """ResponseHeader's cluster_id and member_id fields, encoded once per process."""
+    cdef bytearray out = bytearray()
+    _put_field_varint(out, 1, cluster_id)
+    _put_field_varint(out, 2, member_id)
+    return bytes(out)

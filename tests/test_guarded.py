@@ -1,0 +1,186 @@
+"""kube-apiserver's create and update txn, read and answered in wire format: the same
+answers as etcd's, bytes protobuf itself would write, and every other shape (a near miss
+included) left to the generic path, which answers it as etcd does."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import grpc
+import pytest
+
+from geminikv._native.txnwire import parse_guarded_put
+from geminikv.mvcc.txn import MAX_REQUEST_BYTES
+from geminikv.proto.etcdserverpb import rpc_pb2 as pb
+from tests.differential import Pair
+from tests.servers import Stubs
+
+C = pb.Compare
+R = pb.RangeRequest
+Op = pb.RequestOp
+
+
+def guarded(
+    key: bytes, rev: int, value: bytes = b"v", read: bool = True, **put: object
+) -> pb.TxnRequest:
+    return pb.TxnRequest(
+        compare=[C(key=key, target=C.MOD, result=C.EQUAL, mod_revision=rev)],
+        success=[Op(request_put=pb.PutRequest(key=key, value=value, **put))],  # type: ignore[arg-type]
+        failure=[Op(request_range=R(key=key))] if read else [],
+    )
+
+
+def test_parses_kubernetes_create_and_update() -> None:
+    update = parse_guarded_put(guarded(b"/k", 7, b"x" * 1024).SerializeToString(), 1 << 20)
+    assert update is not None
+    assert (update.key, update.want_mod, update.value, update.read_on_failure) == (
+        b"/k",
+        7,
+        b"x" * 1024,
+        True,
+    )
+    create = parse_guarded_put(guarded(b"/k", 0, b"", read=False).SerializeToString(), 1 << 20)
+    assert create is not None
+    assert (create.want_mod, create.value, create.read_on_failure) == (0, b"", False)
+    stale = parse_guarded_put(guarded(b"/k", -2).SerializeToString(), 1 << 20)
+    assert stale is not None and stale.want_mod == -2
+
+
+def near_misses(key: bytes) -> dict[str, pb.TxnRequest]:
+    """Requests one step from the guarded put's shape, each valid for etcd."""
+    put = Op(request_put=pb.PutRequest(key=key, value=b"v"))
+    mod = C(key=key, target=C.MOD, result=C.EQUAL, mod_revision=0)
+    cases = {
+        "prev_kv": guarded(key, 0, prev_kv=True),
+        "put another key": pb.TxnRequest(
+            compare=[mod], success=[Op(request_put=pb.PutRequest(key=key + b"2", value=b"v"))]
+        ),
+        "two compares": pb.TxnRequest(compare=[mod, mod], success=[put]),
+        "compare version": pb.TxnRequest(
+            compare=[C(key=key, target=C.VERSION, result=C.EQUAL, version=0)], success=[put]
+        ),
+        "compare not equal": pb.TxnRequest(
+            compare=[C(key=key, target=C.MOD, result=C.NOT_EQUAL, mod_revision=0)],
+            success=[put],
+        ),
+        "compare a range": pb.TxnRequest(
+            compare=[C(key=key, range_end=key + b"\xff", target=C.MOD, mod_revision=0)],
+            success=[put],
+        ),
+        "no compare": pb.TxnRequest(success=[put]),
+        "two puts": pb.TxnRequest(
+            compare=[mod],
+            success=[put, Op(request_put=pb.PutRequest(key=key + b"2", value=b"w"))],
+        ),
+        "success delete": pb.TxnRequest(
+            compare=[mod], success=[Op(request_delete_range=pb.DeleteRangeRequest(key=key))]
+        ),
+        "failure range with limit": pb.TxnRequest(
+            compare=[mod], success=[put], failure=[Op(request_range=R(key=key, limit=1))]
+        ),
+        "failure range keys only": pb.TxnRequest(
+            compare=[mod], success=[put], failure=[Op(request_range=R(key=key, keys_only=True))]
+        ),
+        "failure range of another key": pb.TxnRequest(
+            compare=[mod], success=[put], failure=[Op(request_range=R(key=key + b"2"))]
+        ),
+        "failure two ranges": pb.TxnRequest(
+            compare=[mod],
+            success=[put],
+            failure=[Op(request_range=R(key=key)), Op(request_range=R(key=key))],
+        ),
+        "failure put": pb.TxnRequest(compare=[mod], success=[put], failure=[put]),
+    }
+    return cases
+
+
+def test_near_misses_take_the_generic_path_and_answer_as_etcd(pair: Pair, prefix: bytes) -> None:
+    key = prefix + b"near"
+    for name, request in near_misses(key).items():
+        assert parse_guarded_put(request.SerializeToString(), 1 << 20) is None, name
+    pair.check("Put", lambda rev: pb.PutRequest(key=key, value=b"0"))
+    for _round in range(2):  # the key present, then absent
+        for _name, request in near_misses(key).items():
+            pair.check("Txn", lambda rev, r=request: r)
+        pair.check("DeleteRange", lambda rev: pb.DeleteRangeRequest(key=key, range_end=key + b"3"))
+
+
+def test_non_canonical_or_unknown_bytes_take_the_generic_path() -> None:
+    data = guarded(b"/k", 3).SerializeToString()
+    assert parse_guarded_put(data, 1 << 20) is not None
+    compare = C(key=b"/k", target=C.MOD, mod_revision=3).SerializeToString()
+    twice = b"\x0a" + bytes([len(compare)]) + compare  # a second compare field
+    assert parse_guarded_put(twice + data, 1 << 20) is None
+    assert parse_guarded_put(data + b"\x20\x01", 1 << 20) is None  # field 4: unknown to Txn
+    assert parse_guarded_put(data, len(data) - 1) is None  # over the size limit
+    for cut in range(1, len(data)):
+        got = parse_guarded_put(data[:cut], 1 << 20)
+        if got is None:
+            continue
+        # cut between fields: a valid, shorter request, read as protobuf reads it
+        msg = pb.TxnRequest.FromString(data[:cut])
+        put = msg.success[0].request_put
+        assert (got.key, got.value) == (put.key, put.value)
+        assert got.want_mod == msg.compare[0].mod_revision
+        assert got.read_on_failure == bool(msg.failure)
+    assert parse_guarded_put(data[:-2], 1 << 20) is None  # cut inside a field
+    lease = guarded(b"/k", 3, lease=7).SerializeToString()
+    assert parse_guarded_put(lease, 1 << 20) is None
+
+
+def test_answers_match_etcd(pair: Pair, prefix: bytes) -> None:
+    key = prefix + b"pods/ns/p\xc3\xa9"  # UTF-8 beyond ASCII
+    big = bytes(range(256)) * 400  # 100 KiB
+    checks: list[Callable[[Callable[[int], int]], pb.TxnRequest]] = [
+        lambda rev: guarded(key, 0, b"v1", read=False),  # create
+        lambda rev: guarded(key, 0, b"v1", read=False),  # already exists: no responses
+        lambda rev: guarded(key, 0, b"v1"),  # already exists: the current object
+        lambda rev: guarded(key, rev(1), b""),  # update to an empty value
+        lambda rev: guarded(key, rev(1), b"stale"),  # conflict: the current object
+        lambda rev: guarded(key, rev(2), big),
+        lambda rev: guarded(key, rev(3), b"v4", read=False),
+        lambda rev: guarded(key, -1, b"never"),
+        lambda rev: guarded(key + b"/absent", 5, b"never"),  # absent, read: no kvs
+        lambda rev: guarded(key + b"/absent", 5, b"never", read=False),
+    ]
+    for build in checks:
+        pair.check("Txn", build)
+    pair.check("Range", lambda rev: R(key=key))
+
+
+def test_answer_bytes_are_canonical_protobuf(gk: Stubs, prefix: bytes) -> None:
+    txn = gk.channel.unary_unary("/etcdserverpb.KV/Txn")  # raw bytes both ways
+    key = prefix + b"raw"
+    created = txn(guarded(key, 0, b"a").SerializeToString(), timeout=30)
+    stale = txn(guarded(key, 0, b"b").SerializeToString(), timeout=30)
+    status = gk.maintenance.Status(pb.StatusRequest(), timeout=30).header
+    for answer in (created, stale):
+        parsed = pb.TxnResponse.FromString(answer)
+        assert parsed.SerializeToString() == answer
+        assert (parsed.header.cluster_id, parsed.header.member_id, parsed.header.raft_term) == (
+            status.cluster_id,
+            status.member_id,
+            status.raft_term,
+        )
+    first, second = pb.TxnResponse.FromString(created), pb.TxnResponse.FromString(stale)
+    assert first.succeeded and first.responses[0].response_put.header.revision > 0
+    assert not second.succeeded
+    (kv,) = second.responses[0].response_range.kvs
+    assert (kv.key, kv.value, kv.version) == (key, b"a", 1)
+    assert kv.mod_revision == kv.create_revision == first.header.revision
+
+
+def test_bad_key_and_malformed_bytes_fail_as_before(gk: Stubs) -> None:
+    with pytest.raises(grpc.RpcError) as bad_key:
+        gk.kv.Txn(guarded(b"/nul\x00key", 0), timeout=30)
+    assert bad_key.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_key.value.details() == "geminikv: key must not contain NUL bytes"
+    txn = gk.channel.unary_unary("/etcdserverpb.KV/Txn")
+    with pytest.raises(grpc.RpcError) as truncated:
+        txn(guarded(b"/k", 0).SerializeToString()[:-2], timeout=30)
+    assert truncated.value.code() == grpc.StatusCode.INTERNAL
+    assert truncated.value.details().startswith("grpc: error unmarshalling request")
+    assert len(guarded(b"/k", 0, b"x" * MAX_REQUEST_BYTES).SerializeToString()) > MAX_REQUEST_BYTES
+    with pytest.raises(grpc.RpcError) as too_large:
+        gk.kv.Txn(guarded(b"/k", 0, b"x" * MAX_REQUEST_BYTES), timeout=30)
+    assert too_large.value.details() == "etcdserver: request is too large"
