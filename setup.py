@@ -7,7 +7,7 @@ setup(
     ext_modules=cythonize(
         [
             Extension("geminikv._native.index", ["geminikv/_native/index.pyx"]),
-            Extension("geminikv._native.txnwire", ["geminikv/_native/txnwire.pyx"]),
+            Extension("geminikv._native.kvwire", ["geminikv/_native/kvwire.pyx"]),
         ],
         compiler_directives={"language_level": "3"},
     )

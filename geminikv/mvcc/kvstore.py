@@ -181,6 +181,23 @@ class KVStore:
         ranges.add_key_values(resp.kvs, entries, None if req.keys_only else values)
         return resp
 
+    async def get(self, key: bytes, serializable: bool) -> tuple[int, State | None, bytes]:
+        """``range`` for one key at the current revision, without messages: (revision,
+        the key's (mod, create, version, lease) or None when absent, its value)."""
+        self._check_serving()
+        if not serializable:
+            await self.follower.read_index(urgent=False)
+        index = self.index
+        rev = int(index.rev)
+        if rev < index.compact_rev:
+            raise errors.Compacted()
+        entries = index.range(key, None, rev, 0)[0]
+        if not entries:
+            return rev, None, b""
+        entry = entries[0]
+        value = (await self._values(entries))[entry[1]]
+        return rev, (entry[1], entry[2], entry[3], entry[4]), value
+
     async def _values(self, entries: list[ranges.Entry]) -> dict[int, bytes]:
         if not entries:
             return {}

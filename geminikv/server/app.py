@@ -25,7 +25,7 @@ from geminikv.leader import Leader
 from geminikv.lease import Leases
 from geminikv.mvcc.kvstore import KVStore
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
-from geminikv.server import kv
+from geminikv.server import wire
 from geminikv.server.cluster import ClusterService
 from geminikv.server.kv import KVService
 from geminikv.server.lease import LeaseService
@@ -136,7 +136,7 @@ class App:
         identity = await self._identity()
 
         grpc_server = grpc.aio.server(options=GRPC_OPTIONS)
-        server = UndecodableAsInternal(grpc_server, kv.CODECS)  # registers the services
+        server = UndecodableAsInternal(grpc_server, wire.CODECS)  # registers the services
         rpc_pb2_grpc.add_KVServicer_to_server(KVService(self.store, identity), server)
         rpc_pb2_grpc.add_MaintenanceServicer_to_server(
             MaintenanceService(self.store, identity, s.emulated_etcd_version), server

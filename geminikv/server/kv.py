@@ -7,24 +7,24 @@ import grpc
 from geminikv.mvcc.kvstore import KVStore
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
-from geminikv.server import guarded
-from geminikv.server.guarded import GuardedPut
 from geminikv.server.rpc import Identity, etcd_errors
-
-# Methods whose requests and answers are not always the generated messages.
-CODECS = {"/etcdserverpb.KV/Txn": (guarded.read_txn, guarded.write_txn)}
+from geminikv.server.wire import Answers, GuardedPut, KeyGet
 
 
 class KVService(rpc_pb2_grpc.KVServicer):
     def __init__(self, store: KVStore, identity: Identity) -> None:
         self.store = store
         self.identity = identity
-        self.answerer = guarded.Answerer(identity)
+        self.answers = Answers(identity)
 
     @etcd_errors
     async def Range(
-        self, request: pb.RangeRequest, context: grpc.aio.ServicerContext
-    ) -> pb.RangeResponse:
+        self, request: pb.RangeRequest | KeyGet, context: grpc.aio.ServicerContext
+    ) -> pb.RangeResponse | bytes:
+        if isinstance(request, KeyGet):
+            return self.answers.get(
+                request.key, *await self.store.get(request.key, request.serializable)
+            )
         resp = await self.store.range(request)
         self.identity.fill(resp.header, 0)
         return resp
@@ -53,7 +53,7 @@ class KVService(rpc_pb2_grpc.KVServicer):
             outcome = await self.store.guarded_put(
                 request.key, request.want_mod, request.value, request.read_on_failure
             )
-            return self.answerer.answer(request, *outcome)
+            return self.answers.txn(request, *outcome)
         resp = await self.store.txn(request)
         self.identity.fill(resp.header, 0)
         return resp

@@ -1,6 +1,6 @@
-"""kube-apiserver's create and update txn, read and answered in wire format: the same
-answers as etcd's, bytes protobuf itself would write, and every other shape (a near miss
-included) left to the generic path, which answers it as etcd does."""
+"""kube-apiserver's create and update txn and its single-key get, read and answered in
+wire format: the same answers as etcd's, bytes protobuf itself would write, and every other
+shape (a near miss included) left to the generic path, which answers it as etcd does."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Callable
 import grpc
 import pytest
 
-from geminikv._native.txnwire import parse_guarded_put
+from geminikv._native.kvwire import parse_guarded_put, parse_key_get
 from geminikv.mvcc.txn import MAX_REQUEST_BYTES
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from tests.differential import Pair
@@ -184,3 +184,73 @@ def test_bad_key_and_malformed_bytes_fail_as_before(gk: Stubs) -> None:
     with pytest.raises(grpc.RpcError) as too_large:
         gk.kv.Txn(guarded(b"/k", 0, b"x" * MAX_REQUEST_BYTES), timeout=30)
     assert too_large.value.details() == "etcdserver: request is too large"
+
+
+# -- single-key gets -----------------------------------------------------------------------
+
+
+def test_parses_a_get_of_one_key() -> None:
+    got = parse_key_get(R(key=b"/k").SerializeToString())
+    assert got is not None and (got.key, got.serializable) == (b"/k", False)
+    got = parse_key_get(R(key=b"/k", serializable=True).SerializeToString())
+    assert got is not None and (got.key, got.serializable) == (b"/k", True)
+    assert parse_key_get(b"") is None  # no key: the generic path's EmptyKey
+    data = R(key=b"/k").SerializeToString()
+    assert parse_key_get(data + data) is None  # the key twice
+    assert parse_key_get(data[:-1]) is None
+
+
+def get_near_misses(key: bytes, rev: Callable[[int], int]) -> dict[str, R]:
+    return {
+        "range": R(key=key, range_end=key + b"\xff"),
+        "limit": R(key=key, limit=1),
+        "revision": R(key=key, revision=rev(1)),
+        "keys only": R(key=key, keys_only=True),
+        "count only": R(key=key, count_only=True),
+        "sort": R(key=key, sort_order=R.DESCEND, sort_target=R.MOD),
+        "min mod revision": R(key=key, min_mod_revision=rev(2)),
+        "max create revision": R(key=key, max_create_revision=rev(1)),
+    }
+
+
+def test_get_answers_match_etcd_and_near_misses_take_the_generic_path(
+    pair: Pair, prefix: bytes
+) -> None:
+    key = prefix + b"configmaps/ns/c\xc3\xa9"
+    for name, request in get_near_misses(key, lambda rel: 1).items():
+        assert parse_key_get(request.SerializeToString()) is None, name
+    gets = [R(key=key), R(key=key, serializable=True), R(key=key + b"/absent")]
+    for value in (b"v1", b"", bytes(range(256)) * 400):
+        pair.check("Put", lambda rev, v=value: pb.PutRequest(key=key, value=v))
+        for request in gets:
+            pair.check("Range", lambda rev, r=request: r)
+        for name in get_near_misses(key, lambda rel: 1):
+            pair.check("Range", lambda rev, n=name: get_near_misses(key, rev)[n])
+    pair.check("DeleteRange", lambda rev: pb.DeleteRangeRequest(key=key))
+    for request in gets:
+        pair.check("Range", lambda rev, r=request: r)
+    pair.check("Range", lambda rev: R(key=b""))  # no key: etcd's error, from the generic path
+
+
+def test_get_answer_bytes_are_canonical_protobuf(gk: Stubs, prefix: bytes) -> None:
+    get = gk.channel.unary_unary("/etcdserverpb.KV/Range")  # raw bytes both ways
+    key = prefix + b"raw-get"
+    put = gk.kv.Put(pb.PutRequest(key=key, value=b"a"), timeout=30)
+    status = gk.maintenance.Status(pb.StatusRequest(), timeout=30).header
+    for request in (R(key=key), R(key=key + b"/absent")):
+        answer = get(request.SerializeToString(), timeout=30)
+        parsed = pb.RangeResponse.FromString(answer)
+        assert parsed.SerializeToString() == answer
+        assert (parsed.header.cluster_id, parsed.header.member_id, parsed.header.raft_term) == (
+            status.cluster_id,
+            status.member_id,
+            status.raft_term,
+        )
+        assert parsed.header.revision >= put.header.revision
+    found = pb.RangeResponse.FromString(get(R(key=key).SerializeToString(), timeout=30))
+    assert found.count == 1
+    (kv,) = found.kvs
+    assert (kv.key, kv.value, kv.version, kv.mod_revision) == (key, b"a", 1, put.header.revision)
+    with pytest.raises(grpc.RpcError) as truncated:
+        get(R(key=key).SerializeToString()[:-1], timeout=30)
+    assert truncated.value.code() == grpc.StatusCode.INTERNAL

@@ -1,10 +1,11 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
-"""kube-apiserver's create and update txns read from and answered in protobuf wire
+"""kube-apiserver's most frequent requests read from and answered in protobuf wire
 format directly, without building messages (etcd's rpc.proto field numbers below).
 
-The shape: ``Txn{compare: [MOD(key) == rev], success: [Put{key, value}], failure: [] or
-[Range{key}]}`` on one key, no lease and no other field set. ``parse_guarded_put`` returns
-None for anything else (the generic path then parses it, and reports malformed bytes).
+The shapes: ``Txn{compare: [MOD(key) == rev], success: [Put{key, value}], failure: [] or
+[Range{key}]}`` on one key, no lease and no other field set (its create and update), and
+``Range{key}`` (its get). The parsers return None for anything else: the generic path
+then parses it, and reports malformed bytes.
 """
 
 from libc.stdint cimport int64_t, uint64_t
@@ -235,13 +236,29 @@ cdef inline void _put_field_bytes(bytearray out, int field, const unsigned char*
     out.extend(p[:n])
 
 
+cdef void _put_found(bytearray into, bytes key, int64_t mod, int64_t create, int64_t version,
+                     int64_t lease, bytes value):
+    """RangeResponse's kvs (one KeyValue{key, create_revision, mod_revision, version,
+    value, lease}) and count (1)."""
+    cdef bytearray kv = bytearray()
+    _put_field_bytes(kv, 1, key, len(key))
+    _put_field_varint(kv, 2, <uint64_t>create)
+    _put_field_varint(kv, 3, <uint64_t>mod)
+    _put_field_varint(kv, 4, <uint64_t>version)
+    if value:
+        _put_field_bytes(kv, 5, value, len(value))
+    _put_field_varint(kv, 6, <uint64_t>lease)
+    _put_field_bytes(into, 2, kv, len(kv))
+    _put_field_varint(into, 4, 1)
+
+
 cdef bytes _revision_header(int64_t revision):
     cdef bytearray out = bytearray()
     _put_field_varint(out, 3, <uint64_t>revision)
     return bytes(out)
 
 
-def encode_answer(
+def encode_txn_answer(
     bytes header_prefix,
     int64_t raft_term,
     bint succeeded,
@@ -261,7 +278,6 @@ def encode_answer(
     cdef bytearray out = bytearray()
     cdef bytearray inner = bytearray()
     cdef bytearray op = bytearray()
-    cdef bytearray kv
     _put_field_bytes(out, 1, header, len(header))
     if succeeded:
         _put_field_varint(out, 2, 1)
@@ -271,16 +287,7 @@ def encode_answer(
     elif read_on_failure:
         _put_field_bytes(inner, 1, nested_header, len(nested_header))  # RangeResponse.header
         if found is not None:
-            kv = bytearray()  # KeyValue{key, create_revision, mod_revision, version, value, lease}
-            _put_field_bytes(kv, 1, key, len(key))
-            _put_field_varint(kv, 2, <uint64_t><int64_t>found[1])
-            _put_field_varint(kv, 3, <uint64_t><int64_t>found[0])
-            _put_field_varint(kv, 4, <uint64_t><int64_t>found[2])
-            if value:
-                _put_field_bytes(kv, 5, value, len(value))
-            _put_field_varint(kv, 6, <uint64_t><int64_t>found[3])
-            _put_field_bytes(inner, 2, kv, len(kv))  # RangeResponse.kvs
-            _put_field_varint(inner, 4, 1)  # RangeResponse.count
+            _put_found(inner, key, found[0], found[1], found[2], found[3], value)
         _put_field_bytes(op, 1, inner, len(inner))  # ResponseOp.response_range
         _put_field_bytes(out, 3, op, len(op))
     return bytes(out)
@@ -291,4 +298,65 @@ def encode_header_prefix(uint64_t cluster_id, uint64_t member_id):
     cdef bytearray out = bytearray()
     _put_field_varint(out, 1, cluster_id)
     _put_field_varint(out, 2, member_id)
+    return bytes(out)
+
+
+# -- single-key gets ------------------------------------------------------------------------
+
+cdef class KeyGet:
+    """A get of one key at the current revision: ``Range{key}``, maybe serializable."""
+
+    cdef readonly bytes key
+    cdef readonly bint serializable
+
+    def __repr__(self):
+        return f"KeyGet(key={self.key!r}, serializable={self.serializable})"
+
+
+def parse_key_get(bytes data):
+    """The request as a KeyGet, or None for any other (a range, a limit, a revision,
+    any option but serializable)."""
+    cdef const unsigned char* start = <const unsigned char*>(<char*>data)
+    cdef Reader r = Reader(start, start + len(data), False)
+    cdef uint64_t tag, v
+    cdef Py_ssize_t length
+    cdef bytes key = None
+    cdef bint serializable = False, seen_serializable = False
+    while r.p < r.end:
+        tag = _varint(&r)
+        if r.bad:
+            return None
+        if tag == (1 << 3 | WIRE_BYTES) and key is None:
+            length = _length(&r)
+            if r.bad or length == 0:
+                return None
+            key = PyBytes_FromStringAndSize(<const char*>r.p, length)
+            r.p += length
+        elif tag == (7 << 3 | WIRE_VARINT) and not seen_serializable:
+            v = _varint(&r)
+            if r.bad:
+                return None
+            serializable = v != 0
+            seen_serializable = True
+        else:
+            return None
+    if key is None:
+        return None
+    cdef KeyGet out = KeyGet.__new__(KeyGet)
+    out.key = key
+    out.serializable = serializable
+    return out
+
+
+def encode_get_answer(bytes header_prefix, int64_t raft_term, int64_t revision, bytes key,
+                      tuple found, bytes value):
+    """The RangeResponse of a single-key get: ``found`` is the key's (mod, create,
+    version, lease) or None when it does not exist."""
+    cdef bytearray header = bytearray(header_prefix)
+    _put_field_varint(header, 3, <uint64_t>revision)
+    _put_field_varint(header, 4, <uint64_t>raft_term)
+    cdef bytearray out = bytearray()
+    _put_field_bytes(out, 1, header, len(header))
+    if found is not None:
+        _put_found(out, key, found[0], found[1], found[2], found[3], value)
     return bytes(out)

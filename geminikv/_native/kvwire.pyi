@@ -1,0 +1,35 @@
+"""Type stub for kube-apiserver's hottest requests in wire format (kvwire.pyx)."""
+
+class GuardedPut:
+    key: bytes
+    want_mod: int
+    value: bytes
+    read_on_failure: bool
+    size: int
+
+def parse_guarded_put(data: bytes, max_bytes: int) -> GuardedPut | None: ...
+
+class KeyGet:
+    key: bytes
+    serializable: bool
+
+def parse_key_get(data: bytes) -> KeyGet | None: ...
+def encode_header_prefix(cluster_id: int, member_id: int) -> bytes: ...
+def encode_txn_answer(
+    header_prefix: bytes,
+    raft_term: int,
+    succeeded: bool,
+    revision: int,
+    read_on_failure: bool,
+    key: bytes,
+    found: tuple[int, int, int, int] | None,
+    value: bytes,
+) -> bytes: ...
+def encode_get_answer(
+    header_prefix: bytes,
+    raft_term: int,
+    revision: int,
+    key: bytes,
+    found: tuple[int, int, int, int] | None,
+    value: bytes,
+) -> bytes: ...
