@@ -25,28 +25,23 @@ from tests.servers import GeminiServer
 pytestmark = pytest.mark.slow
 
 
-def test_quick_bench_produces_results(tmp_path: Path) -> None:
-    out = tmp_path / "bench"
+def quick_bench(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``geminikv bench --quick`` against geminikv and null; fails the test if it fails."""
+    command = [sys.executable, "-m", "geminikv", "bench", "--quick", "--targets", "geminikv,null"]
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "geminikv",
-            "bench",
-            "--quick",
-            "--targets",
-            "geminikv,null",
-            "--seconds",
-            "1",
-            "--out",
-            str(out),
-        ],
+        [*command, *args, "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=600,
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def test_quick_bench_produces_results(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    done = quick_bench(out, "--seconds", "1")
     results = json.loads((out / "results.json").read_text())
     assert results["parameters"]["quick"] is True
     assert results["versions"]["geminikv"]
@@ -102,30 +97,7 @@ def test_load_opens_its_connections_and_does_not_count_the_warmup(gemini: Gemini
 
 def test_rounds_interleave_the_targets_and_report_the_median(tmp_path: Path) -> None:
     out = tmp_path / "bench"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "geminikv",
-            "bench",
-            "--quick",
-            "--targets",
-            "geminikv,null",
-            "--workloads",
-            "create,list",
-            "--rounds",
-            "3",
-            "--seconds",
-            "0.5",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    done = quick_bench(out, "--workloads", "create,list", "--rounds", "3", "--seconds", "0.5")
     progress = [line.split()[3:5] for line in done.stdout.splitlines() if "/9 " in line]
     # rounds take turns, alternating the order: no target always goes first
     assert progress == [

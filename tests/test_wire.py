@@ -5,6 +5,7 @@ shape (a near miss included) left to the generic path, which answers it as etcd 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 import grpc
 import pytest
@@ -18,6 +19,7 @@ from tests.servers import Stubs
 C = pb.Compare
 R = pb.RangeRequest
 Op = pb.RequestOp
+M = TypeVar("M", pb.TxnResponse, pb.RangeResponse)
 
 
 def guarded(
@@ -148,6 +150,19 @@ def test_answers_match_etcd(pair: Pair, prefix: bytes) -> None:
     pair.check("Range", lambda rev: R(key=key))
 
 
+def assert_canonical(message: type[M], answer: bytes, status: pb.ResponseHeader) -> M:
+    """``answer`` is exactly what protobuf writes for it, with this server's header."""
+    parsed = message.FromString(answer)
+    assert parsed.SerializeToString() == answer
+    header = parsed.header  # type: ignore[attr-defined]
+    assert (header.cluster_id, header.member_id, header.raft_term) == (
+        status.cluster_id,
+        status.member_id,
+        status.raft_term,
+    )
+    return parsed
+
+
 def test_answer_bytes_are_canonical_protobuf(gk: Stubs, prefix: bytes) -> None:
     txn = gk.channel.unary_unary("/etcdserverpb.KV/Txn")  # raw bytes both ways
     key = prefix + b"raw"
@@ -155,13 +170,7 @@ def test_answer_bytes_are_canonical_protobuf(gk: Stubs, prefix: bytes) -> None:
     stale = txn(guarded(key, 0, b"b").SerializeToString(), timeout=30)
     status = gk.maintenance.Status(pb.StatusRequest(), timeout=30).header
     for answer in (created, stale):
-        parsed = pb.TxnResponse.FromString(answer)
-        assert parsed.SerializeToString() == answer
-        assert (parsed.header.cluster_id, parsed.header.member_id, parsed.header.raft_term) == (
-            status.cluster_id,
-            status.member_id,
-            status.raft_term,
-        )
+        assert_canonical(pb.TxnResponse, answer, status)
     first, second = pb.TxnResponse.FromString(created), pb.TxnResponse.FromString(stale)
     assert first.succeeded and first.responses[0].response_put.header.revision > 0
     assert not second.succeeded
@@ -238,13 +247,8 @@ def test_get_answer_bytes_are_canonical_protobuf(gk: Stubs, prefix: bytes) -> No
     put = gk.kv.Put(pb.PutRequest(key=key, value=b"a"), timeout=30)
     status = gk.maintenance.Status(pb.StatusRequest(), timeout=30).header
     for request in (R(key=key), R(key=key + b"/absent")):
-        answer = get(request.SerializeToString(), timeout=30)
-        parsed = pb.RangeResponse.FromString(answer)
-        assert parsed.SerializeToString() == answer
-        assert (parsed.header.cluster_id, parsed.header.member_id, parsed.header.raft_term) == (
-            status.cluster_id,
-            status.member_id,
-            status.raft_term,
+        parsed = assert_canonical(
+            pb.RangeResponse, get(request.SerializeToString(), timeout=30), status
         )
         assert parsed.header.revision >= put.header.revision
     found = pb.RangeResponse.FromString(get(R(key=key).SerializeToString(), timeout=30))

@@ -62,6 +62,16 @@ cdef inline Py_ssize_t _length(Reader* r) noexcept:
     return <Py_ssize_t>n
 
 
+cdef bytes _bytes_field(Reader* r):
+    """A length-delimited field's bytes (None when they run past the end)."""
+    cdef Py_ssize_t length = _length(r)
+    if r.bad:
+        return None
+    cdef bytes out = PyBytes_FromStringAndSize(<const char*>r.p, length)
+    r.p += length
+    return out
+
+
 cdef bint _put_request(const unsigned char* p, Py_ssize_t n, GuardedPut out) except -1:
     """PutRequest{key (1), value (2)}: anything else set (lease, prev_kv, ignore_*), or a
     field twice, is not the shape."""
@@ -80,11 +90,9 @@ cdef bint _put_request(const unsigned char* p, Py_ssize_t n, GuardedPut out) exc
             r.p += length
             seen_key = True
         elif tag == (2 << 3 | WIRE_BYTES) and not seen_value:
-            length = _length(&r)
-            if r.bad:
+            out.value = _bytes_field(&r)
+            if out.value is None:
                 return False
-            out.value = PyBytes_FromStringAndSize(<const char*>r.p, length)
-            r.p += length
             seen_value = True
         else:
             return False
@@ -125,11 +133,9 @@ cdef bint _compare(const unsigned char* p, Py_ssize_t n, GuardedPut out) except 
                 return False
             is_mod = seen_target = True
         elif tag == (3 << 3 | WIRE_BYTES) and not seen_key:
-            length = _length(&r)
-            if r.bad or length == 0:
+            out.key = _bytes_field(&r)
+            if not out.key:
                 return False
-            out.key = PyBytes_FromStringAndSize(<const char*>r.p, length)
-            r.p += length
             seen_key = True
         elif tag == (6 << 3 | WIRE_VARINT) and not seen_mod:
             v = _varint(&r)
@@ -327,11 +333,9 @@ def parse_key_get(bytes data):
         if r.bad:
             return None
         if tag == (1 << 3 | WIRE_BYTES) and key is None:
-            length = _length(&r)
-            if r.bad or length == 0:
+            key = _bytes_field(&r)
+            if not key:
                 return None
-            key = PyBytes_FromStringAndSize(<const char*>r.p, length)
-            r.p += length
         elif tag == (7 << 3 | WIRE_VARINT) and not seen_serializable:
             v = _varint(&r)
             if r.bad:
