@@ -5,7 +5,6 @@ class GuardedPut:
     want_mod: int
     value: bytes
     read_on_failure: bool
-    size: int
 
 def parse_guarded_put(data: bytes, max_bytes: int) -> GuardedPut | None: ...
 

@@ -25,7 +25,6 @@ cdef class GuardedPut:
     cdef readonly int64_t want_mod
     cdef readonly bytes value
     cdef readonly bint read_on_failure
-    cdef readonly Py_ssize_t size
 
     def __repr__(self):
         return (f"GuardedPut(key={self.key!r}, want_mod={self.want_mod}, "
@@ -172,8 +171,6 @@ def parse_guarded_put(bytes data, Py_ssize_t max_bytes):
     cdef Reader r = Reader(start, start + n, False)
     cdef uint64_t tag
     cdef Py_ssize_t length
-    cdef const unsigned char* op_p = NULL
-    cdef Py_ssize_t op_n = 0
     cdef const unsigned char* inner = NULL
     cdef Py_ssize_t inner_n = 0
     cdef const unsigned char* success_p = NULL
@@ -184,7 +181,6 @@ def parse_guarded_put(bytes data, Py_ssize_t max_bytes):
     cdef bint seen_compare = False, seen_success = False, seen_failure = False
     out.value = b""
     out.want_mod = 0
-    out.size = n
     while r.p < r.end:
         tag = _varint(&r)
         if r.bad:
