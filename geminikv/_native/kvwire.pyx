@@ -254,6 +254,14 @@ cdef void _put_found(bytearray into, bytes key, int64_t mod, int64_t create, int
     _put_field_varint(into, 4, 1)
 
 
+cdef void _put_header(bytearray out, bytes prefix, int64_t raft_term, int64_t revision):
+    """The answer's ResponseHeader (field 1): ``prefix`` holds cluster and member id."""
+    cdef bytearray header = bytearray(prefix)
+    _put_field_varint(header, 3, <uint64_t>revision)
+    _put_field_varint(header, 4, <uint64_t>raft_term)
+    _put_field_bytes(out, 1, header, len(header))
+
+
 cdef bytes _revision_header(int64_t revision):
     cdef bytearray out = bytearray()
     _put_field_varint(out, 3, <uint64_t>revision)
@@ -273,14 +281,11 @@ def encode_txn_answer(
     """The TxnResponse for a GuardedPut. ``header_prefix``: the ResponseHeader's cluster
     and member id fields, already encoded. ``found``: on failure, the key's (mod, create,
     version, lease), or None when it does not exist; ``value`` its value."""
-    cdef bytearray header = bytearray(header_prefix)
-    _put_field_varint(header, 3, <uint64_t>revision)
-    _put_field_varint(header, 4, <uint64_t>raft_term)
     cdef bytes nested_header = _revision_header(revision)
     cdef bytearray out = bytearray()
     cdef bytearray inner = bytearray()
     cdef bytearray op = bytearray()
-    _put_field_bytes(out, 1, header, len(header))
+    _put_header(out, header_prefix, raft_term, revision)
     if succeeded:
         _put_field_varint(out, 2, 1)
         _put_field_bytes(inner, 1, nested_header, len(nested_header))  # PutResponse.header
@@ -321,7 +326,6 @@ def parse_key_get(bytes data):
     cdef const unsigned char* start = <const unsigned char*>(<char*>data)
     cdef Reader r = Reader(start, start + len(data), False)
     cdef uint64_t tag, v
-    cdef Py_ssize_t length
     cdef bytes key = None
     cdef bint serializable = False, seen_serializable = False
     while r.p < r.end:
@@ -352,11 +356,8 @@ def encode_get_answer(bytes header_prefix, int64_t raft_term, int64_t revision, 
                       tuple found, bytes value):
     """The RangeResponse of a single-key get: ``found`` is the key's (mod, create,
     version, lease) or None when it does not exist."""
-    cdef bytearray header = bytearray(header_prefix)
-    _put_field_varint(header, 3, <uint64_t>revision)
-    _put_field_varint(header, 4, <uint64_t>raft_term)
     cdef bytearray out = bytearray()
-    _put_field_bytes(out, 1, header, len(header))
+    _put_header(out, header_prefix, raft_term, revision)
     if found is not None:
         _put_found(out, key, found[0], found[1], found[2], found[3], value)
     return bytes(out)

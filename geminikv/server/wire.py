@@ -17,12 +17,11 @@ from geminikv._native.kvwire import (
     parse_key_get,
 )
 from geminikv.mvcc.txn import MAX_REQUEST_BYTES
+from geminikv.mvcc.view import State
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.server.rpc import RAFT_TERM, Identity
 
 __all__ = ["Answers", "GuardedPut", "KeyGet", "read_range", "read_txn", "write"]
-
-State = tuple[int, int, int, int]  # (mod, create, version, lease)
 
 
 def read_txn(data: bytes) -> GuardedPut | pb.TxnRequest:
