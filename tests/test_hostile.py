@@ -1,12 +1,13 @@
-"""Hostile load on a geminikv process: a storm of 1000 clients connecting at once, and a
-100 MB list. The server answers everything and its file descriptors and memory return to
-where they were."""
+"""Hostile load on a geminikv process: storms of 1000 clients connecting at once, and a
+100 MB list. The server answers everything, its file descriptors return to where they
+were, and its memory stays bounded."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import resource
+import statistics
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from tests.servers import GeminiProcess, Postgres
 
 MiB = 1024 * 1024
 CLIENTS = 1000
+STORMS = 8
 RETRIED = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
@@ -115,7 +117,7 @@ def test_connection_storm(postgres: Postgres) -> None:
         warm.close()
         base_fds, base_rss = _settle(proc, 1 << 30)
         rss_after = []
-        for _round in range(2):
+        for _round in range(STORMS):
             prefix = unique_prefix()
             stats = asyncio.run(_storm(server.endpoint, prefix, proc))
             print(f"storm {_round}: {stats}")
@@ -134,10 +136,15 @@ def test_connection_storm(postgres: Postgres) -> None:
             )
             assert fds <= base_fds + 2  # every connection closed on the server too
             rss_after.append(rss)
-        # Memory: the first storm may leave the allocator's arenas bigger (measured: about
-        # +25 MiB); a second storm must not add to it (no per-connection leak).
-        assert rss_after[0] - base_rss < 64 * MiB
-        assert rss_after[1] - rss_after[0] < 16 * MiB
+        # Memory: the first storm leaves the allocator's arenas bigger, and what they keep
+        # afterwards swings from storm to storm (measured over 16 storms: 88 to 111 MiB,
+        # base 54, with no trend). So: bounded, and no growth across the storms after the
+        # first (a leak of 4 KiB per connection would be a slope of 4 MiB a storm).
+        assert max(rss_after) - base_rss < 96 * MiB
+        slope = statistics.linear_regression(range(STORMS - 1), rss_after[1:]).slope
+        after_mib = [round(r / MiB) for r in rss_after]
+        print(f"rss after each storm (MiB): {after_mib}, slope {slope / MiB:.1f}")
+        assert slope < 4 * MiB
     finally:
         server.stop()
 
