@@ -36,6 +36,7 @@ ALL = [
     "watch",
     "watch-full",
     "lease",
+    "leased-create",
     "mixed",
 ]
 

@@ -243,6 +243,25 @@ class Lease(Workload):
         return op
 
 
+class LeasedCreate(Workload):
+    name = "leased-create"
+    describe = "create txns attached to one lease per client, granted once (kube's Events)"
+
+    def client(self, calls: Calls, p: Params, worker: int, index: int) -> Op:
+        value = b"e" * p.value_size
+        counter = iter(range(10**9))
+        base = p.prefix + b"e%d-%d-" % (worker, index)
+        grant = pb.LeaseGrantRequest(TTL=3600).SerializeToString()
+        lease = [0]
+
+        async def op() -> None:
+            if not lease[0]:  # kube-apiserver reuses a lease for many objects
+                lease[0] = pb.LeaseGrantResponse.FromString(await calls.grant(grant)).ID
+            await calls.txn(create_txn(base + b"%d" % next(counter), value, lease[0]))
+
+        return op
+
+
 class Mixed(Workload):
     name = "mixed"
     describe = "kube-apiserver mix: 45% get, 25% update, 10% create, 5% delete, 15% list(100)"
@@ -285,5 +304,15 @@ class Mixed(Workload):
 
 WORKLOADS: dict[str, Workload] = {
     w.name: w
-    for w in (Create(), Update(), Get(), GetSerializable(), List(), Count(), Lease(), Mixed())
+    for w in (
+        Create(),
+        Update(),
+        Get(),
+        GetSerializable(),
+        List(),
+        Count(),
+        Lease(),
+        LeasedCreate(),
+        Mixed(),
+    )
 }

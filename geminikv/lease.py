@@ -19,13 +19,12 @@ from geminikv import errors, metrics
 from geminikv.mvcc.events import Event
 from geminikv.mvcc.kvstore import KVStore
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
-from geminikv.storage.queries import SQL
+from geminikv.storage.queries import MAX_LEASE_ID, SQL
 
 log = logging.getLogger(__name__)
 
 MAX_LEASE_TTL = 9_000_000_000  # etcd's MaxLeaseTTL
 MIN_LEASE_TTL = 2  # ceil(1.5 x etcd's default election timeout of 1 s)
-MAX_LEASE_ID = 2**31 - 1  # Kine's lease column is a 32-bit INTEGER
 REVOKES_PER_WRITE = 64
 
 
@@ -61,7 +60,7 @@ class Leases:
 
     async def revoke(self, lease_id: int) -> pb.LeaseRevokeResponse:
         resp: pb.LeaseRevokeResponse = await self.store.writer.submit(
-            lambda ev: ev.revoke(lease_id, only_if_expired=False), (lease_id,)
+            lambda ev: ev.revoke(lease_id, only_if_expired=False), revokes=(lease_id,)
         )
         return resp
 
@@ -128,7 +127,7 @@ class Leases:
             for lease_id in lease_ids:
                 await ev.revoke(lease_id, only_if_expired=True)
 
-        await self.store.writer.submit(revoke_all, lease_ids)
+        await self.store.writer.submit(revoke_all, revokes=lease_ids)
 
     # -- Go Kine's TTL keys -------------------------------------------------------------
 

@@ -87,7 +87,8 @@ WRITER_BATCH = Histogram(
 )
 WRITER_RETRIES = Counter(
     "geminikv_writer_batch_retries_total",
-    "Write batches evaluated again under the lock: the index was behind, or ids were taken",
+    "Write batches evaluated again under the lock: the index was behind, a lease used was "
+    "gone, or ids were taken",
     ["reason"],
 )
 WRITER_COMMIT_SECONDS = Histogram(

@@ -1,12 +1,14 @@
-"""The writer's one-round-trip batch (``geminikv_write_v1``) and its fallbacks: another
+"""The writer's one-round-trip batch (``geminikv_write_v2``) and its fallbacks: another
 process wrote since the index was read, the sequence handed out other ids, and batches
 filling up under load. Every case must keep revisions gap-free, ordered and never lost."""
 
 from __future__ import annotations
 
 import threading
+import time
 
 import asyncpg
+import grpc
 from prometheus_client import REGISTRY
 
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
@@ -178,3 +180,129 @@ def test_a_write_is_answered_only_once_committed_even_inside_a_stray_transaction
         assert not writer.conn.is_in_transaction()
     finally:
         server.stop()
+
+
+def _statements(name: str) -> float:
+    return _sample("geminikv_sql_duration_seconds_count", statement=name)
+
+
+def _leased_create(key: bytes, lease: int) -> pb.TxnRequest:
+    """kube-apiserver's create of a leased object (an Event)."""
+    return pb.TxnRequest(
+        compare=[pb.Compare(key=key, target=pb.Compare.MOD, result=pb.Compare.EQUAL)],
+        success=[pb.RequestOp(request_put=pb.PutRequest(key=key, value=b"v", lease=lease))],
+    )
+
+
+def test_leased_writes_take_one_round_trip(postgres: Postgres) -> None:
+    server = GeminiServer(postgres.new_database("leased")).start()
+    try:
+        stubs = server.stubs()
+        lease = stubs.lease.LeaseGrant(pb.LeaseGrantRequest(TTL=600)).ID
+        locked, at_once = _statements("begin_locked"), _statements("write_batch")
+        for i in range(10):
+            stubs.kv.Put(pb.PutRequest(key=b"/leased/put/%d" % i, value=b"v", lease=lease))
+            assert stubs.kv.Txn(_leased_create(b"/leased/txn/%d" % i, lease)).succeeded
+        assert _statements("begin_locked") == locked
+        assert _statements("write_batch") == at_once + 20
+        ttl = stubs.lease.LeaseTimeToLive(pb.LeaseTimeToLiveRequest(ID=lease, keys=True))
+        assert len(ttl.keys) == 20
+        listed = stubs.kv.Range(pb.RangeRequest(key=b"/leased/", range_end=b"/leased0"))
+        assert {kv.lease for kv in listed.kvs} == {lease}
+    finally:
+        server.stop()
+
+
+def test_a_lease_gone_since_sends_the_batch_under_the_lock(postgres: Postgres) -> None:
+    """The one-round-trip path takes every lease a request names to be live: PostgreSQL
+    must refuse the batch when one is not, and the locked path answer as etcd does."""
+    dsn = postgres.new_database("leasegone")
+    server = GeminiServer(dsn).start()
+    try:
+        stubs = server.stubs()
+        revoked = stubs.lease.LeaseGrant(pb.LeaseGrantRequest(TTL=600)).ID
+        stubs.lease.LeaseRevoke(pb.LeaseRevokeRequest(ID=revoked))
+        expired = stubs.lease.LeaseGrant(pb.LeaseGrantRequest(TTL=600)).ID
+
+        async def expire() -> None:  # as if its TTL had run out (before expiry revokes it)
+            conn = await asyncpg.connect(dsn)
+            try:
+                await conn.execute("UPDATE geminikv_lease SET expiry_ms = 0 WHERE id = $1", expired)
+            finally:
+                await conn.close()
+
+        run_sync(expire())
+        for lease in (revoked, expired):
+            before = _retries("lease_gone")
+            key = b"/gone/%d" % lease
+            requests = [
+                (stubs.kv.Put, pb.PutRequest(key=key, value=b"v", lease=lease)),
+                (stubs.kv.Txn, _leased_create(key, lease)),
+            ]
+            for call, request in requests:
+                try:
+                    call(request)
+                except grpc.RpcError as err:
+                    assert err.code() == grpc.StatusCode.NOT_FOUND
+                    assert err.details() == "etcdserver: requested lease not found"
+                else:
+                    raise AssertionError("a write attached to a dead lease succeeded")
+            assert _retries("lease_gone") == before + 2
+            assert stubs.kv.Range(pb.RangeRequest(key=key)).count == 0
+    finally:
+        server.stop()
+
+
+def test_a_revoke_racing_leased_writes_leaves_no_key_on_the_lease(postgres: Postgres) -> None:
+    """Writers on one process attach keys to a lease while another process revokes it:
+    every key written before the revoke is deleted by it, every write after it fails."""
+    dsn = postgres.new_database("leaserace")
+    writer_side, revoker = GeminiServer(dsn).start(), GeminiServer(dsn).start()
+    try:
+        lease = writer_side.stubs().lease.LeaseGrant(pb.LeaseGrantRequest(TTL=600)).ID
+        written: list[int] = []
+        refused: list[int] = []
+        failures: list[Exception] = []
+        stop = threading.Event()
+
+        def write(n: int) -> None:
+            kv = writer_side.stubs().kv
+            i = 0
+            while not stop.is_set():
+                key = b"/race/%d/%d" % (n, i)
+                i += 1
+                try:
+                    resp = kv.Txn(_leased_create(key, lease))
+                    written.append(resp.header.revision)
+                except grpc.RpcError as err:
+                    if err.code() != grpc.StatusCode.NOT_FOUND:
+                        failures.append(err)
+                    refused.append(i)
+                    return
+
+        threads = [threading.Thread(target=write, args=(n,)) for n in range(6)]
+        for t in threads:
+            t.start()
+        while len(written) < 200:
+            time.sleep(0.01)
+        revoke = revoker.stubs().lease.LeaseRevoke(pb.LeaseRevokeRequest(ID=lease))
+        for t in threads:
+            t.join(60)
+        stop.set()
+        assert not failures
+        assert len(refused) == len(threads)  # every writer ran into the revoke
+        assert written and max(written) < revoke.header.revision
+        fresh = GeminiServer(dsn).start()  # an index built from the table alone
+        try:
+            for server in (writer_side, revoker, fresh):
+                listed = server.stubs().kv.Range(
+                    pb.RangeRequest(
+                        key=b"/race/", range_end=b"/race0", revision=revoke.header.revision
+                    )
+                )
+                assert listed.count == 0
+        finally:
+            fresh.stop()
+    finally:
+        writer_side.stop()
+        revoker.stop()

@@ -1,11 +1,12 @@
 """The writer: turns concurrent write requests into batches, one PostgreSQL txn each.
 
 Usually a batch is evaluated against the index as it stands and sent in one round trip
-(``geminikv_write_v1``, autocommit): under the cluster-wide advisory lock PostgreSQL checks
-that the table holds no row the index lacks, then inserts and notifies. Otherwise (another
-process wrote, a lease is involved) the batch takes the lock first, makes sure the index
-has every committed row, evaluates each request in order against the index plus the
-batch's earlier writes, inserts all rows with one statement, notifies and commits. Callers
+(``geminikv_write_v2``, autocommit): under the cluster-wide advisory lock PostgreSQL checks
+that the table holds no row the index lacks and that the leases keys are attached to are
+live, then inserts and notifies. Otherwise (another process wrote, a lease is gone, a lease
+is revoked) the batch takes the lock first, makes sure the index has every committed row,
+evaluates each request in order against the index plus the batch's earlier writes,
+inserts all rows with one statement, notifies and commits. Callers
 are answered once the follower has applied their rows (read-your-writes).
 
 Row ids are drawn from Kine's sequence after evaluation. The evaluation first assumes
@@ -29,7 +30,7 @@ from geminikv import errors, metrics, tasks
 from geminikv.mvcc.follower import Follower
 from geminikv.mvcc.gather import Gather
 from geminikv.mvcc.index import Index
-from geminikv.mvcc.txn import Evaluator
+from geminikv.mvcc.txn import Evaluator, Leases
 from geminikv.mvcc.values import Values
 from geminikv.mvcc.view import BatchView, NewRow, OutOfIds, as_applied, gap_row
 from geminikv.storage import queries
@@ -47,7 +48,8 @@ Operation = Callable[[Evaluator], Awaitable[Any]]
 class _Request:
     operation: Operation
     future: asyncio.Future[Any]
-    leases: Collection[int] = ()
+    leases: Collection[int] = ()  # keys may be attached to these
+    revokes: Collection[int] = ()  # these may be revoked
     result: Any = None
     error: BaseException | None = None
 
@@ -71,6 +73,29 @@ class BatchLeases:
     def copy(self) -> BatchLeases:
         """A fresh copy for one evaluation pass (revokes forget leases as they go)."""
         return BatchLeases(dict(self._remaining))
+
+
+class LiveLeases:
+    """The one-round-trip path's leases: every lease a request names is taken to be live,
+    and ``write_batch`` checks under the lock that the ones used are (else the batch
+    takes the locked path). Revoking batches never come here."""
+
+    def __init__(self, named: set[int]) -> None:
+        # no other id can be granted (nor stored in Kine's lease column)
+        self._named = {lease for lease in named if 0 < lease <= queries.MAX_LEASE_ID}
+        self.used: set[int] = set()
+
+    def exists(self, lease_id: int) -> bool:
+        if lease_id not in self._named:
+            return False
+        self.used.add(lease_id)
+        return True
+
+    def remaining_ms(self, lease_id: int) -> int | None:
+        raise AssertionError("revokes take the locked path")
+
+    def forget(self, lease_id: int) -> None:
+        raise AssertionError("revokes take the locked path")
 
 
 class Writer:
@@ -120,10 +145,13 @@ class Writer:
             if not req.future.done():
                 req.future.set_exception(errors.ServerStopped())
 
-    async def submit(self, operation: Operation, leases: Collection[int] = ()) -> Any:
-        """Run ``operation`` in the next batch; ``leases`` are the lease ids it may use."""
+    async def submit(
+        self, operation: Operation, leases: Collection[int] = (), revokes: Collection[int] = ()
+    ) -> Any:
+        """Run ``operation`` in the next batch; it may attach keys to ``leases`` and
+        revoke ``revokes``."""
         fut: asyncio.Future[Any] = self._loop.create_future()
-        self._queue.put_nowait(_Request(operation, fut, leases))
+        self._queue.put_nowait(_Request(operation, fut, leases, revokes))
         self._gather.arrived(self._queue.qsize())
         return await fut
 
@@ -201,7 +229,7 @@ class Writer:
         if (
             self._last_id <= self.follower.applied
             and not self.conn.is_in_transaction()  # autocommit is what makes it durable
-            and not any(req.leases for req in batch)
+            and not any(req.revokes for req in batch)
         ):
             last = await self._run_batch_at_once(batch)
             if last is not None:
@@ -211,23 +239,22 @@ class Writer:
     async def _run_batch_at_once(self, batch: list[_Request]) -> int | None:
         """The common case in one round trip: evaluate against the index as it is, then
         let ``write_batch`` check under the lock that the table holds nothing newer and
-        insert. None when it did (another process wrote, or the ids were taken): the
-        caller evaluates again under the lock. Batches touching leases need their rows
-        locked first, so they always take the locked path."""
+        insert. None when it did (another process wrote, a lease used is gone, or the ids
+        were taken): the caller evaluates again under the lock. Revoking batches delete
+        lease rows, so they always take the locked path."""
         started = time.perf_counter()
         expected = self.follower.applied
-        view = await self._evaluate(batch, expected + 1, {}, BatchLeases({}))
-        if view.revoked_leases:
-            return None
+        leases = LiveLeases({lease for req in batch for lease in req.leases})
+        view = await self._evaluate(batch, expected + 1, {}, leases)
         rows = view.rows
         try:
             returned = await self.conn.fetch(
-                SQL["write_batch"], expected, *queries.insert_args(rows)
+                SQL["write_batch"], expected, sorted(leases.used), *queries.insert_args(rows)
             )
         except asyncpg.PostgresError as err:
-            if err.sqlstate != queries.WRITE_CONFLICT:
+            if err.sqlstate not in _RETRIED:
                 raise
-            metrics.WRITER_RETRIES.labels("index_behind").inc()
+            metrics.WRITER_RETRIES.labels(_RETRIED[err.sqlstate]).inc()
             return None
         if rows and not returned:
             metrics.WRITER_RETRIES.labels("ids_taken").inc()
@@ -274,7 +301,7 @@ class Writer:
         return rows[-1][0]
 
     async def _leases(self, batch: list[_Request]) -> BatchLeases:
-        ids = sorted({lease for req in batch for lease in req.leases})
+        ids = sorted({lease for req in batch for lease in (*req.leases, *req.revokes)})
         if not ids:
             return BatchLeases({})
         records = await self.conn.fetch(SQL["leases_for_update"], ids)
@@ -318,7 +345,7 @@ class Writer:
         batch: list[_Request],
         ids: int | list[int],
         values: dict[int, bytes],
-        leases: BatchLeases,
+        leases: Leases,
     ) -> BatchView:
         view = BatchView(self.index, ids, self._fetch_values, values)
         evaluator = Evaluator(view, leases, int(self.index.compact_rev))
@@ -340,6 +367,10 @@ class Writer:
         if missing:
             found.update(await queries.values_by_id(self.conn, missing))
         return found
+
+
+# What write_batch refused → the retry's reason (a metrics label).
+_RETRIED = {queries.WRITE_CONFLICT: "index_behind", queries.LEASE_GONE: "lease_gone"}
 
 
 def _answer(batch: list[_Request]) -> None:

@@ -15,9 +15,12 @@ import asyncpg
 # held, so commit order equals id order (a follower that sees id N has seen all below N).
 WRITER_LOCK_KEY = 0x6B696E65_00000002
 NOTIFY_CHANNEL = "geminikv"
-# SQLSTATE geminikv_write_v1 raises when the caller's index is behind the table.
+# SQLSTATEs geminikv_write_v2 raises: the caller's index is behind the table; a lease the
+# batch attaches keys to is gone (revoked or expired).
 WRITE_CONFLICT = "GK001"
+LEASE_GONE = "GK002"
 COMPACT_KEY = b"compact_rev_key"
+MAX_LEASE_ID = 2**31 - 1  # Kine's lease column is a 32-bit INTEGER
 
 # Milliseconds since the epoch on the database server's clock.
 NOW_MS = "(extract(epoch from clock_timestamp()) * 1000)::bigint"
@@ -56,11 +59,13 @@ SQL: dict[str, str] = {
                value, old_value, old_known, version)
     """,
     "insert_rows_returning": "",  # insert_rows + RETURNING, set below
-    # The writer's fast path (schema.py): $1 the index revision, then insert_rows' arrays.
+    # The writer's fast path (schema.py): $1 the index revision, $2 the leases keys are
+    # attached to, then insert_rows' arrays.
     "write_batch": """
-        SELECT out_id, out_old_value FROM geminikv_write_v1(
-            $1::bigint, $2::bigint[], $3::bytea[], $4::int[], $5::int[], $6::bigint[],
-            $7::bigint[], $8::int[], $9::bytea[], $10::bytea[], $11::bool[], $12::bigint[])
+        SELECT out_id, out_old_value FROM geminikv_write_v2(
+            $1::bigint, $2::bigint[], $3::bigint[], $4::bytea[], $5::int[], $6::int[],
+            $7::bigint[], $8::bigint[], $9::int[], $10::bytea[], $11::bytea[], $12::bool[],
+            $13::bigint[])
     """,
     "fill_gap": """
         INSERT INTO kine (id, name, created, deleted, create_revision, prev_revision, lease,

@@ -2,7 +2,7 @@
 
 Go Kine reads and writes the same table, so nothing here may change a column Kine uses.
 Extras: a nullable ``version`` column (etcd's per-key version; NULL in Go Kine's rows), the
-``geminikv_lease`` table and ``geminikv_write_v1``, the writer's one-round-trip batch.
+``geminikv_lease`` table and ``geminikv_write_v2``, the writer's one-round-trip batch.
 Older Kine schemas (INTEGER ids, varchar names, default collation) work unchanged:
 geminikv orders keys in its own index, never in SQL.
 """
@@ -13,7 +13,13 @@ import re
 
 import asyncpg
 
-from geminikv.storage.queries import NOTIFY_CHANNEL, WRITE_CONFLICT, WRITER_LOCK_KEY
+from geminikv.storage.queries import (
+    LEASE_GONE,
+    NOTIFY_CHANNEL,
+    NOW_MS,
+    WRITE_CONFLICT,
+    WRITER_LOCK_KEY,
+)
 
 # pkg/drivers/pgsql/pgsql.go
 KINE_SCHEMA = [
@@ -45,15 +51,18 @@ GEMINIKV_EXTRAS = [
         expiry_ms BIGINT NOT NULL
     )""",
     # A whole write batch in one statement (autocommit, so one round trip): take the
-    # writer lock, check nobody committed since the caller's index revision, draw the
-    # batch's ids and insert its rows. Each statement in a volatile function takes a
-    # fresh snapshot, so MAX(id) sees every batch committed before the lock was granted.
-    # A stale index raises WRITE_CONFLICT (nothing written, no id drawn); ids other than
-    # the planned ones (burned by a rollback, or taken by Go Kine) are filled as Kine gap
-    # rows, so no revision is left missing, and no row comes back: the caller retries.
-    f"""CREATE OR REPLACE FUNCTION geminikv_write_v1(
-        expected bigint, p_id bigint[], p_name bytea[], p_created int[], p_deleted int[],
-        p_create_revision bigint[], p_prev_revision bigint[], p_lease int[],
+    # writer lock, check nobody committed since the caller's index revision and that the
+    # leases the batch attaches keys to are live, draw the batch's ids and insert its rows.
+    # Each statement in a volatile function takes a fresh snapshot, so MAX(id) and the
+    # lease rows are as every batch committed before the lock was granted left them (a
+    # lease row is only deleted by a batch holding the lock). A stale index raises
+    # WRITE_CONFLICT, a lease revoked or expired LEASE_GONE (nothing written, no id drawn);
+    # ids other than the planned ones (burned by a rollback, or taken by Go Kine) are
+    # filled as Kine gap rows, so no revision is left missing, and no row comes back: the
+    # caller retries.
+    f"""CREATE OR REPLACE FUNCTION geminikv_write_v2(
+        expected bigint, p_leases bigint[], p_id bigint[], p_name bytea[], p_created int[],
+        p_deleted int[], p_create_revision bigint[], p_prev_revision bigint[], p_lease int[],
         p_value bytea[], p_old_value bytea[], p_old_known bool[], p_version bigint[])
     RETURNS TABLE (out_id bigint, out_old_value bytea)
     LANGUAGE plpgsql VOLATILE AS $fn$
@@ -65,6 +74,11 @@ GEMINIKV_EXTRAS = [
         SELECT COALESCE(MAX(k.id), 0) INTO head FROM kine k;
         IF head <> expected THEN
             RAISE EXCEPTION USING ERRCODE = '{WRITE_CONFLICT}', MESSAGE = head::text;
+        END IF;
+        IF cardinality(p_leases) > 0 AND cardinality(p_leases) <> (
+            SELECT count(*) FROM geminikv_lease l
+            WHERE l.id = ANY(p_leases) AND l.expiry_ms > {NOW_MS}) THEN
+            RAISE EXCEPTION USING ERRCODE = '{LEASE_GONE}', MESSAGE = 'lease not found';
         END IF;
         IF cardinality(p_id) = 0 THEN
             RETURN;
@@ -111,7 +125,7 @@ SCHEMA_COMPLETE = """
        AND (SELECT count(*) FROM pg_indexes
             WHERE schemaname = current_schema() AND tablename = 'kine'
               AND indexname = ANY($1::text[])) = $2
-       AND to_regproc('geminikv_write_v1') IS NOT NULL
+       AND to_regproc('geminikv_write_v2') IS NOT NULL
        AND EXISTS (SELECT 1 FROM information_schema.columns
                    WHERE table_schema = current_schema() AND table_name = 'kine'
                      AND column_name = 'version')
