@@ -46,6 +46,12 @@ def test_parses_kubernetes_create_and_update() -> None:
     assert (create.want_mod, create.value, create.read_on_failure) == (0, b"", False)
     stale = parse_guarded_put(guarded(b"/k", -2).SerializeToString(), 1 << 20)
     assert stale is not None and stale.want_mod == -2
+    assert update.lease == create.lease == 0
+    for lease in (7, 2**31 - 1, -1, 2**63 - 1):  # an Event's create; ids no lease can have
+        event = parse_guarded_put(
+            guarded(b"/k", 0, read=False, lease=lease).SerializeToString(), 1 << 20
+        )
+        assert event is not None and event.lease == lease
 
 
 def near_misses(key: bytes) -> dict[str, pb.TxnRequest]:
@@ -126,8 +132,6 @@ def test_non_canonical_or_unknown_bytes_take_the_generic_path() -> None:
         assert got.want_mod == msg.compare[0].mod_revision
         assert got.read_on_failure == bool(msg.failure)
     assert parse_guarded_put(data[:-2], 1 << 20) is None  # cut inside a field
-    lease = guarded(b"/k", 3, lease=7).SerializeToString()
-    assert parse_guarded_put(lease, 1 << 20) is None
 
 
 def test_answers_match_etcd(pair: Pair, prefix: bytes) -> None:
@@ -148,6 +152,30 @@ def test_answers_match_etcd(pair: Pair, prefix: bytes) -> None:
     for build in checks:
         pair.check("Txn", build)
     pair.check("Range", lambda rev: R(key=key))
+
+
+def test_leased_answers_match_etcd(pair: Pair, prefix: bytes) -> None:
+    """kube-apiserver's Events: created attached to a lease, which expiry then revokes."""
+    live = (int(prefix[1:-1]) // 1000 % 10**8) * 10 + 1  # an explicit id, both accept it
+    pair.check("LeaseGrant", lambda rev: pb.LeaseGrantRequest(ID=live, TTL=600), "lease")
+    key = prefix + b"events/ns/e1"
+    checks: list[Callable[[Callable[[int], int]], pb.TxnRequest]] = [
+        lambda rev: guarded(key, 0, b"e1", read=False, lease=live),  # create
+        lambda rev: guarded(key, 0, b"again", lease=live),  # exists: the current object
+        lambda rev: guarded(key, rev(1), b"e2", lease=live),  # update, still leased
+        lambda rev: guarded(key, rev(2), b"e3"),  # update detaches it
+        lambda rev: guarded(key, rev(3), b"e4", lease=live + 1),  # no such lease
+        lambda rev: guarded(key, 0, b"e4", lease=live + 1),  # compare fails: no lease check
+        lambda rev: guarded(key + b"/2", 0, b"x", read=False, lease=-1),
+        lambda rev: guarded(key + b"/3", 0, b"x", read=False, lease=2**63 - 1),
+        lambda rev: guarded(key + b"/4", 0, b"x", read=False, lease=live),
+    ]
+    for build in checks:
+        assert parse_guarded_put(build(pair.etcd_rev).SerializeToString(), 1 << 20) is not None
+        pair.check("Txn", build)
+    pair.check("Range", lambda rev: R(key=prefix, range_end=prefix[:-1] + b"0"))
+    pair.check("LeaseRevoke", lambda rev: pb.LeaseRevokeRequest(ID=live), "lease")
+    pair.check("Range", lambda rev: R(key=prefix, range_end=prefix[:-1] + b"0"))
 
 
 def assert_canonical(message: type[M], answer: bytes, status: pb.ResponseHeader) -> M:

@@ -4,6 +4,7 @@ class GuardedPut:
     key: bytes
     want_mod: int
     value: bytes
+    lease: int
     read_on_failure: bool
 
 def parse_guarded_put(data: bytes, max_bytes: int) -> GuardedPut | None: ...

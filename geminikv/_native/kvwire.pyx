@@ -2,9 +2,9 @@
 """kube-apiserver's most frequent requests read from and answered in protobuf wire
 format directly, without building messages (etcd's rpc.proto field numbers below).
 
-The shapes: ``Txn{compare: [MOD(key) == rev], success: [Put{key, value}], failure: [] or
-[Range{key}]}`` on one key, no lease and no other field set (its create and update), and
-``Range{key}`` (its get). The parsers return None for anything else: the generic path
+The shapes: ``Txn{compare: [MOD(key) == rev], success: [Put{key, value, lease}], failure:
+[] or [Range{key}]}`` on one key, no other field set (its create and update, leased for
+Events), and ``Range{key}`` (its get). The parsers return None for anything else: the generic path
 then parses it, and reports malformed bytes.
 """
 
@@ -18,17 +18,20 @@ DEF COMPARE_MOD = 2  # Compare.CompareTarget.MOD; Compare.CompareResult.EQUAL is
 
 
 cdef class GuardedPut:
-    """A parsed guarded put: put ``value`` at ``key`` if its mod revision is ``want_mod``;
-    otherwise, if ``read_on_failure``, answer with the key as it is."""
+    """A parsed guarded put: put ``value`` at ``key`` (attached to ``lease``, 0 for none)
+    if its mod revision is ``want_mod``; otherwise, if ``read_on_failure``, answer with the
+    key as it is."""
 
     cdef readonly bytes key
     cdef readonly int64_t want_mod
     cdef readonly bytes value
+    cdef readonly int64_t lease
     cdef readonly bint read_on_failure
 
     def __repr__(self):
         return (f"GuardedPut(key={self.key!r}, want_mod={self.want_mod}, "
-                f"{len(self.value)} value bytes, read_on_failure={self.read_on_failure})")
+                f"{len(self.value)} value bytes, lease={self.lease}, "
+                f"read_on_failure={self.read_on_failure})")
 
 
 cdef struct Reader:
@@ -72,12 +75,12 @@ cdef bytes _bytes_field(Reader* r):
 
 
 cdef bint _put_request(const unsigned char* p, Py_ssize_t n, GuardedPut out) except -1:
-    """PutRequest{key (1), value (2)}: anything else set (lease, prev_kv, ignore_*), or a
-    field twice, is not the shape."""
+    """PutRequest{key (1), value (2), lease (3)}: anything else set (prev_kv, ignore_*), or
+    a field twice, is not the shape."""
     cdef Reader r = Reader(p, p + n, False)
     cdef uint64_t tag
     cdef Py_ssize_t length
-    cdef bint seen_key = False, seen_value = False
+    cdef bint seen_key = False, seen_value = False, seen_lease = False
     while r.p < r.end:
         tag = _varint(&r)
         if r.bad:
@@ -93,6 +96,11 @@ cdef bint _put_request(const unsigned char* p, Py_ssize_t n, GuardedPut out) exc
             if out.value is None:
                 return False
             seen_value = True
+        elif tag == (3 << 3 | WIRE_VARINT) and not seen_lease:
+            out.lease = <int64_t>_varint(&r)
+            if r.bad:
+                return False
+            seen_lease = True
         else:
             return False
     return seen_key
@@ -181,6 +189,7 @@ def parse_guarded_put(bytes data, Py_ssize_t max_bytes):
     cdef bint seen_compare = False, seen_success = False, seen_failure = False
     out.value = b""
     out.want_mod = 0
+    out.lease = 0
     while r.p < r.end:
         tag = _varint(&r)
         if r.bad:

@@ -233,14 +233,15 @@ class KVStore:
         return resp
 
     async def guarded_put(
-        self, key: bytes, want_mod: int, value: bytes, read_on_failure: bool
+        self, key: bytes, want_mod: int, value: bytes, lease: int, read_on_failure: bool
     ) -> tuple[bool, int, State | None, bytes]:
         """kube-apiserver's create and update txn (Evaluator.guarded_put). Of txn's request
         checks only this one can fail for that shape (the parser holds the rest)."""
         check_writable(key)
         self._check_serving()
         result: tuple[bool, int, State | None, bytes] = await self.writer.submit(
-            lambda ev: ev.guarded_put(key, want_mod, value, read_on_failure)
+            lambda ev: ev.guarded_put(key, want_mod, value, lease, read_on_failure),
+            (lease,) if lease else (),
         )
         return result
 

@@ -241,15 +241,17 @@ class Evaluator:
         return resp
 
     async def guarded_put(
-        self, key: bytes, want_mod: int, value: bytes, read_on_failure: bool
+        self, key: bytes, want_mod: int, value: bytes, lease: int, read_on_failure: bool
     ) -> tuple[bool, int, State | None, bytes]:
         """``txn`` for kube-apiserver's create and update, ``MOD(key) == want_mod →
-        Put(key, value)`` else ``Range(key)`` (or nothing), without messages: (succeeded,
-        revision, on failure the key's state (None: absent), its value)."""
+        Put(key, value, lease)`` else ``Range(key)`` (or nothing), without messages:
+        (succeeded, revision, on failure the key's state (None: absent), its value)."""
         view = self.view
         state = view.get(key)
         if (state[0] if state is not None else 0) == want_mod:
-            view.put(key, value, 0)
+            if lease and not self.leases.exists(lease):  # as _check_put_state
+                raise errors.LeaseNotFound()
+            view.put(key, value, lease)
             return True, view.rev, None, b""
         if state is None or not read_on_failure:
             return False, view.rev, None, b""

@@ -51,7 +51,7 @@ class KVService(rpc_pb2_grpc.KVServicer):
     ) -> pb.TxnResponse | bytes:
         if isinstance(request, GuardedPut):
             outcome = await self.store.guarded_put(
-                request.key, request.want_mod, request.value, request.read_on_failure
+                request.key, request.want_mod, request.value, request.lease, request.read_on_failure
             )
             return self.answers.txn(request, *outcome)
         resp = await self.store.txn(request)
