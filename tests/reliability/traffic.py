@@ -394,7 +394,11 @@ class _Client:
                 self.leases.append(grant.ID)
         if self.leases:
             lease = self.rng.choice(self.leases)
-            await self.call("put", pb.PutRequest(key=self.key(), value=self.value(), lease=lease))
+            put = pb.PutRequest(key=self.key(), value=self.value(), lease=lease)
+            if self.rng.random() < 0.5:
+                await self.call("put", put)
+            else:  # kube-apiserver's create of an Event
+                await self.guarded(put.key, 0, pb.RequestOp(request_put=put))
 
     async def revoke(self) -> None:
         if self.leases:
