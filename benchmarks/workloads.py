@@ -229,37 +229,27 @@ class Count(List):
 class Lease(Workload):
     name = "lease"
     describe = "LeaseGrant then a create txn with that lease"
+    reuse_lease = False
 
     def client(self, calls: Calls, p: Params, worker: int, index: int) -> Op:
         value = b"l" * p.value_size
         counter = iter(range(10**9))
         base = p.prefix + b"l%d-%d-" % (worker, index)
         grant = pb.LeaseGrantRequest(TTL=600).SerializeToString()
-
-        async def op() -> None:
-            lease = pb.LeaseGrantResponse.FromString(await calls.grant(grant)).ID
-            await calls.txn(create_txn(base + b"%d" % next(counter), value, lease))
-
-        return op
-
-
-class LeasedCreate(Workload):
-    name = "leased-create"
-    describe = "create txns attached to one lease per client, granted once (kube's Events)"
-
-    def client(self, calls: Calls, p: Params, worker: int, index: int) -> Op:
-        value = b"e" * p.value_size
-        counter = iter(range(10**9))
-        base = p.prefix + b"e%d-%d-" % (worker, index)
-        grant = pb.LeaseGrantRequest(TTL=3600).SerializeToString()
         lease = [0]
 
         async def op() -> None:
-            if not lease[0]:  # kube-apiserver reuses a lease for many objects
+            if not (self.reuse_lease and lease[0]):
                 lease[0] = pb.LeaseGrantResponse.FromString(await calls.grant(grant)).ID
             await calls.txn(create_txn(base + b"%d" % next(counter), value, lease[0]))
 
         return op
+
+
+class LeasedCreate(Lease):
+    name = "leased-create"
+    describe = "create txns attached to one lease per client, granted once (kube's Events)"
+    reuse_lease = True  # kube-apiserver attaches many objects to one lease
 
 
 class Mixed(Workload):
