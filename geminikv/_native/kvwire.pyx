@@ -4,8 +4,8 @@ format directly, without building messages (etcd's rpc.proto field numbers below
 
 The shapes: ``Txn{compare: [MOD(key) == rev], success: [Put{key, value, lease}], failure:
 [] or [Range{key}]}`` on one key, no other field set (its create and update, leased for
-Events), and ``Range{key}`` (its get). The parsers return None for anything else: the generic path
-then parses it, and reports malformed bytes.
+Events), and ``Range{key}`` (its get). The parsers return None for anything else: the
+generic path then parses it, and reports malformed bytes.
 """
 
 from libc.stdint cimport int64_t, uint64_t
