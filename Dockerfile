@@ -11,11 +11,12 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml setup.py README.md ./
+COPY pyproject.toml setup.py README.md constraints.txt ./
 COPY proto ./proto
 COPY geminikv ./geminikv
 COPY benchmarks ./benchmarks
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# Every dependency at the version CI tested (constraints.txt)
+RUN pip wheel --no-cache-dir --constraint constraints.txt --wheel-dir /wheels .
 
 FROM python:3.11-slim
 RUN useradd --create-home --uid 10001 geminikv \

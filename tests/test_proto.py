@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from geminikv.proto.mvccpb import kv_pb2  # noqa: E402
 
 GENERATED_DIR = REPO_ROOT / "geminikv" / "proto"
 GENERATE_SCRIPT = REPO_ROOT / "proto" / "generate.py"
+CONSTRAINTS = REPO_ROOT / "constraints.txt"
 
 DEBIAN_ETCD = Path("/usr/share/gocode/src/go.etcd.io/etcd")
 # Debian (etcd 3.4) source path -> path under our proto root.
@@ -36,16 +39,62 @@ DEBIAN_IMPORT_MAP: dict[str, str] = {
 }
 
 
-def _files_under(root: Path) -> dict[str, bytes]:
+def _files_under(root: Path) -> dict[str, str]:
     return {
-        str(p.relative_to(root)): p.read_bytes()
+        str(p.relative_to(root)): p.read_text(encoding="utf-8")
         for p in sorted(root.rglob("*"))
         if p.is_file() and "__pycache__" not in p.parts and p.suffix in (".py", ".pyi")
     }
 
 
-def test_generated_code_is_current(tmp_path: Path) -> None:
-    out = tmp_path / "out"
+# The generator stamps its own version into the code; everything else must match exactly.
+_VERSION_STAMPS = (
+    re.compile(r"^GRPC_GENERATED_VERSION = '[^']*'$", re.MULTILINE),
+    re.compile(r"^# Protobuf Python Version: .*$", re.MULTILINE),
+    re.compile(r"(ValidateProtobufRuntimeVersion\(\s*_runtime_version\.Domain\.\w+,)[^)]*\)"),
+)
+_GRPC_METHOD = re.compile(r"channel\.(\w+)\(\s*'(/[\w.]+/\w+)'")
+_GRPC_HANDLER = re.compile(r"'(\w+)': grpc\.(\w+)_rpc_method_handler\(")
+
+
+def _without_version_stamps(text: str) -> str:
+    for stamp in _VERSION_STAMPS:
+        text = stamp.sub(lambda m: m.group(1) if m.groups() else "", text)
+    return text
+
+
+def _serialized_descriptor(source: str) -> bytes:
+    """The FileDescriptorProto a _pb2 module registers: every message, field, enum, service."""
+    for node in ast.walk(ast.parse(source)):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "AddSerializedFile"
+        ):
+            arg = node.args[0]
+            assert isinstance(arg, ast.Constant) and isinstance(arg.value, bytes)
+            return arg.value
+    raise AssertionError("no AddSerializedFile call in a _pb2 module")
+
+
+def _grpc_methods(source: str) -> set[tuple[str, str]]:
+    """(kind, name) of every stub method and every servicer handler of a _grpc module."""
+    return {(kind, path) for kind, path in _GRPC_METHOD.findall(source)} | {
+        (kind, name) for name, kind in _GRPC_HANDLER.findall(source)
+    }
+
+
+def _pinned(package: str) -> str:
+    for line in CONSTRAINTS.read_text(encoding="utf-8").splitlines():
+        name, _, version = line.partition("==")
+        if name.strip().lower() == package:
+            return version.strip()
+    raise AssertionError(f"{package} is not pinned in {CONSTRAINTS.name}")
+
+
+@pytest.fixture(scope="module")
+def regenerated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    out = tmp_path_factory.mktemp("generated") / "out"
     subprocess.run(
         [sys.executable, str(GENERATE_SCRIPT), str(out)],
         cwd=REPO_ROOT,
@@ -53,12 +102,57 @@ def test_generated_code_is_current(tmp_path: Path) -> None:
         capture_output=True,
     )
     fresh = _files_under(out)
-    committed = _files_under(GENERATED_DIR)
     assert "etcdserverpb/rpc_pb2.py" in fresh
     assert "etcdserverpb/rpc_pb2_grpc.py" in fresh
-    assert sorted(fresh) == sorted(committed), "set of generated files differs"
-    stale = [name for name in fresh if fresh[name] != committed[name]]
-    assert not stale, f"generated code is stale, rerun proto/generate.py: {stale}"
+    return fresh
+
+
+def _regenerate_hint() -> str:
+    return (
+        f"regenerate with the pinned generator (grpcio-tools=={_pinned('grpcio-tools')}, "
+        f"as {CONSTRAINTS.name} and .ci/run install it): python proto/generate.py"
+    )
+
+
+def test_generated_messages_and_services_match_the_protos(regenerated: dict[str, str]) -> None:
+    committed = _files_under(GENERATED_DIR)
+    assert sorted(regenerated) == sorted(committed), (
+        f"set of generated files differs; {_regenerate_hint()}"
+    )
+    for name, fresh in regenerated.items():
+        if name.endswith("_pb2.py"):
+            same = _serialized_descriptor(fresh) == _serialized_descriptor(committed[name])
+            assert same, f"{name}: messages, fields or services differ; {_regenerate_hint()}"
+        elif name.endswith("_grpc.py"):
+            same = _grpc_methods(fresh) == _grpc_methods(committed[name])
+            assert same, f"{name}: service methods differ; {_regenerate_hint()}"
+
+
+def test_generated_code_is_current(regenerated: dict[str, str]) -> None:
+    committed = _files_under(GENERATED_DIR)
+    stale = [
+        name
+        for name, fresh in regenerated.items()
+        if _without_version_stamps(fresh) != _without_version_stamps(committed.get(name, ""))
+    ]
+    assert not stale, f"generated code is stale: {stale}; {_regenerate_hint()}"
+
+
+def test_generated_with_the_pinned_generator() -> None:
+    """The committed code carries the pinned generator's stamp, and the runtime floors in
+    pyproject.toml are the ones that code demands (it refuses to import below them)."""
+    pinned = _pinned("grpcio-tools")
+    for path in sorted(GENERATED_DIR.rglob("*_pb2_grpc.py")):
+        stamp = f"GRPC_GENERATED_VERSION = '{pinned}'"
+        assert stamp in path.read_text(encoding="utf-8"), f"{path.name}: {_regenerate_hint()}"
+    pb2_code = (GENERATED_DIR / "etcdserverpb" / "rpc_pb2.py").read_text(encoding="utf-8")
+    gencode = re.search(r"^# Protobuf Python Version: (\d+)\.(\d+)\.(\d+)$", pb2_code, re.MULTILINE)
+    assert gencode is not None
+    requires = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    dependencies = requires["project"]["dependencies"]
+    assert f"grpcio>={pinned}" in dependencies
+    major = int(gencode.group(1))
+    assert f"protobuf>={'.'.join(gencode.groups())},<{major + 1}" in dependencies
 
 
 def test_no_gogoproto_or_http_annotations() -> None:
