@@ -7,9 +7,10 @@ from __future__ import annotations
 import resource
 import shutil
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
+
+from tests.waiting import eventually
 
 BASE_IMAGE = "python:3.11-slim"
 # What the official image has that matters to the Dockerfile: python, pip, Python's headers.
@@ -82,14 +83,12 @@ class Podman:
 
 
 def wait_ready(port: int, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not ready on port {port} within {timeout:.0f}s")
-        time.sleep(0.25)
+    eventually(lambda: _ready(port), f"ready on port {port}", timeout, 0.25)
+
+
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -25,6 +24,7 @@ from geminikv.config import Settings
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
 from geminikv.server.app import App
 from geminikv.storage.embedded import EmbeddedPostgres
+from tests.waiting import eventually
 
 
 def run_sync(coro):  # type: ignore[no-untyped-def]
@@ -36,15 +36,16 @@ def run_sync(coro):  # type: ignore[no-untyped-def]
 def range_once_rebuilt(kv, request, reason: str, timeout: float = 15.0):  # type: ignore[no-untyped-def]
     """``kv.Range(request)`` once the server has rebuilt its index; meanwhile every call
     must fail with Unavailable saying ``reason``."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def answered():  # type: ignore[no-untyped-def]
         try:
             return kv.Range(request)
         except grpc.RpcError as err:
             assert err.code() == grpc.StatusCode.UNAVAILABLE
             assert reason in (err.details() or "")
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+            return None
+
+    return eventually(answered, f"the index rebuilt after: {reason}", timeout, 0.1)
 
 
 def free_port() -> int:
@@ -88,14 +89,15 @@ def stop_postgres(data: Path, sig: int = signal.SIGINT, timeout: float = 60.0) -
         return
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"PostgreSQL {pid} did not stop")
+    eventually(lambda: not _alive(pid), f"PostgreSQL {pid} stopped", timeout)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 class Postgres:
@@ -247,16 +249,18 @@ class GeminiProcess:
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"geminikv exited: {self.output()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.1)
-        raise TimeoutError(f"geminikv did not listen: {self.output()}")
+        eventually(self._listening, lambda: f"geminikv listening: {self.output()}", timeout, 0.1)
+        return self
+
+    def _listening(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise RuntimeError(f"geminikv exited: {self.output()}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                return True
+        except OSError:
+            return False
 
     def output(self) -> str:
         with open(self.log.name, "rb") as f:

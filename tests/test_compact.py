@@ -11,6 +11,7 @@ import pytest
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from tests.differential import Pair
 from tests.servers import Etcd, GeminiServer, Postgres, range_once_rebuilt, run_sync
+from tests.waiting import eventually
 from tests.watching import WatchClient
 
 R = pb.RangeRequest
@@ -25,15 +26,6 @@ def _rows(dsn: str, where: str = "TRUE") -> int:
             await conn.close()
 
     return int(run_sync(count()))
-
-
-def _wait(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
 
 
 @pytest.mark.etcd
@@ -141,7 +133,9 @@ def test_interrupted_compaction_finishes_after_restart(postgres: Postgres) -> No
     assert _rows(dsn, "name LIKE '/r/%'") == 100
     server = GeminiServer(dsn).start()
     try:
-        _wait(lambda: _rows(dsn, "name LIKE '/r/%'") == 10)
+        eventually(
+            lambda: _rows(dsn, "name LIKE '/r/%'") == 10, "the interrupted compaction finished"
+        )
         kv = server.stubs().kv
         assert len(kv.Range(R(key=b"/r/", range_end=b"/r0")).kvs) == 10
     finally:
@@ -164,8 +158,9 @@ def test_compaction_through_any_process_runs_once(postgres: Postgres) -> None:
         assert a.app.compactor.deleted_rows == 49 and b.app.compactor.deleted_rows == 0
         for stubs in (kva, kvb):
             assert stubs.Range(R(key=b"/m/k")).kvs[0].version == 50
-        _wait(lambda: len(b.app.store.index.history(b"/m/k")) == 1)  # type: ignore[union-attr]
-        _wait(lambda: len(a.app.store.index.history(b"/m/k")) == 1)  # type: ignore[union-attr]
+        index_a, index_b = a.app.store.index, b.app.store.index
+        eventually(lambda: len(index_b.history(b"/m/k")) == 1, "b's index compacted to one /m/k")
+        eventually(lambda: len(index_a.history(b"/m/k")) == 1, "a's index compacted to one /m/k")
     finally:
         a.stop()
         b.stop()
@@ -200,13 +195,7 @@ def test_a_process_behind_compaction_rebuilds_instead_of_missing_a_delete(
         got = range_once_rebuilt(kvb, R(key=b"/lag/", range_end=b"/lag0"), "fell behind compaction")
         assert [kv.key for kv in got.kvs] == [b"/lag/other"]
         assert got.header.revision == head
-        canceled = None
-        deadline = time.monotonic() + 10
-        while canceled is None and time.monotonic() < deadline:
-            resp = watch.next(1.0)
-            if resp is not None and resp.canceled:
-                canceled = resp
-        assert canceled is not None, "b's watch was not cancelled"
+        canceled = watch.wait_canceled("b's watch cancelled", 10)
         assert f"revision {deleted} not applied, compacted to {head}" in canceled.cancel_reason
         watch.close()
         # and b writes on the current state
@@ -235,7 +224,7 @@ def test_a_lagging_leader_catches_up_before_it_purges(postgres: Postgres) -> Non
         assert int(follower.applied) < head
         kva.Compact(pb.CompactionRequest(revision=head))
         b.call(lambda: _wake_leader(b))  # as its poll would: reads the compact revision
-        _wait(lambda: _rows(dsn, "name = '/ll/k'") == 1)
+        eventually(lambda: _rows(dsn, "name = '/ll/k'") == 1, "b's compaction of /ll/k")
         assert b.app.compactor.deleted_rows == 19
     finally:
         a.stop()
@@ -258,9 +247,13 @@ def test_automatic_compaction(postgres: Postgres) -> None:
         for i in range(200):
             kv.Put(pb.PutRequest(key=b"/auto/k", value=b"%d" % i))
         head = kv.Range(R(key=b"/auto/k")).header.revision
-        _wait(lambda: server.app.store.index.compact_rev >= head - 20, 10)  # type: ignore[union-attr]
+        eventually(
+            lambda: server.app.store.index.compact_rev >= head - 20,  # type: ignore[union-attr]
+            "an automatic compaction to the retained revisions",
+            10,
+        )
         assert server.app.store.index.compact_rev <= head - 20  # type: ignore[union-attr]
-        _wait(lambda: _rows(dsn, "name = '/auto/k'") <= 21, 10)
+        eventually(lambda: _rows(dsn, "name = '/auto/k'") <= 21, "the rows of /auto/k purged", 10)
     finally:
         server.stop()
 

@@ -30,6 +30,7 @@ from tests.fuzzing import (
     fewer,
 )
 from tests.servers import Etcd, GeminiServer, Stubs
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.etcd
 
@@ -58,12 +59,16 @@ class Watches:
 
     def wait_created(self, count: int) -> None:
         """Until ``count`` creates have been answered (each create gets one answer)."""
-        deadline = time.monotonic() + DEADLINE
-        while self.created() < count:
-            left = deadline - time.monotonic()
-            assert left > 0, f"no answer to a watch create within {DEADLINE}s: {self.log}"
+
+        def answered() -> bool:
             with contextlib.suppress(queue.Empty):
-                self.log.append(self.received.get(timeout=left))
+                while self.created() < count:
+                    self.log.append(self.received.get(timeout=0.1))
+            return self.created() >= count
+
+        eventually(
+            answered, lambda: f"an answer to each watch create: {self.log}", DEADLINE, interval=0
+        )
 
     def drain(self, quiet: float) -> list[pb.WatchResponse]:
         deadline = time.monotonic() + DEADLINE

@@ -20,6 +20,7 @@ from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
 from tests.conftest import unique_prefix
 from tests.servers import GeminiProcess, Postgres
+from tests.waiting import eventually
 
 MiB = 1024 * 1024
 CLIENTS = 1000
@@ -44,9 +45,7 @@ def _usage(proc: psutil.Process) -> tuple[int, int]:
 
 def _settle(proc: psutil.Process, fds: int, timeout: float = 15.0) -> tuple[int, int]:
     """Wait until the server holds no more than ``fds`` descriptors; the usage then."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.num_fds() > fds:
-        time.sleep(0.1)
+    eventually(lambda: proc.num_fds() <= fds, f"at most {fds} descriptors open", timeout, 0.1)
     time.sleep(0.3)
     return _usage(proc)
 
@@ -209,9 +208,12 @@ def test_hundred_megabyte_list(postgres: Postgres) -> None:
         assert resp.ByteSize() > size
         del resp
         growth = peak.peak - base
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and proc.memory_info().rss > base + size // 4:
-            time.sleep(0.1)
+        eventually(
+            lambda: proc.memory_info().rss <= base + size // 4,
+            "the memory of the response given back",
+            10,
+            0.1,
+        )
         after = proc.memory_info().rss
         print(
             f"100 MiB list: {seconds:.2f}s, RSS {base / MiB:.0f} MiB -> peak "

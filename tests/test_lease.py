@@ -11,6 +11,7 @@ import pytest
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from tests.differential import Pair
 from tests.servers import Etcd, GeminiProcess, GeminiServer, Postgres, run_sync
+from tests.waiting import eventually
 from tests.watching import WatchClient
 
 R = pb.RangeRequest
@@ -104,15 +105,6 @@ def test_lease_ids_fit_kines_column(gemini: GeminiServer) -> None:
     lease.LeaseRevoke(pb.LeaseRevokeRequest(ID=picked.ID))
 
 
-def _wait(predicate, timeout: float = 10.0) -> float:  # type: ignore[no-untyped-def]
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if predicate():
-            return time.monotonic() - start
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
-
-
 def test_expiry_deletes_keys_with_events(gemini: GeminiServer, prefix: bytes) -> None:
     stubs = gemini.stubs()
     granted = stubs.lease.LeaseGrant(pb.LeaseGrantRequest(TTL=2))
@@ -139,7 +131,10 @@ def test_expiry_deletes_keys_with_events(gemini: GeminiServer, prefix: bytes) ->
 def test_keyless_expired_leases_are_collected(gemini: GeminiServer) -> None:
     lease = gemini.stubs().lease
     ids = [lease.LeaseGrant(pb.LeaseGrantRequest(TTL=2)).ID for _ in range(20)]
-    _wait(lambda: not set(ids) & {s.ID for s in lease.LeaseLeases(pb.LeaseLeasesRequest()).leases})
+    eventually(
+        lambda: not set(ids) & {s.ID for s in lease.LeaseLeases(pb.LeaseLeasesRequest()).leases},
+        "the expired leases collected",
+    )
 
 
 def test_leases_survive_restart(postgres: Postgres) -> None:
@@ -156,8 +151,9 @@ def test_leases_survive_restart(postgres: Postgres) -> None:
     server = GeminiServer(dsn).start()
     try:
         stubs = server.stubs()
-        took = _wait(lambda: not stubs.kv.Range(R(key=b"/l/short")).kvs, 5)
-        assert took < 2.0
+        start = time.monotonic()
+        eventually(lambda: not stubs.kv.Range(R(key=b"/l/short")).kvs, "/l/short expired", 5)
+        assert time.monotonic() - start < 2.0
         remaining = stubs.lease.LeaseTimeToLive(pb.LeaseTimeToLiveRequest(ID=long, keys=True))
         assert 590 <= remaining.TTL <= 600 and remaining.keys == [b"/l/long"]
         assert stubs.kv.Range(R(key=b"/l/long")).kvs[0].lease == long
@@ -181,7 +177,7 @@ def test_expiry_and_compaction_move_to_the_surviving_process(postgres: Postgres)
         assert "now runs lease expiry" in first.output()
         first.kill()
         start = time.monotonic()
-        _wait(lambda: not kv2.kv.Range(R(key=b"/fo/k")).kvs, 15)
+        eventually(lambda: not kv2.kv.Range(R(key=b"/fo/k")).kvs, "/fo/k expired", 15)
         assert time.monotonic() - start < 7  # 4 s TTL, then the takeover within seconds
         assert "now runs lease expiry" in second.output()
         # automatic compaction moved with it: revisions written after the kill get compacted
@@ -197,7 +193,7 @@ def test_expiry_and_compaction_move_to_the_surviving_process(postgres: Postgres)
                 return True
             return False
 
-        _wait(compacted, 10)
+        eventually(compacted, "the revisions written after the kill compacted", 10)
     finally:
         first.stop()
         second.stop()
@@ -224,19 +220,22 @@ def test_ten_thousand_leases_expiring_together(postgres: Postgres) -> None:
         watch = WatchClient(stubs)
         watch.create(key=b"/many/", range_end=b"/many0")
         deleted: set[bytes] = set()
-        start = time.monotonic()
         served = 0
         first_delete = 0.0
-        while len(deleted) < 10_000 and time.monotonic() - start < 90:
+
+        def all_deleted() -> bool:
+            nonlocal served, first_delete
             resp = watch.next(0.2)
             if resp is not None:
                 deleted.update(e.kv.key for e in resp.events if e.type == 1)
                 first_delete = first_delete or time.monotonic()
             stubs.kv.Range(R(key=b"/many/00000"), timeout=5)  # still answering
             served += 1
+            return len(deleted) == 10_000
+
+        eventually(all_deleted, "a delete event for each of the 10,000 keys", 90, interval=0)
         took = time.monotonic() - first_delete
         watch.close()
-        assert len(deleted) == 10_000
         assert stubs.kv.Range(R(key=b"/many/", range_end=b"/many0", count_only=True)).count == 0
         assert not stubs.lease.LeaseLeases(pb.LeaseLeasesRequest()).leases
         print(
@@ -264,6 +263,7 @@ def test_go_kine_ttl_rows_expire(gemini: GeminiServer, prefix: bytes) -> None:
 
     run_sync(kine_put())
     kv = gemini.stubs().kv
-    _wait(lambda: bool(kv.Range(R(key=prefix + b"kine")).kvs), 5)
-    took = _wait(lambda: not kv.Range(R(key=prefix + b"kine")).kvs, 10)
-    assert 1.0 < took < 4.0
+    eventually(lambda: kv.Range(R(key=prefix + b"kine")).kvs, "Kine's row applied", 5)
+    start = time.monotonic()
+    eventually(lambda: not kv.Range(R(key=prefix + b"kine")).kvs, "Kine's row expired", 10)
+    assert 1.0 < time.monotonic() - start < 4.0

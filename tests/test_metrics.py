@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from geminikv import tasks
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from tests.servers import GeminiServer, Postgres, free_port, run_sync
+from tests.waiting import eventually
 from tests.watching import WatchClient
 
 
@@ -61,21 +61,21 @@ FAMILIES = {
 
 
 def _wait_ready(base: str, expected: int = 200, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while _get(base + "/readyz")[0] != expected:
-        assert time.monotonic() < deadline, f"/readyz never answered {expected}"
-        time.sleep(0.1)
+    eventually(
+        lambda: _get(base + "/readyz")[0] == expected, f"/readyz answering {expected}", timeout, 0.1
+    )
 
 
 def _wait_for(base: str, check: Callable[[Samples], bool], timeout: float = 15.0) -> Samples:
     """The scraped samples, once ``check`` holds for them."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def scraped() -> Samples | None:
         samples = _samples(_get(base + "/metrics")[1])
-        if check(samples):
-            return samples
-        assert time.monotonic() < deadline, "metrics never reached the expected values"
-        time.sleep(0.2)
+        return samples if check(samples) else None
+
+    samples = eventually(scraped, "metrics reaching the expected values", timeout, 0.2)
+    assert samples is not None
+    return samples
 
 
 def test_metrics_and_health_after_traffic(postgres: Postgres) -> None:
@@ -245,11 +245,11 @@ def test_slow_sql_is_logged_with_statement_name(
         rev = stubs.kv.Range(pb.RangeRequest(key=b"/slow/a")).header.revision
         stubs.kv.Compact(pb.CompactionRequest(revision=rev))  # commits a transaction
         stubs.close()
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and not any(
-            "statement=commit" in r.getMessage() for r in caplog.records
-        ):
-            time.sleep(0.05)
+        eventually(
+            lambda: any("statement=commit" in r.getMessage() for r in caplog.records),
+            "the commit logged",
+            5,
+        )
         lines = [r.getMessage() for r in caplog.records if r.name == "geminikv.sql"]
         assert any("slow SQL: statement=write_batch duration=" in x for x in lines)
         assert any("statement=commit" in x for x in lines)

@@ -15,6 +15,7 @@ import pytest
 
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from tests.servers import GeminiServer, free_port, start_postgres, stop_postgres
+from tests.waiting import eventually
 from tests.watching import WatchClient
 
 
@@ -26,15 +27,6 @@ def _ready(url: str) -> int:
         return int(err.code)
     except OSError:
         return 0
-
-
-def _until(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError("condition not reached in time")
 
 
 @pytest.mark.parametrize("shutdown", [signal.SIGINT, signal.SIGQUIT], ids=["fast", "immediate"])
@@ -65,7 +57,7 @@ def test_postgres_restart_under_write_load(tmp_path: Path, shutdown: signal.Sign
             i += 1
 
     try:
-        _until(lambda: _ready(ready) == 200)
+        eventually(lambda: _ready(ready) == 200, "/readyz answering 200", 30, 0.1)
         watcher = WatchClient(server.stubs())
         watcher.create(key=b"/outage/", range_end=b"/outage0")
         writer = threading.Thread(target=write)
@@ -73,17 +65,17 @@ def test_postgres_restart_under_write_load(tmp_path: Path, shutdown: signal.Sign
         time.sleep(1.0)
         before = len(acked)
         stop_postgres(data, shutdown)
-        _until(lambda: _ready(ready) == 503)
+        eventually(lambda: _ready(ready) == 503, "/readyz answering 503, PostgreSQL down", 30, 0.1)
         time.sleep(1.0)
         start_postgres(data)
-        _until(lambda: _ready(ready) == 200)
+        eventually(lambda: _ready(ready) == 200, "/readyz answering 200 again", 30, 0.1)
         at_restart = dict(acked)
 
         def changed() -> list[bytes]:
             return [k for k, v in dict(acked).items() if at_restart.get(k) != v]
 
         # writes succeed again after the restart, without restarting geminikv
-        _until(lambda: len(changed()) > 0, timeout=15.0)
+        eventually(changed, "a write acknowledged after the restart", 15, 0.1)
         time.sleep(1.0)
         stop.set()
         writer.join(30)

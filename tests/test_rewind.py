@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import asyncpg
@@ -24,6 +23,7 @@ from tests.servers import (
     start_postgres,
     stop_postgres,
 )
+from tests.waiting import eventually
 from tests.watching import WatchClient
 
 
@@ -70,13 +70,7 @@ def test_database_restored_from_an_older_backup(postgres: Postgres) -> None:
             )
         )
         # the watch is cancelled with a clear reason (noticed within ~1 s, without traffic)
-        deadline = time.monotonic() + 10
-        canceled = None
-        while canceled is None and time.monotonic() < deadline:
-            resp = watcher.next(1.0)
-            if resp is not None and resp.canceled:
-                canceled = resp
-        assert canceled is not None, "the watch was not cancelled"
+        canceled = watcher.wait_canceled("the watch cancelled", 10)
         assert "revision went backwards" in canceled.cancel_reason
         assert f"from {lost_rev} to {backup_rev}" in canceled.cancel_reason
         # once rebuilt, it serves the restored state and nothing of the lost future
@@ -102,25 +96,20 @@ def test_database_restored_from_an_older_backup(postgres: Postgres) -> None:
         server.stop()
 
 
-def _wait_canceled(watcher: WatchClient, timeout: float) -> pb.WatchResponse | None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        resp = watcher.next(1.0)
-        if resp is not None and resp.canceled:
-            return resp
-    return None
-
-
 def _put_retrying(stubs: Stubs, key: bytes, value: bytes) -> int:
     """A put as clients make it after PostgreSQL restarted: retried while Unavailable (the
     first write on a connection PostgreSQL dropped finds it broken and reconnects)."""
-    for _ in range(100):
+
+    def put() -> int | None:
         try:
             return int(stubs.kv.Put(pb.PutRequest(key=key, value=value)).header.revision)
         except grpc.RpcError as err:
             assert err.code() == grpc.StatusCode.UNAVAILABLE
-            time.sleep(0.2)
-    raise AssertionError("no write got through")
+            return None
+
+    revision = eventually(put, "a write got through", timeout=20, interval=0.2)
+    assert revision is not None
+    return revision
 
 
 @pytest.mark.slow
@@ -153,8 +142,7 @@ def test_data_directory_restored_from_a_file_backup_under_two_processes(tmp_path
         start_postgres(data)
 
         for number, (stubs, watcher) in enumerate(zip((first, second), watchers, strict=True)):
-            canceled = _wait_canceled(watcher, 20)
-            assert canceled is not None, f"process {number}: the watch was not cancelled"
+            canceled = watcher.wait_canceled(f"process {number}: the watch cancelled", 20)
             assert f"revision went backwards from {lost_rev} to {backup_rev}" in (
                 canceled.cancel_reason
             )

@@ -13,6 +13,7 @@ import pytest
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.storage import schema
 from tests.servers import GeminiServer, Postgres, run_sync
+from tests.waiting import eventually
 
 R = pb.RangeRequest
 
@@ -244,12 +245,13 @@ def test_two_processes_agree(postgres: Postgres) -> None:
         assert kb.Range(R(key=b"/two/k")).kvs[0].version == 31
         # serializable reads on the other process catch up through NOTIFY
         put = ka.Put(pb.PutRequest(key=b"/two/n", value=b"x"))
-        for _ in range(100):
-            got = kb.Range(R(key=b"/two/n", serializable=True))
-            if got.kvs:
-                break
-            asyncio.run(asyncio.sleep(0.01))
-        assert got.kvs[0].mod_revision == put.header.revision
+        got = eventually(
+            lambda: kb.Range(R(key=b"/two/n", serializable=True)).kvs,
+            "the other process's put seen through NOTIFY",
+            2.0,  # was 100 tries 10 ms apart
+            0.01,
+        )
+        assert got[0].mod_revision == put.header.revision
     finally:
         a.stop()
         b.stop()

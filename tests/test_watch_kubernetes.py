@@ -14,6 +14,7 @@ import time
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.proto.mvccpb import kv_pb2
 from tests.servers import GeminiServer
+from tests.waiting import eventually
 from tests.watching import WatchClient
 
 C = pb.Compare
@@ -106,23 +107,25 @@ def test_apiserver_watch_pattern(gemini: GeminiServer, prefix: bytes) -> None:
     # Read until a progress response confirms everything up to the last write.
     events: list[kv_pb2.Event] = []
     progress_revs: list[int] = []
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
+
+    def confirmed() -> bool:
+        """Read one response; whether it is the progress response awaited."""
         resp = watch.next(2)
         if resp is None:
             watch.send(progress_request=pb.WatchProgressRequest())
-            continue
+            return False
         if resp.watch_id == -1 or (not resp.events and not resp.created and not resp.canceled):
             # a bookmark: every event at or below it must already have arrived
             assert all(e.kv.mod_revision <= resp.header.revision for e in events)
             progress_revs.append(resp.header.revision)
-            if resp.header.revision >= last and resp.watch_id == -1:
-                break
-            continue
+            return resp.header.revision >= last and resp.watch_id == -1
         assert resp.watch_id == 0 and not resp.canceled, resp
         if progress_revs:
             assert all(e.kv.mod_revision > progress_revs[-1] for e in resp.events)
         events.extend(resp.events)
+        return False
+
+    eventually(confirmed, f"a progress response at or above revision {last}", 20, interval=0)
     watch.close()
     assert progress_revs == sorted(progress_revs) and progress_revs[-1] >= last
 

@@ -7,6 +7,7 @@ import time
 
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from tests.servers import GeminiServer, Postgres
+from tests.waiting import eventually
 from tests.watching import WatchClient
 
 
@@ -26,40 +27,43 @@ def _state(server: GeminiServer) -> tuple[int, int, int, list[str]]:
     return server.call(probe)  # type: ignore[no-any-return]
 
 
-def _wait(server: GeminiServer, want: tuple[int, int, int], timeout: float = 10.0) -> list[str]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        streams, synced, unsynced, tasks = _state(server)
-        if (streams, synced, unsynced) == want:
-            return tasks
-        time.sleep(0.05)
-    raise AssertionError(f"watch state {_state(server)} never reached {want}")
+def _tasks_once(server: GeminiServer, want: tuple[int, int, int]) -> list[str]:
+    """The tasks serving watch streams, once (streams, synced, unsynced watchers) is ``want``."""
+
+    def reached() -> tuple[int, int, int, list[str]] | None:
+        state = _state(server)
+        return state if state[:3] == want else None
+
+    state = eventually(reached, lambda: f"watch state {want}, not {_state(server)}")
+    assert state is not None
+    return state[3]
 
 
 def test_cancel_close_and_shutdown_leave_nothing_behind(postgres: Postgres) -> None:
     server = GeminiServer(postgres.new_database("wlife")).start()
     stopped = False
     try:
-        assert _wait(server, (0, 0, 0)) == []
+        assert _tasks_once(server, (0, 0, 0)) == []
         stubs = server.stubs()
         clients = [WatchClient(stubs) for _ in range(5)]
         for _i, client in enumerate(clients):
             client.create(key=b"/life/", range_end=b"/life0")
             client.create(key=b"/life/a", start_revision=1)  # replays, then live
-        _wait(server, (5, 10, 0))
+        _tasks_once(server, (5, 10, 0))
         stubs.kv.Put(pb.PutRequest(key=b"/life/a", value=b"v"))
         for client in clients:
             client.send(cancel_request=pb.WatchCancelRequest(watch_id=1))
-        _wait(server, (5, 5, 0))
+        _tasks_once(server, (5, 5, 0))
         for client in clients[:3]:
             client.close()  # the client goes away mid-stream
-        assert len(_wait(server, (2, 2, 0))) == 2  # a request reader per open stream
+        assert len(_tasks_once(server, (2, 2, 0))) == 2  # a request reader per open stream
         for client in clients[3:]:
             client.close()
-        deadline = time.monotonic() + 10
-        while _wait(server, (0, 0, 0)) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _wait(server, (0, 0, 0)) == []  # no task per stream or watcher left running
+        # no task per stream or watcher left running
+        eventually(
+            lambda: _state(server) == (0, 0, 0, []),
+            lambda: f"no watch stream, watcher or task left, not {_state(server)}",
+        )
         # shutdown with open streams ends them and returns
         open_clients = [WatchClient(stubs) for _ in range(3)]
         for client in open_clients:

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import os
 import random
-import time
 
 import grpc
 import pytest
@@ -16,6 +15,7 @@ from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
 from tests.conftest import unique_prefix
 from tests.servers import GeminiProcess, Postgres
+from tests.waiting import eventually_async
 
 pytestmark = pytest.mark.slow
 
@@ -108,11 +108,15 @@ async def test_every_watcher_gets_every_event(postgres: Postgres) -> None:
         await asyncio.gather(*writers)
         expected = sorted(acked)
         assert len(expected) == len(set(expected)) > 0
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            if all(len(revs) >= len(expected) for revs in seen.values()):
-                break
-            await asyncio.sleep(0.5)
+        await eventually_async(
+            lambda: all(len(revs) >= len(expected) for revs in seen.values()),
+            lambda: (
+                f"all {len(expected)} writes seen by every watcher (the fewest: "
+                f"{min(len(revs) for revs in seen.values())})"
+            ),
+            240,
+            0.5,
+        )
         done.set()
         await asyncio.gather(*streams)
         assert len(seen) == STREAMS * WATCHERS_PER_STREAM

@@ -12,6 +12,7 @@ import asyncpg
 from geminikv import metrics
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from tests.servers import GeminiServer, Postgres, run_sync
+from tests.waiting import eventually
 from tests.watching import WatchClient
 
 
@@ -54,9 +55,10 @@ def test_writes_on_one_process_reach_watchers_on_another(postgres: Postgres) -> 
             sent_at[rev] = start
             acked.append(rev)
             time.sleep(0.005)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and sum(len(r.events) for r in received) < len(acked):
-            time.sleep(0.05)
+        eventually(
+            lambda: sum(len(r.events) for r in received) >= len(acked),
+            "an event on the other process for every acknowledged write",
+        )
         done.set()
         reader.join()
         watch.close()
@@ -129,10 +131,15 @@ def test_poll_batch_size_bounds_each_catch_up_query(postgres: Postgres) -> None:
                 " SELECT max(id) FROM ins",
             )
         )
-        deadline = time.monotonic() + 10
-        while kv.Range(pb.RangeRequest(key=b"/pb/", range_end=b"/pb0", count_only=True)).count < 30:
-            assert time.monotonic() < deadline, "the rows were not picked up"
-            time.sleep(0.1)
+        eventually(
+            lambda: (
+                kv.Range(pb.RangeRequest(key=b"/pb/", range_end=b"/pb0", count_only=True)).count
+                >= 30
+            ),
+            "the rows picked up",
+            10,
+            0.1,
+        )
         assert kv.Range(pb.RangeRequest(key=b"/pb/39", serializable=True)).header.revision >= last
         assert fetches._value.get() - before >= 30 // 7  # 7 rows at most per query
     finally:
@@ -166,13 +173,12 @@ def test_gap_from_rolled_back_insert_is_filled(postgres: Postgres) -> None:
                 await conn.close()
 
         rev = run_sync(burn_and_write())
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            got = kv.Range(pb.RangeRequest(key=b"/gap/b", serializable=True))
-            if got.kvs:
-                break
-            time.sleep(0.05)
-        assert got.kvs[0].mod_revision == rev
+        got = eventually(
+            lambda: kv.Range(pb.RangeRequest(key=b"/gap/b", serializable=True)).kvs,
+            "the row written after the gap applied",
+            5,
+        )
+        assert got[0].mod_revision == rev
         put = kv.Put(pb.PutRequest(key=b"/gap/c", value=b"c"))
         assert put.header.revision == rev + 1
     finally:

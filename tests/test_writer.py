@@ -5,7 +5,6 @@ filling up under load. Every case must keep revisions gap-free, ordered and neve
 from __future__ import annotations
 
 import threading
-import time
 
 import asyncpg
 import grpc
@@ -13,6 +12,7 @@ from prometheus_client import REGISTRY
 
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from tests.servers import GeminiServer, Postgres, run_sync
+from tests.waiting import eventually
 from tests.watching import WatchClient
 
 
@@ -283,8 +283,7 @@ def test_a_revoke_racing_leased_writes_leaves_no_key_on_the_lease(postgres: Post
         threads = [threading.Thread(target=write, args=(n,)) for n in range(6)]
         for t in threads:
             t.start()
-        while len(written) < 200:
-            time.sleep(0.01)
+        eventually(lambda: len(written) >= 200, "200 leased creates written", 60, 0.01)
         revoke = revoker.stubs().lease.LeaseRevoke(pb.LeaseRevokeRequest(ID=lease))
         for t in threads:
             t.join(60)

@@ -10,6 +10,7 @@ import grpc
 
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from tests.servers import Stubs
+from tests.waiting import eventually
 
 
 class WatchClient:
@@ -44,6 +45,17 @@ class WatchClient:
             return self.received.get(timeout=timeout)
         except queue.Empty:
             return None
+
+    def wait_canceled(self, awaited: str, timeout: float = 10.0) -> pb.WatchResponse:
+        """The first response cancelling a watch (those before it are skipped)."""
+
+        def canceled() -> pb.WatchResponse | None:
+            resp = self.next(1.0)
+            return resp if resp is not None and resp.canceled else None
+
+        resp = eventually(canceled, awaited, timeout, interval=0)
+        assert resp is not None
+        return resp
 
     def drain(self, quiet: float = 0.4, limit: float = 10.0) -> list[pb.WatchResponse]:
         """Everything received until nothing arrives for ``quiet`` seconds."""
