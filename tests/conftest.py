@@ -60,7 +60,7 @@ def gemini(postgres: Postgres) -> Iterator[GeminiServer]:
 def etcd() -> Iterator[Etcd]:
     if shutil.which("etcd") is None:
         pytest.skip("etcd binary not installed (Debian package etcd-server)")
-    server = Etcd()
+    server = Etcd().start()
     yield server
     server.stop()
 

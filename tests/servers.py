@@ -1,4 +1,11 @@
-"""Real servers for tests: the embedded PostgreSQL, geminikv (in a thread) and etcd."""
+"""The servers tests run, and the one place that starts them.
+
+- ``Postgres``: the session's embedded PostgreSQL, a fresh database per caller;
+- ``GeminiServer``: geminikv in this process, on an event loop of its own in a thread, for
+  most tests and for white-box checks (``app``, ``call``);
+- ``GeminiProcess``: ``python -m geminikv`` in a process of its own, for kills, signals,
+  resource use and load; ``Etcd``: the real etcd, the reference (both ``ServerProcess``).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,11 +23,11 @@ import threading
 import uuid
 from dataclasses import replace
 from pathlib import Path
+from typing import Self
 
 import asyncpg
 import grpc
 
-from benchmarks.targets import EtcdTarget, terminate
 from geminikv.config import Settings
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
 from geminikv.server.app import App
@@ -205,57 +213,36 @@ class GeminiServer:
         return Stubs(self.endpoint)
 
 
-class Etcd:
-    """A real etcd (Debian etcd-server) in a temporary directory (the harness's target)."""
+class ServerProcess:
+    """A server in a process of its own, its output in a log file; ``start`` returns once
+    it accepts connections."""
 
-    def __init__(self) -> None:
-        if not EtcdTarget.available():
-            raise FileNotFoundError("etcd")
-        self.target = EtcdTarget().start()
-        self.endpoint = self.target.endpoint
+    name = "server"
+    start_timeout = 60.0
 
-    def stubs(self) -> Stubs:
-        return Stubs(self.endpoint)
-
-    def stop(self) -> None:
-        self.target.stop()
-
-
-class GeminiProcess:
-    """geminikv as a separate process (``python -m geminikv``), for load and kill tests."""
-
-    def __init__(self, dsn: str, *args: str, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
         self.endpoint = f"127.0.0.1:{self.port}"
-        self.dsn = dsn
-        self.args = args
         self.process: subprocess.Popen[bytes] | None = None
-        self.log = tempfile.NamedTemporaryFile(prefix="geminikv-", suffix=".log", delete=False)  # noqa: SIM115
+        self.log = tempfile.NamedTemporaryFile(prefix=f"{self.name}-", suffix=".log", delete=False)  # noqa: SIM115
 
-    def start(self, timeout: float = 60.0) -> GeminiProcess:
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "geminikv",
-                "--endpoint",
-                self.dsn,
-                "--listen-address",
-                self.endpoint,
-                "--metrics-bind-address",
-                "0",
-                *self.args,
-            ],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
+    def argv(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self, timeout: float | None = None) -> Self:
+        self.process = subprocess.Popen(self.argv(), stdout=self.log, stderr=subprocess.STDOUT)
+        eventually(
+            self._listening,
+            lambda: f"{self.name} listening on {self.endpoint}: {self.output()}",
+            timeout or self.start_timeout,
+            0.1,
         )
-        eventually(self._listening, lambda: f"geminikv listening: {self.output()}", timeout, 0.1)
         return self
 
     def _listening(self) -> bool:
         assert self.process is not None
         if self.process.poll() is not None:
-            raise RuntimeError(f"geminikv exited: {self.output()}")
+            raise RuntimeError(f"{self.name} exited: {self.output()}")
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
                 return True
@@ -275,4 +262,77 @@ class GeminiProcess:
             self.process.wait(10)
 
     def stop(self) -> None:
-        terminate(self.process)
+        """SIGTERM (a clean shutdown), then SIGKILL if it takes longer than 30 s."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+
+class GeminiProcess(ServerProcess):
+    """geminikv as a separate process (``python -m geminikv``), for kills, signals, its
+    resource use, and load that must not share the test's interpreter."""
+
+    name = "geminikv"
+
+    def __init__(self, dsn: str, *args: str, port: int | None = None) -> None:
+        super().__init__(port)
+        self.dsn = dsn
+        self.args = args
+
+    def argv(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "geminikv",
+            "--endpoint",
+            self.dsn,
+            "--listen-address",
+            self.endpoint,
+            "--metrics-bind-address",
+            "0",
+            *self.args,
+        ]
+
+
+class Etcd(ServerProcess):
+    """A real etcd (Debian etcd-server), the reference, with its data in a temporary
+    directory."""
+
+    name = "etcd"
+    start_timeout = 120.0
+
+    def __init__(self) -> None:
+        if shutil.which("etcd") is None:
+            raise FileNotFoundError("etcd")
+        super().__init__()
+        self.peer_port = free_port()
+        self.workdir = Path(tempfile.mkdtemp(prefix="geminikv-etcd-"))
+
+    def argv(self) -> list[str]:
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        return [
+            "etcd",
+            "--data-dir",
+            str(self.workdir / "data"),
+            "--listen-client-urls",
+            f"http://{self.endpoint}",
+            "--advertise-client-urls",
+            f"http://{self.endpoint}",
+            "--listen-peer-urls",
+            peer,
+            "--initial-advertise-peer-urls",
+            peer,
+            "--initial-cluster",
+            f"default={peer}",
+            "--quota-backend-bytes",
+            str(8 * 1024**3),
+        ]
+
+    def stop(self) -> None:
+        super().stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        Path(self.log.name).unlink(missing_ok=True)

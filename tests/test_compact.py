@@ -30,7 +30,7 @@ def _rows(dsn: str, where: str = "TRUE") -> int:
 
 @pytest.mark.etcd
 def test_compaction_matches_etcd(postgres: Postgres) -> None:
-    etcd = Etcd()
+    etcd = Etcd().start()
     gemini = GeminiServer(postgres.new_database("cdiff")).start()
     try:
         pair = Pair(etcd.stubs(), gemini.stubs())

@@ -200,7 +200,7 @@ def test_lease_commands(etcd: Etcd, gemini: GeminiServer, prefix: bytes) -> None
 
 @pytest.mark.etcd
 def test_compaction_commands(postgres: Postgres) -> None:
-    etcd = Etcd()
+    etcd = Etcd().start()
     gemini = GeminiServer(postgres.new_database("ctlcompact")).start()
     try:
         for i in range(6):

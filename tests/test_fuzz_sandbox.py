@@ -48,7 +48,7 @@ pytestmark = pytest.mark.etcd
 def sandbox(etcd: Etcd, postgres: Postgres) -> Iterator[tuple[Etcd, GeminiServer]]:
     """Servers of this module's own: Compact at real revisions, and random bytes (which
     decode to requests on any key), must not reach the servers other tests share."""
-    e = Etcd()
+    e = Etcd().start()
     g = GeminiServer(postgres.new_database("fuzz")).start()
     try:
         for server in (e, g):

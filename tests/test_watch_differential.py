@@ -142,7 +142,7 @@ def test_watch_fragments(pair: Pair, prefix: bytes) -> None:
 
 
 def test_watch_compacted_start(postgres: Postgres) -> None:
-    etcd = Etcd()
+    etcd = Etcd().start()
     gemini = GeminiServer(postgres.new_database("wcompact")).start()
     try:
         pair = Pair(etcd.stubs(), gemini.stubs())
