@@ -30,9 +30,10 @@ def _current(stubs: Stubs) -> int:
 
 
 class Pair:
-    def __init__(self, etcd: Stubs, gk: Stubs) -> None:
+    def __init__(self, etcd: Stubs, gk: Stubs, timeout: float = 30.0) -> None:
         self.etcd = etcd
         self.gk = gk
+        self.timeout = timeout  # every call's deadline: a hang shows up as DEADLINE_EXCEEDED
         self.base_e = _current(etcd)
         self.base_g = _current(gk)
         self._etcd_revs = [self.base_e]  # parallel: after each write, both headers
@@ -53,7 +54,8 @@ class Pair:
             return self._gk_revs[-1] + (want - self._etcd_revs[-1])
         return self._gk_revs[i]
 
-    def _gk_to_rel(self, g: int) -> int:
+    def gk_to_rel(self, g: int) -> int:
+        """The relative revision of geminikv's revision ``g``."""
         if g == 0:
             return 0
         i = bisect.bisect_left(self._gk_revs, g)
@@ -61,7 +63,8 @@ class Pair:
             return self._etcd_revs[-1] + (g - self._gk_revs[-1]) - self.base_e
         return self._etcd_revs[i] - self.base_e
 
-    def _etcd_to_rel(self, e: int) -> int:
+    def etcd_to_rel(self, e: int) -> int:
+        """The relative revision of etcd's revision ``e``."""
         return 0 if e == 0 else e - self.base_e
 
     # -- calls
@@ -78,7 +81,7 @@ class Pair:
             if e_rev > self._etcd_revs[-1]:
                 self._etcd_revs.append(e_rev)
                 self._gk_revs.append(g_rev)
-        return self._normalise(e, self._etcd_to_rel), self._normalise(g, self._gk_to_rel)
+        return self.normalise(e, self.etcd_to_rel), self.normalise(g, self.gk_to_rel)
 
     def check(
         self, method: str, build: Callable[[Callable[[int], int]], Message], service: str = "kv"
@@ -90,15 +93,15 @@ class Pair:
         assert g == e, f"{method} differs:\n etcd:     {e}\n geminikv: {g}"
         return e
 
-    @staticmethod
-    def _invoke(stubs: Stubs, service: str, method: str, request: Message) -> tuple[str, Any]:
+    def _invoke(self, stubs: Stubs, service: str, method: str, request: Message) -> Outcome:
         try:
-            return "ok", getattr(getattr(stubs, service), method)(request, timeout=30)
+            return "ok", getattr(getattr(stubs, service), method)(request, timeout=self.timeout)
         except grpc.RpcError as err:
             return "error", (err.code(), err.details())
 
     @staticmethod
-    def _normalise(outcome: tuple[str, Any], to_rel: Callable[[int], int]) -> Outcome:
+    def normalise(outcome: Outcome, to_rel: Callable[[int], int]) -> Outcome:
+        """A response as a dict, without per-server header fields, revisions made relative."""
         kind, value = outcome
         if kind == "error":
             return outcome

@@ -65,17 +65,6 @@ def fewer(divisor: int) -> settings:
     return settings(max_examples=max(5, EXAMPLES // divisor))
 
 
-class FuzzPair(Pair):
-    """A Pair whose calls all carry a deadline, so a hang shows up as DEADLINE_EXCEEDED."""
-
-    @staticmethod
-    def _invoke(stubs: Stubs, service: str, method: str, request: Message) -> tuple[str, Any]:
-        try:
-            return "ok", getattr(getattr(stubs, service), method)(request, timeout=DEADLINE)
-        except grpc.RpcError as err:
-            return "error", (err.code(), err.details())
-
-
 def revision_of(stubs: Stubs, key: bytes) -> int:
     return int(stubs.kv.Range(R(key=key), timeout=DEADLINE).header.revision)
 
@@ -397,7 +386,7 @@ class Example:
     def __init__(self, etcd: Etcd, gemini: GeminiServer, leases: bool = True) -> None:
         self.p = unique_prefix()
         self.e, self.g = etcd.stubs(), gemini.stubs()
-        self.pair = FuzzPair(self.e, self.g)
+        self.pair = Pair(self.e, self.g, timeout=DEADLINE)
         # explicit lease IDs, above test_lease.py's, so both servers use the same ones
         self.lease_base = 2**30 + (time.time_ns() // 1000) % (2**30 - 100)
         self.leases = [self.lease_base, self.lease_base + 1]

@@ -64,10 +64,10 @@ def test_compaction_matches_etcd(postgres: Postgres) -> None:
                 )
         got = [
             sorted(
-                ((r.watch_id, i), pair._normalise(("ok", r), to_rel))
+                ((r.watch_id, i), pair.normalise(("ok", r), to_rel))
                 for i, r in enumerate(client.drain(1.0))
             )
-            for client, to_rel in ((e, pair._etcd_to_rel), (g, pair._gk_to_rel))
+            for client, to_rel in ((e, pair.etcd_to_rel), (g, pair.gk_to_rel))
         ]
         # per watch id, in order (etcd interleaves watchers arbitrarily)
         got = [[(wid, resp) for (wid, _), resp in side] for side in got]

@@ -117,7 +117,7 @@ def _watch_items(
         if resp.created or resp.canceled or resp.compact_revision:
             compacted = resp.compact_revision != 0
             out.append((resp.created, resp.canceled, resp.cancel_reason, compacted))
-        out.extend(Pair._normalise(("ok", event), to_rel)[1] for event in resp.events)
+        out.extend(Pair.normalise(("ok", event), to_rel)[1] for event in resp.events)
     return items
 
 
@@ -195,8 +195,8 @@ def test_watch_requests_answered_as_etcd(
                 for s in streams:
                     s.wait_created(creates)
         # etcd catches up unsynced watchers every 100 ms: by the end of geminikv's drain
-        g = _watch_items(streams[1].drain(0.4), ex.pair._gk_to_rel, canceled)
-        e = _watch_items(streams[0].drain(0.15), ex.pair._etcd_to_rel, canceled)
+        g = _watch_items(streams[1].drain(0.4), ex.pair.gk_to_rel, canceled)
+        e = _watch_items(streams[0].drain(0.15), ex.pair.etcd_to_rel, canceled)
         assert g == e, f"watch responses differ:\n etcd:     {e}\n geminikv: {g}"
         assert streams[0].error is None and streams[1].error is None
         # the stream still serves: a new watch is created

@@ -25,16 +25,16 @@ class WatchPair:
         self.g = WatchClient(pair.gk)
 
     def send(self, build: Callable[[Callable[[int], int]], pb.WatchRequest]) -> None:
-        self.e._requests.put(build(self.pair.etcd_rev))
-        self.g._requests.put(build(self.pair.gk_rev))
+        self.e.send_request(build(self.pair.etcd_rev))
+        self.g.send_request(build(self.pair.gk_rev))
 
     def create(self, build: Callable[[Callable[[int], int]], W]) -> None:
         self.send(lambda rev: pb.WatchRequest(create_request=build(rev)))
 
     def compare(self, quiet: float = 0.5) -> list[object]:
         """Responses per watch id, in order (etcd interleaves watchers arbitrarily)."""
-        e = self._by_watch(self.e.drain(quiet), self.pair._etcd_to_rel)
-        g = self._by_watch(self.g.drain(quiet), self.pair._gk_to_rel)
+        e = self._by_watch(self.e.drain(quiet), self.pair.etcd_to_rel)
+        g = self._by_watch(self.g.drain(quiet), self.pair.gk_to_rel)
         assert g == e, f"watch responses differ:\n etcd:     {e}\n geminikv: {g}"
         return [r for responses in e.values() for r in responses]
 
@@ -43,7 +43,7 @@ class WatchPair:
     ) -> dict[int, list[object]]:
         grouped: dict[int, list[object]] = {}
         for r in responses:
-            grouped.setdefault(r.watch_id, []).append(self.pair._normalise(("ok", r), to_rel))
+            grouped.setdefault(r.watch_id, []).append(self.pair.normalise(("ok", r), to_rel))
         return grouped
 
     def close(self) -> None:

@@ -31,7 +31,10 @@ class WatchClient:
                 self.error = err
 
     def send(self, **request: object) -> None:
-        self._requests.put(pb.WatchRequest(**request))  # type: ignore[arg-type]
+        self.send_request(pb.WatchRequest(**request))  # type: ignore[arg-type]
+
+    def send_request(self, request: pb.WatchRequest) -> None:
+        self._requests.put(request)
 
     def create(self, **fields: object) -> pb.WatchResponse:
         """Create a watch and return its ``created`` response."""
@@ -67,6 +70,11 @@ class WatchClient:
                 break
             out.append(resp)
         return out
+
+    def ended(self, timeout: float) -> bool:
+        """Whether the stream has ended on this side, waiting up to ``timeout`` seconds."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def close(self) -> None:
         self._requests.put(None)
