@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
-from google.protobuf.json_format import MessageToDict
-from google.protobuf.message import Message
+from google.protobuf.json_format import MessageToDict  # type: ignore[import-untyped]
+from google.protobuf.message import Message  # type: ignore[import-untyped]
 
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from tests.servers import Stubs
@@ -23,6 +23,14 @@ REVISION_FIELDS = {"revision", "create_revision", "mod_revision", "compact_revis
 HEADER_NOISE = {"cluster_id", "member_id", "raft_term"}
 
 Outcome = tuple[str, Any]  # ("ok", normalised response) or ("error", (code, message))
+Revision = Callable[[int], int]  # a relative revision to one server's own
+
+
+class Build(Protocol):
+    """Builds a request for one server, given how to turn relative revisions into its own
+    (a protocol, not a Callable: builders often bind loop variables as default arguments)."""
+
+    def __call__(self, rev: Revision, /) -> Message: ...
 
 
 def _current(stubs: Stubs) -> int:
@@ -69,9 +77,7 @@ class Pair:
 
     # -- calls
 
-    def call(
-        self, method: str, build: Callable[[Callable[[int], int]], Message], service: str = "kv"
-    ) -> tuple[Outcome, Outcome]:
+    def call(self, method: str, build: Build, service: str = "kv") -> tuple[Outcome, Outcome]:
         """Send build(rev) to both; ``rev(rel)`` gives each server's absolute revision."""
         e = self._invoke(self.etcd, service, method, build(self.etcd_rev))
         g = self._invoke(self.gk, service, method, build(self.gk_rev))
@@ -83,9 +89,7 @@ class Pair:
                 self._gk_revs.append(g_rev)
         return self.normalise(e, self.etcd_to_rel), self.normalise(g, self.gk_to_rel)
 
-    def check(
-        self, method: str, build: Callable[[Callable[[int], int]], Message], service: str = "kv"
-    ) -> Outcome:
+    def check(self, method: str, build: Build, service: str = "kv") -> Outcome:
         """Call both and assert identical answers; returns etcd's (normalised) outcome."""
         e, g = self.call(method, build, service)
         if g != e:

@@ -34,13 +34,13 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf.message import Message
+from google.protobuf.message import Message  # type: ignore[import-untyped]
 from hypothesis import settings
 from hypothesis import strategies as st
 
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from tests.conftest import unique_prefix
-from tests.differential import Pair
+from tests.differential import Build, Pair
 from tests.servers import Etcd, GeminiServer, Stubs
 
 DEADLINE = 10.0  # every call must be answered within this (a hang fails the test)
@@ -54,7 +54,7 @@ NAMES = [b"a", b"b", b"c"]
 # A request that cannot be decoded: INTERNAL "grpc: error unmarshalling request", as etcd.
 UNDECODABLE = grpc.StatusCode.INTERNAL
 
-Build = Callable[[Callable[[int], int]], Any]
+
 Draw = Callable[..., Any]  # hypothesis's data.draw
 Outcome = tuple[str, Any]
 

@@ -21,39 +21,47 @@ import sys
 import tempfile
 import threading
 import uuid
+from collections.abc import Callable, Coroutine
 from dataclasses import replace
 from pathlib import Path
-from typing import Self
+from typing import Any, Self, TypeVar, cast
 
 import asyncpg
 import grpc
 
 from geminikv.config import Settings
+from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
 from geminikv.server.app import App
 from geminikv.storage.embedded import EmbeddedPostgres
 from tests.waiting import eventually
 
+T = TypeVar("T")
 
-def run_sync(coro):  # type: ignore[no-untyped-def]
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine to completion from sync code, even inside a running loop."""
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         return pool.submit(asyncio.run, coro).result()
 
 
-def range_once_rebuilt(kv, request, reason: str, timeout: float = 15.0):  # type: ignore[no-untyped-def]
+def range_once_rebuilt(
+    kv: rpc_pb2_grpc.KVStub, request: pb.RangeRequest, reason: str, timeout: float = 15.0
+) -> pb.RangeResponse:
     """``kv.Range(request)`` once the server has rebuilt its index; meanwhile every call
     must fail with Unavailable saying ``reason``."""
 
-    def answered():  # type: ignore[no-untyped-def]
+    def answered() -> pb.RangeResponse | None:
         try:
-            return kv.Range(request)
+            return cast(pb.RangeResponse, kv.Range(request))  # the stub is untyped
         except grpc.RpcError as err:
             assert err.code() == grpc.StatusCode.UNAVAILABLE
             assert reason in (err.details() or "")
             return None
 
-    return eventually(answered, f"the index rebuilt after: {reason}", timeout, 0.1)
+    response = eventually(answered, f"the index rebuilt after: {reason}", timeout, 0.1)
+    assert response is not None
+    return response
 
 
 def free_port() -> int:
@@ -155,15 +163,16 @@ class Stubs:
 class GeminiServer:
     """A geminikv App running on its own event loop in a background thread."""
 
-    def __init__(self, dsn: str, **overrides: object) -> None:
+    def __init__(self, dsn: str, **overrides: Any) -> None:
+        """``overrides``: Settings fields (``poll_interval=60.0``, ...)."""
         self.port = free_port()
-        base: dict[str, object] = {
+        base: dict[str, Any] = {
             "endpoint": dsn,
             "listen_address": f"127.0.0.1:{self.port}",
             "metrics_bind_address": "0",
             "poll_interval": 0.2,
         }
-        self.settings = replace(Settings(), **{**base, **overrides})  # type: ignore[arg-type]
+        self.settings = replace(Settings(), **{**base, **overrides})
         self.endpoint = f"127.0.0.1:{self.port}"
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -197,7 +206,7 @@ class GeminiServer:
             raise failure[0]
         return self
 
-    def call(self, coro_factory):  # type: ignore[no-untyped-def]
+    def call(self, coro_factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
         """Run a coroutine on the server's loop (for white-box checks)."""
         assert self._loop is not None
         return asyncio.run_coroutine_threadsafe(coro_factory(), self._loop).result(60)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from dataclasses import fields
+from dataclasses import Field, fields
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -79,9 +80,9 @@ def _env(name: str) -> str:
     return "GEMINIKV_" + name.upper()
 
 
-def _sample(name: str, kind: str) -> tuple[str, object]:
+def _sample(name: str, kind: str) -> tuple[str, Any]:
     """A value other than the default, as text and as the setting it gives."""
-    special: dict[str, tuple[str, object]] = {
+    special: dict[str, tuple[str, Any]] = {
         "log_format": ("json", "json"),
         "compact_interval_jitter": ("7", 7),
     }
@@ -124,7 +125,7 @@ def test_every_kine_flag_is_accepted_and_documented() -> None:
 
 
 @pytest.mark.parametrize("field", fields(Settings), ids=lambda f: f.name)
-def test_each_flag_is_settable_from_the_environment(field) -> None:  # type: ignore[no-untyped-def]
+def test_each_flag_is_settable_from_the_environment(field: Field[Any]) -> None:
     text, value = _sample(field.name, str(field.type))
     assert value != field.default
     from_env = parse_settings([], {_env(field.name): text})

@@ -62,7 +62,7 @@ def test_compaction_matches_etcd(postgres: Postgres) -> None:
                         key=b"/c/", range_end=b"/c0", start_revision=rev(rel)
                     )
                 )
-        got = [
+        answers = [
             sorted(
                 ((r.watch_id, i), pair.normalise(("ok", r), to_rel))
                 for i, r in enumerate(client.drain(1.0))
@@ -70,7 +70,7 @@ def test_compaction_matches_etcd(postgres: Postgres) -> None:
             for client, to_rel in ((e, pair.etcd_to_rel), (g, pair.gk_to_rel))
         ]
         # per watch id, in order (etcd interleaves watchers arbitrarily)
-        got = [[(wid, resp) for (wid, _), resp in side] for side in got]
+        got = [[(wid, resp) for (wid, _), resp in side] for side in answers]
         e.close()
         g.close()
         assert got[0] == got[1]
@@ -158,6 +158,7 @@ def test_compaction_through_any_process_runs_once(postgres: Postgres) -> None:
         assert a.app.compactor.deleted_rows == 49 and b.app.compactor.deleted_rows == 0
         for stubs in (kva, kvb):
             assert stubs.Range(R(key=b"/m/k")).kvs[0].version == 50
+        assert a.app.store is not None and b.app.store is not None
         index_a, index_b = a.app.store.index, b.app.store.index
         eventually(lambda: len(index_b.history(b"/m/k")) == 1, "b's index compacted to one /m/k")
         eventually(lambda: len(index_a.history(b"/m/k")) == 1, "a's index compacted to one /m/k")
@@ -180,7 +181,7 @@ def test_a_process_behind_compaction_rebuilds_instead_of_missing_a_delete(
         kva, kvb = a.stubs().kv, b.stubs().kv
         kva.Put(pb.PutRequest(key=b"/lag/k", value=b"v"))
         assert len(kvb.Range(R(key=b"/lag/k")).kvs) == 1  # b has applied the put
-        assert b.app is not None
+        assert b.app is not None and b.app.store is not None
         follower = b.app.store.follower
         watch = WatchClient(b.stubs())
         watch.create(key=b"/lag/", range_end=b"/lag0")
@@ -214,7 +215,7 @@ def test_a_lagging_leader_catches_up_before_it_purges(postgres: Postgres) -> Non
     time.sleep(0.5)  # b holds the leader lock, so b purges
     a = GeminiServer(dsn).start()
     try:
-        assert b.app is not None
+        assert b.app is not None and b.app.store is not None
         follower = b.app.store.follower
         # b hears of new rows only when something wakes its follower
         b.call(lambda: follower._listen_conn.remove_listener("geminikv", follower._on_notify))
@@ -232,9 +233,10 @@ def test_a_lagging_leader_catches_up_before_it_purges(postgres: Postgres) -> Non
 
 
 async def _wake_leader(server: GeminiServer) -> None:
-    assert server.app is not None
-    await server.app.store.follower._read_compact_rev()
-    server.app.leader.wake()
+    app = server.app
+    assert app is not None and app.store is not None and app.leader is not None
+    await app.store.follower._read_compact_rev()
+    app.leader.wake()
 
 
 def test_automatic_compaction(postgres: Postgres) -> None:

@@ -157,7 +157,7 @@ def test_watch(etcd: Etcd, gemini: GeminiServer, prefix: bytes) -> None:
     both(etcd, gemini, "del", p + "a")
     both(etcd, gemini, "put", p + "a", "3")
     time.sleep(1.0)
-    outputs = {}
+    outputs: dict[str, list[str]] = {}
     for name, procs in watchers.items():
         outputs[name] = []
         for proc in procs:

@@ -11,8 +11,8 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import message_factory
-from google.protobuf.message import DecodeError, Message
+from google.protobuf import message_factory  # type: ignore[import-untyped]
+from google.protobuf.message import DecodeError, Message  # type: ignore[import-untyped]
 from grpc_health.v1 import health_pb2
 from hypothesis import given
 from hypothesis import strategies as st

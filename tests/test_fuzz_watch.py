@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
-from tests.differential import Pair
+from tests.differential import Build, Pair
 from tests.fuzzing import (
     DEADLINE,
     I64_MAX,
@@ -121,7 +121,7 @@ def _watch_items(
     return items
 
 
-def _watch_create(draw: Draw, p: bytes, top: int) -> Callable[[Callable[[int], int]], W]:
+def _watch_create(draw: Draw, p: bytes, top: int) -> Build:
     key = p + draw_suffix(draw)
     end = draw_range_end(draw, p, key)
     start = draw(
@@ -179,6 +179,7 @@ def test_watch_requests_answered_as_etcd(
                 else:
                     ex.call("DeleteRange", lambda rev, k=key: pb.DeleteRangeRequest(key=k))
                 continue
+            build: Build
             if kind == "create":
                 build = _watch_create(draw, p, top)
             elif kind == "cancel":

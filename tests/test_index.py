@@ -34,8 +34,10 @@ class Model:
         visible = [r for r in self.hist.get(key, []) if r[0] <= rev]
         return visible[-1] if visible and visible[-1][2] else None
 
-    def range(self, start: bytes, end: bytes | None, rev: int) -> list[tuple[bytes, ...]]:
-        out = []
+    def range(
+        self, start: bytes, end: bytes | None, rev: int
+    ) -> list[tuple[bytes, int, int, int, int]]:
+        out: list[tuple[bytes, int, int, int, int]] = []
         for key in sorted(self.hist):
             inside = key == start if end is None else key >= start and (not end or key < end)
             state = self.at(key, rev) if inside else None
@@ -157,7 +159,8 @@ def test_compaction_matches_etcd_key_index(history: list[tuple[str, object]]) ->
     rev, compacted = 1, 0
     for kind, arg in history:
         if kind == "compact":
-            at = min(rev, compacted + int(arg))  # type: ignore[call-overload]
+            assert isinstance(arg, int)
+            at = min(rev, compacted + arg)
             before = {k: m.revisions() for k, m in model.items()}
             for m in model.values():
                 m.compact(at)
@@ -177,8 +180,8 @@ def test_compaction_matches_etcd_key_index(history: list[tuple[str, object]]) ->
                 kept = model[key].revisions() if key in model else []
                 assert [r[0] for r in index.history(key)] == kept
             continue
+        assert isinstance(arg, bytes)
         key = arg
-        assert isinstance(key, bytes)
         rev += 1
         if kind == "put":
             model.setdefault(key, EtcdKeyIndex()).put(rev)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
@@ -13,7 +15,8 @@ R = pb.RangeRequest
 C = pb.Compare
 
 
-def put(pair: Pair, key: bytes, value: bytes = b"v", **kw: object) -> None:
+def put(pair: Pair, key: bytes, value: bytes = b"v", **kw: Any) -> None:
+    """A Put with the given fields (``prev_kv``, ``lease``, ...) on both servers."""
     pair.check("Put", lambda rev: pb.PutRequest(key=key, value=value, **kw))
 
 
@@ -139,7 +142,10 @@ def test_delete_range(pair: Pair, prefix: bytes) -> None:
     pair.check("Range", lambda rev: R(key=prefix + b"a"))
 
 
-def _cmp(key: bytes, target: int, result: int, **value: object) -> pb.Compare:
+def _cmp(
+    key: bytes, target: pb.Compare.CompareTarget, result: pb.Compare.CompareResult, **value: Any
+) -> pb.Compare:
+    """A Compare; ``value``: the one field the target reads (``version=3``, ...)."""
     return C(key=key, target=target, result=result, **value)
 
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from tests.conftest import unique_prefix
-from tests.differential import Outcome, Pair
+from tests.differential import Build, Outcome, Pair
 from tests.servers import Etcd, GeminiServer
 
 pytestmark = pytest.mark.etcd
@@ -21,11 +21,11 @@ R = pb.RangeRequest
 C = pb.Compare
 NAMES = [b"a", b"b", b"c", b"d", b"e"]
 
-Build = Callable[[Callable[[int], int]], object]
+Draw = Callable[..., Any]  # hypothesis's data.draw
 REVISION_SORTS = {R.CREATE: "create_revision", R.MOD: "mod_revision"}
 
 
-def _keys(draw: st.DrawFn, p: bytes) -> tuple[bytes, bytes]:
+def _keys(draw: Draw, p: bytes) -> tuple[bytes, bytes]:
     start = p + draw(st.sampled_from(NAMES))
     kind = draw(st.sampled_from(["one", "range", "open", "prefix"]))
     if kind == "one":
@@ -37,10 +37,10 @@ def _keys(draw: st.DrawFn, p: bytes) -> tuple[bytes, bytes]:
     return start, p + draw(st.sampled_from([*NAMES, b"z"]))
 
 
-def _range(draw: st.DrawFn, p: bytes, top_rev: int) -> Build:
+def _range(draw: Draw, p: bytes, top_rev: int) -> Build:
     key, end = _keys(draw, p)
     rel = draw(st.sampled_from([0, 0, 0, *list(range(1, top_rev + 2))]))
-    fields = dict(
+    fields: dict[str, Any] = dict(
         key=key,
         range_end=end,
         limit=draw(st.sampled_from([0, 0, 1, 2, 3])),
@@ -79,7 +79,7 @@ def _range(draw: st.DrawFn, p: bytes, top_rev: int) -> Build:
     return build
 
 
-def _put(draw: st.DrawFn, p: bytes, in_txn: bool = False) -> Build:
+def _put(draw: Draw, p: bytes, in_txn: bool = False) -> Build:
     key = p + draw(st.sampled_from(NAMES))
     # Inside a txn an earlier delete of the same key makes etcd 3.4 panic (it checks
     # ignore_value before the txn runs); that case is pinned in test_kv_errors.py.
@@ -91,13 +91,13 @@ def _put(draw: st.DrawFn, p: bytes, in_txn: bool = False) -> Build:
     )
 
 
-def _delete(draw: st.DrawFn, p: bytes) -> Build:
+def _delete(draw: Draw, p: bytes) -> Build:
     key, end = _keys(draw, p)
     prev_kv = draw(st.booleans())
     return lambda rev: pb.DeleteRangeRequest(key=key, range_end=end, prev_kv=prev_kv)
 
 
-def _compare(draw: st.DrawFn, p: bytes, top_rev: int) -> Callable[[Callable[[int], int]], C]:
+def _compare(draw: Draw, p: bytes, top_rev: int) -> Callable[[Callable[[int], int]], C]:
     key, end = _keys(draw, p)
     if end == p[:-1] + b"0" or draw(st.booleans()):
         end = b""
@@ -123,7 +123,7 @@ def _compare(draw: st.DrawFn, p: bytes, top_rev: int) -> Callable[[Callable[[int
     return build
 
 
-def _op(draw: st.DrawFn, p: bytes, top_rev: int) -> Callable[[Callable[[int], int]], pb.RequestOp]:
+def _op(draw: Draw, p: bytes, top_rev: int) -> Callable[[Callable[[int], int]], pb.RequestOp]:
     kind = draw(st.sampled_from(["range", "put", "put", "delete"]))
     if kind == "range":
         b = _range(draw, p, top_rev)
@@ -135,7 +135,7 @@ def _op(draw: st.DrawFn, p: bytes, top_rev: int) -> Callable[[Callable[[int], in
     return lambda rev: pb.RequestOp(request_delete_range=b(rev))
 
 
-def _txn(draw: st.DrawFn, p: bytes, top_rev: int) -> Build:
+def _txn(draw: Draw, p: bytes, top_rev: int) -> Build:
     cmps = [_compare(draw, p, top_rev) for _ in range(draw(st.integers(0, 2)))]
     succ = [_op(draw, p, top_rev) for _ in range(draw(st.integers(0, 3)))]
     fail = [_op(draw, p, top_rev) for _ in range(draw(st.integers(0, 2)))]
@@ -164,13 +164,10 @@ def test_random_sequences_match_etcd(etcd: Etcd, gemini: GeminiServer, data: st.
                 "delete": lambda: ("DeleteRange", _delete(draw, p)),
                 "txn": lambda: ("Txn", _txn(draw, p, TOP_REV)),
             }[kind]()
-            etcd, geminikv = pair.call(method, build)  # type: ignore[arg-type]
+            want, got = pair.call(method, build)
             request = build(pair.etcd_rev)  # the sort fields are the same on both sides
-            etcd, geminikv = (
-                _ties_in_key_order(request, etcd),
-                _ties_in_key_order(request, geminikv),
-            )
-            assert geminikv == etcd, f"{method}: etcd {etcd} geminikv {geminikv}"
+            want, got = _ties_in_key_order(request, want), _ties_in_key_order(request, got)
+            assert got == want, f"{method}: etcd {want} geminikv {got}"
     finally:
         e.close()
         g.close()

@@ -11,8 +11,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
-from google.protobuf import descriptor_pb2
-from google.protobuf.message import Message
+from google.protobuf import descriptor_pb2  # type: ignore[import-untyped]
+from google.protobuf.message import Message  # type: ignore[import-untyped]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
@@ -236,7 +236,7 @@ def _strip_debian_proto(text: str) -> str:
 
 
 def _compile_debian(tmp_path: Path) -> descriptor_pb2.FileDescriptorSet:
-    from grpc_tools import protoc
+    from grpc_tools import protoc  # type: ignore[import-untyped]
 
     src_root = tmp_path / "debian"
     for src, dst in DEBIAN_PROTOS.items():

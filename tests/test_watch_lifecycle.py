@@ -24,7 +24,7 @@ def _state(server: GeminiServer) -> tuple[int, int, int, list[str]]:
         ]
         return len(app.watch.streams), len(app.hub.synced), len(app.hub.unsynced), watching
 
-    return server.call(probe)  # type: ignore[no-any-return]
+    return server.call(probe)
 
 
 def _tasks_once(server: GeminiServer, want: tuple[int, int, int]) -> list[str]:
