@@ -147,7 +147,7 @@ def _watch_create(draw: Draw, p: bytes, top: int) -> Build:
             "compacted": -2,
             "huge": I64_MAX,
         }[start]
-        create = pb.WatchCreateRequest(**fields, start_revision=value)  # type: ignore[arg-type]
+        create = pb.WatchCreateRequest(**fields, start_revision=value)
         return W(create_request=create)
 
     return build

@@ -12,6 +12,7 @@ import threading
 import time
 
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
+from geminikv.proto.etcdserverpb import rpc_pb2_grpc
 from geminikv.proto.mvccpb import kv_pb2
 from tests.servers import GeminiServer
 from tests.waiting import eventually
@@ -20,7 +21,7 @@ from tests.watching import WatchClient
 C = pb.Compare
 
 
-def _paged_list(kv, prefix: bytes) -> tuple[int, dict[bytes, kv_pb2.KeyValue]]:  # type: ignore[no-untyped-def]
+def _paged_list(kv: rpc_pb2_grpc.KVStub, prefix: bytes) -> tuple[int, dict[bytes, kv_pb2.KeyValue]]:
     end = prefix[:-1] + bytes([prefix[-1] + 1])
     first = kv.Range(pb.RangeRequest(key=prefix, range_end=end, limit=7))
     rv = first.header.revision

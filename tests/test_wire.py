@@ -5,7 +5,7 @@ shape (a near miss included) left to the generic path, which answers it as etcd 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -23,11 +23,11 @@ M = TypeVar("M", pb.TxnResponse, pb.RangeResponse)
 
 
 def guarded(
-    key: bytes, rev: int, value: bytes = b"v", read: bool = True, **put: object
+    key: bytes, rev: int, value: bytes = b"v", read: bool = True, **put: Any
 ) -> pb.TxnRequest:
     return pb.TxnRequest(
         compare=[C(key=key, target=C.MOD, result=C.EQUAL, mod_revision=rev)],
-        success=[Op(request_put=pb.PutRequest(key=key, value=value, **put))],  # type: ignore[arg-type]
+        success=[Op(request_put=pb.PutRequest(key=key, value=value, **put))],
         failure=[Op(request_range=R(key=key))] if read else [],
     )
 

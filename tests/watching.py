@@ -5,6 +5,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from typing import Any
 
 import grpc
 
@@ -30,15 +31,15 @@ class WatchClient:
             if err.code() != grpc.StatusCode.CANCELLED:
                 self.error = err
 
-    def send(self, **request: object) -> None:
-        self.send_request(pb.WatchRequest(**request))  # type: ignore[arg-type]
+    def send(self, **request: Any) -> None:
+        self.send_request(pb.WatchRequest(**request))
 
     def send_request(self, request: pb.WatchRequest) -> None:
         self._requests.put(request)
 
-    def create(self, **fields: object) -> pb.WatchResponse:
+    def create(self, **fields: Any) -> pb.WatchResponse:
         """Create a watch and return its ``created`` response."""
-        self.send(create_request=pb.WatchCreateRequest(**fields))  # type: ignore[arg-type]
+        self.send(create_request=pb.WatchCreateRequest(**fields))
         resp = self.next()
         assert resp is not None and resp.created, resp
         return resp
