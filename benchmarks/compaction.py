@@ -5,8 +5,9 @@
 Fills Kine's table with ``keys`` keys of ``revisions`` revisions each (1 KiB values),
 then (1) starts geminikv and compacts everything through the Compact RPC (physical)
 while a client keeps reading and writing, and (2) runs Kine's compaction statement
-(kine.md §1.3) on an identical table. Prints totals, the longest statement, the
-client's worst latency during compaction, and the table size before and after VACUUM.
+(its generic driver's CompactSQL) on an identical table. Prints totals, the longest
+statement, the client's worst latency during compaction, and the table size before and
+after VACUUM.
 """
 
 from __future__ import annotations
