@@ -96,10 +96,6 @@ class Unavailable(EtcdError):
     message = "etcdserver: request timed out"
 
 
-class NoLeader(Unavailable):
-    message = "etcdserver: no leader"
-
-
 class ServerStopped(Unavailable):
     message = "etcdserver: server stopped"
 
@@ -114,14 +110,3 @@ class Rewound(Unavailable):
 # Rewound's message when the rebuild is because this process fell behind compaction.
 BEHIND_COMPACTION = "geminikv: this process fell behind compaction; rebuilding the index"
 
-
-class Unimplemented(EtcdError):
-    code = grpc.StatusCode.UNIMPLEMENTED
-
-    def __init__(self, what: str) -> None:
-        super().__init__(f"geminikv: {what} is not implemented")
-
-
-class WatchCanceled(EtcdError):
-    code = grpc.StatusCode.CANCELLED
-    message = "etcdserver: watch canceled"

@@ -98,7 +98,6 @@ class Hub:
         self.unsynced: set[Watcher] = set()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self.on_compacted: Callable[[Watcher, int], None] | None = None
         # True while the index is rebuilt after the database lost revisions (KVStore)
         self.rebuilding: Callable[[], bool] = lambda: False
         follower.subscribers.append(self._publish)
