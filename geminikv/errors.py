@@ -110,3 +110,17 @@ class Rewound(Unavailable):
 # Rewound's message when the rebuild is because this process fell behind compaction.
 BEHIND_COMPACTION = "geminikv: this process fell behind compaction; rebuilding the index"
 
+
+# -- messages that are not raised as errors ------------------------------------------------
+
+# A watch's cancel_reason (etcd's mvcc errors, in WatchResponse.cancel_reason).
+WATCH_EMPTY_RANGE = "mvcc: watcher range is empty"
+WATCH_DUPLICATE_ID = "mvcc: duplicate watch ID provided on the WatchStream"
+
+# Requests that could not be read, with Go gRPC's texts as etcd returns them (INTERNAL):
+# a unary request, and a message of a request stream (``{}``: the decoder's complaint).
+UNDECODABLE_REQUEST = "grpc: error unmarshalling request: {}"
+UNDECODABLE_STREAM_MESSAGE = "grpc: failed to unmarshal the received message: {}"
+
+# Methods geminikv does not serve (UNIMPLEMENTED); ``{}``: Service.Method.
+NOT_IMPLEMENTED = "geminikv: {} is not implemented"
