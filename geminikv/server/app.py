@@ -30,7 +30,8 @@ from geminikv.server.cluster import ClusterService
 from geminikv.server.kv import KVService
 from geminikv.server.lease import LeaseService
 from geminikv.server.maintenance import MaintenanceService
-from geminikv.server.rpc import Identity, UndecodableAsInternal, unimplemented
+from geminikv.server.registration import UndecodableAsInternal
+from geminikv.server.rpc import Identity, unimplemented
 from geminikv.server.watch import WatchService
 from geminikv.storage import database, schema
 from geminikv.storage.embedded import EmbeddedPostgres
