@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from geminikv import errors
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.proto.mvccpb import kv_pb2
 
@@ -29,6 +30,18 @@ def range_end(end: bytes) -> bytes | None:
     if end == b"\x00":
         return b""
     return end
+
+
+def read_revision(current: int, compact: int, revision: int) -> int:
+    """The revision a top-level Range reads at: ``revision``, or ``current`` for 0. etcd
+    refuses a future one and one below the compact revision (the single-key get of the
+    wire path is a Range at 0)."""
+    if revision > current:
+        raise errors.FutureRevision()
+    at = revision if revision > 0 else current
+    if at < compact:
+        raise errors.Compacted()
+    return at
 
 
 def in_range(key: bytes, start: bytes, end: bytes | None) -> bool:
