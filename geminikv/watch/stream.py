@@ -72,18 +72,10 @@ class WatchStream:
         end = range_end(req.range_end)
         current = self.hub.revision
         if end is not None and end != b"" and key >= end:
-            self._control(
-                self._response(
-                    -1, current, created=True, canceled=True, cancel_reason=errors.WATCH_EMPTY_RANGE
-                )
-            )
+            self._refuse(errors.WATCH_EMPTY_RANGE)
             return
         if self.hub.rebuilding():
-            self._control(
-                self._response(
-                    -1, current, created=True, canceled=True, cancel_reason=errors.Rewound.message
-                )
-            )
+            self._refuse(errors.Rewound.message)
             return
         watch_id = req.watch_id
         if watch_id == 0:
@@ -92,15 +84,7 @@ class WatchStream:
             watch_id = self._next_id
             self._next_id += 1
         elif watch_id in self.watchers:
-            self._control(
-                self._response(
-                    -1,
-                    current,
-                    created=True,
-                    canceled=True,
-                    cancel_reason=errors.WATCH_DUPLICATE_ID,
-                )
-            )
+            self._refuse(errors.WATCH_DUPLICATE_ID)
             return
         start = req.start_revision if req.start_revision != 0 else current + 1
         filters = set(req.filters)
@@ -226,6 +210,12 @@ class WatchStream:
         resp = pb.WatchResponse(watch_id=watch_id, **fields)  # type: ignore[arg-type]
         self.fill_header(resp.header, revision)
         return resp
+
+    def _refuse(self, reason: str) -> None:
+        """Answer a create request with a watcher created and canceled at once."""
+        self._control(
+            self._response(-1, self.hub.revision, created=True, canceled=True, cancel_reason=reason)
+        )
 
     def _control(self, resp: pb.WatchResponse) -> None:
         self._push(_Item(_CONTROL, resp))
