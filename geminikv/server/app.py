@@ -30,7 +30,8 @@ from geminikv.server.cluster import ClusterService
 from geminikv.server.kv import KVService
 from geminikv.server.lease import LeaseService
 from geminikv.server.maintenance import MaintenanceService
-from geminikv.server.rpc import Identity, UndecodableAsInternal, unimplemented
+from geminikv.server.registration import UndecodableAsInternal
+from geminikv.server.rpc import Identity, unimplemented
 from geminikv.server.watch import WatchService
 from geminikv.storage import database, schema
 from geminikv.storage.embedded import EmbeddedPostgres
@@ -142,11 +143,10 @@ class App:
             MaintenanceService(self.store, identity, s.emulated_etcd_version), server
         )
         rpc_pb2_grpc.add_ClusterServicer_to_server(ClusterService(self.store, identity), server)
-        self.hub = Hub(self.pool, self.store.index, self.store.follower)
+        store = self.store
+        self.hub = Hub(self.pool, store.index, store.follower, rebuilding=lambda: store.rebuilding)
         await self.hub.start()
         self.store.on_rewind.append(self.hub.cancel_all)
-        store = self.store
-        self.hub.rebuilding = lambda: store.rebuilding
         self.watch = WatchService(self.hub, identity, s.watch_progress_notify_interval)
         self.watch.start()
         rpc_pb2_grpc.add_WatchServicer_to_server(self.watch, server)
