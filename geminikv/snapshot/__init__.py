@@ -5,10 +5,11 @@ memory, ``backend`` lays out etcd's buckets in it, ``stream`` adds the trailer.
 """
 
 from geminikv.snapshot.backend import BackendWriter, KeyRevision, Lease, Meta, write_backend
-from geminikv.snapshot.stream import chunks_with_sha256, save, snapshot_chunks
+from geminikv.snapshot.stream import Chunk, chunks_with_sha256, save, snapshot_chunks
 
 __all__ = [
     "BackendWriter",
+    "Chunk",
     "KeyRevision",
     "Lease",
     "Meta",
