@@ -15,8 +15,8 @@ What etcd 3.4 and 3.5 keep in their backend, and so what a snapshot holds:
 - ``auth``: ``authRevision`` (8-byte big-endian; 1 in a fresh etcd); ``authUsers``,
   ``authRoles``: none here (geminikv has no auth).
 - ``cluster`` (``clusterVersion``), ``members``, ``members_removed``, ``alarm``: restore
-  replaces the members; a cluster version is optional (etcd sets it once it has a leader,
-  and refuses to start below one written).
+  replaces the members; a cluster version is optional (etcd writes it once it has a
+  leader, and an etcd older than the version written refuses to start on the data).
 """
 
 from __future__ import annotations

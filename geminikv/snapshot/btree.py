@@ -82,7 +82,6 @@ class BucketWriter:
         self.threshold = int(pages.page_size * min(max(fill_percent, 0.1), 1.0))
         self.levels = [_Node(leaf=True)]
         self.last_key: bytes | None = None
-        self.count = 0
 
     def put(self, key: bytes, value: bytes, flags: int = 0) -> None:
         if not key or len(key) > MAX_KEY_SIZE:
@@ -90,7 +89,6 @@ class BucketWriter:
         if self.last_key is not None and key <= self.last_key:
             raise ValueError(f"keys out of order: {key!r} after {self.last_key!r}")
         self.last_key = key
-        self.count += 1
         self._add(0, ELEMENT_SIZE + len(key) + len(value), leaf=(flags, key, value))
 
     def _add(
@@ -137,7 +135,7 @@ class BucketWriter:
                 return page_id
             level += 1
 
-    def value(self, inline: bool = True) -> bytes:
+    def value(self) -> bytes:
         """Finish the bucket: its value in the parent bucket.
 
         A bucket that fits a quarter page in one leaf is stored inline, as bbolt stores it:
@@ -145,7 +143,7 @@ class BucketWriter:
         root page.
         """
         leaf = self.levels[0]
-        if inline and len(self.levels) == 1 and leaf.size <= self.pages.page_size // 4:
+        if len(self.levels) == 1 and leaf.size <= self.pages.page_size // 4:
             return BUCKET_HEADER.pack(0, 0) + leaf_page(0, leaf.elements, page_size=0)
         return BUCKET_HEADER.pack(self.root(), 0)
 
