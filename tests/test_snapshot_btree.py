@@ -22,6 +22,8 @@ HEADER = struct.Struct("<QHHI")
 LEAF = struct.Struct("<IIII")
 BRANCH = struct.Struct("<IIQ")
 META = struct.Struct("<IIIIQQQQQQ")
+# etcd opens bbolt with NoFreelistSync: its files name no freelist page
+NO_FREELIST = 2**64 - 1
 
 
 @dataclass
@@ -31,6 +33,7 @@ class Database:
     pages_seen: dict[int, int] = field(default_factory=dict)
     depth: dict[bytes, int] = field(default_factory=dict)
     overflow_pages: int = 0
+    free: list[int] = field(default_factory=list)
 
 
 def read(data: bytes, page_size: int = PAGE_SIZE) -> Database:
@@ -84,8 +87,16 @@ def read(data: bytes, page_size: int = PAGE_SIZE) -> Database:
         return out, deepest
 
     db.pages_seen[0] = db.pages_seen[1] = 1
-    flags, count, _, _ = page(freelist)
-    assert flags == 0x10 and count == 0
+    if freelist != NO_FREELIST:
+        flags, count, _, raw = page(freelist)
+        assert flags == 0x10
+        at = 16
+        if count == 0xFFFF:  # the real count is the first id's slot
+            (count,) = struct.unpack_from("<Q", raw, at)
+            at += 8
+        db.free = list(struct.unpack_from(f"<{count}Q", raw, at))
+        for free in db.free:
+            db.pages_seen[free] = db.pages_seen.get(free, 0) + 1
     top, _ = walk(root)
     for flags, name, value in top:
         assert flags == 0x01, "the root bucket holds buckets only"
@@ -100,7 +111,10 @@ def read(data: bytes, page_size: int = PAGE_SIZE) -> Database:
         keys = [k for _, k, _ in elements]
         assert keys == sorted(keys) and len(set(keys)) == len(keys)
         db.buckets[name] = [(k, v) for _, k, v in elements]
-    assert sorted(db.pages_seen) == list(range(high_water)), "every page reachable"
+    if freelist == NO_FREELIST:  # what bbolt then does: every page not reached is free
+        db.free = [i for i in range(high_water) if i not in db.pages_seen]
+        db.pages_seen.update(dict.fromkeys(db.free, 1))
+    assert sorted(db.pages_seen) == list(range(high_water)), "every page reachable or free"
     assert set(db.pages_seen.values()) == {1}, "no page referenced twice"
     return db
 
@@ -114,6 +128,7 @@ def write(buckets: dict[bytes, list[tuple[bytes, bytes]]], fill: float = 0.9) ->
                 bucket.put(key, value)
     size = writer.finish()
     assert size == len(file.getvalue())
+    assert not read(file.getvalue()).free, "a written file has no free page"
     return file.getvalue()
 
 

@@ -34,9 +34,13 @@ import pytest
 
 from geminikv.proto.etcdserverpb import rpc_pb2, rpc_pb2_grpc
 from geminikv.snapshot import KeyRevision, Lease, Meta, save, snapshot_chunks, write_backend
+from geminikv.snapshot.backend import revision_key
 from tests.servers import Stubs, free_port
+from tests.test_snapshot_btree import read
 
 pytestmark = [pytest.mark.etcd, pytest.mark.etcdctl, pytest.mark.slow]
+
+MEMBER = 0x8E9E05C52164694D  # the member id written in confState (restore replaces it)
 
 
 # ---- the model: etcd's history and what a compaction keeps of it ------------------------
@@ -246,7 +250,7 @@ def snapshot_file(history: tuple[History, int], tmp_path_factory: pytest.TempPat
     path = tmp_path_factory.mktemp("snapshot") / "geminikv.db"
     kept = h.compacted(compact)
     leases = [h.leases[i] for i in sorted(h.leases)]
-    meta = Meta(consistent_index=h.revision, compact_revision=compact)
+    meta = Meta(consistent_index=h.revision, compact_revision=compact, voters=(MEMBER,))
     save(str(path), lambda file: write_backend(file, kept, leases, meta))
     return path
 
@@ -269,7 +273,7 @@ def test_status_counts_and_hashes_what_was_written(
     assert done.returncode == 0, done.stderr
     status = json.loads(done.stdout)
     kept = h.compacted(compact)
-    meta = Meta(consistent_index=h.revision, compact_revision=compact)
+    meta = Meta(consistent_index=h.revision, compact_revision=compact, voters=(MEMBER,))
     leases = [h.leases[i] for i in sorted(h.leases)]
     buckets: dict[bytes, list[tuple[bytes, bytes]]] = {
         b"alarm": [],
@@ -328,12 +332,14 @@ def restore(
 
 
 @contextlib.contextmanager
-def serving(binaries: Etcd, snapshot: Path) -> Iterator[Stubs]:
-    """``snapshot restore`` into a new data dir, and a real etcd serving it."""
+def serving(binaries: Etcd, snapshot: Path | None) -> Iterator[Stubs]:
+    """``snapshot restore`` into a new data dir, and a real etcd serving it (``None``: a
+    new etcd)."""
     work = Path(tempfile.mkdtemp(prefix="geminikv-snap-etcd-"))
     client, peer = free_port(), free_port()
-    done = restore(binaries, snapshot, work / "data", peer)
-    assert done.returncode == 0, done.stderr
+    if snapshot is not None:
+        done = restore(binaries, snapshot, work / "data", peer)
+        assert done.returncode == 0, done.stderr
     log = open(work / "etcd.log", "wb")  # noqa: SIM115
     process = subprocess.Popen(
         [
@@ -598,3 +604,62 @@ def test_a_lone_tombstone_carries_the_current_revision(etcd_binaries: Etcd, tmp_
         assert as_tuples(answer.kvs) == [(b"/registry/a", b"a", 2, 2, 1, 0)]
         put = stubs.kv.Put(rpc_pb2.PutRequest(key=b"/registry/b", value=b"b"))
         assert put.header.revision == 6
+
+
+def test_entries_are_byte_for_byte_those_etcd_writes(etcd_binaries: Etcd, tmp_path: Path) -> None:
+    """A real etcd's own snapshot, read by test_snapshot_btree's reader: its key, lease and
+    meta entries for a short history are the bytes backend.py writes for the same history."""
+    lease = Lease(0x1234, 600)
+    with serving(etcd_binaries, None) as stubs:
+        stubs.lease.LeaseGrant(rpc_pb2.LeaseGrantRequest(ID=lease.id, TTL=lease.ttl))
+        kv = stubs.kv
+        kv.Put(rpc_pb2.PutRequest(key=b"a", value=b"1"))  # 2
+        kv.Put(rpc_pb2.PutRequest(key=b"b", value=b"2", lease=lease.id))  # 3
+        kv.Put(rpc_pb2.PutRequest(key=b"a", value=b"3"))  # 4
+        kv.DeleteRange(rpc_pb2.DeleteRangeRequest(key=b"b"))  # 5
+        put = [
+            rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=k, value=k)) for k in (b"d", b"c")
+        ]
+        kv.Txn(rpc_pb2.TxnRequest(success=put))  # 6: d sub 0, c sub 1
+        kv.DeleteRange(rpc_pb2.DeleteRangeRequest(key=b"c", range_end=b"e"))  # 7: c, d
+        kv.Put(rpc_pb2.PutRequest(key=b"e", value=b"4", lease=lease.id))  # 8
+        kv.Compact(rpc_pb2.CompactionRequest(revision=6, physical=True))
+        path = tmp_path / "etcd.db"
+        endpoint = stubs.target
+        env = {**os.environ, "ETCDCTL_API": "3"}
+        args = ["--endpoints", endpoint, "snapshot", "save", str(path)]
+        done = subprocess.run([etcd_binaries.etcdctl, *args], capture_output=True, env=env)
+        assert done.returncode == 0, done.stderr
+    db = read(path.read_bytes()[:-32])  # without the sha256 trailer
+    history = [
+        KeyRevision(b"a", 4, 0, b"3", 2, 2),
+        KeyRevision(b"d", 6, 0, b"d", 6, 1),
+        KeyRevision(b"c", 6, 1, b"c", 6, 1),
+        KeyRevision(b"c", 7, 0, tombstone=True),
+        KeyRevision(b"d", 7, 1, tombstone=True),
+        KeyRevision(b"e", 8, 0, b"4", 8, 1, lease.id),
+    ]
+    assert db.buckets[b"key"] == [(e.bucket_key(), e.bucket_value()) for e in history]
+    assert db.buckets[b"lease"] == [(lease.bucket_key(), lease.bucket_value())]
+    meta = dict(db.buckets[b"meta"])
+    ours = dict(Meta(consistent_index=1, compact_revision=6, voters=(1,)).entries())
+    assert meta[b"scheduledCompactRev"] == meta[b"finishedCompactRev"] == revision_key(6)
+    # etcd 3.4 keeps no term and no confState
+    assert set(ours) - {b"term", b"confState"} <= set(meta) <= set(ours)
+    if b"confState" in meta:
+        (member,) = json.loads(meta[b"confState"])["voters"]
+        assert meta[b"confState"] == dict(Meta(1, voters=(member,)).entries())[b"confState"]
+    assert all(len(meta[k]) == 8 for k in (b"consistent_index", b"term") if k in meta)
+    assert db.buckets[b"auth"] == [(b"authRevision", (1).to_bytes(8, "big"))]
+    assert set(db.buckets) >= {
+        b"alarm",
+        b"auth",
+        b"authRoles",
+        b"authUsers",
+        b"cluster",
+        b"key",
+        b"lease",
+        b"members",
+        b"members_removed",
+        b"meta",
+    }

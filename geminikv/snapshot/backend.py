@@ -7,7 +7,8 @@ What etcd 3.4 and 3.5 keep in their backend, and so what a snapshot holds:
   for a deletion (tombstone). The value is a serialized ``mvccpb.KeyValue``; a
   tombstone's holds only the key. On start etcd rebuilds its index from this bucket: the
   current revision is the last entry's main revision (or the compact revision if later).
-- ``meta``: ``consistent_index`` and (3.5) ``term``, 8-byte big-endian; after a
+- ``meta``: ``consistent_index`` and (3.5) ``term``, 8-byte big-endian, (3.5)
+  ``confState``, raft's voters as JSON; after a
   compaction ``scheduledCompactRev`` and ``finishedCompactRev``, each a revision (main, 0)
   in the form above.
 - ``lease``: 8-byte big-endian lease id -> ``leasepb.Lease`` (ID, TTL, RemainingTTL).
@@ -43,6 +44,7 @@ MEMBERS_REMOVED = b"members_removed"
 
 CONSISTENT_INDEX = b"consistent_index"
 TERM = b"term"
+CONF_STATE = b"confState"
 SCHEDULED_COMPACT = b"scheduledCompactRev"
 FINISHED_COMPACT = b"finishedCompactRev"
 AUTH_REVISION = b"authRevision"
@@ -132,12 +134,18 @@ class Meta:
     consistent_index: int
     term: int = 1
     compact_revision: int = 0
+    # member ids for ``confState`` (etcd 3.5 keeps raft's ConfState there, as JSON; etcd
+    # 3.6 tells a 3.5 backend from a 3.4 one by it and ``term``); none: not written
+    voters: tuple[int, ...] = ()
 
     def entries(self) -> list[tuple[bytes, bytes]]:
         entries = [
             (CONSISTENT_INDEX, _U64.pack(self.consistent_index)),
             (TERM, _U64.pack(self.term)),
         ]
+        if self.voters:
+            voters = ",".join(str(voter) for voter in self.voters)
+            entries.append((CONF_STATE, b'{"voters":[%s],"auto_leave":false}' % voters.encode()))
         if self.compact_revision:
             # a finished compaction: both marks at the same revision (etcd resumes a
             # compaction on start when scheduled is past finished)

@@ -12,7 +12,10 @@ fill, and the meta pages are written last, so the file must be seekable (a tempo
 when the database is streamed; ``stream.py``).
 
 Layout of a finished file: 0, 1 meta; the buckets' pages, one bucket after another; the
-root bucket's page (one element per bucket, sorted by name); an empty freelist page.
+root bucket's page (one element per bucket, sorted by name); an empty freelist page. (etcd
+runs bbolt with NoFreelistSync, so its own files name no freelist page and bbolt finds the
+free pages by walking every bucket on open; an empty freelist spares that walk, and every
+bbolt version reads it.)
 """
 
 from __future__ import annotations
