@@ -66,22 +66,23 @@ class History:
     def request(
         self, puts: Sequence[tuple[bytes, bytes, int]], deletes: Sequence[bytes] = ()
     ) -> None:
-        self.revision += 1
-        sub = 0
+        revision, sub = self.revision + 1, 0
         for key in deletes:
             if self.live.pop(key, None) is not None:
-                self.events.append(KeyRevision(key, self.revision, sub, tombstone=True))
+                self.events.append(KeyRevision(key, revision, sub, tombstone=True))
                 sub += 1
         for key, value, lease in puts:
             old = self.live.get(key)
             live = Live(
-                old.create if old else self.revision, old.version + 1 if old else 1, value, lease
+                old.create if old else revision, old.version + 1 if old else 1, value, lease
             )
             self.live[key] = live
             self.events.append(
-                KeyRevision(key, self.revision, sub, value, live.create, live.version, lease)
+                KeyRevision(key, revision, sub, value, live.create, live.version, lease)
             )
             sub += 1
+        if sub:  # a request that changes nothing takes no revision
+            self.revision = revision
 
     def revoke(self, lease_id: int) -> None:
         del self.leases[lease_id]
