@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 
 from geminikv import metrics, tasks
-from geminikv.storage.queries import LEADER_LOCK_KEY, SQL
+from geminikv.storage import locks
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +55,13 @@ class Leader:
             conn: asyncpg.Connection | None = None
             try:
                 conn = await self._connect()
-                while not await conn.fetchval(SQL["try_leader_lock"], LEADER_LOCK_KEY):
+                while not await locks.try_leader_lock(conn):
                     await asyncio.sleep(RETRY_LOCK)
                 log.info("this process now runs lease expiry and compaction")
                 self._set(True)
                 while True:
                     waits = [await duty() for duty in self.duties]
-                    await conn.fetchval("SELECT 1")  # the lock lives as long as this session
+                    await locks.ping(conn)  # the lock lives as long as this session
                     self._wake.clear()
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(

@@ -19,7 +19,8 @@ from geminikv import errors, metrics
 from geminikv.mvcc.events import Event
 from geminikv.mvcc.kvstore import KVStore
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
-from geminikv.storage.queries import MAX_LEASE_ID, SQL
+from geminikv.storage import leases as table
+from geminikv.storage.queries import MAX_LEASE_ID
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +51,12 @@ class Leases:
             )
         async with self.pool.acquire() as conn:
             if lease_id:
-                if await conn.fetchval(SQL["lease_grant"], lease_id, ttl) is None:
+                if not await table.grant(conn, lease_id, ttl):
                     raise errors.LeaseExists()
                 return lease_id, ttl
             while True:
                 candidate = random.randint(1, MAX_LEASE_ID)
-                if await conn.fetchval(SQL["lease_grant"], candidate, ttl) is not None:
+                if await table.grant(conn, candidate, ttl):
                     return candidate, ttl
 
     async def revoke(self, lease_id: int) -> pb.LeaseRevokeResponse:
@@ -67,30 +68,31 @@ class Leases:
     async def keep_alive(self, lease_id: int) -> int:
         """The granted TTL after renewing, 0 if the lease is unknown or expired."""
         async with self.pool.acquire() as conn:
-            ttl = await conn.fetchval(SQL["lease_keepalive"], lease_id)
-        return int(ttl) if ttl is not None else 0
+            ttl = await table.keep_alive(conn, lease_id)
+        return ttl if ttl is not None else 0
 
     async def time_to_live(self, lease_id: int, keys: bool) -> pb.LeaseTimeToLiveResponse:
         async with self.pool.acquire() as conn:
-            row = await conn.fetchrow(SQL["lease_get"], lease_id)
+            found = await table.get(conn, lease_id)
         resp = pb.LeaseTimeToLiveResponse(ID=lease_id)
-        if row is None or row[1] <= 0:
+        if found is None or found[1] <= 0:
             resp.TTL = -1
             return resp
-        resp.grantedTTL = row[0]
-        resp.TTL = max(0, row[1] // 1000)
+        granted, remaining_ms = found
+        resp.grantedTTL = granted
+        resp.TTL = max(0, remaining_ms // 1000)
         if keys:
             resp.keys.extend(self.store.index.lease_keys(lease_id))
         return resp
 
     async def leases(self) -> list[int]:
         async with self.pool.acquire() as conn:
-            return [r[0] for r in await conn.fetch(SQL["lease_list"])]
+            return await table.all_ids(conn)
 
     async def count(self) -> int:
         """Leases in the table, granted by any process (the geminikv_leases metric)."""
         async with self.pool.acquire() as conn:
-            return int(await conn.fetchval(SQL["lease_count"]))
+            return await table.count(conn)
 
     # -- expiry (a Leader duty) ----------------------------------------------------------
 
@@ -105,7 +107,7 @@ class Leases:
     async def expire(self) -> float:
         """Revoke every expired lease; returns the seconds until the next may expire."""
         async with self.pool.acquire() as conn:
-            expired = [r[0] for r in await conn.fetch(SQL["leases_expired"], 10_000)]
+            expired = await table.expired(conn, 10_000)
             chunks = [
                 expired[i : i + REVOKES_PER_WRITE]
                 for i in range(0, len(expired), REVOKES_PER_WRITE)
@@ -115,7 +117,7 @@ class Leases:
                 log.info("expired %d leases", len(expired))
                 metrics.LEASES_EXPIRED.inc(len(expired))
             await self._expire_kine_ttls()
-            ms = await conn.fetchval(SQL["lease_next_expiry_ms"])
+            ms = await table.next_expiry_ms(conn)
         wait = 60.0 if ms is None else max(ms, 0) / 1000
         if self._kine_ttl:
             soonest = min(d for d, _ in self._kine_ttl.values()) - time.monotonic()
@@ -151,7 +153,7 @@ class Leases:
             candidates, self._kine_candidates = self._kine_candidates, []
             ids = sorted({e.lease for e in candidates})
             async with self.pool.acquire() as conn:
-                real = {r[0] for r in await conn.fetch(SQL["leases_existing"], ids)}
+                real = await table.existing(conn, ids)
             now = time.monotonic()
             for e in candidates:
                 if e.lease not in real:

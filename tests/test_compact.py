@@ -190,7 +190,7 @@ def test_a_process_behind_compaction_rebuilds_instead_of_missing_a_delete(
         watch = WatchClient(b.stubs())
         watch.create(key=b"/lag/", range_end=b"/lag0")
         # b hears nothing more: no notifications, no poll for a minute
-        b.call(lambda: follower._listen_conn.remove_listener("geminikv", follower._on_notify))
+        b.call(follower.pause_notifications)
         deleted = kva.DeleteRange(pb.DeleteRangeRequest(key=b"/lag/k")).header.revision
         head = kva.Put(pb.PutRequest(key=b"/lag/other", value=b"o")).header.revision
         kva.Compact(pb.CompactionRequest(revision=head, physical=True))
@@ -228,7 +228,7 @@ def test_a_lagging_leader_catches_up_before_it_purges(postgres: Postgres) -> Non
         assert b.app is not None
         follower = b.app.store.follower
         # b hears of new rows only when something wakes its follower
-        b.call(lambda: follower._listen_conn.remove_listener("geminikv", follower._on_notify))
+        b.call(follower.pause_notifications)
         kva = a.stubs().kv
         for i in range(20):
             head = kva.Put(pb.PutRequest(key=b"/ll/k", value=b"%d" % i)).header.revision

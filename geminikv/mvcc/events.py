@@ -18,10 +18,3 @@ class Event:
     value: bytes | None
     prev: tuple[int, int, int, int] | None  # (mod, create, version, lease)
     prev_value: bytes | None
-
-
-# A row as the follower applies it:
-# (id, name, created, deleted, create_revision, prev_revision, lease, version, value, old_value)
-AppliedRow = tuple[
-    int, bytes, int, int, int, int, int, "int | None", "bytes | None", "bytes | None"
-]

@@ -16,17 +16,17 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import asyncpg
 
 from geminikv import errors, metrics, tasks
-from geminikv.mvcc.events import AppliedRow, Event
+from geminikv.mvcc.events import Event
 from geminikv.mvcc.gather import Gather
 from geminikv.mvcc.index import Index, apply_row
 from geminikv.mvcc.values import Values
+from geminikv.storage import kine, notify
 from geminikv.storage.database import CONNECTION_ERRORS
-from geminikv.storage.queries import NOTIFY_CHANNEL, SQL
+from geminikv.storage.rows import Row
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +56,14 @@ class Follower:
         self.values = values
         self.poll_interval = poll_interval
         self.subscribers: list[Callable[[list[Event]], None]] = []
-        self._pending: dict[int, AppliedRow] = {}
+        self._pending: dict[int, Row] = {}
         self._waiters: dict[int, list[asyncio.Future[None]]] = {}
         self._wake = asyncio.Event()
         # Python 3.11's get_running_loop() makes a getpid() system call: once, not per read.
         self._loop = asyncio.get_running_loop()
         self._task: asyncio.Task[None] | None = None
         self._listen_conn: asyncpg.Connection | None = None
+        self._receiver = notify.Receiver(self._on_notice)
         self._gap_seen: tuple[int, float] | None = None
         self._read_waiters: list[asyncio.Future[int]] = []
         self._read_running = False
@@ -95,7 +96,7 @@ class Follower:
 
     async def start(self) -> None:
         self._listen_conn = await self._new_listen_conn()
-        await self._listen_conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
+        await self._receiver.attach(self._listen_conn)
         self._task = asyncio.create_task(self._run(), name="follower")
 
     async def stop(self) -> None:
@@ -104,7 +105,7 @@ class Follower:
         self._task = None
         if self._listen_conn is not None:
             with contextlib.suppress(Exception):
-                await self._listen_conn.remove_listener(NOTIFY_CHANNEL, self._on_notify)
+                await self._receiver.detach(self._listen_conn)
                 await self._close_listen_conn(self._listen_conn)
             self._listen_conn = None
         for futures in self._waiters.values():
@@ -113,16 +114,22 @@ class Follower:
                     fut.cancel()
         self._waiters.clear()
 
+    async def pause_notifications(self) -> None:
+        """Stop hearing other processes' notifications (the poll and reads go on): how a
+        test makes a process fall behind."""
+        if self._listen_conn is not None:
+            await self._receiver.detach(self._listen_conn)
+
     # -- public ------------------------------------------------------------------------
 
-    def apply_local(self, rows: list[AppliedRow]) -> None:
+    def apply_local(self, rows: list[Row]) -> None:
         """Rows this process's writer has just committed (ascending ids)."""
         for row in rows:
-            if row[0] > self.applied:
-                self._pending[row[0]] = row
+            if row.id > self.applied:
+                self._pending[row.id] = row
         self._drain()
         if rows:
-            self._learned(rows[-1][0])
+            self._learned(rows[-1].id)
         if self._pending:
             self._wake.set()
 
@@ -170,7 +177,7 @@ class Follower:
                     # Rows applied while the query runs may be newer than its answer:
                     # only what was applied before it started must be in the table.
                     floor = self.applied
-                    rev = int(await self._listen_conn.fetchval(SQL["current_rev"]))
+                    rev = await kine.current_rev(self._listen_conn)
                     self.check_not_rewound(rev, floor)
                     self._learned(rev)
                 except Exception as err:  # handed to every waiting reader
@@ -248,19 +255,19 @@ class Follower:
         """Look for new rows now (e.g. a batch may have committed without its answer)."""
         self._wake.set()
 
-    def _on_notify(self, _conn: Any, pid: int, _channel: str, payload: str) -> None:
-        if payload.startswith("compacted:"):
-            self._physically_compacted(int(payload.split(":", 1)[1]))
+    def _on_notice(self, pid: int, notice: notify.Notice) -> None:
+        kind, rev = notice
+        if kind is notify.Kind.COMPACTED:
+            assert rev is not None
+            self._physically_compacted(rev)
             return
-        if payload == "compact":
+        if kind is notify.Kind.COMPACT:
             self._refresh_compact = True
             self._wake.set()
             return
         if pid == self.own_writer_pid():
             return
-        try:
-            rev = int(payload)
-        except ValueError:
+        if rev is None:
             rev = _NO_UPPER
         else:
             self._learned(rev)
@@ -311,7 +318,7 @@ class Follower:
                 await self._close_listen_conn(conn)
         try:
             fresh = await self._new_listen_conn()
-            await fresh.add_listener(NOTIFY_CHANNEL, self._on_notify)
+            await self._receiver.attach(fresh)
         except Exception as err:
             log.warning("follower: cannot listen yet (%s)", err)
             return
@@ -320,22 +327,20 @@ class Follower:
 
     async def _read_compact_rev(self) -> None:
         async with self.pool.acquire() as conn:
-            rev = int(await conn.fetchval(SQL["compact_rev"]))
+            rev = await kine.compact_rev(conn)
         if rev > self.index.compact_rev:
             self.index.compact_rev = rev
 
     async def _fetch(self) -> None:
         while True:
             async with self.pool.acquire() as conn:
-                records = await conn.fetch(
-                    SQL["rows_with_values_after"], self.applied, _NO_UPPER, self.fetch_limit
-                )
+                records = await kine.rows_after(conn, self.applied, _NO_UPPER, self.fetch_limit)
             for r in records:
-                if r[0] > self.applied:
-                    self._pending[r[0]] = tuple(r)
+                if r.id > self.applied:
+                    self._pending[r.id] = r
             self._drain()
             if records:
-                self._learned(records[-1][0])
+                self._learned(records[-1].id)
             if self._pending:
                 if await self._gap_waits():
                     return
@@ -354,7 +359,7 @@ class Follower:
             asyncio.get_running_loop().call_later(GAP_GRACE / 2, self._wake.set)
             return True
         async with self.pool.acquire() as conn:
-            compacted = int(await conn.fetchval(SQL["compact_rev"]))
+            compacted = await kine.compact_rev(conn)
             if gap <= compacted:
                 # not a burned id to fill: compaction may have deleted the row (and with
                 # it a delete this index would never see)
@@ -363,7 +368,7 @@ class Follower:
                 self._gap_seen = None
                 return True
             log.info("filling gap at revision %d", gap)
-            await conn.execute(SQL["fill_gap"], gap)
+            await kine.fill_gap(conn, gap)
         self._gap_seen = None
         return False
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -18,7 +19,7 @@ from geminikv.mvcc.values import Values
 from geminikv.mvcc.view import State
 from geminikv.mvcc.writer import Writer
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
-from geminikv.storage.queries import SQL
+from geminikv.storage import kine, locks, notify
 
 log = logging.getLogger(__name__)
 
@@ -78,23 +79,14 @@ class KVStore:
 
     async def _ensure_special_rows(self) -> None:
         """Kine's compact_rev_key row (holds the compact revision) and /registry/health."""
-        conn = self.writer.conn
-        await conn.execute(SQL["begin_locked"])
-        try:
+        async with locks.locked(self.writer.conn) as conn:
             for name, value in ((COMPACT_KEY, b""), (HEALTH_KEY, HEALTH_VALUE)):
-                if not await conn.fetchval(SQL["has_key"], name):
-                    await conn.fetchval(SQL["insert_special"], name, value)
-            await conn.execute("COMMIT")
-        except BaseException:
-            await conn.execute("ROLLBACK")
-            raise
+                await kine.insert_if_missing(conn, name, value)
 
     async def _load_index(self, index: Index | None = None) -> None:
         index = self.index if index is None else index
-        async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
-            index.compact_rev = int(await conn.fetchval(SQL["compact_rev"]))
-            async for r in conn.cursor(SQL["all_rows"], prefetch=20000):
-                apply_row(index, r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7])
+        async with self.pool.acquire() as conn:
+            index.compact_rev = await kine.load_all(conn, functools.partial(apply_row, index))
 
     # -- a database that went back in time --------------------------------------------
 
@@ -248,21 +240,14 @@ class KVStore:
     async def compact(self, req: pb.CompactionRequest) -> pb.CompactionResponse:
         """Logical compaction: reads and watches below the revision fail from now on."""
         self._check_serving()
-        async with self.pool.acquire() as conn:
-            await conn.execute(SQL["begin_locked"])
-            try:
-                current = int(await conn.fetchval(SQL["current_rev"]))
-                compacted = int(await conn.fetchval(SQL["compact_rev"]))
-                if req.revision <= compacted:
-                    raise errors.Compacted()
-                if req.revision > current:
-                    raise errors.FutureRevision()
-                await conn.execute(SQL["set_compact_rev"], req.revision)
-                await conn.execute(SQL["notify"], b"compact")
-                await conn.execute("COMMIT")
-            except BaseException:
-                await conn.execute("ROLLBACK")
-                raise
+        async with self.pool.acquire() as pooled, locks.locked(pooled) as conn:
+            current = await kine.current_rev(conn)
+            if req.revision <= await kine.compact_rev(conn):
+                raise errors.Compacted()
+            if req.revision > current:
+                raise errors.FutureRevision()
+            await kine.set_compact_rev(conn, req.revision)
+            await notify.compact(conn)
         self.index.compact_rev = max(int(self.index.compact_rev), req.revision)
         for callback in self.on_compact:
             callback()
@@ -274,4 +259,4 @@ class KVStore:
 
     async def db_size(self) -> int:
         async with self.pool.acquire() as conn:
-            return int(await conn.fetchval(SQL["db_size"]))
+            return await kine.db_size(conn)

@@ -9,28 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
-from geminikv.mvcc.events import AppliedRow
 from geminikv.mvcc.index import Index
 from geminikv.mvcc.keys import stored_name
 from geminikv.mvcc.ranges import Entry, in_range
+from geminikv.storage.rows import NewRow
 
 State = tuple[int, int, int, int]  # (mod, create, version, lease); version 0 = deleted
-
-# A row to insert, in storage.queries "insert_rows" column order:
-# (id, name, created, deleted, create_revision, prev_revision, lease, value, old_value,
-#  old_known, version)
-NewRow = tuple[int, bytes, int, int, int, int, int, "bytes | None", "bytes | None", bool, int]
-
-
-def as_applied(row: NewRow, old_value: bytes | None) -> AppliedRow:
-    """The follower's form of a row this batch inserted."""
-    rid, name, created, deleted, create_rev, prev_rev, lease, value, _old, _known, version = row
-    return (rid, name, created, deleted, create_rev, prev_rev, lease, version, value, old_value)
 
 
 def gap_row(rid: int) -> NewRow:
     """Kine's filler for a revision that holds no change (kine.md §3.2)."""
-    return (rid, b"gap-%d" % rid, 0, 1, 0, 0, 0, None, None, True, 0)
+    return NewRow(rid, b"gap-%d" % rid, 0, 1, 0, 0, 0, 0, None, None, True)
 
 
 class OutOfIds(Exception):
@@ -138,7 +127,7 @@ class BatchView:
         state = (rid, rid, 1, lease) if prev is None else (rid, prev[1], prev[2] + 1, lease)
         old = self.values.get(prev_row) if prev_in_batch else None
         self.rows.append(
-            (
+            NewRow(
                 rid,
                 stored_name(key),
                 int(prev is None),
@@ -146,10 +135,10 @@ class BatchView:
                 state[1],
                 prev_row,
                 lease,
+                state[2],
                 value,
                 old,
                 prev_in_batch,
-                state[2],
             )
         )
         self._set(key, state)
@@ -160,5 +149,7 @@ class BatchView:
         prev_row, prev_in_batch = self._latest_row(key)
         rid = self._next_id()
         old = self.values.get(prev_row) if prev_in_batch else None
-        self.rows.append((rid, stored_name(key), 0, 1, 0, prev_row, 0, None, old, prev_in_batch, 0))
+        self.rows.append(
+            NewRow(rid, stored_name(key), 0, 1, 0, prev_row, 0, 0, None, old, prev_in_batch)
+        )
         self._set(key, (rid, 0, 0, 0))

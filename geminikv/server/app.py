@@ -32,7 +32,7 @@ from geminikv.server.lease import LeaseService
 from geminikv.server.maintenance import MaintenanceService
 from geminikv.server.rpc import Identity, UndecodableAsInternal, unimplemented
 from geminikv.server.watch import WatchService
-from geminikv.storage import database, schema
+from geminikv.storage import database, kine, schema
 from geminikv.storage.embedded import EmbeddedPostgres
 from geminikv.storage.sqlstats import SqlObserver
 from geminikv.watch.hub import Hub
@@ -234,11 +234,8 @@ class App:
 
     async def _identity(self) -> Identity:
         assert self.writer_conn is not None
-        row = await self.writer_conn.fetchrow(
-            "SELECT current_database()::text, 'kine'::regclass::oid::bigint"
-        )
-        assert row is not None
-        cluster = _id64("cluster", bytes(row[0]).decode(), str(row[1]))
+        name, table_oid = await kine.identity(self.writer_conn)
+        cluster = _id64("cluster", name, str(table_oid))
         host = socket.gethostname()
         member = _id64("member", host, self.settings.listen_address)
         return Identity(cluster, member, host, self.address.client_url)
