@@ -36,7 +36,7 @@ class Leases:
         self.is_leader = False
         self._kine_ttl: dict[bytes, tuple[float, int]] = {}  # key → (deadline, mod revision)
         self._kine_candidates: list[Event] = []
-        store.follower.subscribers.append(self._on_events)
+        store.applier.subscribers.append(self._on_events)
 
     # -- RPCs --------------------------------------------------------------------------
 

@@ -244,7 +244,7 @@ def test_a_lagging_leader_catches_up_before_it_purges(postgres: Postgres) -> Non
 
 async def _wake_leader(server: GeminiServer) -> None:
     assert server.app is not None
-    await server.app.store.follower._read_compact_rev()
+    await server.app.store.compaction.refresh()
     server.app.leader.wake()
 
 

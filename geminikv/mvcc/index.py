@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+
+import asyncpg
+
 from geminikv._native.index import Index, KeyHistory
 from geminikv.mvcc.keys import COMPACT_KEY, GAP_PREFIX, key_of
+from geminikv.storage import kine
 
-__all__ = ["Index", "KeyHistory", "apply_row", "is_special"]
+__all__ = ["Index", "KeyHistory", "apply_row", "is_special", "load"]
 
 
 def is_special(name: bytes, created: int, deleted: int, prev_revision: int) -> bool:
@@ -34,3 +39,9 @@ def apply_row(
     if deleted:
         return key, index.delete(key, rid)
     return key, index.put(key, rid, lease or 0, bool(created), create_revision or 0, version or 0)
+
+
+async def load(pool: asyncpg.Pool, index: Index) -> None:
+    """Fill an empty ``index`` from the table (one snapshot), compact revision included."""
+    async with pool.acquire() as conn:
+        index.compact_rev = await kine.load_all(conn, functools.partial(apply_row, index))

@@ -1,8 +1,7 @@
-"""The key-value store: start-up, reads, writes through the writer, logical compaction."""
+"""The key-value store: start-up, reads, writes through the writer, compaction."""
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import time
@@ -10,16 +9,24 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 
-from geminikv import errors, tasks
+from geminikv import errors
+from geminikv.mvcc import index as index_mod
 from geminikv.mvcc import ranges, txn
+from geminikv.mvcc.applier import Applier
+from geminikv.mvcc.compaction import Compaction
 from geminikv.mvcc.follower import FETCH_LIMIT, Follower
-from geminikv.mvcc.index import Index, apply_row
+from geminikv.mvcc.gaps import Gaps
+from geminikv.mvcc.index import Index
 from geminikv.mvcc.keys import COMPACT_KEY, check_writable
+from geminikv.mvcc.lag import Lag
+from geminikv.mvcc.read_index import ReadIndex
+from geminikv.mvcc.rewind import Rewind
 from geminikv.mvcc.values import Values
 from geminikv.mvcc.view import State
 from geminikv.mvcc.writer import Writer
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
-from geminikv.storage import kine, locks, notify
+from geminikv.storage import kine, locks
+from geminikv.storage.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -28,40 +35,67 @@ HEALTH_VALUE = b'{"health":"true"}'
 
 
 class KVStore:
+    """The store every service calls: reads from the index, writes through the writer,
+    compaction. It builds and owns the MVCC parts (see each module)."""
+
     def __init__(
         self,
         pool: asyncpg.Pool,
-        writer_conn: asyncpg.Connection,
+        session: Session,
         poll_interval: float = 1.0,
         value_cache_bytes: int = 128 * 1024 * 1024,
-        reconnect: Callable[[], Awaitable[asyncpg.Connection]] | None = None,
+        listen_connect: Callable[[], Awaitable[asyncpg.Connection]] | None = None,
         batch_wait: float = 0.0,
         poll_batch_size: int = FETCH_LIMIT,
     ) -> None:
         self.pool = pool
+        self.session = session
         self.index = Index()
         self.values = Values(pool, value_cache_bytes)
+        self.lag = Lag(self.index)
+        self.applier = Applier(self.index, self.values, self.lag)
+        self.compaction = Compaction(pool, self.index)
+        self.gaps = Gaps(pool)
+        self.rewind = Rewind(
+            self.index,
+            functools.partial(index_mod.load, pool),
+            self.applier,
+            self.values,
+            self.compaction,
+            self.gaps,
+        )
         self.follower = Follower(
-            pool, self.index, self.values, poll_interval, reconnect, batch_wait, poll_batch_size
+            pool,
+            self.applier,
+            self.lag,
+            self.compaction,
+            self.gaps,
+            self.rewind,
+            session.pid,
+            poll_interval,
+            listen_connect,
+            poll_batch_size,
+        )
+        self.reads = ReadIndex(
+            self.follower.listener,
+            self.applier,
+            self.lag,
+            self.rewind,
+            self.follower.wait_for,
+            self.follower.catch_up,
+            batch_wait,
         )
         self.writer = Writer(
-            writer_conn, self.index, self.follower, self.values, reconnect, batch_wait
+            session, self.index, self.follower, self.rewind, self.values, batch_wait
         )
         self.on_compact: list[Callable[[], None]] = []  # told of every logical compaction
-        # told (with a reason) when the database lost revisions this process served
-        self.on_rewind: list[Callable[[str], None]] = []
-        self.rebuilding = False
-        self.rebuild_message = errors.Rewound.message
-        self._rebuild_task: asyncio.Task[None] | None = None
-        self.follower.on_rewind = self.rewound
-        self.follower.on_behind_compaction = self.behind_compaction
 
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
         await self._ensure_special_rows()
         started = time.monotonic()
-        await self._load_index()
+        await index_mod.load(self.pool, self.index)
         log.info(
             "index loaded: %d keys, revision %d, compact revision %d (%.2fs)",
             self.index.live,
@@ -73,75 +107,27 @@ class KVStore:
         await self.writer.start()
 
     async def stop(self) -> None:
-        await tasks.stop(self._rebuild_task)
+        await self.rewind.stop()
         await self.writer.stop()
         await self.follower.stop()
 
     async def _ensure_special_rows(self) -> None:
         """Kine's compact_rev_key row (holds the compact revision) and /registry/health."""
-        async with locks.locked(self.writer.conn) as conn:
+        async with locks.locked(self.session.conn) as conn:
             for name, value in ((COMPACT_KEY, b""), (HEALTH_KEY, HEALTH_VALUE)):
                 await kine.insert_if_missing(conn, name, value)
 
-    async def _load_index(self, index: Index | None = None) -> None:
-        index = self.index if index is None else index
-        async with self.pool.acquire() as conn:
-            index.compact_rev = await kine.load_all(conn, functools.partial(apply_row, index))
+    @property
+    def rebuilding(self) -> bool:
+        """The index is being rebuilt (see rewind.py): requests fail meanwhile."""
+        return self.rewind.rebuilding
 
-    # -- a database that went back in time --------------------------------------------
-
-    def rewound(self, newest: int) -> None:
-        """PostgreSQL's newest revision is below the one this process applied: it was
-        restored from an older backup or failed over to a lagging replica. Stop serving
-        the lost future, cancel every watch, rebuild the index from the table."""
-        self._resync(
-            f"geminikv: the database revision went backwards from {int(self.index.rev)} "
-            f"to {newest} (restored from a backup, or failed over to a lagging replica); "
-            "watch again from a current revision",
-            errors.Rewound.message,
-        )
-
-    def behind_compaction(self, missing: int, compacted: int) -> None:
-        """Revision ``missing`` is not in the table and the table is compacted to
-        ``compacted`` >= it: the rows this process had yet to apply may have been deleted
-        (a delete's tombstone among them), so they cannot be replayed. Rebuild instead."""
-        self._resync(
-            f"geminikv: this process fell behind compaction (revision {missing} not applied, "
-            f"compacted to {compacted}); watch again from a current revision",
-            errors.BEHIND_COMPACTION,
-        )
-
-    def _resync(self, reason: str, message: str) -> None:
-        """Stop serving, cancel every watch with ``reason``, rebuild the index; requests
-        meanwhile fail with Unavailable and ``message``."""
-        if self.rebuilding:
-            return
-        log.error("%s; rebuilding the index", reason.removeprefix("geminikv: "))
-        self.rebuilding = True
-        self.rebuild_message = message
-        for callback in self.on_rewind:
-            callback(reason)
-        self._rebuild_task = asyncio.create_task(self._rebuild(), name="index-rebuild")
-
-    async def _rebuild(self) -> None:
-        while True:
-            try:
-                fresh = Index()
-                await self._load_index(fresh)
-                break
-            except Exception as err:  # e.g. PostgreSQL still restarting: try again
-                log.warning("rebuilding the index failed (%s); retrying", err)
-                await asyncio.sleep(1.0)
-        self.follower.reset(self.rebuild_message)
-        self.values.clear()
-        self.writer.reset()
-        self.index.take(fresh)  # in one step: no request sees a half-built index
-        self.rebuilding = False
-        log.info("index rebuilt: %d keys, revision %d", self.index.live, self.index.rev)
+    @property
+    def on_rewind(self) -> list[Callable[[str], None]]:
+        return self.rewind.on_rewind
 
     def _check_serving(self) -> None:
-        if self.rebuilding:
-            raise errors.Rewound(self.rebuild_message)
+        self.rewind.check_serving()
 
     # -- reads -------------------------------------------------------------------------
 
@@ -149,7 +135,7 @@ class KVStore:
         txn.check_range(req)
         self._check_serving()
         if not req.serializable:
-            await self.follower.read_index(urgent=bool(req.range_end))
+            await self.reads.read(urgent=bool(req.range_end))
         index = self.index
         rev = int(index.rev)
         if req.revision > rev:
@@ -178,7 +164,7 @@ class KVStore:
         the key's (mod, create, version, lease) or None when absent, its value)."""
         self._check_serving()
         if not serializable:
-            await self.follower.read_index(urgent=False)
+            await self.reads.read(urgent=False)
         index = self.index
         rev = int(index.rev)
         if rev < index.compact_rev:
@@ -240,19 +226,11 @@ class KVStore:
     async def compact(self, req: pb.CompactionRequest) -> pb.CompactionResponse:
         """Logical compaction: reads and watches below the revision fail from now on."""
         self._check_serving()
-        async with self.pool.acquire() as pooled, locks.locked(pooled) as conn:
-            current = await kine.current_rev(conn)
-            if req.revision <= await kine.compact_rev(conn):
-                raise errors.Compacted()
-            if req.revision > current:
-                raise errors.FutureRevision()
-            await kine.set_compact_rev(conn, req.revision)
-            await notify.compact(conn)
-        self.index.compact_rev = max(int(self.index.compact_rev), req.revision)
+        current = await self.compaction.compact(req.revision)
         for callback in self.on_compact:
             callback()
         if req.physical:
-            await self.follower.wait_compacted(req.revision)
+            await self.compaction.wait_physical(req.revision)
         resp = pb.CompactionResponse()
         resp.header.revision = current
         return resp

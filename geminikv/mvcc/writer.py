@@ -29,12 +29,14 @@ from geminikv import errors, metrics, tasks
 from geminikv.mvcc.follower import Follower
 from geminikv.mvcc.gather import Gather
 from geminikv.mvcc.index import Index
+from geminikv.mvcc.rewind import Rewind
 from geminikv.mvcc.txn import Evaluator, Leases
 from geminikv.mvcc.values import Values
 from geminikv.mvcc.view import BatchView, OutOfIds, gap_row
 from geminikv.storage import kine, leases, locks, notify
 from geminikv.storage.queries import MAX_LEASE_ID
 from geminikv.storage.rows import NewRow
+from geminikv.storage.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -101,38 +103,30 @@ class LiveLeases:
 class Writer:
     def __init__(
         self,
-        conn: asyncpg.Connection,
+        session: Session,
         index: Index,
         follower: Follower,
+        rewind: Rewind,
         values: Values,
-        reconnect: Callable[[], Awaitable[asyncpg.Connection]] | None = None,
         batch_wait: float = 0.0,
     ) -> None:
-        self.conn = conn
-        self.reconnect = reconnect
+        self.session = session
         self.index = index
         self.follower = follower
+        self.rewind = rewind
         self.values = values
         self._queue: asyncio.Queue[_Request] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._last_id = 0
+        self._generation = rewind.generation
         self._answering: set[asyncio.Task[None]] = set()
         self._gather = Gather(batch_wait, MAX_BATCH)
         # Python 3.11's get_running_loop() makes a getpid() system call: once here, not per call.
         self._loop = asyncio.get_running_loop()
-        follower.own_writer_pid = self._backend_pid
 
-    def _conn_unusable(self) -> bool:
-        """Closed, or still inside a transaction after a failed batch (its ROLLBACK
-        failed too): a one-round-trip batch sent on it would answer before committing."""
-        return bool(self.conn.is_closed() or self.conn.is_in_transaction())
-
-    def _backend_pid(self) -> int | None:
-        return None if self.conn.is_closed() else int(self.conn.get_server_pid())
-
-    def reset(self) -> None:
-        """The index is being rebuilt: forget the last id drawn (only a guess anyway)."""
-        self._last_id = 0
+    @property
+    def conn(self) -> asyncpg.Connection:
+        return self.session.conn
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="writer")
@@ -174,7 +168,9 @@ class Writer:
                 for req in batch:
                     if not req.future.done():
                         req.future.set_exception(_as_etcd_error(err))
-                if self._conn_unusable():
+                # a one-round-trip batch sent on a connection left in a transaction
+                # would answer before committing
+                if self.session.unusable():
                     self.conn.terminate()
                     await self._reconnect()
                 continue
@@ -200,10 +196,10 @@ class Writer:
                 req = self._queue.get_nowait()
                 if not req.future.done():
                     req.future.set_exception(errors.Unavailable())
-            if self.reconnect is None:
+            if not self.session.can_reconnect:
                 raise errors.Unavailable()
             try:
-                self.conn = await self.reconnect()
+                await self.session.reconnect()
                 log.info("writer reconnected to PostgreSQL")
                 return
             except Exception as err:
@@ -226,6 +222,10 @@ class Writer:
     async def _run_batch(self, batch: list[_Request]) -> int:
         """Evaluate and commit one batch; returns the last revision the callers must see."""
         metrics.WRITER_BATCH.observe(len(batch))
+        if self._generation != self.rewind.generation:
+            # the index was rebuilt: forget the last id drawn (only a guess anyway)
+            self._generation = self.rewind.generation
+            self._last_id = 0
         if (
             self._last_id <= self.follower.applied
             and not self.conn.is_in_transaction()  # autocommit is what makes it durable
@@ -268,7 +268,7 @@ class Writer:
         async with locks.locked(self.conn) as conn:
             current = await kine.current_rev(conn)
             # Under the writer lock every applied row is committed: current >= applied.
-            self.follower.check_not_rewound(current, self.follower.applied)
+            self.rewind.check(current, self.follower.applied)
             await self.follower.wait_for(current)
             batch_leases = await self._leases(batch)
             view, rows = await self._evaluate_with_ids(

@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
@@ -34,6 +35,7 @@ from geminikv.server.rpc import Identity, UndecodableAsInternal, unimplemented
 from geminikv.server.watch import WatchService
 from geminikv.storage import database, kine, schema
 from geminikv.storage.embedded import EmbeddedPostgres
+from geminikv.storage.session import Session
 from geminikv.storage.sqlstats import SqlObserver
 from geminikv.watch.hub import Hub
 
@@ -123,12 +125,16 @@ class App:
         self.pool = await database.create_pool(
             backend, s.datastore_max_open_connections, s.datastore_connection_max_idle_time
         )
+
+        def reconnect() -> Awaitable[asyncpg.Connection]:
+            return database.connect_once(backend)
+
         self.store = KVStore(
             self.pool,
-            self.writer_conn,
+            Session(self.writer_conn, reconnect),
             s.poll_interval,
             s.value_cache_size * 1024 * 1024,
-            reconnect=lambda: database.connect_once(backend),
+            listen_connect=reconnect,
             batch_wait=s.batch_wait,
             poll_batch_size=s.poll_batch_size,
         )
@@ -218,7 +224,7 @@ class App:
             self.health.loop_beat = now
             metrics.TASKS.set(len(asyncio.all_tasks()))
             try:
-                rev = await asyncio.wait_for(self.store.follower.read_index(), 2.0)
+                rev = await asyncio.wait_for(self.store.reads.read(), 2.0)
                 self.health.database_ok = time.monotonic()
                 self.health.caught_up = self.store.follower.applied >= rev
                 if now - last_size > 30:
@@ -267,7 +273,7 @@ class App:
                 await asyncio.wait_for(self.pool.close(), 5)
         if self.store is not None:
             with contextlib.suppress(Exception):
-                await self.store.writer.conn.close()
+                await self.store.session.close()
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)
 
