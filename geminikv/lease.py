@@ -144,8 +144,9 @@ class Leases:
             for key in index.lease_keys(lease):
                 state = index.get(key, rev)
                 if state is not None:
+                    mod, create, version, _ = state
                     self._kine_candidates.append(
-                        Event(state[0], key, False, state[1], state[2], lease, None, None, None)
+                        Event(mod, key, False, create, version, lease, None, None, None)
                     )
 
     async def _expire_kine_ttls(self) -> None:

@@ -16,7 +16,7 @@ from geminikv.mvcc.events import Event
 from geminikv.mvcc.index import Index, apply_row
 from geminikv.mvcc.lag import Lag
 from geminikv.mvcc.values import Values
-from geminikv.storage.rows import Row
+from geminikv.storage.rows import CREATE, LEASE, VERSION, Row
 
 Subscriber = Callable[[list[Event]], None]
 
@@ -99,9 +99,9 @@ class Applier:
                         rid,
                         key,
                         bool(deleted),
-                        latest[1],
-                        latest[2],
-                        latest[3],
+                        latest[CREATE],
+                        latest[VERSION],
+                        latest[LEASE],
                         None if deleted else (value or b""),
                         prev,
                         (old or b"") if prev is not None else None,

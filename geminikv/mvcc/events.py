@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from geminikv.storage.rows import State
+
 
 @dataclass(frozen=True, slots=True)
 class Event:
@@ -16,5 +18,5 @@ class Event:
     version: int
     lease: int
     value: bytes | None
-    prev: tuple[int, int, int, int] | None  # (mod, create, version, lease)
+    prev: State | None
     prev_value: bytes | None

@@ -9,6 +9,7 @@ import asyncpg
 from geminikv._native.index import Index, KeyHistory
 from geminikv.mvcc.keys import COMPACT_KEY, GAP_PREFIX, key_of
 from geminikv.storage import kine
+from geminikv.storage.rows import State
 
 __all__ = ["Index", "KeyHistory", "apply_row", "is_special", "load"]
 
@@ -30,8 +31,9 @@ def apply_row(
     prev_revision: int,
     lease: int,
     version: int | None,
-) -> tuple[bytes, tuple[int, int, int, int] | None] | None:
-    """Apply one row; returns (key, previous live revision) or None for special rows."""
+) -> tuple[bytes, State | None] | None:
+    """Apply one row; returns (key, the key's previous live State) or None for special
+    rows."""
     if is_special(name, created, deleted, prev_revision):
         index.skip(rid)
         return None

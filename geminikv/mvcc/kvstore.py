@@ -22,10 +22,10 @@ from geminikv.mvcc.lag import Lag
 from geminikv.mvcc.read_index import ReadIndex
 from geminikv.mvcc.rewind import Rewind
 from geminikv.mvcc.values import Values
-from geminikv.mvcc.view import State
 from geminikv.mvcc.writer import Writer
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.storage import kine, locks
+from geminikv.storage.rows import State
 from geminikv.storage.session import Session
 
 log = logging.getLogger(__name__)
@@ -172,9 +172,9 @@ class KVStore:
         entries = index.range(key, None, rev, 0)[0]
         if not entries:
             return rev, None, b""
-        entry = entries[0]
-        value = (await self._values(entries))[entry[1]]
-        return rev, (entry[1], entry[2], entry[3], entry[4]), value
+        _key, mod, create, version, lease = entries[0]
+        value = (await self._values(entries))[mod]
+        return rev, (mod, create, version, lease), value
 
     async def _values(self, entries: list[ranges.Entry]) -> dict[int, bytes]:
         if not entries:

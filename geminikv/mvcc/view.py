@@ -11,10 +11,10 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 from geminikv.mvcc.index import Index
 from geminikv.mvcc.keys import stored_name
-from geminikv.mvcc.ranges import Entry, in_range
-from geminikv.storage.rows import NewRow
+from geminikv.mvcc.ranges import in_range
+from geminikv.storage.rows import CREATE, MOD, VERSION, Entry, NewRow, State
 
-State = tuple[int, int, int, int]  # (mod, create, version, lease); version 0 = deleted
+__all__ = ["BatchView", "OutOfIds", "State", "gap_row"]
 
 
 def gap_row(rid: int) -> NewRow:
@@ -73,7 +73,7 @@ class BatchView:
         state = self.overlay.get(key)
         if state is None:
             state = self.index.get(key, self.base_rev)
-        return state if state is not None and state[2] else None
+        return state if state is not None and state[VERSION] else None
 
     def range(self, start: bytes, end: bytes | None) -> list[Entry]:
         """Live keys in [start, end) at the current state, in key order."""
@@ -86,7 +86,7 @@ class BatchView:
         merged = {e[0]: e for e in entries}
         for key, state in self.overlay.items():
             if in_range(key, start, end):
-                if state[2]:
+                if state[VERSION]:
                     merged[key] = (key, *state)
                 else:
                     merged.pop(key, None)
@@ -117,14 +117,17 @@ class BatchView:
         """(id of the key's newest row, whether that row is in this batch)."""
         state = self.overlay.get(key)
         if state is not None:
-            return state[0], True
+            return state[MOD], True
         return int(self.index.latest_row(key)), False
 
     def put(self, key: bytes, value: bytes, lease: int) -> State:
         prev = self.get(key)
         prev_row, prev_in_batch = self._latest_row(key)
         rid = self._next_id()
-        state = (rid, rid, 1, lease) if prev is None else (rid, prev[1], prev[2] + 1, lease)
+        if prev is None:
+            state = (rid, rid, 1, lease)
+        else:
+            state = (rid, prev[CREATE], prev[VERSION] + 1, lease)
         old = self.values.get(prev_row) if prev_in_batch else None
         self.rows.append(
             NewRow(
@@ -132,10 +135,10 @@ class BatchView:
                 stored_name(key),
                 int(prev is None),
                 0,
-                state[1],
+                state[CREATE],
                 prev_row,
                 lease,
-                state[2],
+                state[VERSION],
                 value,
                 old,
                 prev_in_batch,

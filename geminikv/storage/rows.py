@@ -1,26 +1,29 @@
 """The shapes a revision takes, one type each: a row of Kine's table, a row to insert, and a
 key's state at a revision (what the index holds).
 
-All are named tuples: a tuple on the hot paths (built and unpacked as fast), with names
-for every reader. The SQL column lists in ``queries.py`` are made from these fields, so a
-statement and the type its rows arrive in cannot disagree.
+Rows are named tuples: tuples on the hot paths (unpacked as fast), with names for every
+reader. The SQL column lists in ``queries.py`` are made from their fields, so a statement
+and the type its rows arrive in cannot disagree. States are built in Cython, so they are
+plain tuples with named positions.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+State = tuple[int, int, int, int]
+"""A key at one revision, as the index holds it (etcd's KeyValue without key and value):
+(mod, create, version, lease). ``mod`` is the row id that wrote it; ``create`` the create
+revision of the key's generation; ``version`` 1 on create, +1 per put, 0 on a tombstone.
+The Cython index holds it as ``struct Rev`` (``_native/index.pxd``). A plain tuple: the
+wire encoders (``_native/kvwire.pyx``) take exactly a tuple, and the index builds one per
+read (a named tuple built from Cython costs 25 ns more per get)."""
+MOD, CREATE, VERSION, LEASE = range(4)  # State's fields
 
-class State(NamedTuple):
-    """A key at one revision, as the index holds it (etcd's KeyValue without key and value).
 
-    ``version`` 0 marks a tombstone (the key deleted at ``mod``). The Cython index
-    (``_native/index.pyx``) returns these as plain 4-tuples in this order."""
-
-    mod: int  # the row id that wrote it: the mod revision
-    create: int  # create revision of the key's generation (0 on a tombstone)
-    version: int  # 1 on create, +1 per put
-    lease: int
+Entry = tuple[bytes, int, int, int, int]
+"""A key and its State, as ranges over the index return them: (key, mod, create, version,
+lease). A plain tuple: a range builds one per key."""
 
 
 class Row(NamedTuple):
