@@ -16,6 +16,7 @@ import time
 
 from geminikv import metrics
 from geminikv.config import Settings
+from geminikv.mvcc.follower import Follower
 from geminikv.mvcc.kvstore import KVStore
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.storage import kine, notify
@@ -26,8 +27,9 @@ DELETE_BATCH = 500  # ids per DELETE: milliseconds per statement on any table si
 
 
 class Compactor:
-    def __init__(self, store: KVStore, settings: Settings) -> None:
+    def __init__(self, store: KVStore, follower: Follower, settings: Settings) -> None:
         self.store = store
+        self.follower = follower
         self.interval = settings.compact_interval
         self.min_retain = settings.compact_min_retain
         self.batch_revisions = max(settings.compact_batch_size, 100)
@@ -48,10 +50,10 @@ class Compactor:
         """Leader duty: finish physical compaction, then automatic compaction if due."""
         target = int(self.store.index.compact_rev)
         if target > self.done:
-            if self.store.follower.applied < target:
+            if self.follower.applied < target:
                 # the plan comes from the index: rows it has yet to apply would be left
                 # in the table for good (the index forgets compacted history)
-                self.store.follower.catch_up()
+                self.follower.catch_up()
                 return 0.2
             await self.purge(target)
         if self.interval > 0:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import asyncpg
 
@@ -26,12 +26,19 @@ MAX_SLEEP = 0.5
 
 
 class Leader:
-    def __init__(self, connect: Callable[[], Awaitable[asyncpg.Connection]]) -> None:
+    def __init__(
+        self,
+        connect: Callable[[], Awaitable[asyncpg.Connection]],
+        duties: Sequence[Duty],
+        on_change: Sequence[Callable[[bool], None]],
+        wake: asyncio.Event | None = None,
+    ) -> None:
         self._connect = connect
-        self.duties: list[Duty] = []
-        self.on_change: list[Callable[[bool], None]] = []
+        self.duties = tuple(duties)
+        self.on_change = tuple(on_change)  # told when this process starts or stops leading
         self.is_leader = False
-        self._wake = asyncio.Event()
+        # set to run the duties now (e.g. by a compaction, before the leader exists)
+        self._wake = asyncio.Event() if wake is None else wake
         self._task: asyncio.Task[None] | None = None
 
     def wake(self) -> None:

@@ -2,27 +2,24 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Collection
+from typing import Any
 
 import asyncpg
 
 from geminikv import errors
 from geminikv.mvcc import index as index_mod
 from geminikv.mvcc import ranges, txn
-from geminikv.mvcc.applier import Applier
 from geminikv.mvcc.compaction import Compaction
-from geminikv.mvcc.follower import FETCH_LIMIT, Follower
-from geminikv.mvcc.gaps import Gaps
+from geminikv.mvcc.follower import Follower
 from geminikv.mvcc.index import Index
 from geminikv.mvcc.keys import COMPACT_KEY, check_writable
-from geminikv.mvcc.lag import Lag
 from geminikv.mvcc.read_index import ReadIndex
-from geminikv.mvcc.rewind import Rewind
+from geminikv.mvcc.rewind import Rebuilding, Rewind
 from geminikv.mvcc.values import Values
-from geminikv.mvcc.writer import Writer
+from geminikv.mvcc.writer import Operation, Writer
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.storage import kine, locks
 from geminikv.storage.rows import State
@@ -35,60 +32,35 @@ HEALTH_VALUE = b'{"health":"true"}'
 
 
 class KVStore:
-    """The store every service calls: reads from the index, writes through the writer,
-    compaction. It builds and owns the MVCC parts (see each module)."""
+    """The store the services call: reads from the index, writes through the writer,
+    compaction. Its parts are built in ``server/app.py`` (``build``); it starts and stops
+    them."""
 
     def __init__(
         self,
         pool: asyncpg.Pool,
         session: Session,
-        poll_interval: float = 1.0,
-        value_cache_bytes: int = 128 * 1024 * 1024,
-        listen_connect: Callable[[], Awaitable[asyncpg.Connection]] | None = None,
-        batch_wait: float = 0.0,
-        poll_batch_size: int = FETCH_LIMIT,
+        index: Index,
+        values: Values,
+        follower: Follower,
+        reads: ReadIndex,
+        writer: Writer,
+        compaction: Compaction,
+        rewind: Rewind,
+        rebuilding: Rebuilding,
+        on_compact: Callable[[], None] = lambda: None,
     ) -> None:
         self.pool = pool
         self.session = session
-        self.index = Index()
-        self.values = Values(pool, value_cache_bytes)
-        self.lag = Lag(self.index)
-        self.applier = Applier(self.index, self.values, self.lag)
-        self.compaction = Compaction(pool, self.index)
-        self.gaps = Gaps(pool)
-        self.rewind = Rewind(
-            self.index,
-            functools.partial(index_mod.load, pool),
-            self.applier,
-            self.values,
-            self.compaction,
-            self.gaps,
-        )
-        self.follower = Follower(
-            pool,
-            self.applier,
-            self.lag,
-            self.compaction,
-            self.gaps,
-            self.rewind,
-            session.pid,
-            poll_interval,
-            listen_connect,
-            poll_batch_size,
-        )
-        self.reads = ReadIndex(
-            self.follower.listener,
-            self.applier,
-            self.lag,
-            self.rewind,
-            self.follower.wait_for,
-            self.follower.catch_up,
-            batch_wait,
-        )
-        self.writer = Writer(
-            session, self.index, self.follower, self.rewind, self.values, batch_wait
-        )
-        self.on_compact: list[Callable[[], None]] = []  # told of every logical compaction
+        self.index = index
+        self.values = values
+        self.follower = follower
+        self.reads = reads
+        self.writer = writer
+        self.compaction = compaction
+        self.rewind = rewind
+        self.rebuilding = rebuilding
+        self._on_compact = on_compact  # told of every logical compaction (the leader)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -117,17 +89,8 @@ class KVStore:
             for name, value in ((COMPACT_KEY, b""), (HEALTH_KEY, HEALTH_VALUE)):
                 await kine.insert_if_missing(conn, name, value)
 
-    @property
-    def rebuilding(self) -> bool:
-        """The index is being rebuilt (see rewind.py): requests fail meanwhile."""
-        return self.rewind.rebuilding
-
-    @property
-    def on_rewind(self) -> list[Callable[[str], None]]:
-        return self.rewind.on_rewind
-
     def _check_serving(self) -> None:
-        self.rewind.check_serving()
+        self.rebuilding.check()
 
     # -- reads -------------------------------------------------------------------------
 
@@ -227,13 +190,18 @@ class KVStore:
         """Logical compaction: reads and watches below the revision fail from now on."""
         self._check_serving()
         current = await self.compaction.compact(req.revision)
-        for callback in self.on_compact:
-            callback()
+        self._on_compact()
         if req.physical:
             await self.compaction.wait_physical(req.revision)
         resp = pb.CompactionResponse()
         resp.header.revision = current
         return resp
+
+    async def write(
+        self, operation: Operation, leases: Collection[int] = (), revokes: Collection[int] = ()
+    ) -> Any:
+        """Any other write (lease revocation and expiry): see ``Writer.submit``."""
+        return await self.writer.submit(operation, leases, revokes)
 
     async def db_size(self) -> int:
         async with self.pool.acquire() as conn:

@@ -26,6 +26,25 @@ log = logging.getLogger(__name__)
 RETRY = 1.0  # seconds between attempts to load the table
 
 
+class Rebuilding:
+    """Whether the index is being rebuilt: set by ``Rewind``, read by whoever serves
+    (the store, the watch hub). A flag of its own, so both can be built before Rewind."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.message = errors.Rewound.message  # what requests fail with meanwhile
+        # counts finished rebuilds: the writer forgets its guess of the next id on a change
+        self.generation = 0
+
+    def __call__(self) -> bool:
+        return self.active
+
+    def check(self) -> None:
+        """Requests fail with Unavailable while the index is rebuilt."""
+        if self.active:
+            raise errors.Rewound(self.message)
+
+
 class Rewind:
     def __init__(
         self,
@@ -35,6 +54,8 @@ class Rewind:
         values: Values,
         compaction: Compaction,
         gaps: Gaps,
+        rebuilding: Rebuilding,
+        cancel_watches: Callable[[str], None],
     ) -> None:
         self.index = index
         self._load = load  # fills a fresh index from the table
@@ -42,23 +63,12 @@ class Rewind:
         self.values = values
         self.compaction = compaction
         self.gaps = gaps
-        # told (with a reason) when the database lost revisions this process served
-        self.on_rewind: list[Callable[[str], None]] = []
-        self.rebuilding = False
-        self.message = errors.Rewound.message
-        # counts finished rebuilds: the writer forgets its guess of the next id on a change
-        self.generation = 0
+        self.rebuilding = rebuilding
+        self._cancel_watches = cancel_watches  # with the reason they end
         self._task: asyncio.Task[None] | None = None
 
     async def stop(self) -> None:
         await tasks.stop(self._task)
-
-    def is_rebuilding(self) -> bool:
-        return self.rebuilding
-
-    def check_serving(self) -> None:
-        if self.rebuilding:
-            raise errors.Rewound(self.message)
 
     def check(self, newest: int, applied: int) -> None:
         """``newest`` is PostgreSQL's newest revision, read after ``applied`` was applied
@@ -85,13 +95,12 @@ class Rewind:
         )
 
     def _resync(self, reason: str, message: str) -> None:
-        if self.rebuilding:
+        if self.rebuilding.active:
             return
         log.error("%s; rebuilding the index", reason.removeprefix("geminikv: "))
-        self.rebuilding = True
-        self.message = message
-        for callback in self.on_rewind:
-            callback(reason)
+        self.rebuilding.active = True
+        self.rebuilding.message = message
+        self._cancel_watches(reason)
         self._task = asyncio.create_task(self._rebuild(), name="index-rebuild")
 
     async def _rebuild(self) -> None:
@@ -104,11 +113,11 @@ class Rewind:
                 log.warning("rebuilding the index failed (%s); retrying", err)
                 await asyncio.sleep(RETRY)
         # all in one step: no request sees a half-built index or a stale pending row
-        self.applier.reset(self.message)
+        self.applier.reset(self.rebuilding.message)
         self.compaction.reset()
         self.gaps.clear()
         self.values.clear()
-        self.generation += 1
+        self.rebuilding.generation += 1
         self.index.take(fresh)
-        self.rebuilding = False
+        self.rebuilding.active = False
         log.info("index rebuilt: %d keys, revision %d", self.index.live, self.index.rev)

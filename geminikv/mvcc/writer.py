@@ -29,7 +29,7 @@ from geminikv import errors, metrics, tasks
 from geminikv.mvcc.follower import Follower
 from geminikv.mvcc.gather import Gather
 from geminikv.mvcc.index import Index
-from geminikv.mvcc.rewind import Rewind
+from geminikv.mvcc.rewind import Rebuilding, Rewind
 from geminikv.mvcc.txn import Evaluator, Leases
 from geminikv.mvcc.values import Values
 from geminikv.mvcc.view import BatchView, OutOfIds, gap_row
@@ -107,6 +107,7 @@ class Writer:
         index: Index,
         follower: Follower,
         rewind: Rewind,
+        rebuilding: Rebuilding,
         values: Values,
         batch_wait: float = 0.0,
     ) -> None:
@@ -114,11 +115,12 @@ class Writer:
         self.index = index
         self.follower = follower
         self.rewind = rewind
+        self.rebuilding = rebuilding
         self.values = values
         self._queue: asyncio.Queue[_Request] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._last_id = 0
-        self._generation = rewind.generation
+        self._generation = rebuilding.generation
         self._answering: set[asyncio.Task[None]] = set()
         self._gather = Gather(batch_wait, MAX_BATCH)
         # Python 3.11's get_running_loop() makes a getpid() system call: once here, not per call.
@@ -222,9 +224,9 @@ class Writer:
     async def _run_batch(self, batch: list[_Request]) -> int:
         """Evaluate and commit one batch; returns the last revision the callers must see."""
         metrics.WRITER_BATCH.observe(len(batch))
-        if self._generation != self.rewind.generation:
+        if self._generation != self.rebuilding.generation:
             # the index was rebuilt: forget the last id drawn (only a guess anyway)
-            self._generation = self.rewind.generation
+            self._generation = self.rebuilding.generation
             self._last_id = 0
         if (
             self._last_id <= self.follower.applied

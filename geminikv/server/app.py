@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import hashlib
 import logging
@@ -11,7 +12,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
@@ -23,8 +24,19 @@ from geminikv import metrics, tasks
 from geminikv.compact import Compactor
 from geminikv.config import Settings
 from geminikv.leader import Leader
-from geminikv.lease import Leases
+from geminikv.lease import KineTtls, Leases
+from geminikv.mvcc.applier import Applier
+from geminikv.mvcc.compaction import Compaction
+from geminikv.mvcc.follower import Follower
+from geminikv.mvcc.gaps import Gaps
+from geminikv.mvcc.index import Index
+from geminikv.mvcc.index import load as load_index
 from geminikv.mvcc.kvstore import KVStore
+from geminikv.mvcc.lag import Lag
+from geminikv.mvcc.read_index import ReadIndex
+from geminikv.mvcc.rewind import Rebuilding, Rewind
+from geminikv.mvcc.values import Values
+from geminikv.mvcc.writer import Writer
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
 from geminikv.server import wire
 from geminikv.server.cluster import ClusterService
@@ -85,6 +97,97 @@ def _id64(*parts: str) -> int:
     return int.from_bytes(digest, "big") & ((1 << 63) - 1) or 1
 
 
+@dataclass(frozen=True, slots=True)
+class Parts:
+    """What ``build`` makes that the App starts, serves and stops."""
+
+    store: KVStore
+    hub: Hub
+    leases: Leases
+    compactor: Compactor
+    leader: Leader
+
+
+def build(
+    settings: Settings,
+    pool: asyncpg.Pool,
+    session: Session,
+    reconnect: Callable[[], Awaitable[asyncpg.Connection]],
+    connect: Callable[[], Awaitable[asyncpg.Connection]],
+) -> Parts:
+    """The whole object graph, each part given what it talks to (as etcd's NewServer).
+
+    ``session``: the writer's connection; ``reconnect``: one attempt at a new connection
+    (the writer's and the listener's after an outage); ``connect``: a connection, waiting
+    for PostgreSQL (the leader's session)."""
+    s = settings
+    index = Index()
+    values = Values(pool, s.value_cache_size * 1024 * 1024)
+    lag = Lag(index)
+    kine_ttls = KineTtls(index)
+    applier = Applier(index, values, lag, subscribers=[kine_ttls.on_events])
+    compaction = Compaction(pool, index)
+    gaps = Gaps(pool)
+    rebuilding = Rebuilding()
+
+    def cancel_watches(reason: str) -> None:
+        hub.cancel_all(reason)  # the hub is made below: it still needs the follower
+
+    rewind = Rewind(
+        index,
+        functools.partial(load_index, pool),
+        applier,
+        values,
+        compaction,
+        gaps,
+        rebuilding,
+        cancel_watches,
+    )
+    follower = Follower(
+        pool,
+        applier,
+        lag,
+        compaction,
+        gaps,
+        rewind,
+        session.pid,
+        s.poll_interval,
+        reconnect,
+        s.poll_batch_size,
+    )
+    reads = ReadIndex(
+        follower.listener, applier, lag, rewind, follower.wait_for, follower.catch_up, s.batch_wait
+    )
+    writer = Writer(session, index, follower, rewind, rebuilding, values, s.batch_wait)
+    leader_wake = asyncio.Event()  # a compaction wakes the leader to purge the rows
+    store = KVStore(
+        pool,
+        session,
+        index,
+        values,
+        follower,
+        reads,
+        writer,
+        compaction,
+        rewind,
+        rebuilding,
+        on_compact=leader_wake.set,
+    )
+    # Until Hub takes (pool, index, rebuilding) and is an applier subscriber, it
+    # subscribes itself to the follower, and is told of rebuilds here.
+    hub = Hub(pool, index, follower)
+    hub.rebuilding = rebuilding
+    leases = Leases(store, kine_ttls)
+    compactor = Compactor(store, follower, s)
+    leader = Leader(
+        connect,
+        duties=[leases.expire, compactor.run],
+        on_change=[leases.leadership, compactor.leadership],
+        wake=leader_wake,
+    )
+    return Parts(store, hub, leases, compactor, leader)
+
+
 class App:
     """Everything one geminikv process runs; ``start`` then ``wait`` then ``stop``."""
 
@@ -129,15 +232,12 @@ class App:
         def reconnect() -> Awaitable[asyncpg.Connection]:
             return database.connect_once(backend)
 
-        self.store = KVStore(
-            self.pool,
-            Session(self.writer_conn, reconnect),
-            s.poll_interval,
-            s.value_cache_size * 1024 * 1024,
-            listen_connect=reconnect,
-            batch_wait=s.batch_wait,
-            poll_batch_size=s.poll_batch_size,
-        )
+        def connect() -> Awaitable[asyncpg.Connection]:
+            return database.connect(backend)
+
+        parts = build(s, self.pool, Session(self.writer_conn, reconnect), reconnect, connect)
+        self.store, self.hub, self.leases = parts.store, parts.hub, parts.leases
+        self.compactor, self.leader = parts.compactor, parts.leader
         await self.store.start()
         identity = await self._identity()
 
@@ -148,20 +248,10 @@ class App:
             MaintenanceService(self.store, identity, s.emulated_etcd_version), server
         )
         rpc_pb2_grpc.add_ClusterServicer_to_server(ClusterService(self.store, identity), server)
-        self.hub = Hub(self.pool, self.store.index, self.store.follower)
         await self.hub.start()
-        self.store.on_rewind.append(self.hub.cancel_all)
-        store = self.store
-        self.hub.rebuilding = lambda: store.rebuilding
         self.watch = WatchService(self.hub, identity, s.watch_progress_notify_interval)
         self.watch.start()
         rpc_pb2_grpc.add_WatchServicer_to_server(self.watch, server)
-        self.leases = Leases(self.store)
-        self.compactor = Compactor(self.store, s)
-        self.leader = Leader(lambda: database.connect(backend))
-        self.leader.duties += [self.leases.expire, self.compactor.run]
-        self.leader.on_change += [self.leases.leadership, self.compactor.leadership]
-        self.store.on_compact.append(self.leader.wake)
         await self.leader.start()
         rpc_pb2_grpc.add_LeaseServicer_to_server(LeaseService(self.leases, identity), server)
         rpc_pb2_grpc.add_AuthServicer_to_server(
