@@ -14,8 +14,10 @@ WORKDIR /src
 COPY pyproject.toml setup.py README.md constraints.txt ./
 COPY proto ./proto
 COPY geminikv ./geminikv
+# The wheel carries the benchmark harness's code (as geminikv_bench, ~100 KB); its
+# dependencies are the optional bench extra, which the image leaves out.
 COPY benchmarks ./benchmarks
-# Every dependency at the version CI tested (constraints.txt)
+# The server and its runtime dependencies, at the versions CI tested (constraints.txt)
 RUN pip wheel --no-cache-dir --constraint constraints.txt --wheel-dir /wheels .
 
 FROM python:3.11-slim

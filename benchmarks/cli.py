@@ -19,10 +19,11 @@ from typing import Any
 import grpc
 import psutil
 
-from benchmarks import report, runner, watch
-from benchmarks.targets import EtcdTarget, ExternalTarget, GeminiTarget, NullTarget, Target
-from benchmarks.workloads import WORKLOADS, Params
 from geminikv import __version__
+
+from . import report, runner, watch
+from .targets import EtcdTarget, ExternalTarget, GeminiTarget, NullTarget, Target
+from .workloads import WORKLOADS, Params
 
 # Workloads the null target can answer meaningfully (fixed responses, no storage).
 NULL_WORKLOADS = {"create", "update", "get", "get-serializable"}

@@ -1,12 +1,13 @@
 """Compaction at scale, and Kine's single DELETE on the same table for comparison.
 
-    python -m benchmarks.compaction --keys 100000 --revisions 11
+    python -m geminikv_bench.compaction --keys 100000 --revisions 11
 
 Fills Kine's table with ``keys`` keys of ``revisions`` revisions each (1 KiB values),
 then (1) starts geminikv and compacts everything through the Compact RPC (physical)
 while a client keeps reading and writing, and (2) runs Kine's compaction statement
-(kine.md §1.3) on an identical table. Prints totals, the longest statement, the
-client's worst latency during compaction, and the table size before and after VACUUM.
+(its generic driver's CompactSQL) on an identical table. Prints totals, the longest
+statement, the client's worst latency during compaction, and the table size before and
+after VACUUM.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ import time
 import asyncpg
 import grpc
 
-from benchmarks import tables
-from benchmarks.targets import GeminiTarget
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
 from geminikv.storage.embedded import EmbeddedPostgres
+
+from . import tables
+from .targets import GeminiTarget
 
 PREFIX = "/registry/c/"
 KINE_COMPACT = """

@@ -1,6 +1,6 @@
 """Memory: resident memory holding 100 000 keys of 1 KiB, geminikv (+ its PostgreSQL) and etcd.
 
-    python -m benchmarks.memory [--keys 100000]
+    python -m geminikv_bench.memory [--keys 100000]
 
 Each target is started empty, loaded with the keys (create txns, 64 at a time), then
 measured after a full read of every key (so caches hold what a serving process holds):
@@ -19,8 +19,8 @@ import sys
 import grpc
 import psutil
 
-from benchmarks.targets import EtcdTarget, GeminiTarget, Target
-from benchmarks.workloads import Calls, Params, paged_list, prefix_end, prepare_keys
+from .targets import EtcdTarget, GeminiTarget, Target
+from .workloads import Calls, Params, paged_list, prefix_end, prepare_keys
 
 PREFIX = b"/registry/memory/"
 
@@ -58,7 +58,7 @@ def measure(target: Target, keys: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.memory")
+    parser = argparse.ArgumentParser(prog="python -m geminikv_bench.memory")
     parser.add_argument("--keys", type=int, default=100_000)
     args = parser.parse_args(argv)
     results = {"keys": args.keys, "geminikv": measure(GeminiTarget(), args.keys)}

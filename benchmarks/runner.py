@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import multiprocessing as mp
 import os
-import shutil
 import threading
 import time
 from array import array
@@ -21,7 +20,7 @@ from typing import Any
 
 import grpc
 
-from benchmarks.workloads import WORKLOADS, Calls, Params
+from .workloads import WORKLOADS, Calls, Params
 
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", -1),
@@ -162,7 +161,3 @@ def run(
 async def setup(endpoint: str, workload: str, params: Params) -> None:
     async with grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS) as channel:
         await WORKLOADS[workload].setup(Calls(channel), params)
-
-
-def taskset_available() -> bool:
-    return shutil.which("taskset") is not None

@@ -1,6 +1,6 @@
 """Soak: Kubernetes-shaped traffic for a long time, watching for slow leaks.
 
-    python -m benchmarks.soak --minutes 30
+    python -m geminikv_bench.soak --minutes 30
 
 Runs geminikv (embedded PostgreSQL) under kube-apiserver's mix (get, optimistic update,
 create, delete, paged list) on a bounded set of objects, watchers on the whole prefix,
@@ -29,9 +29,10 @@ import grpc
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.targets import GeminiTarget, free_port
-from benchmarks.workloads import WORKLOADS, Calls, Params, create_txn, paged_list, prefix_end
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
+
+from .targets import GeminiTarget, free_port
+from .workloads import WORKLOADS, Calls, Params, create_txn, paged_list, prefix_end
 
 PREFIX = b"/registry/soak/"
 SAMPLE_SECONDS = 10.0
@@ -214,7 +215,7 @@ async def run(minutes: float, out: Path, clients: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.soak", description=__doc__.split("\n")[0]
+        prog="python -m geminikv_bench.soak", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--clients", type=int, default=16)

@@ -1,6 +1,6 @@
 """Start-up time on a large table, and single-client put/get latency.
 
-    python -m benchmarks.startup --keys 100000 --history 0
+    python -m geminikv_bench.startup --keys 100000 --history 0
 
 Fills a fresh embedded PostgreSQL with ``keys`` keys (1 KiB values) and ``history``
 extra revisions per key, in Kine's row layout, then times ``geminikv`` from launch to
@@ -18,11 +18,12 @@ import time
 
 import grpc
 
-from benchmarks import tables
-from benchmarks.targets import GeminiTarget
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
 from geminikv.storage.embedded import EmbeddedPostgres
+
+from . import tables
+from .targets import GeminiTarget
 
 PREFIX = "/registry/bench/"
 

@@ -9,9 +9,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import psutil
+
+# This package's import name: geminikv_bench when installed, benchmarks in a checkout.
+HARNESS = __name__.rpartition(".")[0]
 
 
 def free_port() -> int:
@@ -52,7 +55,6 @@ class Target:
     process: subprocess.Popen[bytes] | None = None
     workdir: str | None = None
     cpu_list: str | None = None  # taskset CPU list for the server
-    notes: dict[str, str] = field(default_factory=dict)
 
     def start(self) -> Target:
         return self
@@ -154,7 +156,8 @@ class NullTarget(Target):
     def start(self) -> Target:
         self.workdir = tempfile.mkdtemp(prefix="bench-null-")
         port = free_port()
-        self._spawn([sys.executable, "-m", "benchmarks.null_server", f"127.0.0.1:{port}"], port)
+        server = f"{HARNESS}.null_server"
+        self._spawn([sys.executable, "-m", server, f"127.0.0.1:{port}"], port)
         return self
 
 

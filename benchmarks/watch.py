@@ -15,9 +15,10 @@ from multiprocessing.synchronize import Event as EventT
 
 import grpc
 
-from benchmarks.runner import CHANNEL_OPTIONS
-from benchmarks.workloads import prefix_end
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
+
+from .runner import CHANNEL_OPTIONS
+from .workloads import prefix_end
 
 
 async def _watchers(

@@ -1,4 +1,5 @@
-"""The request shapes kube-apiserver sends (contract §1), as benchmark workloads.
+"""The request shapes kube-apiserver sends (its storage/etcd3 store and watcher), as
+benchmark workloads.
 
 A workload has an optional ``setup`` (run once per target, from the main process) and a
 ``client`` coroutine factory: each client repeats one operation until the deadline. All

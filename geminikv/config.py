@@ -35,6 +35,25 @@ _FALSE = ("0", "f", "false", "no", "off")
 # needs a number, and PostgreSQL's default max_connections (100) is the real limit then.
 UNLIMITED_CONNECTIONS = 100
 
+# -- tuning: fixed values, not settings ----------------------------------------------------
+
+# etcd's limits on requests
+MAX_REQUEST_BYTES = 1536 * 1024  # etcd's --max-request-bytes default (1.5 MiB)
+GRPC_MAX_RECEIVE_BYTES = MAX_REQUEST_BYTES + 512 * 1024  # etcd's gRPC overhead allowance
+MAX_TXN_OPS = 128  # etcd's --max-txn-ops default
+
+# Batching: how long a write batch or a linearizable read's revision check may wait for
+# more requests to share it (--batch-wait's default).
+BATCH_WAIT = 0.005
+
+# Watch delivery
+WATCH_CATCH_UP_ROWS = 1000  # etcd batches at most 1000 revisions per catch-up response
+WATCH_MAX_QUEUED_EVENTS = 2000  # per watcher; beyond it the watcher catches up from the table
+WATCH_IDLE_RECHECK = 1.0  # seconds the catch-up task waits for a stream to drain, at most
+WATCH_RETRY_DELAY = 0.5  # seconds before the catch-up task retries a failed read
+WATCH_MAX_RESPONSE_BYTES = MAX_REQUEST_BYTES  # fragments are cut at etcd's max request size
+WATCH_COALESCE_SECONDS = 0.002  # a busy stream lets events gather this long between writes
+
 
 def parse_duration(text: str) -> float:
     """Seconds in a Go duration ("5s", "1m30s", "100ms", "-1s"); a bare number is seconds."""
@@ -135,7 +154,7 @@ class Settings:
     datastore_connection_max_lifetime: float = 0.0
     datastore_connection_max_idle_time: float = 120.0
     value_cache_size: int = 128
-    batch_wait: float = 0.005
+    batch_wait: float = BATCH_WAIT
     slow_sql_threshold: float = 1.0
     slow_sql_warning_threshold: float = 5.0
     log_format: str = "plain"

@@ -96,10 +96,6 @@ class Unavailable(EtcdError):
     message = "etcdserver: request timed out"
 
 
-class NoLeader(Unavailable):
-    message = "etcdserver: no leader"
-
-
 class ServerStopped(Unavailable):
     message = "etcdserver: server stopped"
 
@@ -115,13 +111,16 @@ class Rewound(Unavailable):
 BEHIND_COMPACTION = "geminikv: this process fell behind compaction; rebuilding the index"
 
 
-class Unimplemented(EtcdError):
-    code = grpc.StatusCode.UNIMPLEMENTED
+# -- messages that are not raised as errors ------------------------------------------------
 
-    def __init__(self, what: str) -> None:
-        super().__init__(f"geminikv: {what} is not implemented")
+# A watch's cancel_reason (etcd's mvcc errors, in WatchResponse.cancel_reason).
+WATCH_EMPTY_RANGE = "mvcc: watcher range is empty"
+WATCH_DUPLICATE_ID = "mvcc: duplicate watch ID provided on the WatchStream"
 
+# Requests that could not be read, with Go gRPC's texts as etcd returns them (INTERNAL):
+# a unary request, and a message of a request stream (``{}``: the decoder's complaint).
+UNDECODABLE_REQUEST = "grpc: error unmarshalling request: {}"
+UNDECODABLE_STREAM_MESSAGE = "grpc: failed to unmarshal the received message: {}"
 
-class WatchCanceled(EtcdError):
-    code = grpc.StatusCode.CANCELLED
-    message = "etcdserver: watch canceled"
+# Methods geminikv does not serve (UNIMPLEMENTED); ``{}``: Service.Method.
+NOT_IMPLEMENTED = "geminikv: {} is not implemented"

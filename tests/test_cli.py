@@ -6,12 +6,14 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import tomllib
 from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
 from geminikv import __version__
+from geminikv.cli import BENCH_MODULES, main
 from geminikv.config import UNLIMITED_CONNECTIONS, Settings, no_effect, parse_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -350,3 +352,39 @@ def test_the_command_logs_a_flag_without_effect_at_start_up() -> None:
     lines = [line for line in done.stderr.splitlines() if "--metrics-enable-profiling" in line]
     assert len(lines) == 1 and "WARNING" in lines[0] and "no effect" in lines[0], done.stderr
     assert "invalid listen address" in done.stderr
+
+
+# -- geminikv bench: the harness is the optional `bench` extra ---------------------------
+
+
+def test_bench_names_the_extra_when_it_is_missing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if never installed
+    assert main(["bench", "--quick"]) == 1
+    err = capsys.readouterr().err
+    assert "(missing: matplotlib)" in err
+    assert "pip install 'geminikv[bench]'" in err
+
+
+def test_bench_modules_are_the_bench_extra() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extra = project["optional-dependencies"]["bench"]
+    assert sorted(re.split(r"[<>=!~ ;\[]", req)[0] for req in extra) == sorted(BENCH_MODULES)
+    assert not set(BENCH_MODULES) & {
+        re.split(r"[<>=!~ ;\[]", r)[0] for r in project["dependencies"]
+    }
+
+
+def test_bench_runs_from_any_directory(tmp_path: Path) -> None:
+    """The installed harness (geminikv_bench), not this checkout's benchmarks/ directory."""
+    done = subprocess.run(
+        [sys.executable, "-m", "geminikv", "bench", "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: geminikv bench")

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from geminikv._native.kvwire import parse_guarded_put, parse_key_get
-from geminikv.mvcc.txn import MAX_REQUEST_BYTES
+from geminikv.config import MAX_REQUEST_BYTES
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from tests.differential import Pair
 from tests.servers import Stubs

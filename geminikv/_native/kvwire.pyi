@@ -18,18 +18,17 @@ def encode_header_prefix(cluster_id: int, member_id: int) -> bytes: ...
 def encode_txn_answer(
     header_prefix: bytes,
     raft_term: int,
+    request: GuardedPut,
     succeeded: bool,
     revision: int,
-    read_on_failure: bool,
-    key: bytes,
     found: tuple[int, int, int, int] | None,
     value: bytes,
 ) -> bytes: ...
 def encode_get_answer(
     header_prefix: bytes,
     raft_term: int,
-    revision: int,
     key: bytes,
+    revision: int,
     found: tuple[int, int, int, int] | None,
     value: bytes,
 ) -> bytes: ...

@@ -6,6 +6,11 @@ The shapes: ``Txn{compare: [MOD(key) == rev], success: [Put{key, value, lease}],
 [] or [Range{key}]}`` on one key, no other field set (its create and update, leased for
 Events), and ``Range{key}`` (its get). The parsers return None for anything else: the
 generic path then parses it, and reports malformed bytes.
+
+The parsers recognise shapes and enforce no rule: a request that a rule could refuse
+(an empty key, one over the size limit the caller passes) is not the shape, so the
+generic path refuses it; the rules left for the shape are mvcc/txn.py's
+(``check_guarded_put``, ``Evaluator.guarded_put``), as for any Txn.
 """
 
 from libc.stdint cimport int64_t, uint64_t
@@ -280,16 +285,17 @@ cdef bytes _revision_header(int64_t revision):
 def encode_txn_answer(
     bytes header_prefix,
     int64_t raft_term,
+    GuardedPut request,
     bint succeeded,
     int64_t revision,
-    bint read_on_failure,
-    bytes key,
     tuple found,
     bytes value,
 ):
-    """The TxnResponse for a GuardedPut. ``header_prefix``: the ResponseHeader's cluster
+    """The TxnResponse for ``request``. ``header_prefix``: the ResponseHeader's cluster
     and member id fields, already encoded. ``found``: on failure, the key's (mod, create,
     version, lease), or None when it does not exist; ``value`` its value."""
+    cdef bytes key = request.key
+    cdef bint read_on_failure = request.read_on_failure
     cdef bytes nested_header = _revision_header(revision)
     cdef bytearray out = bytearray()
     cdef bytearray inner = bytearray()
@@ -361,7 +367,7 @@ def parse_key_get(bytes data):
     return out
 
 
-def encode_get_answer(bytes header_prefix, int64_t raft_term, int64_t revision, bytes key,
+def encode_get_answer(bytes header_prefix, int64_t raft_term, bytes key, int64_t revision,
                       tuple found, bytes value):
     """The RangeResponse of a single-key get: ``found`` is the key's (mod, create,
     version, lease) or None when it does not exist."""

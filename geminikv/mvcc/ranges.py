@@ -1,10 +1,14 @@
-"""etcd's Range rules shared by top-level Range and ranges inside a Txn (apply.go Range)."""
+"""etcd's Range rules shared by top-level Range and ranges inside a Txn (apply.go Range),
+and the one builder of etcd's KeyValue from a key's state (watch events use it too; the
+wire-format answers of _native/kvwire.pyx write the same fields)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from geminikv import errors
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
+from geminikv.proto.mvccpb import kv_pb2
 
 # (key, mod, create, version, lease)
 Entry = tuple[bytes, int, int, int, int]
@@ -26,6 +30,18 @@ def range_end(end: bytes) -> bytes | None:
     if end == b"\x00":
         return b""
     return end
+
+
+def read_revision(current: int, compact: int, revision: int) -> int:
+    """The revision a top-level Range reads at: ``revision``, or ``current`` for 0. etcd
+    refuses a future one and one below the compact revision (the single-key get of the
+    wire path is a Range at 0)."""
+    if revision > current:
+        raise errors.FutureRevision()
+    at = revision if revision > 0 else current
+    if at < compact:
+        raise errors.Compacted()
+    return at
 
 
 def in_range(key: bytes, start: bytes, end: bytes | None) -> bool:
@@ -95,10 +111,20 @@ def select(
     return entries, more
 
 
+def key_value(
+    key: bytes, mod: int, create: int, version: int, lease: int, value: bytes
+) -> kv_pb2.KeyValue:
+    """One KeyValue: ``key_value(*entry, value)`` or ``key_value(key, *state, value)``."""
+    return kv_pb2.KeyValue(
+        key=key, create_revision=create, mod_revision=mod, version=version, lease=lease, value=value
+    )
+
+
 def add_key_values(into: Any, entries: list[Entry], values: dict[int, bytes] | None) -> None:
     """Append a KeyValue per entry to the repeated field ``into``; ``values`` None means
-    keys only. Built in place with ``add``: no second copy of a large response (a 100 MB
-    list) and about a third faster than building messages and extending with them."""
+    keys only. ``key_value``'s fields, built in place with ``add``: no second copy of a
+    large response (a 100 MB list) and about a third faster than building messages and
+    extending with them (so the loop does not call ``key_value`` either)."""
     add = into.add
     if values is None:
         for key, mod, create, version, lease in entries:

@@ -3,6 +3,11 @@
 Request checks mirror etcd's v3rpc (key.go: checkPutRequest, checkTxnRequest,
 checkIntervals) and the applier's pre-apply checks (apply.go: checkRequests); nothing is
 written unless every check passes. Compares are evaluated on the state before the txn.
+
+kube-apiserver's create and update arrive parsed from wire format as a GuardedPut
+(_native/kvwire.pyx), which recognises the shape and checks nothing: its checks and its
+evaluation are the ones below (``check_guarded_put``, ``Evaluator.guarded_put``), built
+from the same rules as a Txn's.
 """
 
 from __future__ import annotations
@@ -11,14 +16,14 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from geminikv import errors
+from geminikv.config import MAX_REQUEST_BYTES, MAX_TXN_OPS
 from geminikv.mvcc import ranges
 from geminikv.mvcc.keys import check_writable
 from geminikv.mvcc.view import BatchView, State
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
-from geminikv.proto.mvccpb import kv_pb2
 
-MAX_TXN_OPS = 128
-MAX_REQUEST_BYTES = 1536 * 1024  # etcd's --max-request-bytes default (1.5 MiB)
+# A missing key compares as a KeyValue of zeros (etcd's compareKV on an empty one).
+ABSENT: State = (0, 0, 0, 0)
 SORT_ORDERS = frozenset(pb.RangeRequest.SortOrder.values())
 SORT_TARGETS = frozenset(pb.RangeRequest.SortTarget.values())
 
@@ -79,6 +84,13 @@ def check_put(req: pb.PutRequest) -> None:
 def check_delete(req: pb.DeleteRangeRequest) -> None:
     if not req.key:
         raise errors.EmptyKey()
+
+
+# A GuardedPut's request checks. Its parser admits only requests within the size limit
+# whose compare, put and range name one non-empty key, with no ignore_* and one op per
+# branch: of check_size, check_txn, check_put and check_branch, only the key's
+# storability is left to check.
+check_guarded_put = check_writable
 
 
 def check_txn(req: pb.TxnRequest, max_ops: int = MAX_TXN_OPS) -> set[int]:
@@ -164,18 +176,6 @@ def check_intervals(
 # -- evaluation --------------------------------------------------------------------------
 
 
-def _kv(key: bytes, state: State, value: bytes) -> kv_pb2.KeyValue:
-    mod, create, version, lease = state
-    return kv_pb2.KeyValue(
-        key=key,
-        create_revision=create,
-        mod_revision=mod,
-        version=version,
-        lease=lease,
-        value=value,
-    )
-
-
 class Evaluator:
     """Applies requests to a BatchView, producing etcd's responses (headers: revision only)."""
 
@@ -189,8 +189,7 @@ class Evaluator:
     async def put(self, req: pb.PutRequest) -> pb.PutResponse:
         # etcd's applier looks a top-level Put's lease up before the key (in a txn,
         # checkRequestPut does the key first)
-        if req.lease and not self.leases.exists(req.lease):
-            raise errors.LeaseNotFound()
+        self._check_lease(req.lease)
         self._check_put_state(req)
         return await self._put(req, pb.PutResponse())
 
@@ -245,12 +244,13 @@ class Evaluator:
     ) -> tuple[bool, int, State | None, bytes]:
         """``txn`` for kube-apiserver's create and update, ``MOD(key) == want_mod →
         Put(key, value, lease)`` else ``Range(key)`` (or nothing), without messages:
-        (succeeded, revision, on failure the key's state (None: absent), its value)."""
+        (succeeded, revision, on failure the key's state (None: absent), its value).
+        The compare as ``_compare_kv`` (MOD, EQUAL), the put's check as
+        ``_check_put_state`` (no ignore_*), the range as ``range`` (one key, now)."""
         view = self.view
         state = view.get(key)
-        if (state[0] if state is not None else 0) == want_mod:
-            if lease and not self.leases.exists(lease):  # as _check_put_state
-                raise errors.LeaseNotFound()
+        if (state or ABSENT)[0] == want_mod:
+            self._check_lease(lease)
             view.put(key, value, lease)
             return True, view.rev, None, b""
         if state is None or not read_on_failure:
@@ -277,7 +277,7 @@ class Evaluator:
         if not entries:
             if cmp.target == pb.Compare.VALUE:
                 return False  # a missing key has no value to compare (etcd applyCompare)
-            return _compare_kv(cmp, (b"", 0, 0, 0, 0), b"")
+            return _compare_kv(cmp, (cmp.key, *ABSENT), b"")
         values: dict[int, bytes] = {}
         if cmp.target == pb.Compare.VALUE:
             values = await self.view.values_of(e[1] for e in entries)
@@ -300,7 +300,11 @@ class Evaluator:
     def _check_put_state(self, req: pb.PutRequest) -> None:
         if (req.ignore_value or req.ignore_lease) and self.view.get(req.key) is None:
             raise errors.KeyNotFound()
-        if req.lease and not self.leases.exists(req.lease):
+        self._check_lease(req.lease)
+
+    def _check_lease(self, lease: int) -> None:
+        """A put may attach a lease (0: none) only if it exists."""
+        if lease and not self.leases.exists(lease):
             raise errors.LeaseNotFound()
 
     def _check_range_op(self, op: pb.RequestOp) -> None:
@@ -376,7 +380,7 @@ class Evaluator:
             if req.ignore_value:
                 value = prev_value
             if req.prev_kv:
-                resp.prev_kv.CopyFrom(_kv(req.key, prev, prev_value))
+                resp.prev_kv.CopyFrom(ranges.key_value(req.key, *prev, prev_value))
         if req.ignore_lease and prev is not None:
             lease = prev[3]
         view.put(req.key, value, lease)

@@ -27,8 +27,6 @@ class Values:
         self._wanted: dict[int, asyncio.Future[bytes | None]] = {}
         self._fetching = False
         self._task: asyncio.Task[None] | None = None
-        self.hits = 0
-        self.misses = 0
 
     def clear(self) -> None:
         """Forget every cached value (row ids of a restored database mean other rows)."""
@@ -61,9 +59,7 @@ class Values:
             else:
                 cache.move_to_end(rid)
                 found[rid] = value
-        self.hits += len(found)
         if missing:
-            self.misses += len(missing)
             loop = asyncio.get_running_loop()
             futures = []
             for rid in missing:

@@ -43,7 +43,8 @@ from geminikv.server.cluster import ClusterService
 from geminikv.server.kv import KVService
 from geminikv.server.lease import LeaseService
 from geminikv.server.maintenance import MaintenanceService
-from geminikv.server.rpc import Identity, UndecodableAsInternal, unimplemented
+from geminikv.server.registration import UndecodableAsInternal
+from geminikv.server.rpc import Identity, unimplemented
 from geminikv.server.watch import WatchService
 from geminikv.storage import database, kine, schema
 from geminikv.storage.embedded import EmbeddedPostgres
@@ -174,9 +175,8 @@ def build(
         on_compact=leader_wake.set,
     )
     # Until Hub takes (pool, index, rebuilding) and is an applier subscriber, it
-    # subscribes itself to the follower, and is told of rebuilds here.
-    hub = Hub(pool, index, follower)
-    hub.rebuilding = rebuilding
+    # subscribes itself to the follower.
+    hub = Hub(pool, index, follower, rebuilding=rebuilding)
     leases = Leases(store, kine_ttls)
     compactor = Compactor(store, follower, s)
     leader = Leader(

@@ -7,7 +7,7 @@ import grpc
 from geminikv.mvcc.kvstore import KVStore
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
-from geminikv.server.rpc import Identity, etcd_errors, unimplemented
+from geminikv.server.rpc import RAFT_TERM, Identity, etcd_errors, unimplemented
 
 
 class MaintenanceService(unimplemented(rpc_pb2_grpc.MaintenanceServicer, "Maintenance")):  # type: ignore[misc]
@@ -28,7 +28,7 @@ class MaintenanceService(unimplemented(rpc_pb2_grpc.MaintenanceServicer, "Mainte
             dbSizeInUse=size,
             leader=self.identity.member_id,
             raftIndex=rev,
-            raftTerm=2,
+            raftTerm=RAFT_TERM,
             raftAppliedIndex=rev,
             isLearner=False,
         )

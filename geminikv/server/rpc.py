@@ -1,11 +1,12 @@
-"""What every service shares: response headers and etcd's error mapping."""
+"""What every service's handlers share: response headers, etcd's error mapping, ending a
+stream, and servicers that answer UNIMPLEMENTED. (Registration with grpc.aio:
+server/registration.py.)"""
 
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from time import perf_counter
 from typing import Any, TypeVar
 
@@ -14,6 +15,7 @@ from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 
 from geminikv import errors, metrics
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
+from geminikv.server.registration import Undecodable, refuse, refuses_undecodable
 from geminikv.storage.database import CONNECTION_ERRORS
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,7 @@ Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
 
 def etcd_errors(method: Handler) -> Handler:
     """Turn core errors into gRPC statuses with etcd's codes and messages; a request that
-    did not parse is refused here too (``_lenient`` then adds no call of its own)."""
+    did not parse is refused here too (registration then adds no call of its own)."""
 
     name = method.__name__
     stats = metrics.RPC.method(name)
@@ -65,8 +67,7 @@ def etcd_errors(method: Handler) -> Handler:
         stats.ok(perf_counter() - start)
         return result
 
-    wrapper.refuses_undecodable = True  # type: ignore[attr-defined]
-    return wrapper  # type: ignore[return-value]
+    return refuses_undecodable(wrapper)  # type: ignore[return-value]
 
 
 async def abort_stream(context: grpc.aio.ServicerContext, err: Exception, name: str) -> None:
@@ -74,121 +75,9 @@ async def abort_stream(context: grpc.aio.ServicerContext, err: Exception, name: 
     an undecodable message is INTERNAL (Go gRPC's "failed to unmarshal"), anything else
     UNKNOWN."""
     if isinstance(err, DecodeError):
-        await context.abort(
-            grpc.StatusCode.INTERNAL, f"grpc: failed to unmarshal the received message: {err}"
-        )
+        await context.abort(grpc.StatusCode.INTERNAL, errors.UNDECODABLE_STREAM_MESSAGE.format(err))
     log.error("%s stream failed", name, exc_info=err)
     await context.abort(grpc.StatusCode.UNKNOWN, f"{type(err).__name__}: {err}")
-
-
-class Undecodable:
-    """A unary request whose bytes did not parse (handed to the handler, not raised)."""
-
-    __slots__ = ("reason",)
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-
-
-# Registered by name as well: a registered method has its own call request pending in
-# gRPC core, so calls to different methods are accepted in parallel (lease: LeaseGrant
-# then Txn). Only kube-apiserver's per-request methods: see UndecodableAsInternal.
-REGISTERED = frozenset(
-    f"/etcdserverpb.{name}"
-    for name in ("KV/Range", "KV/Put", "KV/DeleteRange", "KV/Txn", "Lease/LeaseGrant")
-)
-
-
-class UndecodableAsInternal:
-    """Stands in for the gRPC server while the generated ``add_*Servicer_to_server``
-    functions register handlers: a single request that does not parse gets etcd's (Go
-    gRPC's) INTERNAL "grpc: error unmarshalling request" instead of grpc-python's UNKNOWN.
-    Request streams already end with INTERNAL (``abort_stream``).
-
-    Every method goes into one table, found by one dict lookup; only ``REGISTERED`` ones
-    are also registered by name. grpc.aio keeps one pending future per registered method
-    and runs ``asyncio.wait`` over all of them for every call it accepts: with all of
-    etcd's ~50 methods registered that was 8 % of the event loop's time under writes."""
-
-    def __init__(
-        self,
-        server: grpc.aio.Server,
-        codecs: Mapping[str, tuple[Callable[[bytes], Any], Callable[[Any], bytes]]] | None = None,
-    ) -> None:
-        """``codecs``: a (deserializer, serializer) pair replacing the generated ones of
-        the named methods."""
-        self.server = server
-        self.codecs = codecs or {}
-        self.table = MethodTable()
-        server.add_generic_rpc_handlers((self.table,))
-
-    def add_generic_rpc_handlers(self, handlers: Any) -> None:
-        pass  # the generated code registers the same handlers next, by name, below
-
-    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
-        registered: dict[str, Any] = {}
-        for name, handler in handlers.items():
-            full_name = f"/{service}/{name}"
-            if full_name in self.codecs:
-                read, write = self.codecs[full_name]
-                handler = handler._replace(request_deserializer=read, response_serializer=write)
-            self.table.methods[full_name] = _lenient(handler)
-            if full_name in REGISTERED:
-                registered[name] = self.table.methods[full_name]
-        if registered:
-            self.server.add_registered_method_handlers(service, registered)
-
-
-class MethodTable(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
-    """Every method's handler by its full name (``/etcdserverpb.KV/Range``)."""
-
-    def __init__(self) -> None:
-        self.methods: dict[str, grpc.RpcMethodHandler] = {}
-
-    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
-        return self.methods.get(handler_call_details.method)
-
-
-def _lenient(handler: Any) -> Any:
-    """``handler`` with a request that fails to parse answered INTERNAL, as etcd does."""
-    kind = "unary_unary" if handler.unary_unary is not None else "unary_stream"
-    behaviour = getattr(handler, kind)
-    if behaviour is None:
-        return handler  # request streams: abort_stream
-    parse = handler.request_deserializer
-
-    def deserialize(data: bytes) -> Any:
-        try:
-            return parse(data)
-        except DecodeError as err:
-            return Undecodable(str(err))
-
-    if getattr(behaviour, "refuses_undecodable", False):  # etcd_errors checks (one call less)
-        return handler._replace(request_deserializer=deserialize)
-    if inspect.isasyncgenfunction(behaviour):
-
-        async def checked_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if request.__class__ is Undecodable:
-                await refuse(request, context)
-            async for response in behaviour(request, context):
-                yield response
-
-        checked: Any = checked_stream
-    else:
-
-        async def checked_call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if request.__class__ is Undecodable:
-                await refuse(request, context)
-            return await behaviour(request, context)
-
-        checked = checked_call
-    return handler._replace(request_deserializer=deserialize, **{kind: checked})
-
-
-async def refuse(request: Undecodable, context: grpc.aio.ServicerContext) -> None:
-    await context.abort(
-        grpc.StatusCode.INTERNAL, f"grpc: error unmarshalling request: {request.reason}"
-    )
 
 
 def unimplemented(servicer_base: type, service: str) -> type:
@@ -197,7 +86,7 @@ def unimplemented(servicer_base: type, service: str) -> type:
     def make(name: str) -> Callable[..., Any]:
         async def method(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
             await context.abort(
-                grpc.StatusCode.UNIMPLEMENTED, f"geminikv: {service}.{name} is not implemented"
+                grpc.StatusCode.UNIMPLEMENTED, errors.NOT_IMPLEMENTED.format(f"{service}.{name}")
             )
 
         return method

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from geminikv import tasks
+from geminikv.config import WATCH_COALESCE_SECONDS
 from geminikv.errors import ServerStopped
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
@@ -18,8 +19,6 @@ from geminikv.watch.hub import Hub
 from geminikv.watch.stream import WatchStream
 
 log = logging.getLogger(__name__)
-
-COALESCE_SECONDS = 0.002
 
 
 class WatchService(rpc_pb2_grpc.WatchServicer):
@@ -75,7 +74,7 @@ class WatchService(rpc_pb2_grpc.WatchServicer):
                     await context.write(resp)
                 if stream.pending():
                     # Busy: let events gather so each watcher gets fewer, larger messages.
-                    await asyncio.sleep(COALESCE_SECONDS)
+                    await asyncio.sleep(WATCH_COALESCE_SECONDS)
             if self.stopping:
                 await context.abort(ServerStopped.code, ServerStopped.message)
             if failed:

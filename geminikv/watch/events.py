@@ -8,6 +8,7 @@ from typing import Any
 from geminikv.mvcc.events import Event
 from geminikv.mvcc.index import Index, is_special
 from geminikv.mvcc.keys import key_of
+from geminikv.mvcc.ranges import key_value
 from geminikv.proto.mvccpb import kv_pb2
 
 PUT = kv_pb2.Event.PUT
@@ -43,33 +44,19 @@ def events_from_rows(index: Index, rows: Iterable[Sequence[Any]]) -> list[Event]
 
 def to_pb(event: Event, with_prev: bool, compact_rev: int) -> kv_pb2.Event:
     """The wire event; like etcd, prev_kv is left out when revision-1 is compacted."""
-    if event.deleted:
-        ev = kv_pb2.Event(
-            type=DELETE, kv=kv_pb2.KeyValue(key=event.key, mod_revision=event.revision)
-        )
+    if event.deleted:  # etcd's tombstone: the key and the delete's revision
+        ev = kv_pb2.Event(type=DELETE, kv=key_value(event.key, event.revision, 0, 0, 0, b""))
     else:
-        ev = kv_pb2.Event(
-            type=PUT,
-            kv=kv_pb2.KeyValue(
-                key=event.key,
-                create_revision=event.create_revision,
-                mod_revision=event.revision,
-                version=event.version,
-                lease=event.lease,
-                value=event.value,
-            ),
+        kv = key_value(
+            event.key,
+            event.revision,
+            event.create_revision,
+            event.version,
+            event.lease,
+            event.value or b"",
         )
+        ev = kv_pb2.Event(type=PUT, kv=kv)
     is_create = not event.deleted and event.create_revision == event.revision
     if with_prev and not is_create and event.prev is not None and event.revision > compact_rev:
-        mod, create, version, lease = event.prev
-        ev.prev_kv.CopyFrom(
-            kv_pb2.KeyValue(
-                key=event.key,
-                create_revision=create,
-                mod_revision=mod,
-                version=version,
-                lease=lease,
-                value=event.prev_value or b"",
-            )
-        )
+        ev.prev_kv.CopyFrom(key_value(event.key, *event.prev, event.prev_value or b""))
     return ev

@@ -2,6 +2,8 @@
 
 Everything for a stream goes through one queue, so a watcher's ``created`` response
 precedes its events, and a progress response follows every event queued before it.
+A stream is its watchers' ``Sink`` and knows the hub only as a ``Watchable``
+(watch/watcher.py).
 """
 
 from __future__ import annotations
@@ -10,18 +12,13 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 
-from geminikv.errors import Rewound
+from geminikv import errors
+from geminikv.config import WATCH_MAX_QUEUED_EVENTS, WATCH_MAX_RESPONSE_BYTES
 from geminikv.mvcc.events import Event
 from geminikv.mvcc.ranges import range_end
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.watch.events import to_pb
-from geminikv.watch.hub import MAX_QUEUED_EVENTS, Hub, Watcher
-
-MAX_RESPONSE_BYTES = 1536 * 1024  # fragments are cut at etcd's max request size
-
-ERR_EMPTY_RANGE = "mvcc: watcher range is empty"
-ERR_DUPLICATE_ID = "mvcc: duplicate watch ID provided on the WatchStream"
-REBUILDING = Rewound.message
+from geminikv.watch.watcher import Watchable, Watcher
 
 _EVENTS = "events"
 _PROGRESS = "progress"
@@ -47,7 +44,9 @@ class _Item:
 
 
 class WatchStream:
-    def __init__(self, hub: Hub, fill_header: Callable[[pb.ResponseHeader, int], None]) -> None:
+    def __init__(
+        self, hub: Watchable, fill_header: Callable[[pb.ResponseHeader, int], None]
+    ) -> None:
         self.hub = hub
         self.fill_header = fill_header
         self.watchers: dict[int, Watcher] = {}
@@ -73,16 +72,10 @@ class WatchStream:
         end = range_end(req.range_end)
         current = self.hub.revision
         if end is not None and end != b"" and key >= end:
-            self._control(
-                self._response(
-                    -1, current, created=True, canceled=True, cancel_reason=ERR_EMPTY_RANGE
-                )
-            )
+            self._refuse(errors.WATCH_EMPTY_RANGE)
             return
         if self.hub.rebuilding():
-            self._control(
-                self._response(-1, current, created=True, canceled=True, cancel_reason=REBUILDING)
-            )
+            self._refuse(errors.Rewound.message)
             return
         watch_id = req.watch_id
         if watch_id == 0:
@@ -91,11 +84,7 @@ class WatchStream:
             watch_id = self._next_id
             self._next_id += 1
         elif watch_id in self.watchers:
-            self._control(
-                self._response(
-                    -1, current, created=True, canceled=True, cancel_reason=ERR_DUPLICATE_ID
-                )
-            )
+            self._refuse(errors.WATCH_DUPLICATE_ID)
             return
         start = req.start_revision if req.start_revision != 0 else current + 1
         filters = set(req.filters)
@@ -145,17 +134,18 @@ class WatchStream:
 
     # -- called by the hub ------------------------------------------------------------
 
-    def queue_events(self, watcher: Watcher, events: list[Event], header_rev: int) -> None:
+    def queue_events(
+        self, watcher: Watcher, events: list[Event], header_rev: int, compact_rev: int
+    ) -> None:
         if watcher.id not in self.watchers or self.watchers[watcher.id] is not watcher:
             return
         resp = self._response(watcher.id, header_rev)
-        compact = int(self.hub.index.compact_rev)
-        resp.events.extend(to_pb(e, watcher.prev_kv, compact) for e in events)
+        resp.events.extend(to_pb(e, watcher.prev_kv, compact_rev) for e in events)
         self._push(_Item(_EVENTS, resp, watcher, events[0].revision, len(events)))
         watcher.sent_since_tick = True
         queued = self._queued.get(watcher, 0) + len(events)
         self._queued[watcher] = queued
-        if queued > MAX_QUEUED_EVENTS:
+        if queued > WATCH_MAX_QUEUED_EVENTS:
             self._fall_behind(watcher)
 
     def cancel_with_reason(self, watcher: Watcher, reason: str) -> None:
@@ -179,7 +169,7 @@ class WatchStream:
         return bool(self._queue)
 
     def backlogged(self, watcher: Watcher) -> bool:
-        return self._queued.get(watcher, 0) > MAX_QUEUED_EVENTS // 2
+        return self._queued.get(watcher, 0) > WATCH_MAX_QUEUED_EVENTS // 2
 
     # -- sending -----------------------------------------------------------------------
 
@@ -221,6 +211,12 @@ class WatchStream:
         self.fill_header(resp.header, revision)
         return resp
 
+    def _refuse(self, reason: str) -> None:
+        """Answer a create request with a watcher created and canceled at once."""
+        self._control(
+            self._response(-1, self.hub.revision, created=True, canceled=True, cancel_reason=reason)
+        )
+
     def _control(self, resp: pb.WatchResponse) -> None:
         self._push(_Item(_CONTROL, resp))
 
@@ -256,7 +252,7 @@ class WatchStream:
 def fragments(resp: pb.WatchResponse) -> list[pb.WatchResponse]:
     """etcd's sendFragments: split a large response between events, all but the last
     marked ``fragment``."""
-    if resp.ByteSize() < MAX_RESPONSE_BYTES or len(resp.events) < 2:
+    if resp.ByteSize() < WATCH_MAX_RESPONSE_BYTES or len(resp.events) < 2:
         return [resp]
     out: list[pb.WatchResponse] = []
     events = list(resp.events)
@@ -270,7 +266,7 @@ def fragments(resp: pb.WatchResponse) -> list[pb.WatchResponse]:
         cur.fragment = True
         while i < len(events):
             cur.events.append(events[i])
-            if len(cur.events) > 1 and cur.ByteSize() >= MAX_RESPONSE_BYTES:
+            if len(cur.events) > 1 and cur.ByteSize() >= WATCH_MAX_RESPONSE_BYTES:
                 del cur.events[-1]
                 break
             i += 1
