@@ -101,11 +101,7 @@ class KVStore:
             await self.reads.read(urgent=bool(req.range_end))
         index = self.index
         rev = int(index.rev)
-        if req.revision > rev:
-            raise errors.FutureRevision()
-        at = req.revision if req.revision > 0 else rev
-        if at < index.compact_rev:
-            raise errors.Compacted()
+        at = ranges.read_revision(rev, int(index.compact_rev), req.revision)
         end = ranges.range_end(req.range_end)
         resp = pb.RangeResponse()
         resp.header.revision = rev
@@ -129,9 +125,7 @@ class KVStore:
         if not serializable:
             await self.reads.read(urgent=False)
         index = self.index
-        rev = int(index.rev)
-        if rev < index.compact_rev:
-            raise errors.Compacted()
+        rev = ranges.read_revision(int(index.rev), int(index.compact_rev), 0)
         entries = index.range(key, None, rev, 0)[0]
         if not entries:
             return rev, None, b""
