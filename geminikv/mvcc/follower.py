@@ -79,7 +79,6 @@ class Follower:
         self._task = asyncio.create_task(self._run(), name="follower")
 
     async def stop(self) -> None:
-        await self.compaction.stop()
         await tasks.stop(self._task)
         self._task = None
         await self.listener.stop()

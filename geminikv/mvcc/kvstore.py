@@ -81,6 +81,7 @@ class KVStore:
     async def stop(self) -> None:
         await self.rewind.stop()
         await self.writer.stop()
+        await self.compaction.stop()
         await self.follower.stop()
 
     async def _ensure_special_rows(self) -> None:
@@ -88,6 +89,11 @@ class KVStore:
         async with locks.locked(self.session.conn) as conn:
             for name, value in ((COMPACT_KEY, b""), (HEALTH_KEY, HEALTH_VALUE)):
                 await kine.insert_if_missing(conn, name, value)
+
+    @property
+    def revision(self) -> int:
+        """The revision applied here: what response headers carry."""
+        return int(self.index.rev)
 
     def _check_serving(self) -> None:
         self.rebuilding.check()

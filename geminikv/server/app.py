@@ -275,7 +275,7 @@ class App:
         log.info(
             "geminikv serving etcd v3 on %s (revision %d)",
             self.address.grpc_target,
-            int(self.store.index.rev),
+            self.store.revision,
         )
 
     def _tls(self) -> grpc.ServerCredentials | None:
