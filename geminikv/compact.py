@@ -16,9 +16,10 @@ import time
 
 from geminikv import metrics
 from geminikv.config import Settings
+from geminikv.mvcc.follower import Follower
 from geminikv.mvcc.kvstore import KVStore
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
-from geminikv.storage.queries import SQL
+from geminikv.storage import kine, notify
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +27,9 @@ DELETE_BATCH = 500  # ids per DELETE: milliseconds per statement on any table si
 
 
 class Compactor:
-    def __init__(self, store: KVStore, settings: Settings) -> None:
+    def __init__(self, store: KVStore, follower: Follower, settings: Settings) -> None:
         self.store = store
+        self.follower = follower
         self.interval = settings.compact_interval
         self.min_retain = settings.compact_min_retain
         self.batch_revisions = max(settings.compact_batch_size, 100)
@@ -48,10 +50,10 @@ class Compactor:
         """Leader duty: finish physical compaction, then automatic compaction if due."""
         target = int(self.store.index.compact_rev)
         if target > self.done:
-            if self.store.follower.applied < target:
+            if self.follower.applied < target:
                 # the plan comes from the index: rows it has yet to apply would be left
                 # in the table for good (the index forgets compacted history)
-                self.store.follower.catch_up()
+                self.follower.catch_up()
                 return 0.2
             await self.purge(target)
         if self.interval > 0:
@@ -72,19 +74,16 @@ class Compactor:
         ids = [i for i in self.store.index.plan_compaction(target) if i != newest]
         pool = self.store.pool
         for i in range(0, len(ids), DELETE_BATCH):
-            await self._timed(SQL["delete_rows"], ids[i : i + DELETE_BATCH])
+            await self._delete(ids[i : i + DELETE_BATCH])
         gaps = 0
         while True:
             async with pool.acquire() as conn:
-                status = await conn.execute(
-                    SQL["delete_gap_rows"], target, DELETE_BATCH, timeout=self.timeout
-                )
-            count = int(status.split()[-1])
+                count = await kine.delete_gap_rows(conn, target, DELETE_BATCH, self.timeout)
             gaps += count
             if count < DELETE_BATCH:
                 break
         async with pool.acquire() as conn:
-            await conn.execute(SQL["notify"], b"compacted:%d" % target)
+            await notify.compacted(conn, target)
         self.done = target
         self.deleted_rows += len(ids) + gaps
         metrics.COMPACTED_ROWS.inc(len(ids) + gaps)
@@ -99,10 +98,10 @@ class Compactor:
                 self.longest_statement,
             )
 
-    async def _timed(self, sql: str, arg: object) -> None:
+    async def _delete(self, ids: list[int]) -> None:
         start = time.monotonic()
         async with self.store.pool.acquire() as conn:
-            await conn.execute(sql, arg, timeout=self.timeout)
+            await kine.delete_rows(conn, ids, self.timeout)
         took = time.monotonic() - start
         self.longest_statement = max(self.longest_statement, took)
 

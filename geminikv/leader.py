@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import asyncpg
 
 from geminikv import metrics, tasks
-from geminikv.storage.queries import LEADER_LOCK_KEY, SQL
+from geminikv.storage import locks
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +26,19 @@ MAX_SLEEP = 0.5
 
 
 class Leader:
-    def __init__(self, connect: Callable[[], Awaitable[asyncpg.Connection]]) -> None:
+    def __init__(
+        self,
+        connect: Callable[[], Awaitable[asyncpg.Connection]],
+        duties: Sequence[Duty],
+        on_change: Sequence[Callable[[bool], None]],
+        wake: asyncio.Event | None = None,
+    ) -> None:
         self._connect = connect
-        self.duties: list[Duty] = []
-        self.on_change: list[Callable[[bool], None]] = []
+        self.duties = tuple(duties)
+        self.on_change = tuple(on_change)  # told when this process starts or stops leading
         self.is_leader = False
-        self._wake = asyncio.Event()
+        # set to run the duties now (e.g. by a compaction, before the leader exists)
+        self._wake = asyncio.Event() if wake is None else wake
         self._task: asyncio.Task[None] | None = None
 
     def wake(self) -> None:
@@ -55,13 +62,13 @@ class Leader:
             conn: asyncpg.Connection | None = None
             try:
                 conn = await self._connect()
-                while not await conn.fetchval(SQL["try_leader_lock"], LEADER_LOCK_KEY):
+                while not await locks.try_leader_lock(conn):
                     await asyncio.sleep(RETRY_LOCK)
                 log.info("this process now runs lease expiry and compaction")
                 self._set(True)
                 while True:
                     waits = [await duty() for duty in self.duties]
-                    await conn.fetchval("SELECT 1")  # the lock lives as long as this session
+                    await locks.ping(conn)  # the lock lives as long as this session
                     self._wake.clear()
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(

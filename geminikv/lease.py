@@ -15,11 +15,15 @@ import logging
 import random
 import time
 
+import asyncpg
+
 from geminikv import errors, metrics
 from geminikv.mvcc.events import Event
+from geminikv.mvcc.index import Index
 from geminikv.mvcc.kvstore import KVStore
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
-from geminikv.storage.queries import MAX_LEASE_ID, SQL
+from geminikv.storage import leases as table
+from geminikv.storage.queries import MAX_LEASE_ID
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +32,73 @@ MIN_LEASE_TTL = 2  # ceil(1.5 x etcd's default election timeout of 1 s)
 REVOKES_PER_WRITE = 64
 
 
+class KineTtls:
+    """Go Kine's TTL keys: a key whose ``lease`` column names no lease row was written by
+    Go Kine, which stores a TTL in seconds there; it expires that many seconds after the
+    leading process first sees it. Tracked only while this process leads."""
+
+    def __init__(self, index: Index) -> None:
+        self.index = index
+        self.is_leader = False
+        self._deadlines: dict[bytes, tuple[float, int]] = {}  # key → (deadline, mod rev)
+        self._candidates: list[Event] = []  # leased puts not yet looked up
+
+    def on_events(self, events: list[Event]) -> None:
+        """Applied revisions (the applier's subscriber)."""
+        if self.is_leader:
+            self._candidates.extend(e for e in events if not e.deleted and e.lease)
+
+    def leadership(self, leading: bool) -> None:
+        self.is_leader = leading
+        if leading:
+            self._adopt()
+        else:
+            self._deadlines.clear()
+            self._candidates.clear()
+
+    def _adopt(self) -> None:
+        """Every leased key in the index is a candidate (as if just written)."""
+        index = self.index
+        rev = int(index.rev)
+        for lease in index.leases_in_use():
+            for key in index.lease_keys(lease):
+                state = index.get(key, rev)
+                if state is not None:
+                    mod, create, version, _ = state
+                    self._candidates.append(
+                        Event(mod, key, False, create, version, lease, None, None, None)
+                    )
+
+    async def due(self, pool: asyncpg.Pool) -> list[tuple[bytes, int]]:
+        """Keys whose TTL ran out, with the mod revision they expire at (forgotten here:
+        the caller deletes them)."""
+        if self._candidates:
+            candidates, self._candidates = self._candidates, []
+            ids = sorted({e.lease for e in candidates})
+            async with pool.acquire() as conn:
+                real = await table.existing(conn, ids)
+            now = time.monotonic()
+            for e in candidates:
+                if e.lease not in real:
+                    self._deadlines[e.key] = (now + e.lease, e.revision)
+        now = time.monotonic()
+        due = [(k, mod) for k, (deadline, mod) in self._deadlines.items() if deadline <= now]
+        for key, _ in due:
+            del self._deadlines[key]
+        return due
+
+    def soonest(self) -> float | None:
+        """Seconds until the next TTL runs out (None if none is tracked)."""
+        if not self._deadlines:
+            return None
+        return max(min(d for d, _ in self._deadlines.values()) - time.monotonic(), 0.0)
+
+
 class Leases:
-    def __init__(self, store: KVStore) -> None:
+    def __init__(self, store: KVStore, kine_ttls: KineTtls) -> None:
         self.store = store
         self.pool = store.pool
-        self.is_leader = False
-        self._kine_ttl: dict[bytes, tuple[float, int]] = {}  # key → (deadline, mod revision)
-        self._kine_candidates: list[Event] = []
-        store.follower.subscribers.append(self._on_events)
+        self.kine_ttls = kine_ttls
 
     # -- RPCs --------------------------------------------------------------------------
 
@@ -50,16 +113,16 @@ class Leases:
             )
         async with self.pool.acquire() as conn:
             if lease_id:
-                if await conn.fetchval(SQL["lease_grant"], lease_id, ttl) is None:
+                if not await table.grant(conn, lease_id, ttl):
                     raise errors.LeaseExists()
                 return lease_id, ttl
             while True:
                 candidate = random.randint(1, MAX_LEASE_ID)
-                if await conn.fetchval(SQL["lease_grant"], candidate, ttl) is not None:
+                if await table.grant(conn, candidate, ttl):
                     return candidate, ttl
 
     async def revoke(self, lease_id: int) -> pb.LeaseRevokeResponse:
-        resp: pb.LeaseRevokeResponse = await self.store.writer.submit(
+        resp: pb.LeaseRevokeResponse = await self.store.write(
             lambda ev: ev.revoke(lease_id, only_if_expired=False), revokes=(lease_id,)
         )
         return resp
@@ -67,45 +130,41 @@ class Leases:
     async def keep_alive(self, lease_id: int) -> int:
         """The granted TTL after renewing, 0 if the lease is unknown or expired."""
         async with self.pool.acquire() as conn:
-            ttl = await conn.fetchval(SQL["lease_keepalive"], lease_id)
-        return int(ttl) if ttl is not None else 0
+            ttl = await table.keep_alive(conn, lease_id)
+        return ttl if ttl is not None else 0
 
     async def time_to_live(self, lease_id: int, keys: bool) -> pb.LeaseTimeToLiveResponse:
         async with self.pool.acquire() as conn:
-            row = await conn.fetchrow(SQL["lease_get"], lease_id)
+            found = await table.get(conn, lease_id)
         resp = pb.LeaseTimeToLiveResponse(ID=lease_id)
-        if row is None or row[1] <= 0:
+        if found is None or found[1] <= 0:
             resp.TTL = -1
             return resp
-        resp.grantedTTL = row[0]
-        resp.TTL = max(0, row[1] // 1000)
+        granted, remaining_ms = found
+        resp.grantedTTL = granted
+        resp.TTL = max(0, remaining_ms // 1000)
         if keys:
             resp.keys.extend(self.store.index.lease_keys(lease_id))
         return resp
 
     async def leases(self) -> list[int]:
         async with self.pool.acquire() as conn:
-            return [r[0] for r in await conn.fetch(SQL["lease_list"])]
+            return await table.all_ids(conn)
 
     async def count(self) -> int:
         """Leases in the table, granted by any process (the geminikv_leases metric)."""
         async with self.pool.acquire() as conn:
-            return int(await conn.fetchval(SQL["lease_count"]))
+            return await table.count(conn)
 
     # -- expiry (a Leader duty) ----------------------------------------------------------
 
     def leadership(self, leading: bool) -> None:
-        self.is_leader = leading
-        if leading:
-            self._adopt_kine_ttls()
-        else:
-            self._kine_ttl.clear()
-            self._kine_candidates.clear()
+        self.kine_ttls.leadership(leading)
 
     async def expire(self) -> float:
         """Revoke every expired lease; returns the seconds until the next may expire."""
         async with self.pool.acquire() as conn:
-            expired = [r[0] for r in await conn.fetch(SQL["leases_expired"], 10_000)]
+            expired = await table.expired(conn, 10_000)
             chunks = [
                 expired[i : i + REVOKES_PER_WRITE]
                 for i in range(0, len(expired), REVOKES_PER_WRITE)
@@ -115,11 +174,11 @@ class Leases:
                 log.info("expired %d leases", len(expired))
                 metrics.LEASES_EXPIRED.inc(len(expired))
             await self._expire_kine_ttls()
-            ms = await conn.fetchval(SQL["lease_next_expiry_ms"])
+            ms = await table.next_expiry_ms(conn)
         wait = 60.0 if ms is None else max(ms, 0) / 1000
-        if self._kine_ttl:
-            soonest = min(d for d, _ in self._kine_ttl.values()) - time.monotonic()
-            wait = min(wait, max(soonest, 0.0))
+        soonest = self.kine_ttls.soonest()
+        if soonest is not None:
+            wait = min(wait, soonest)
         return wait
 
     async def _revoke_expired(self, lease_ids: list[int]) -> None:
@@ -127,43 +186,14 @@ class Leases:
             for lease_id in lease_ids:
                 await ev.revoke(lease_id, only_if_expired=True)
 
-        await self.store.writer.submit(revoke_all, revokes=lease_ids)
-
-    # -- Go Kine's TTL keys -------------------------------------------------------------
-
-    def _on_events(self, events: list[Event]) -> None:
-        if self.is_leader:
-            self._kine_candidates.extend(e for e in events if not e.deleted and e.lease)
-
-    def _adopt_kine_ttls(self) -> None:
-        index = self.store.index
-        rev = int(index.rev)
-        for lease in index.leases_in_use():
-            for key in index.lease_keys(lease):
-                state = index.get(key, rev)
-                if state is not None:
-                    self._kine_candidates.append(
-                        Event(state[0], key, False, state[1], state[2], lease, None, None, None)
-                    )
+        await self.store.write(revoke_all, revokes=lease_ids)
 
     async def _expire_kine_ttls(self) -> None:
-        if self._kine_candidates:
-            candidates, self._kine_candidates = self._kine_candidates, []
-            ids = sorted({e.lease for e in candidates})
-            async with self.pool.acquire() as conn:
-                real = {r[0] for r in await conn.fetch(SQL["leases_existing"], ids)}
-            now = time.monotonic()
-            for e in candidates:
-                if e.lease not in real:
-                    self._kine_ttl[e.key] = (now + e.lease, e.revision)
-        now = time.monotonic()
-        due = [(k, mod) for k, (deadline, mod) in self._kine_ttl.items() if deadline <= now]
-        for key, _ in due:
-            del self._kine_ttl[key]
+        due = await self.kine_ttls.due(self.pool)
         if due:
 
             async def delete_all(ev):  # type: ignore[no-untyped-def]
                 for key, mod in due:
                     await ev.delete_if_unchanged(key, mod)
 
-            await self.store.writer.submit(delete_all)
+            await self.store.write(delete_all)

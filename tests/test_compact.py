@@ -186,7 +186,7 @@ def test_a_process_behind_compaction_rebuilds_instead_of_missing_a_delete(
         watch = WatchClient(b.stubs())
         watch.create(key=b"/lag/", range_end=b"/lag0")
         # b hears nothing more: no notifications, no poll for a minute
-        b.call(lambda: follower._listen_conn.remove_listener("geminikv", follower._on_notify))
+        b.call(follower.pause_notifications)
         deleted = kva.DeleteRange(pb.DeleteRangeRequest(key=b"/lag/k")).header.revision
         head = kva.Put(pb.PutRequest(key=b"/lag/other", value=b"o")).header.revision
         kva.Compact(pb.CompactionRequest(revision=head, physical=True))
@@ -218,7 +218,7 @@ def test_a_lagging_leader_catches_up_before_it_purges(postgres: Postgres) -> Non
         assert b.app is not None and b.app.store is not None
         follower = b.app.store.follower
         # b hears of new rows only when something wakes its follower
-        b.call(lambda: follower._listen_conn.remove_listener("geminikv", follower._on_notify))
+        b.call(follower.pause_notifications)
         kva = a.stubs().kv
         for i in range(20):
             head = kva.Put(pb.PutRequest(key=b"/ll/k", value=b"%d" % i)).header.revision
@@ -235,7 +235,7 @@ def test_a_lagging_leader_catches_up_before_it_purges(postgres: Postgres) -> Non
 async def _wake_leader(server: GeminiServer) -> None:
     app = server.app
     assert app is not None and app.store is not None and app.leader is not None
-    await app.store.follower._read_compact_rev()
+    await app.store.compaction.refresh()
     app.leader.wake()
 
 

@@ -54,10 +54,10 @@ def test_a_list_page_does_not_wait_for_company(postgres: Postgres) -> None:
     try:
         kv = server.stubs().kv
         kv.Put(pb.PutRequest(key=b"/urgent/a", value=b"1"))
-        follower = server.app.store.follower  # type: ignore[union-attr]
+        reads = server.app.store.reads  # type: ignore[union-attr]
 
         def expect_company() -> None:  # as after a busy moment: 8 reads shared a check
-            follower._read_gather.taken(8)
+            reads.gather.taken(8)
 
         expect_company()
         started = time.monotonic()

@@ -1,6 +1,7 @@
 from libc.stdint cimport int64_t
 
 
+# The C form of geminikv.storage.rows.State (index.pyx returns State tuples).
 cdef struct Rev:
     int64_t mod       # row id = mod revision
     int64_t create    # create revision of the generation (0 on a tombstone)

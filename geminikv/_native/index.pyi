@@ -1,7 +1,6 @@
 """Type stub for the Cython MVCC index (index.pyx)."""
 
-State = tuple[int, int, int, int]  # (mod, create, version, lease)
-Entry = tuple[bytes, int, int, int, int]  # (key, mod, create, version, lease)
+from geminikv.storage.rows import Entry, State
 
 class KeyHistory:
     key: bytes

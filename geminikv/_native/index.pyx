@@ -86,6 +86,7 @@ cdef class KeyHistory:
 
 
 cdef inline tuple rev_tuple(Rev* r):
+    """A key's State (geminikv.storage.rows): a plain tuple, which kvwire requires."""
     return (r.mod, r.create, r.version, r.lease)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from geminikv.storage.rows import State
+
 
 @dataclass(frozen=True, slots=True)
 class Event:
@@ -16,12 +18,5 @@ class Event:
     version: int
     lease: int
     value: bytes | None
-    prev: tuple[int, int, int, int] | None  # (mod, create, version, lease)
+    prev: State | None
     prev_value: bytes | None
-
-
-# A row as the follower applies it:
-# (id, name, created, deleted, create_revision, prev_revision, lease, version, value, old_value)
-AppliedRow = tuple[
-    int, bytes, int, int, int, int, int, "int | None", "bytes | None", "bytes | None"
-]

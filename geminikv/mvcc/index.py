@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+
+import asyncpg
+
 from geminikv._native.index import Index, KeyHistory
 from geminikv.mvcc.keys import COMPACT_KEY, GAP_PREFIX, key_of
+from geminikv.storage import kine
+from geminikv.storage.rows import State
 
-__all__ = ["Index", "KeyHistory", "apply_row", "is_special"]
+__all__ = ["Index", "KeyHistory", "apply_row", "is_special", "load"]
 
 
 def is_special(name: bytes, created: int, deleted: int, prev_revision: int) -> bool:
@@ -25,8 +31,9 @@ def apply_row(
     prev_revision: int,
     lease: int,
     version: int | None,
-) -> tuple[bytes, tuple[int, int, int, int] | None] | None:
-    """Apply one row; returns (key, previous live revision) or None for special rows."""
+) -> tuple[bytes, State | None] | None:
+    """Apply one row; returns (key, the key's previous live State) or None for special
+    rows."""
     if is_special(name, created, deleted, prev_revision):
         index.skip(rid)
         return None
@@ -34,3 +41,9 @@ def apply_row(
     if deleted:
         return key, index.delete(key, rid)
     return key, index.put(key, rid, lease or 0, bool(created), create_revision or 0, version or 0)
+
+
+async def load(pool: asyncpg.Pool, index: Index) -> None:
+    """Fill an empty ``index`` from the table (one snapshot), compact revision included."""
+    async with pool.acquire() as conn:
+        index.compact_rev = await kine.load_all(conn, functools.partial(apply_row, index))

@@ -1,24 +1,29 @@
-"""The key-value store: start-up, reads, writes through the writer, logical compaction."""
+"""The key-value store: start-up, reads, writes through the writer, compaction."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Collection
+from typing import Any
 
 import asyncpg
 
-from geminikv import errors, tasks
+from geminikv import errors
+from geminikv.mvcc import index as index_mod
 from geminikv.mvcc import ranges, txn
-from geminikv.mvcc.follower import FETCH_LIMIT, Follower
-from geminikv.mvcc.index import Index, apply_row
+from geminikv.mvcc.compaction import Compaction
+from geminikv.mvcc.follower import Follower
+from geminikv.mvcc.index import Index
 from geminikv.mvcc.keys import COMPACT_KEY, check_writable
+from geminikv.mvcc.read_index import ReadIndex
+from geminikv.mvcc.rewind import Rebuilding, Rewind
 from geminikv.mvcc.values import Values
-from geminikv.mvcc.view import State
-from geminikv.mvcc.writer import Writer
+from geminikv.mvcc.writer import Operation, Writer
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
-from geminikv.storage.queries import SQL
+from geminikv.storage import kine, locks
+from geminikv.storage.rows import State
+from geminikv.storage.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -27,40 +32,42 @@ HEALTH_VALUE = b'{"health":"true"}'
 
 
 class KVStore:
+    """The store the services call: reads from the index, writes through the writer,
+    compaction. Its parts are built in ``server/app.py`` (``build``); it starts and stops
+    them."""
+
     def __init__(
         self,
         pool: asyncpg.Pool,
-        writer_conn: asyncpg.Connection,
-        poll_interval: float = 1.0,
-        value_cache_bytes: int = 128 * 1024 * 1024,
-        reconnect: Callable[[], Awaitable[asyncpg.Connection]] | None = None,
-        batch_wait: float = 0.0,
-        poll_batch_size: int = FETCH_LIMIT,
+        session: Session,
+        index: Index,
+        values: Values,
+        follower: Follower,
+        reads: ReadIndex,
+        writer: Writer,
+        compaction: Compaction,
+        rewind: Rewind,
+        rebuilding: Rebuilding,
+        on_compact: Callable[[], None] = lambda: None,
     ) -> None:
         self.pool = pool
-        self.index = Index()
-        self.values = Values(pool, value_cache_bytes)
-        self.follower = Follower(
-            pool, self.index, self.values, poll_interval, reconnect, batch_wait, poll_batch_size
-        )
-        self.writer = Writer(
-            writer_conn, self.index, self.follower, self.values, reconnect, batch_wait
-        )
-        self.on_compact: list[Callable[[], None]] = []  # told of every logical compaction
-        # told (with a reason) when the database lost revisions this process served
-        self.on_rewind: list[Callable[[str], None]] = []
-        self.rebuilding = False
-        self.rebuild_message = errors.Rewound.message
-        self._rebuild_task: asyncio.Task[None] | None = None
-        self.follower.on_rewind = self.rewound
-        self.follower.on_behind_compaction = self.behind_compaction
+        self.session = session
+        self.index = index
+        self.values = values
+        self.follower = follower
+        self.reads = reads
+        self.writer = writer
+        self.compaction = compaction
+        self.rewind = rewind
+        self.rebuilding = rebuilding
+        self._on_compact = on_compact  # told of every logical compaction (the leader)
 
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
         await self._ensure_special_rows()
         started = time.monotonic()
-        await self._load_index()
+        await index_mod.load(self.pool, self.index)
         log.info(
             "index loaded: %d keys, revision %d, compact revision %d (%.2fs)",
             self.index.live,
@@ -72,84 +79,24 @@ class KVStore:
         await self.writer.start()
 
     async def stop(self) -> None:
-        await tasks.stop(self._rebuild_task)
+        await self.rewind.stop()
         await self.writer.stop()
+        await self.compaction.stop()
         await self.follower.stop()
 
     async def _ensure_special_rows(self) -> None:
         """Kine's compact_rev_key row (holds the compact revision) and /registry/health."""
-        conn = self.writer.conn
-        await conn.execute(SQL["begin_locked"])
-        try:
+        async with locks.locked(self.session.conn) as conn:
             for name, value in ((COMPACT_KEY, b""), (HEALTH_KEY, HEALTH_VALUE)):
-                if not await conn.fetchval(SQL["has_key"], name):
-                    await conn.fetchval(SQL["insert_special"], name, value)
-            await conn.execute("COMMIT")
-        except BaseException:
-            await conn.execute("ROLLBACK")
-            raise
+                await kine.insert_if_missing(conn, name, value)
 
-    async def _load_index(self, index: Index | None = None) -> None:
-        index = self.index if index is None else index
-        async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
-            index.compact_rev = int(await conn.fetchval(SQL["compact_rev"]))
-            async for r in conn.cursor(SQL["all_rows"], prefetch=20000):
-                apply_row(index, r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7])
-
-    # -- a database that went back in time --------------------------------------------
-
-    def rewound(self, newest: int) -> None:
-        """PostgreSQL's newest revision is below the one this process applied: it was
-        restored from an older backup or failed over to a lagging replica. Stop serving
-        the lost future, cancel every watch, rebuild the index from the table."""
-        self._resync(
-            f"geminikv: the database revision went backwards from {int(self.index.rev)} "
-            f"to {newest} (restored from a backup, or failed over to a lagging replica); "
-            "watch again from a current revision",
-            errors.Rewound.message,
-        )
-
-    def behind_compaction(self, missing: int, compacted: int) -> None:
-        """Revision ``missing`` is not in the table and the table is compacted to
-        ``compacted`` >= it: the rows this process had yet to apply may have been deleted
-        (a delete's tombstone among them), so they cannot be replayed. Rebuild instead."""
-        self._resync(
-            f"geminikv: this process fell behind compaction (revision {missing} not applied, "
-            f"compacted to {compacted}); watch again from a current revision",
-            errors.BEHIND_COMPACTION,
-        )
-
-    def _resync(self, reason: str, message: str) -> None:
-        """Stop serving, cancel every watch with ``reason``, rebuild the index; requests
-        meanwhile fail with Unavailable and ``message``."""
-        if self.rebuilding:
-            return
-        log.error("%s; rebuilding the index", reason.removeprefix("geminikv: "))
-        self.rebuilding = True
-        self.rebuild_message = message
-        for callback in self.on_rewind:
-            callback(reason)
-        self._rebuild_task = asyncio.create_task(self._rebuild(), name="index-rebuild")
-
-    async def _rebuild(self) -> None:
-        while True:
-            try:
-                fresh = Index()
-                await self._load_index(fresh)
-                break
-            except Exception as err:  # e.g. PostgreSQL still restarting: try again
-                log.warning("rebuilding the index failed (%s); retrying", err)
-                await asyncio.sleep(1.0)
-        self.follower.reset(self.rebuild_message)
-        self.values.clear()
-        self.writer.reset()
-        self.index.take(fresh)  # in one step: no request sees a half-built index
-        self.rebuilding = False
-        log.info("index rebuilt: %d keys, revision %d", self.index.live, self.index.rev)
+    @property
+    def revision(self) -> int:
+        """The revision applied here: what response headers carry."""
+        return int(self.index.rev)
 
     def _check_serving(self) -> None:
-        if self.rebuilding:
-            raise errors.Rewound(self.rebuild_message)
+        self.rebuilding.check()
 
     # -- reads -------------------------------------------------------------------------
 
@@ -157,14 +104,10 @@ class KVStore:
         txn.check_range(req)
         self._check_serving()
         if not req.serializable:
-            await self.follower.read_index(urgent=bool(req.range_end))
+            await self.reads.read(urgent=bool(req.range_end))
         index = self.index
         rev = int(index.rev)
-        if req.revision > rev:
-            raise errors.FutureRevision()
-        at = req.revision if req.revision > 0 else rev
-        if at < index.compact_rev:
-            raise errors.Compacted()
+        at = ranges.read_revision(rev, int(index.compact_rev), req.revision)
         end = ranges.range_end(req.range_end)
         resp = pb.RangeResponse()
         resp.header.revision = rev
@@ -186,17 +129,15 @@ class KVStore:
         the key's (mod, create, version, lease) or None when absent, its value)."""
         self._check_serving()
         if not serializable:
-            await self.follower.read_index(urgent=False)
+            await self.reads.read(urgent=False)
         index = self.index
-        rev = int(index.rev)
-        if rev < index.compact_rev:
-            raise errors.Compacted()
+        rev = ranges.read_revision(int(index.rev), int(index.compact_rev), 0)
         entries = index.range(key, None, rev, 0)[0]
         if not entries:
             return rev, None, b""
-        entry = entries[0]
-        value = (await self._values(entries))[entry[1]]
-        return rev, (entry[1], entry[2], entry[3], entry[4]), value
+        _key, mod, create, version, lease = entries[0]
+        value = (await self._values(entries))[mod]
+        return rev, (mod, create, version, lease), value
 
     async def _values(self, entries: list[ranges.Entry]) -> dict[int, bytes]:
         if not entries:
@@ -248,30 +189,20 @@ class KVStore:
     async def compact(self, req: pb.CompactionRequest) -> pb.CompactionResponse:
         """Logical compaction: reads and watches below the revision fail from now on."""
         self._check_serving()
-        async with self.pool.acquire() as conn:
-            await conn.execute(SQL["begin_locked"])
-            try:
-                current = int(await conn.fetchval(SQL["current_rev"]))
-                compacted = int(await conn.fetchval(SQL["compact_rev"]))
-                if req.revision <= compacted:
-                    raise errors.Compacted()
-                if req.revision > current:
-                    raise errors.FutureRevision()
-                await conn.execute(SQL["set_compact_rev"], req.revision)
-                await conn.execute(SQL["notify"], b"compact")
-                await conn.execute("COMMIT")
-            except BaseException:
-                await conn.execute("ROLLBACK")
-                raise
-        self.index.compact_rev = max(int(self.index.compact_rev), req.revision)
-        for callback in self.on_compact:
-            callback()
+        current = await self.compaction.compact(req.revision)
+        self._on_compact()
         if req.physical:
-            await self.follower.wait_compacted(req.revision)
+            await self.compaction.wait_physical(req.revision)
         resp = pb.CompactionResponse()
         resp.header.revision = current
         return resp
 
+    async def write(
+        self, operation: Operation, leases: Collection[int] = (), revokes: Collection[int] = ()
+    ) -> Any:
+        """Any other write (lease revocation and expiry): see ``Writer.submit``."""
+        return await self.writer.submit(operation, leases, revokes)
+
     async def db_size(self) -> int:
         async with self.pool.acquire() as conn:
-            return int(await conn.fetchval(SQL["db_size"]))
+            return await kine.db_size(conn)

@@ -9,28 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
-from geminikv.mvcc.events import AppliedRow
 from geminikv.mvcc.index import Index
 from geminikv.mvcc.keys import stored_name
-from geminikv.mvcc.ranges import Entry, in_range
+from geminikv.mvcc.ranges import in_range
+from geminikv.storage.rows import CREATE, MOD, VERSION, Entry, NewRow, State
 
-State = tuple[int, int, int, int]  # (mod, create, version, lease); version 0 = deleted
-
-# A row to insert, in storage.queries "insert_rows" column order:
-# (id, name, created, deleted, create_revision, prev_revision, lease, value, old_value,
-#  old_known, version)
-NewRow = tuple[int, bytes, int, int, int, int, int, "bytes | None", "bytes | None", bool, int]
-
-
-def as_applied(row: NewRow, old_value: bytes | None) -> AppliedRow:
-    """The follower's form of a row this batch inserted."""
-    rid, name, created, deleted, create_rev, prev_rev, lease, value, _old, _known, version = row
-    return (rid, name, created, deleted, create_rev, prev_rev, lease, version, value, old_value)
+__all__ = ["BatchView", "OutOfIds", "State", "gap_row"]
 
 
 def gap_row(rid: int) -> NewRow:
     """Kine's filler for a revision that holds no change (kine.md §3.2)."""
-    return (rid, b"gap-%d" % rid, 0, 1, 0, 0, 0, None, None, True, 0)
+    return NewRow(rid, b"gap-%d" % rid, 0, 1, 0, 0, 0, 0, None, None, True)
 
 
 class OutOfIds(Exception):
@@ -84,7 +73,7 @@ class BatchView:
         state = self.overlay.get(key)
         if state is None:
             state = self.index.get(key, self.base_rev)
-        return state if state is not None and state[2] else None
+        return state if state is not None and state[VERSION] else None
 
     def range(self, start: bytes, end: bytes | None) -> list[Entry]:
         """Live keys in [start, end) at the current state, in key order."""
@@ -97,7 +86,7 @@ class BatchView:
         merged = {e[0]: e for e in entries}
         for key, state in self.overlay.items():
             if in_range(key, start, end):
-                if state[2]:
+                if state[VERSION]:
                     merged[key] = (key, *state)
                 else:
                     merged.pop(key, None)
@@ -128,28 +117,31 @@ class BatchView:
         """(id of the key's newest row, whether that row is in this batch)."""
         state = self.overlay.get(key)
         if state is not None:
-            return state[0], True
+            return state[MOD], True
         return int(self.index.latest_row(key)), False
 
     def put(self, key: bytes, value: bytes, lease: int) -> State:
         prev = self.get(key)
         prev_row, prev_in_batch = self._latest_row(key)
         rid = self._next_id()
-        state = (rid, rid, 1, lease) if prev is None else (rid, prev[1], prev[2] + 1, lease)
+        if prev is None:
+            state = (rid, rid, 1, lease)
+        else:
+            state = (rid, prev[CREATE], prev[VERSION] + 1, lease)
         old = self.values.get(prev_row) if prev_in_batch else None
         self.rows.append(
-            (
+            NewRow(
                 rid,
                 stored_name(key),
                 int(prev is None),
                 0,
-                state[1],
+                state[CREATE],
                 prev_row,
                 lease,
+                state[VERSION],
                 value,
                 old,
                 prev_in_batch,
-                state[2],
             )
         )
         self._set(key, state)
@@ -160,5 +152,7 @@ class BatchView:
         prev_row, prev_in_batch = self._latest_row(key)
         rid = self._next_id()
         old = self.values.get(prev_row) if prev_in_batch else None
-        self.rows.append((rid, stored_name(key), 0, 1, 0, prev_row, 0, None, old, prev_in_batch, 0))
+        self.rows.append(
+            NewRow(rid, stored_name(key), 0, 1, 0, prev_row, 0, 0, None, old, prev_in_batch)
+        )
         self._set(key, (rid, 0, 0, 0))

@@ -17,7 +17,6 @@ or taken by Go Kine) the batch is evaluated again with the real ids.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection
@@ -30,11 +29,14 @@ from geminikv import errors, metrics, tasks
 from geminikv.mvcc.follower import Follower
 from geminikv.mvcc.gather import Gather
 from geminikv.mvcc.index import Index
+from geminikv.mvcc.rewind import Rebuilding, Rewind
 from geminikv.mvcc.txn import Evaluator, Leases
 from geminikv.mvcc.values import Values
-from geminikv.mvcc.view import BatchView, NewRow, OutOfIds, as_applied, gap_row
-from geminikv.storage import queries
-from geminikv.storage.queries import SQL
+from geminikv.mvcc.view import BatchView, OutOfIds, gap_row
+from geminikv.storage import kine, leases, locks, notify
+from geminikv.storage.queries import MAX_LEASE_ID
+from geminikv.storage.rows import NewRow
+from geminikv.storage.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +84,7 @@ class LiveLeases:
 
     def __init__(self, named: set[int]) -> None:
         # no other id can be granted (nor stored in Kine's lease column)
-        self._named = {lease for lease in named if 0 < lease <= queries.MAX_LEASE_ID}
+        self._named = {lease for lease in named if 0 < lease <= MAX_LEASE_ID}
         self.used: set[int] = set()
 
     def exists(self, lease_id: int) -> bool:
@@ -101,38 +103,32 @@ class LiveLeases:
 class Writer:
     def __init__(
         self,
-        conn: asyncpg.Connection,
+        session: Session,
         index: Index,
         follower: Follower,
+        rewind: Rewind,
+        rebuilding: Rebuilding,
         values: Values,
-        reconnect: Callable[[], Awaitable[asyncpg.Connection]] | None = None,
         batch_wait: float = 0.0,
     ) -> None:
-        self.conn = conn
-        self.reconnect = reconnect
+        self.session = session
         self.index = index
         self.follower = follower
+        self.rewind = rewind
+        self.rebuilding = rebuilding
         self.values = values
         self._queue: asyncio.Queue[_Request] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._last_id = 0
+        self._generation = rebuilding.generation
         self._answering: set[asyncio.Task[None]] = set()
         self._gather = Gather(batch_wait, MAX_BATCH)
         # Python 3.11's get_running_loop() makes a getpid() system call: once here, not per call.
         self._loop = asyncio.get_running_loop()
-        follower.own_writer_pid = self._backend_pid
 
-    def _conn_unusable(self) -> bool:
-        """Closed, or still inside a transaction after a failed batch (its ROLLBACK
-        failed too): a one-round-trip batch sent on it would answer before committing."""
-        return bool(self.conn.is_closed() or self.conn.is_in_transaction())
-
-    def _backend_pid(self) -> int | None:
-        return None if self.conn.is_closed() else int(self.conn.get_server_pid())
-
-    def reset(self) -> None:
-        """The index is being rebuilt: forget the last id drawn (only a guess anyway)."""
-        self._last_id = 0
+    @property
+    def conn(self) -> asyncpg.Connection:
+        return self.session.conn
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="writer")
@@ -174,7 +170,9 @@ class Writer:
                 for req in batch:
                     if not req.future.done():
                         req.future.set_exception(_as_etcd_error(err))
-                if self._conn_unusable():
+                # a one-round-trip batch sent on a connection left in a transaction
+                # would answer before committing
+                if self.session.unusable():
                     self.conn.terminate()
                     await self._reconnect()
                 continue
@@ -200,10 +198,10 @@ class Writer:
                 req = self._queue.get_nowait()
                 if not req.future.done():
                     req.future.set_exception(errors.Unavailable())
-            if self.reconnect is None:
+            if not self.session.can_reconnect:
                 raise errors.Unavailable()
             try:
-                self.conn = await self.reconnect()
+                await self.session.reconnect()
                 log.info("writer reconnected to PostgreSQL")
                 return
             except Exception as err:
@@ -226,6 +224,10 @@ class Writer:
     async def _run_batch(self, batch: list[_Request]) -> int:
         """Evaluate and commit one batch; returns the last revision the callers must see."""
         metrics.WRITER_BATCH.observe(len(batch))
+        if self._generation != self.rebuilding.generation:
+            # the index was rebuilt: forget the last id drawn (only a guess anyway)
+            self._generation = self.rebuilding.generation
+            self._last_id = 0
         if (
             self._last_id <= self.follower.applied
             and not self.conn.is_in_transaction()  # autocommit is what makes it durable
@@ -244,68 +246,52 @@ class Writer:
         lease rows, so they always take the locked path."""
         started = time.perf_counter()
         expected = self.follower.applied
-        leases = LiveLeases({lease for req in batch for lease in req.leases})
-        view = await self._evaluate(batch, expected + 1, {}, leases)
+        live = LiveLeases({lease for req in batch for lease in req.leases})
+        view = await self._evaluate(batch, expected + 1, {}, live)
         rows = view.rows
         try:
-            returned = await self.conn.fetch(
-                SQL["write_batch"], expected, sorted(leases.used), *queries.insert_args(rows)
-            )
-        except asyncpg.PostgresError as err:
-            if err.sqlstate not in _RETRIED:
-                raise
-            metrics.WRITER_RETRIES.labels(_RETRIED[err.sqlstate]).inc()
+            old_values = await kine.write_batch(self.conn, expected, live.used, rows)
+        except kine.WriteRefused as refused:
+            metrics.WRITER_RETRIES.labels(refused.reason).inc()
             return None
-        if rows and not returned:
+        if rows and not old_values:
             metrics.WRITER_RETRIES.labels("ids_taken").inc()
             return None
         metrics.WRITER_COMMIT_SECONDS.observe(time.perf_counter() - started)
         if not rows:
             return view.rev
-        self._last_id = rows[-1][0]
-        old_values = {r[0]: r[1] for r in returned}
-        self.follower.apply_local([as_applied(row, old_values.get(row[0])) for row in rows])
-        return rows[-1][0]
+        self._last_id = rows[-1].id
+        self.follower.apply_local([row.committed(old_values.get(row.id)) for row in rows])
+        return rows[-1].id
 
     async def _run_batch_locked(self, batch: list[_Request]) -> int:
         """Lock first, catch up with the table, evaluate, insert, commit."""
-        conn = self.conn
         started = time.perf_counter()
-        await conn.execute(SQL["begin_locked"])
-        try:
-            current = int(await conn.fetchval(SQL["current_rev"]))
+        async with locks.locked(self.conn) as conn:
+            current = await kine.current_rev(conn)
             # Under the writer lock every applied row is committed: current >= applied.
-            self.follower.check_not_rewound(current, self.follower.applied)
+            self.rewind.check(current, self.follower.applied)
             await self.follower.wait_for(current)
-            leases = await self._leases(batch)
+            batch_leases = await self._leases(batch)
             view, rows = await self._evaluate_with_ids(
-                batch, max(current, self._last_id) + 1, leases
+                batch, max(current, self._last_id) + 1, batch_leases
             )
             if rows:
-                returned = await conn.fetch(
-                    SQL["insert_rows_returning"], *queries.insert_args(rows)
-                )
-                await conn.execute(SQL["notify"], b"%d" % rows[-1][0])
+                old_values = await kine.insert_rows(conn, rows)
+                await notify.committed(conn, rows[-1].id)
             if view.revoked_leases:
-                await conn.execute(SQL["lease_delete"], view.revoked_leases)
-            await conn.execute("COMMIT")
-            metrics.WRITER_COMMIT_SECONDS.observe(time.perf_counter() - started)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await conn.execute("ROLLBACK")
-            raise
+                await leases.delete(conn, view.revoked_leases)
+        metrics.WRITER_COMMIT_SECONDS.observe(time.perf_counter() - started)
         if not rows:
             return view.rev
-        old_values = {r[0]: r[1] for r in returned}
-        self.follower.apply_local([as_applied(row, old_values.get(row[0])) for row in rows])
-        return rows[-1][0]
+        self.follower.apply_local([row.committed(old_values.get(row.id)) for row in rows])
+        return rows[-1].id
 
     async def _leases(self, batch: list[_Request]) -> BatchLeases:
         ids = sorted({lease for req in batch for lease in (*req.leases, *req.revokes)})
         if not ids:
             return BatchLeases({})
-        records = await self.conn.fetch(SQL["leases_for_update"], ids)
-        return BatchLeases({r[0]: r[2] for r in records})
+        return BatchLeases(await leases.remaining_for_update(self.conn, ids))
 
     async def _evaluate_with_ids(
         self, batch: list[_Request], guess: int, leases: BatchLeases
@@ -324,7 +310,7 @@ class Writer:
             except OutOfIds:
                 await self._draw(drawn, len(drawn) + 1)
                 continue
-            used = [row[0] for row in view.rows]
+            used = [row.id for row in view.rows]
             if not used:
                 return view, []
             if len(drawn) < len(used):
@@ -335,8 +321,7 @@ class Writer:
             ids = drawn
 
     async def _draw(self, drawn: list[int], count: int) -> None:
-        records = await self.conn.fetch(SQL["next_ids"], count)
-        drawn.extend(sorted(int(r[0]) for r in records))
+        drawn.extend(await kine.next_ids(self.conn, count))
         drawn.sort()
         self._last_id = drawn[-1]
 
@@ -365,12 +350,8 @@ class Writer:
         found = self.values.get_cached(ids)
         missing = [rid for rid in ids if rid not in found]
         if missing:
-            found.update(await queries.values_by_id(self.conn, missing))
+            found.update(await kine.values_by_id(self.conn, missing))
         return found
-
-
-# What write_batch refused → the retry's reason (a metrics label).
-_RETRIED = {queries.WRITE_CONFLICT: "index_behind", queries.LEASE_GONE: "lease_gone"}
 
 
 def _answer(batch: list[_Request]) -> None:

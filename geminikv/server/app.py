@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import hashlib
 import logging
@@ -11,6 +12,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
@@ -22,8 +24,19 @@ from geminikv import metrics, tasks
 from geminikv.compact import Compactor
 from geminikv.config import Settings
 from geminikv.leader import Leader
-from geminikv.lease import Leases
+from geminikv.lease import KineTtls, Leases
+from geminikv.mvcc.applier import Applier
+from geminikv.mvcc.compaction import Compaction
+from geminikv.mvcc.follower import Follower
+from geminikv.mvcc.gaps import Gaps
+from geminikv.mvcc.index import Index
+from geminikv.mvcc.index import load as load_index
 from geminikv.mvcc.kvstore import KVStore
+from geminikv.mvcc.lag import Lag
+from geminikv.mvcc.read_index import ReadIndex
+from geminikv.mvcc.rewind import Rebuilding, Rewind
+from geminikv.mvcc.values import Values
+from geminikv.mvcc.writer import Writer
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
 from geminikv.server import wire
 from geminikv.server.cluster import ClusterService
@@ -33,8 +46,9 @@ from geminikv.server.maintenance import MaintenanceService
 from geminikv.server.registration import UndecodableAsInternal
 from geminikv.server.rpc import Identity, unimplemented
 from geminikv.server.watch import WatchService
-from geminikv.storage import database, schema
+from geminikv.storage import database, kine, schema
 from geminikv.storage.embedded import EmbeddedPostgres
+from geminikv.storage.session import Session
 from geminikv.storage.sqlstats import SqlObserver
 from geminikv.watch.hub import Hub
 
@@ -84,6 +98,96 @@ def _id64(*parts: str) -> int:
     return int.from_bytes(digest, "big") & ((1 << 63) - 1) or 1
 
 
+@dataclass(frozen=True, slots=True)
+class Parts:
+    """What ``build`` makes that the App starts, serves and stops."""
+
+    store: KVStore
+    hub: Hub
+    leases: Leases
+    compactor: Compactor
+    leader: Leader
+
+
+def build(
+    settings: Settings,
+    pool: asyncpg.Pool,
+    session: Session,
+    reconnect: Callable[[], Awaitable[asyncpg.Connection]],
+    connect: Callable[[], Awaitable[asyncpg.Connection]],
+) -> Parts:
+    """The whole object graph, each part given what it talks to (as etcd's NewServer).
+
+    ``session``: the writer's connection; ``reconnect``: one attempt at a new connection
+    (the writer's and the listener's after an outage); ``connect``: a connection, waiting
+    for PostgreSQL (the leader's session)."""
+    s = settings
+    index = Index()
+    values = Values(pool, s.value_cache_size * 1024 * 1024)
+    lag = Lag(index)
+    kine_ttls = KineTtls(index)
+    applier = Applier(index, values, lag, subscribers=[kine_ttls.on_events])
+    compaction = Compaction(pool, index)
+    gaps = Gaps(pool)
+    rebuilding = Rebuilding()
+
+    def cancel_watches(reason: str) -> None:
+        hub.cancel_all(reason)  # the hub is made below: it still needs the follower
+
+    rewind = Rewind(
+        index,
+        functools.partial(load_index, pool),
+        applier,
+        values,
+        compaction,
+        gaps,
+        rebuilding,
+        cancel_watches,
+    )
+    follower = Follower(
+        pool,
+        applier,
+        lag,
+        compaction,
+        gaps,
+        rewind,
+        session.pid,
+        s.poll_interval,
+        reconnect,
+        s.poll_batch_size,
+    )
+    reads = ReadIndex(
+        follower.listener, applier, lag, rewind, follower.wait_for, follower.catch_up, s.batch_wait
+    )
+    writer = Writer(session, index, follower, rewind, rebuilding, values, s.batch_wait)
+    leader_wake = asyncio.Event()  # a compaction wakes the leader to purge the rows
+    store = KVStore(
+        pool,
+        session,
+        index,
+        values,
+        follower,
+        reads,
+        writer,
+        compaction,
+        rewind,
+        rebuilding,
+        on_compact=leader_wake.set,
+    )
+    # Until Hub takes (pool, index, rebuilding) and is an applier subscriber, it
+    # subscribes itself to the follower.
+    hub = Hub(pool, index, follower, rebuilding=rebuilding)
+    leases = Leases(store, kine_ttls)
+    compactor = Compactor(store, follower, s)
+    leader = Leader(
+        connect,
+        duties=[leases.expire, compactor.run],
+        on_change=[leases.leadership, compactor.leadership],
+        wake=leader_wake,
+    )
+    return Parts(store, hub, leases, compactor, leader)
+
+
 class App:
     """Everything one geminikv process runs; ``start`` then ``wait`` then ``stop``."""
 
@@ -124,15 +228,16 @@ class App:
         self.pool = await database.create_pool(
             backend, s.datastore_max_open_connections, s.datastore_connection_max_idle_time
         )
-        self.store = KVStore(
-            self.pool,
-            self.writer_conn,
-            s.poll_interval,
-            s.value_cache_size * 1024 * 1024,
-            reconnect=lambda: database.connect_once(backend),
-            batch_wait=s.batch_wait,
-            poll_batch_size=s.poll_batch_size,
-        )
+
+        def reconnect() -> Awaitable[asyncpg.Connection]:
+            return database.connect_once(backend)
+
+        def connect() -> Awaitable[asyncpg.Connection]:
+            return database.connect(backend)
+
+        parts = build(s, self.pool, Session(self.writer_conn, reconnect), reconnect, connect)
+        self.store, self.hub, self.leases = parts.store, parts.hub, parts.leases
+        self.compactor, self.leader = parts.compactor, parts.leader
         await self.store.start()
         identity = await self._identity()
 
@@ -143,19 +248,10 @@ class App:
             MaintenanceService(self.store, identity, s.emulated_etcd_version), server
         )
         rpc_pb2_grpc.add_ClusterServicer_to_server(ClusterService(self.store, identity), server)
-        store = self.store
-        self.hub = Hub(self.pool, store.index, store.follower, rebuilding=lambda: store.rebuilding)
         await self.hub.start()
-        self.store.on_rewind.append(self.hub.cancel_all)
         self.watch = WatchService(self.hub, identity, s.watch_progress_notify_interval)
         self.watch.start()
         rpc_pb2_grpc.add_WatchServicer_to_server(self.watch, server)
-        self.leases = Leases(self.store)
-        self.compactor = Compactor(self.store, s)
-        self.leader = Leader(lambda: database.connect(backend))
-        self.leader.duties += [self.leases.expire, self.compactor.run]
-        self.leader.on_change += [self.leases.leadership, self.compactor.leadership]
-        self.store.on_compact.append(self.leader.wake)
         await self.leader.start()
         rpc_pb2_grpc.add_LeaseServicer_to_server(LeaseService(self.leases, identity), server)
         rpc_pb2_grpc.add_AuthServicer_to_server(
@@ -179,7 +275,7 @@ class App:
         log.info(
             "geminikv serving etcd v3 on %s (revision %d)",
             self.address.grpc_target,
-            int(self.store.index.rev),
+            self.store.revision,
         )
 
     def _tls(self) -> grpc.ServerCredentials | None:
@@ -218,7 +314,7 @@ class App:
             self.health.loop_beat = now
             metrics.TASKS.set(len(asyncio.all_tasks()))
             try:
-                rev = await asyncio.wait_for(self.store.follower.read_index(), 2.0)
+                rev = await asyncio.wait_for(self.store.reads.read(), 2.0)
                 self.health.database_ok = time.monotonic()
                 self.health.caught_up = self.store.follower.applied >= rev
                 if now - last_size > 30:
@@ -234,11 +330,8 @@ class App:
 
     async def _identity(self) -> Identity:
         assert self.writer_conn is not None
-        row = await self.writer_conn.fetchrow(
-            "SELECT current_database()::text, 'kine'::regclass::oid::bigint"
-        )
-        assert row is not None
-        cluster = _id64("cluster", bytes(row[0]).decode(), str(row[1]))
+        name, table_oid = await kine.identity(self.writer_conn)
+        cluster = _id64("cluster", name, str(table_oid))
         host = socket.gethostname()
         member = _id64("member", host, self.settings.listen_address)
         return Identity(cluster, member, host, self.address.client_url)
@@ -270,7 +363,7 @@ class App:
                 await asyncio.wait_for(self.pool.close(), 5)
         if self.store is not None:
             with contextlib.suppress(Exception):
-                await self.store.writer.conn.close()
+                await self.store.session.close()
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)
 

@@ -1,15 +1,14 @@
 """Every SQL statement geminikv runs, each with a name (used in logs and metrics).
 
-Keys (``name``) travel as bytes: connections decode text columns as raw UTF-8 bytes
-(see ``database.py``), because the index orders and compares keys as bytes.
+Only the modules of ``storage/`` run them, each through one typed function (``kine.py``,
+``leases.py``, ``notify.py``, ``transaction.py``, ``schema.py``). Keys (``name``) travel as
+bytes: connections decode text columns as raw UTF-8 bytes (see ``database.py``), because
+the index orders and compares keys as bytes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
-import asyncpg
+from geminikv.storage.rows import INDEX_COLUMNS, Row
 
 # Serialises geminikv writers across processes: ids are drawn and committed while it is
 # held, so commit order equals id order (a follower that sees id N has seen all below N).
@@ -19,7 +18,6 @@ NOTIFY_CHANNEL = "geminikv"
 # batch attaches keys to is gone (revoked or expired).
 WRITE_CONFLICT = "GK001"
 LEASE_GONE = "GK002"
-COMPACT_KEY = b"compact_rev_key"
 MAX_LEASE_ID = 2**31 - 1  # Kine's lease column is a 32-bit INTEGER
 
 # Milliseconds since the epoch on the database server's clock.
@@ -27,23 +25,24 @@ NOW_MS = "(extract(epoch from clock_timestamp()) * 1000)::bigint"
 # Session lock held by the one process that expires leases and compacts automatically.
 LEADER_LOCK_KEY = 0x6B696E65_00000003
 
-# The columns the index and the watch path need, in this order.
-ROW_COLUMNS = "id, name, created, deleted, create_revision, prev_revision, lease, version"
+# The columns of rows.Row (the index needs the first eight), in its order.
+INDEX_ROW_COLUMNS = ", ".join(INDEX_COLUMNS)
+ROW_COLUMNS = ", ".join(Row._fields)
 
 SQL: dict[str, str] = {
     "begin_locked": f"BEGIN; SELECT pg_advisory_xact_lock({WRITER_LOCK_KEY})",
+    "commit": "COMMIT",
+    "rollback": "ROLLBACK",
     "current_rev": "SELECT COALESCE(MAX(id), 0) FROM kine",
     "compact_rev": (
         "SELECT COALESCE(MAX(prev_revision), 0) FROM kine WHERE name = 'compact_rev_key'"
     ),
     "set_compact_rev": "UPDATE kine SET prev_revision = $1 WHERE name = 'compact_rev_key'",
     "next_ids": "SELECT nextval(pg_get_serial_sequence('kine', 'id')) FROM generate_series(1, $1)",
-    "rows_after": f"SELECT {ROW_COLUMNS} FROM kine WHERE id > $1 AND id <= $2 ORDER BY id LIMIT $3",
     "rows_with_values_after": (
-        f"SELECT {ROW_COLUMNS}, value, old_value FROM kine "
-        "WHERE id > $1 AND id <= $2 ORDER BY id LIMIT $3"
+        f"SELECT {ROW_COLUMNS} FROM kine WHERE id > $1 AND id <= $2 ORDER BY id LIMIT $3"
     ),
-    "all_rows": f"SELECT {ROW_COLUMNS} FROM kine ORDER BY id",
+    "all_rows": f"SELECT {INDEX_ROW_COLUMNS} FROM kine ORDER BY id",
     "values_by_id": "SELECT id, value FROM kine WHERE id = ANY($1::bigint[])",
     "insert_rows": """
         INSERT INTO kine (id, name, created, deleted, create_revision, prev_revision, lease,
@@ -104,6 +103,7 @@ SQL: dict[str, str] = {
     "lease_next_expiry_ms": f"SELECT MIN(expiry_ms) - {NOW_MS} FROM geminikv_lease",
     "lease_count": "SELECT count(*) FROM geminikv_lease",
     "try_leader_lock": "SELECT pg_try_advisory_lock($1)",
+    "ping": "SELECT 1",  # keeps a session (and the session lock it holds) alive
     # Compaction: short statements by primary key, never one giant DELETE.
     "delete_rows": "DELETE FROM kine WHERE id = ANY($1::bigint[])",
     "delete_gap_rows": """
@@ -113,6 +113,8 @@ SQL: dict[str, str] = {
               AND name LIKE 'gap-%' AND id < (SELECT MAX(id) FROM kine) LIMIT $2)
     """,
     "db_size": "SELECT pg_total_relation_size('kine')",
+    # What identifies the cluster: the database, and this incarnation of Kine's table.
+    "identity": "SELECT current_database()::text, 'kine'::regclass::oid::bigint",
 }
 
 SQL["insert_rows_returning"] = SQL["insert_rows"] + " RETURNING id, old_value"
@@ -130,17 +132,8 @@ def statement_name(query: str) -> str:
     return head[0].lower() if head else "empty"
 
 
-Row = tuple[int, bytes, int, int, int, int, int, int | None]
-"""(id, name, created, deleted, create_revision, prev_revision, lease, version)."""
+async def values_by_id(conn: object, ids: object) -> dict[int, bytes]:
+    """Moved to ``kine.values_by_id``; kept until ``mvcc/values.py`` calls it there."""
+    from geminikv.storage import kine  # kine imports this module
 
-
-async def values_by_id(conn: asyncpg.Connection, ids: Sequence[int]) -> dict[int, bytes]:
-    if not ids:
-        return {}
-    records = await conn.fetch(SQL["values_by_id"], ids)
-    return {r[0]: r[1] if r[1] is not None else b"" for r in records}
-
-
-def insert_args(rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
-    """Column arrays for ``insert_rows`` from row tuples in its column order."""
-    return [list(column) for column in zip(*rows, strict=True)] or [[] for _ in range(11)]
+    return await kine.values_by_id(conn, ids)  # type: ignore[arg-type]

@@ -1,0 +1,123 @@
+"""When the table no longer holds what this process applied: stop serving, cancel every
+watch, rebuild the index from the table.
+
+Two ways in: the database went back in time (its newest revision is below the applied
+one: restored from an older backup, or failed over to a lagging replica), or this
+process fell behind compaction (rows it had yet to apply were deleted, a delete's
+tombstone perhaps among them, so they cannot be replayed). Meanwhile requests fail with
+Unavailable and a message saying which.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from geminikv import errors, tasks
+from geminikv.mvcc.applier import Applier
+from geminikv.mvcc.compaction import Compaction
+from geminikv.mvcc.gaps import Gaps
+from geminikv.mvcc.index import Index
+from geminikv.mvcc.values import Values
+
+log = logging.getLogger(__name__)
+
+RETRY = 1.0  # seconds between attempts to load the table
+
+
+class Rebuilding:
+    """Whether the index is being rebuilt: set by ``Rewind``, read by whoever serves
+    (the store, the watch hub). A flag of its own, so both can be built before Rewind."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.message = errors.Rewound.message  # what requests fail with meanwhile
+        # counts finished rebuilds: the writer forgets its guess of the next id on a change
+        self.generation = 0
+
+    def __call__(self) -> bool:
+        return self.active
+
+    def check(self) -> None:
+        """Requests fail with Unavailable while the index is rebuilt."""
+        if self.active:
+            raise errors.Rewound(self.message)
+
+
+class Rewind:
+    def __init__(
+        self,
+        index: Index,
+        load: Callable[[Index], Awaitable[None]],
+        applier: Applier,
+        values: Values,
+        compaction: Compaction,
+        gaps: Gaps,
+        rebuilding: Rebuilding,
+        cancel_watches: Callable[[str], None],
+    ) -> None:
+        self.index = index
+        self._load = load  # fills a fresh index from the table
+        self.applier = applier
+        self.values = values
+        self.compaction = compaction
+        self.gaps = gaps
+        self.rebuilding = rebuilding
+        self._cancel_watches = cancel_watches  # with the reason they end
+        self._task: asyncio.Task[None] | None = None
+
+    async def stop(self) -> None:
+        await tasks.stop(self._task)
+
+    def check(self, newest: int, applied: int) -> None:
+        """``newest`` is PostgreSQL's newest revision, read after ``applied`` was applied
+        here: if it is lower, the database has lost revisions this process served."""
+        if newest < applied:
+            self.rewound(newest)
+            raise errors.Rewound()
+
+    def rewound(self, newest: int) -> None:
+        self._resync(
+            f"geminikv: the database revision went backwards from {int(self.index.rev)} "
+            f"to {newest} (restored from a backup, or failed over to a lagging replica); "
+            "watch again from a current revision",
+            errors.Rewound.message,
+        )
+
+    def behind_compaction(self, missing: int, compacted: int) -> None:
+        """Revision ``missing`` is not in the table and the table is compacted to
+        ``compacted`` >= it."""
+        self._resync(
+            f"geminikv: this process fell behind compaction (revision {missing} not applied, "
+            f"compacted to {compacted}); watch again from a current revision",
+            errors.BEHIND_COMPACTION,
+        )
+
+    def _resync(self, reason: str, message: str) -> None:
+        if self.rebuilding.active:
+            return
+        log.error("%s; rebuilding the index", reason.removeprefix("geminikv: "))
+        self.rebuilding.active = True
+        self.rebuilding.message = message
+        self._cancel_watches(reason)
+        self._task = asyncio.create_task(self._rebuild(), name="index-rebuild")
+
+    async def _rebuild(self) -> None:
+        while True:
+            try:
+                fresh = Index()
+                await self._load(fresh)
+                break
+            except Exception as err:  # e.g. PostgreSQL still restarting: try again
+                log.warning("rebuilding the index failed (%s); retrying", err)
+                await asyncio.sleep(RETRY)
+        # all in one step: no request sees a half-built index or a stale pending row
+        self.applier.reset(self.rebuilding.message)
+        self.compaction.reset()
+        self.gaps.clear()
+        self.values.clear()
+        self.rebuilding.generation += 1
+        self.index.take(fresh)
+        self.rebuilding.active = False
+        log.info("index rebuilt: %d keys, revision %d", self.index.live, self.index.rev)

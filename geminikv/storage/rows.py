@@ -1,0 +1,80 @@
+"""The shapes a revision takes, one type each: a row of Kine's table, a row to insert, and a
+key's state at a revision (what the index holds).
+
+Rows are named tuples: tuples on the hot paths (unpacked as fast), with names for every
+reader. The SQL column lists in ``queries.py`` are made from their fields, so a statement
+and the type its rows arrive in cannot disagree. States are built in Cython, so they are
+plain tuples with named positions.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+State = tuple[int, int, int, int]
+"""A key at one revision, as the index holds it (etcd's KeyValue without key and value):
+(mod, create, version, lease). ``mod`` is the row id that wrote it; ``create`` the create
+revision of the key's generation; ``version`` 1 on create, +1 per put, 0 on a tombstone.
+The Cython index holds it as ``struct Rev`` (``_native/index.pxd``). A plain tuple: the
+wire encoders (``_native/kvwire.pyx``) take exactly a tuple, and the index builds one per
+read (a named tuple built from Cython costs 25 ns more per get)."""
+MOD, CREATE, VERSION, LEASE = range(4)  # State's fields
+
+
+Entry = tuple[bytes, int, int, int, int]
+"""A key and its State, as ranges over the index return them: (key, mod, create, version,
+lease). A plain tuple: a range builds one per key."""
+
+
+class Row(NamedTuple):
+    """A row of Kine's table as the follower applies it and the watch catch-up reads it.
+
+    ``name`` is Kine's column (``keys.key_of`` gives the etcd key); ``version`` is NULL in
+    Go Kine's rows; ``value`` is NULL on deletes and gap rows."""
+
+    id: int
+    name: bytes
+    created: int
+    deleted: int
+    create_revision: int
+    prev_revision: int
+    lease: int
+    version: int | None
+    value: bytes | None
+    old_value: bytes | None
+
+
+class NewRow(NamedTuple):
+    """A row a write batch inserts: ``Row``'s columns, and whether ``old_value`` is known
+    (False: the insert copies the value of the row ``prev_revision`` names)."""
+
+    id: int
+    name: bytes
+    created: int
+    deleted: int
+    create_revision: int
+    prev_revision: int
+    lease: int
+    version: int
+    value: bytes | None
+    old_value: bytes | None
+    old_known: bool
+
+    def committed(self, old_value: bytes | None) -> Row:
+        """The row as stored, with the old value the insert resolved."""
+        return Row(
+            self.id,
+            self.name,
+            self.created,
+            self.deleted,
+            self.create_revision,
+            self.prev_revision,
+            self.lease,
+            self.version,
+            self.value,
+            old_value,
+        )
+
+
+# What the index needs of a row (it never holds values): Row's first eight columns.
+INDEX_COLUMNS = Row._fields[:8]
