@@ -15,15 +15,13 @@ import logging
 import time
 
 from geminikv import metrics
-from geminikv.config import Settings
+from geminikv.config import COMPACT_DELETE_BATCH, Settings
 from geminikv.mvcc.follower import Follower
 from geminikv.mvcc.kvstore import KVStore
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.storage import kine, notify
 
 log = logging.getLogger(__name__)
-
-DELETE_BATCH = 500  # ids per DELETE: milliseconds per statement on any table size
 
 
 class Compactor:
@@ -73,14 +71,14 @@ class Compactor:
         newest = int(self.store.index.rev)
         ids = [i for i in self.store.index.plan_compaction(target) if i != newest]
         pool = self.store.pool
-        for i in range(0, len(ids), DELETE_BATCH):
-            await self._delete(ids[i : i + DELETE_BATCH])
+        for i in range(0, len(ids), COMPACT_DELETE_BATCH):
+            await self._delete(ids[i : i + COMPACT_DELETE_BATCH])
         gaps = 0
         while True:
             async with pool.acquire() as conn:
-                count = await kine.delete_gap_rows(conn, target, DELETE_BATCH, self.timeout)
+                count = await kine.delete_gap_rows(conn, target, COMPACT_DELETE_BATCH, self.timeout)
             gaps += count
-            if count < DELETE_BATCH:
+            if count < COMPACT_DELETE_BATCH:
                 break
         async with pool.acquire() as conn:
             await notify.compacted(conn, target)

@@ -54,6 +54,29 @@ WATCH_RETRY_DELAY = 0.5  # seconds before the catch-up task retries a failed rea
 WATCH_MAX_RESPONSE_BYTES = MAX_REQUEST_BYTES  # fragments are cut at etcd's max request size
 WATCH_COALESCE_SECONDS = 0.002  # a busy stream lets events gather this long between writes
 
+# The follower and the index
+FOLLOWER_FETCH_LIMIT = 1000  # rows per catch-up query (Kine's --poll-batch-size default)
+GAP_GRACE = 0.05  # seconds a missing id may stay missing before it is filled
+INDEX_COMPACT_SLICE = 20_000  # superseded revisions dropped from the index per loop turn
+LAG_MARKS = 1024  # (revision, first known) pairs kept for the lag-in-seconds metric
+REBUILD_RETRY = 1.0  # seconds between attempts to load the table into a new index
+LOAD_PREFETCH = 20_000  # rows per round trip while loading the table at start-up
+
+# Writes
+WRITER_MAX_BATCH = 512  # requests in one write batch (one PostgreSQL transaction)
+COMPACT_DELETE_BATCH = 500  # ids per DELETE: milliseconds per statement on any table size
+
+# Leases and the leader's duties
+REVOKES_PER_WRITE = 64  # expired leases revoked in one write
+EXPIRED_PER_RUN = 10_000  # expired leases read per expiry run
+LEADER_RETRY_LOCK = 1.0  # seconds between attempts to take the leader lock
+LEADER_MAX_SLEEP = 0.5  # seconds the leader sleeps between duties, at most
+
+# The serving process
+LEASE_COUNT_INTERVAL = 5.0  # seconds between counts of geminikv_lease for the metric
+# Python's default (700) runs a young collection every ~25 requests under load.
+GC_YOUNG_THRESHOLD = 10_000
+
 
 def parse_duration(text: str) -> float:
     """Seconds in a Go duration ("5s", "1m30s", "100ms", "-1s"); a bare number is seconds."""
@@ -133,7 +156,7 @@ class Settings:
     emulated_etcd_version: str = "3.5.16"
     watch_progress_notify_interval: float = 5.0
     poll_interval: float = 1.0
-    poll_batch_size: int = 1000
+    poll_batch_size: int = FOLLOWER_FETCH_LIMIT
     compact_interval: float = 0.0
     compact_interval_jitter: int = 0
     compact_timeout: float = 5.0

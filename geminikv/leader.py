@@ -15,14 +15,13 @@ from collections.abc import Awaitable, Callable, Sequence
 import asyncpg
 
 from geminikv import metrics, tasks
+from geminikv.config import LEADER_MAX_SLEEP, LEADER_RETRY_LOCK
 from geminikv.storage import locks
 
 log = logging.getLogger(__name__)
 
 # A duty runs once and returns how many seconds it may sleep before running again.
 Duty = Callable[[], Awaitable[float]]
-RETRY_LOCK = 1.0
-MAX_SLEEP = 0.5
 
 
 class Leader:
@@ -63,7 +62,7 @@ class Leader:
             try:
                 conn = await self._connect()
                 while not await locks.try_leader_lock(conn):
-                    await asyncio.sleep(RETRY_LOCK)
+                    await asyncio.sleep(LEADER_RETRY_LOCK)
                 log.info("this process now runs lease expiry and compaction")
                 self._set(True)
                 while True:
@@ -72,14 +71,14 @@ class Leader:
                     self._wake.clear()
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(
-                            self._wake.wait(), max(0.01, min([MAX_SLEEP, *waits]))
+                            self._wake.wait(), max(0.01, min([LEADER_MAX_SLEEP, *waits]))
                         )
             except asyncio.CancelledError:
                 raise
             except Exception as err:
                 # str() of a statement timeout (--compact-timeout) is empty: name it
                 log.warning("background duties interrupted (%r); retrying", err)
-                await asyncio.sleep(RETRY_LOCK)
+                await asyncio.sleep(LEADER_RETRY_LOCK)
             finally:
                 if self.is_leader:
                     self._set(False)

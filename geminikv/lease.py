@@ -18,6 +18,7 @@ import time
 import asyncpg
 
 from geminikv import errors, metrics
+from geminikv.config import EXPIRED_PER_RUN, REVOKES_PER_WRITE
 from geminikv.mvcc.events import Event
 from geminikv.mvcc.index import Index
 from geminikv.mvcc.kvstore import KVStore
@@ -29,7 +30,6 @@ log = logging.getLogger(__name__)
 
 MAX_LEASE_TTL = 9_000_000_000  # etcd's MaxLeaseTTL
 MIN_LEASE_TTL = 2  # ceil(1.5 x etcd's default election timeout of 1 s)
-REVOKES_PER_WRITE = 64
 
 
 class KineTtls:
@@ -164,7 +164,7 @@ class Leases:
     async def expire(self) -> float:
         """Revoke every expired lease; returns the seconds until the next may expire."""
         async with self.pool.acquire() as conn:
-            expired = await table.expired(conn, 10_000)
+            expired = await table.expired(conn, EXPIRED_PER_RUN)
             chunks = [
                 expired[i : i + REVOKES_PER_WRITE]
                 for i in range(0, len(expired), REVOKES_PER_WRITE)

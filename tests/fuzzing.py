@@ -20,10 +20,10 @@ and the request goes to geminikv alone, with the expected answer spelled out:
 - an Alarm with an action other than GET/ACTIVATE/DEACTIVATE crashes etcd 3.4/3.5 (nil
   response); ACTIVATE would arm a real alarm on the shared etcd;
 - ignore_value/ignore_lease in a txn that deletes: etcd 3.4 panics (test_kv_errors.py).
-Known, documented differences (DESIGN.md) are checked on geminikv alone: keys that are not
-UTF-8 or contain NUL cannot be written, and lease IDs must fit 32 bits. A never-compacted
-etcd accepts Compact(0) (its first revision is -1) where geminikv, whose compact revision
-starts at 0, answers Compacted: Compact(0) is compared once both have compacted.
+Known, documented differences (docs/architecture.md#keys) are checked on geminikv alone:
+keys that are not UTF-8 or contain NUL cannot be written, and lease IDs must fit 32 bits.
+A never-compacted etcd accepts Compact(0) (its first revision is -1) where geminikv, whose
+compact revision starts at 0, answers Compacted: Compact(0) is compared once both have compacted.
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ def draw_suffix(draw: Draw) -> bytes:
 
 
 def draw_storable_suffix(draw: Draw) -> bytes:
-    """A key geminikv can write: UTF-8 without NUL (DESIGN.md; etcd takes any bytes)."""
+    """A key geminikv can write: UTF-8 without NUL (docs/architecture.md#keys; etcd takes
+    any bytes)."""
     text = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=4)
     return draw(st.one_of(st.sampled_from(NAMES), text.map(str.encode)))
 

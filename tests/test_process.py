@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import gc
 
-from geminikv.server.app import GC_YOUNG_THRESHOLD, settle_gc
+from geminikv.config import GC_YOUNG_THRESHOLD
+from geminikv.server.app import settle_gc
 
 
 def test_settle_gc_freezes_start_up_objects_and_collects_young_ones_less_often() -> None:

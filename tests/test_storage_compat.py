@@ -17,7 +17,8 @@ from tests.waiting import eventually
 
 R = pb.RangeRequest
 
-# kine.md §1.1: pre-v0.11.5, v0.11.5-v0.12 (BIGINT, varchar), v0.13+ (text COLLATE "C").
+# Kine's schema variants (docs/architecture.md#the-kine-table): pre-v0.11.5,
+# v0.11.5-v0.12 (BIGINT, varchar), v0.13+ (text COLLATE "C").
 VARIANTS = {
     "v0.11.4": """
         CREATE TABLE kine (id SERIAL PRIMARY KEY, name VARCHAR(630), created INTEGER,
@@ -52,8 +53,8 @@ VARIANTS = {
     """,
 }
 
-# Rows as Go Kine writes them (kine.md §1.2): (id, name, created, deleted, create_revision,
-# prev_revision, lease, value, old_value).
+# Rows as Go Kine writes them (docs/architecture.md#row-shapes): (id, name, created,
+# deleted, create_revision, prev_revision, lease, value, old_value).
 KINE_ROWS = [
     (1, "compact_rev_key", 1, 0, 0, 0, 0, b"", None),
     (2, "/registry/health", 1, 0, 0, 0, 0, b'{"health":"true"}', None),
@@ -143,7 +144,7 @@ def test_serves_go_kine_database(kine_db: str) -> None:
         server.stop()
 
 
-# Kine's own read of the current state (kine.md §1.3 "List current" with values).
+# Kine's own read of the current state (its "list current" query, with values).
 KINE_LIST_CURRENT = """
     SELECT id, name, created, deleted, create_revision, prev_revision, lease, value, old_value
     FROM kine INNER JOIN (

@@ -93,7 +93,8 @@ def test_rows_without_notification_arrive_by_poll(postgres: Postgres) -> None:
         watch = WatchClient(server.stubs())
         watch.create(key=b"/kine/", range_end=b"/kine0", prev_kv=True)
 
-        # Go Kine's insert (kine.md §1.3): no advisory lock, no NOTIFY.
+        # Go Kine's insert (docs/architecture.md#commit-order-is-id-order): no advisory
+        # lock, no NOTIFY.
         rev = run_sync(
             _fetch_int(
                 dsn,

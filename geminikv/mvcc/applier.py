@@ -29,7 +29,7 @@ class Applier:
         self.values = values
         self.lag = lag
         # a list: the watch hub still subscribes itself (see watch/hub.py)
-        self.subscribers: list[Subscriber] = list(subscribers)
+        self.subscribers: tuple[Subscriber, ...] = tuple(subscribers)
         self.pending: dict[int, Row] = {}
         self._waiters: dict[int, list[asyncio.Future[None]]] = {}
         # Python 3.11's get_running_loop() makes a getpid() system call: once, not per read.

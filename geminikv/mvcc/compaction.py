@@ -14,10 +14,9 @@ import asyncio
 import asyncpg
 
 from geminikv import errors, tasks
+from geminikv.config import INDEX_COMPACT_SLICE
 from geminikv.mvcc.index import Index
 from geminikv.storage import kine, locks, notify
-
-SLICE = 20_000  # superseded revisions dropped from the index per event-loop turn
 
 
 class Compaction:
@@ -80,5 +79,5 @@ class Compaction:
 
     async def _slice_index(self) -> None:
         # In slices, so reads and writes keep being served meanwhile.
-        while not self.index.compact(self.physical_rev, SLICE):
+        while not self.index.compact(self.physical_rev, INDEX_COMPACT_SLICE):
             await asyncio.sleep(0)

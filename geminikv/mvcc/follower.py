@@ -16,8 +16,8 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 
 from geminikv import tasks
-from geminikv.mvcc import gaps
-from geminikv.mvcc.applier import Applier, Subscriber
+from geminikv.config import FOLLOWER_FETCH_LIMIT, GAP_GRACE
+from geminikv.mvcc.applier import Applier
 from geminikv.mvcc.compaction import Compaction
 from geminikv.mvcc.gaps import Gap, Gaps
 from geminikv.mvcc.lag import Lag
@@ -28,7 +28,6 @@ from geminikv.storage.rows import Row
 
 log = logging.getLogger(__name__)
 
-FETCH_LIMIT = 1000  # rows per catch-up query (Kine's --poll-batch-size)
 _NO_UPPER = 2**62
 
 
@@ -44,7 +43,7 @@ class Follower:
         writer_pid: Callable[[], int | None],
         poll_interval: float = 1.0,
         connect: Callable[[], Awaitable[asyncpg.Connection]] | None = None,
-        fetch_limit: int = FETCH_LIMIT,
+        fetch_limit: int = FOLLOWER_FETCH_LIMIT,
     ) -> None:
         self.pool = pool
         self.applier = applier
@@ -66,11 +65,6 @@ class Follower:
     @property
     def applied(self) -> int:
         return int(self.applier.index.rev)
-
-    @property
-    def subscribers(self) -> list[Subscriber]:
-        """The applier's: the watch hub subscribes itself here (watch/hub.py)."""
-        return self.applier.subscribers
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -169,7 +163,7 @@ class Follower:
                 if found is Gap.COMPACTED:
                     self.rewind.behind_compaction(gap, compacted)
                 else:
-                    asyncio.get_running_loop().call_later(gaps.GRACE / 2, self._wake.set)
+                    asyncio.get_running_loop().call_later(GAP_GRACE / 2, self._wake.set)
                 return
             self.gaps.clear()
             if len(rows) < self.fetch_limit:

@@ -2,9 +2,10 @@
 
 geminikv writers commit in id order, so a gap is either a Go Kine insert still in flight
 or an id burned by a rolled-back transaction. After a short grace period it is filled
-with Kine's ``gap-N`` row (kine.md §3.2); a late insert then fails and retries. A gap
-at or below the compact revision is not filled: compaction may have deleted the row
-(and with it a delete this process would never see), so the index must be rebuilt.
+with Kine's ``gap-N`` row (docs/architecture.md#the-follower-applies-in-id-order); a late
+insert then fails and retries. A gap at or below the compact revision is not filled:
+compaction may have deleted the row (and with it a delete this process would never
+see), so the index must be rebuilt.
 """
 
 from __future__ import annotations
@@ -15,15 +16,14 @@ import time
 
 import asyncpg
 
+from geminikv.config import GAP_GRACE
 from geminikv.storage import kine
 
 log = logging.getLogger(__name__)
 
-GRACE = 0.05  # seconds a missing id may stay missing before it is filled
-
 
 class Gap(enum.Enum):
-    WAIT = "wait"  # give it time: look again in GRACE / 2
+    WAIT = "wait"  # give it time: look again in GAP_GRACE / 2
     FILLED = "filled"  # fetch again: the row at the gap is there now
     COMPACTED = "compacted"  # the missing row may have been deleted by compaction
 
@@ -43,7 +43,7 @@ class Gaps:
         now = time.monotonic()
         if self._seen is None or self._seen[0] != gap:
             self._seen = (gap, now)
-        if now - self._seen[1] < GRACE:
+        if now - self._seen[1] < GAP_GRACE:
             return Gap.WAIT, 0
         async with self.pool.acquire() as conn:
             compacted = await kine.compact_rev(conn)

@@ -6,7 +6,7 @@ from geminikv import errors
 
 # Kine keeps its compact revision in a row named compact_rev_key (in prev_revision), so
 # the etcd key of that name, which kube-apiserver's compactor writes, is stored under
-# Kine's alias for it (kine.md §2).
+# Kine's alias for it (docs/architecture.md#keys).
 COMPACT_KEY = b"compact_rev_key"
 COMPACT_KEY_STORED = b"compact_rev_key_apiserver"
 GAP_PREFIX = b"gap-"

@@ -15,14 +15,14 @@ from geminikv.mvcc import ranges, txn
 from geminikv.mvcc.compaction import Compaction
 from geminikv.mvcc.follower import Follower
 from geminikv.mvcc.index import Index
-from geminikv.mvcc.keys import COMPACT_KEY, check_writable
+from geminikv.mvcc.keys import COMPACT_KEY
 from geminikv.mvcc.read_index import ReadIndex
 from geminikv.mvcc.rewind import Rebuilding, Rewind
 from geminikv.mvcc.values import Values
 from geminikv.mvcc.writer import Operation, Writer
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.storage import kine, locks
-from geminikv.storage.rows import State
+from geminikv.storage.rows import Entry, State
 from geminikv.storage.session import Session
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ class KVStore:
         value = (await self._values(entries))[mod]
         return rev, (mod, create, version, lease), value
 
-    async def _values(self, entries: list[ranges.Entry]) -> dict[int, bytes]:
+    async def _values(self, entries: list[Entry]) -> dict[int, bytes]:
         if not entries:
             return {}
         values = await self.values.get(e[1] for e in entries)
@@ -177,8 +177,8 @@ class KVStore:
         self, key: bytes, want_mod: int, value: bytes, lease: int, read_on_failure: bool
     ) -> tuple[bool, int, State | None, bytes]:
         """kube-apiserver's create and update txn (Evaluator.guarded_put). Of txn's request
-        checks only this one can fail for that shape (the parser holds the rest)."""
-        check_writable(key)
+        checks only txn.check_guarded_put's can fail for that shape."""
+        txn.check_guarded_put(key)
         self._check_serving()
         result: tuple[bool, int, State | None, bytes] = await self.writer.submit(
             lambda ev: ev.guarded_put(key, want_mod, value, lease, read_on_failure),

@@ -10,9 +10,8 @@ import time
 from collections import deque
 
 from geminikv import metrics
+from geminikv.config import LAG_MARKS
 from geminikv.mvcc.index import Index
-
-MARKS = 1024  # (revision, first known) pairs kept for the lag-in-seconds metric
 
 
 class Lag:
@@ -29,7 +28,7 @@ class Lag:
         if rev > self._known:
             self._known = rev
             if rev > self.index.rev:
-                if len(marks) < MARKS:
+                if len(marks) < LAG_MARKS:
                     marks.append((rev, time.monotonic()))
                 else:
                     # merged into the newest mark, whose older time can only overstate lag

@@ -9,9 +9,7 @@ from typing import Any
 from geminikv import errors
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.proto.mvccpb import kv_pb2
-
-# (key, mod, create, version, lease)
-Entry = tuple[bytes, int, int, int, int]
+from geminikv.storage.rows import Entry
 
 MAX_FETCH = 2**62  # a larger limit (up to int64's) means "all" and must fit the index's C integer
 

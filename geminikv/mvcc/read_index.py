@@ -30,7 +30,7 @@ class ReadIndex:
         rewind: Rewind,
         wait_for: Callable[[int], Awaitable[None]],
         wake: Callable[[], None],
-        batch_wait: float = 0.0,
+        batch_wait: float,
     ) -> None:
         self.listener = listener
         self.applier = applier

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from geminikv import errors, tasks
+from geminikv.config import REBUILD_RETRY
 from geminikv.mvcc.applier import Applier
 from geminikv.mvcc.compaction import Compaction
 from geminikv.mvcc.gaps import Gaps
@@ -22,8 +23,6 @@ from geminikv.mvcc.index import Index
 from geminikv.mvcc.values import Values
 
 log = logging.getLogger(__name__)
-
-RETRY = 1.0  # seconds between attempts to load the table
 
 
 class Rebuilding:
@@ -111,7 +110,7 @@ class Rewind:
                 break
             except Exception as err:  # e.g. PostgreSQL still restarting: try again
                 log.warning("rebuilding the index failed (%s); retrying", err)
-                await asyncio.sleep(RETRY)
+                await asyncio.sleep(REBUILD_RETRY)
         # all in one step: no request sees a half-built index or a stale pending row
         self.applier.reset(self.rebuilding.message)
         self.compaction.reset()

@@ -19,8 +19,9 @@ from geminikv import errors
 from geminikv.config import MAX_REQUEST_BYTES, MAX_TXN_OPS
 from geminikv.mvcc import ranges
 from geminikv.mvcc.keys import check_writable
-from geminikv.mvcc.view import BatchView, State
+from geminikv.mvcc.view import BatchView
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
+from geminikv.storage.rows import Entry, State
 
 # A missing key compares as a KeyValue of zeros (etcd's compareKV on an empty one).
 ABSENT: State = (0, 0, 0, 0)
@@ -402,7 +403,7 @@ class Evaluator:
         return resp
 
 
-def _compare_kv(cmp: pb.Compare, entry: ranges.Entry, value: bytes) -> bool:
+def _compare_kv(cmp: pb.Compare, entry: Entry, value: bytes) -> bool:
     """etcd's compareKV; a target union that doesn't match the target compares against 0."""
     target = cmp.target
     union = cmp.WhichOneof("target_union")

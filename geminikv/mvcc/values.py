@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 import asyncpg
 
-from geminikv.storage import queries
+from geminikv.storage import kine
 
 _ENTRY_OVERHEAD = 100  # bytes object + dict entry, roughly
 
@@ -83,7 +83,7 @@ class Values:
                 wanted, self._wanted = self._wanted, {}
                 try:
                     async with self.pool.acquire() as conn:
-                        got = await queries.values_by_id(conn, list(wanted))
+                        got = await kine.values_by_id(conn, list(wanted))
                 except Exception as err:
                     for fut in wanted.values():
                         if not fut.done():

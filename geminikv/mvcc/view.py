@@ -14,11 +14,11 @@ from geminikv.mvcc.keys import stored_name
 from geminikv.mvcc.ranges import in_range
 from geminikv.storage.rows import CREATE, MOD, VERSION, Entry, NewRow, State
 
-__all__ = ["BatchView", "OutOfIds", "State", "gap_row"]
+__all__ = ["BatchView", "OutOfIds", "gap_row"]
 
 
 def gap_row(rid: int) -> NewRow:
-    """Kine's filler for a revision that holds no change (kine.md §3.2)."""
+    """Kine's filler for a revision that holds no change (docs/architecture.md#row-shapes)."""
     return NewRow(rid, b"gap-%d" % rid, 0, 1, 0, 0, 0, 0, None, None, True)
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import asyncpg
 
 from geminikv import errors, metrics, tasks
+from geminikv.config import WRITER_MAX_BATCH
 from geminikv.mvcc.follower import Follower
 from geminikv.mvcc.gather import Gather
 from geminikv.mvcc.index import Index
@@ -40,7 +41,6 @@ from geminikv.storage.session import Session
 
 log = logging.getLogger(__name__)
 
-MAX_BATCH = 512
 
 # An operation: evaluated against the view, returns the caller's response.
 Operation = Callable[[Evaluator], Awaitable[Any]]
@@ -109,7 +109,7 @@ class Writer:
         rewind: Rewind,
         rebuilding: Rebuilding,
         values: Values,
-        batch_wait: float = 0.0,
+        batch_wait: float,
     ) -> None:
         self.session = session
         self.index = index
@@ -122,7 +122,7 @@ class Writer:
         self._last_id = 0
         self._generation = rebuilding.generation
         self._answering: set[asyncio.Task[None]] = set()
-        self._gather = Gather(batch_wait, MAX_BATCH)
+        self._gather = Gather(batch_wait, WRITER_MAX_BATCH)
         # Python 3.11's get_running_loop() makes a getpid() system call: once here, not per call.
         self._loop = asyncio.get_running_loop()
 
@@ -186,7 +186,7 @@ class Writer:
     async def _fill(self, batch: list[_Request]) -> None:
         """Take the queued requests into ``batch`` (under load, once more have come)."""
         await self._gather.fill(self._queue.qsize)
-        while len(batch) < MAX_BATCH and not self._queue.empty():
+        while len(batch) < WRITER_MAX_BATCH and not self._queue.empty():
             batch.append(self._queue.get_nowait())
         self._gather.taken(len(batch))
 

@@ -22,7 +22,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from geminikv import metrics, tasks
 from geminikv.compact import Compactor
-from geminikv.config import Settings
+from geminikv.config import (
+    GC_YOUNG_THRESHOLD,
+    GRPC_MAX_RECEIVE_BYTES,
+    LEASE_COUNT_INTERVAL,
+    Settings,
+)
 from geminikv.leader import Leader
 from geminikv.lease import KineTtls, Leases
 from geminikv.mvcc.applier import Applier
@@ -56,18 +61,15 @@ log = logging.getLogger(__name__)
 
 GRPC_OPTIONS = [
     # etcd: max request 1.5 MiB + 512 KiB gRPC overhead; responses are unbounded.
-    ("grpc.max_receive_message_length", 2 * 1024 * 1024),
+    ("grpc.max_receive_message_length", GRPC_MAX_RECEIVE_BYTES),
     ("grpc.max_send_message_length", -1),
-    # kube-apiserver pings every 30 s, also on idle connections (contract §5.1).
+    # kube-apiserver pings every 30 s, also on idle connections (docs/architecture.md#server-layer).
     ("grpc.http2.min_ping_interval_without_data_ms", 5000),
     ("grpc.http2.max_ping_strikes", 0),
     ("grpc.keepalive_permit_without_calls", 1),
     # Off: a second server on a busy port must fail, not silently share it.
     ("grpc.so_reuseport", 0),
 ]
-LEASE_COUNT_INTERVAL = 5.0  # seconds between counts of geminikv_lease for the metric
-# Python's default (700) runs a young collection every ~25 requests under load.
-GC_YOUNG_THRESHOLD = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,14 +128,11 @@ def build(
     values = Values(pool, s.value_cache_size * 1024 * 1024)
     lag = Lag(index)
     kine_ttls = KineTtls(index)
-    applier = Applier(index, values, lag, subscribers=[kine_ttls.on_events])
+    rebuilding = Rebuilding()
+    hub = Hub(pool, index, rebuilding)
+    applier = Applier(index, values, lag, subscribers=(kine_ttls.on_events, hub.publish))
     compaction = Compaction(pool, index)
     gaps = Gaps(pool)
-    rebuilding = Rebuilding()
-
-    def cancel_watches(reason: str) -> None:
-        hub.cancel_all(reason)  # the hub is made below: it still needs the follower
-
     rewind = Rewind(
         index,
         functools.partial(load_index, pool),
@@ -142,7 +141,7 @@ def build(
         compaction,
         gaps,
         rebuilding,
-        cancel_watches,
+        hub.cancel_all,
     )
     follower = Follower(
         pool,
@@ -174,9 +173,6 @@ def build(
         rebuilding,
         on_compact=leader_wake.set,
     )
-    # Until Hub takes (pool, index, rebuilding) and is an applier subscriber, it
-    # subscribes itself to the follower.
-    hub = Hub(pool, index, follower, rebuilding=rebuilding)
     leases = Leases(store, kine_ttls)
     compactor = Compactor(store, follower, s)
     leader = Leader(

@@ -26,5 +26,5 @@ class ClusterService(unimplemented(rpc_pb2_grpc.ClusterServicer, "Cluster")):  #
             clientURLs=[self.identity.client_url],
         )
         resp = pb.MemberListResponse(members=[member])
-        self.identity.fill(resp.header, int(self.store.index.rev))
+        self.identity.fill(resp.header, self.store.revision)
         return resp

@@ -19,7 +19,7 @@ class LeaseService(rpc_pb2_grpc.LeaseServicer):
         self.identity = identity
 
     def _rev(self) -> int:
-        return int(self.leases.store.index.rev)
+        return self.leases.store.revision
 
     @etcd_errors
     async def LeaseGrant(

@@ -12,6 +12,7 @@ from typing import Any
 
 import asyncpg
 
+from geminikv.config import LOAD_PREFETCH
 from geminikv.storage.queries import LEASE_GONE, SQL, WRITE_CONFLICT
 from geminikv.storage.rows import NewRow, Row
 
@@ -78,7 +79,7 @@ async def load_all(conn: asyncpg.Connection, apply: ApplyRow) -> int:
     return the compact revision as of that snapshot."""
     async with conn.transaction(isolation="repeatable_read"):
         compacted = await compact_rev(conn)
-        async for r in conn.cursor(SQL["all_rows"], prefetch=20000):
+        async for r in conn.cursor(SQL["all_rows"], prefetch=LOAD_PREFETCH):
             apply(*r)
     return compacted
 

@@ -130,10 +130,3 @@ def statement_name(query: str) -> str:
         return name
     head = query.split(None, 1)
     return head[0].lower() if head else "empty"
-
-
-async def values_by_id(conn: object, ids: object) -> dict[int, bytes]:
-    """Moved to ``kine.values_by_id``; kept until ``mvcc/values.py`` calls it there."""
-    from geminikv.storage import kine  # kine imports this module
-
-    return await kine.values_by_id(conn, ids)  # type: ignore[arg-type]

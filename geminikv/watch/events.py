@@ -2,35 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable
 
 from geminikv.mvcc.events import Event
 from geminikv.mvcc.index import Index, is_special
 from geminikv.mvcc.keys import key_of
 from geminikv.mvcc.ranges import key_value
 from geminikv.proto.mvccpb import kv_pb2
+from geminikv.storage.rows import Row
 
 PUT = kv_pb2.Event.PUT
 DELETE = kv_pb2.Event.DELETE
 
 
-def events_from_rows(index: Index, rows: Iterable[Sequence[Any]]) -> list[Event]:
-    """Events for table rows (id, name, created, deleted, create_rev, prev_rev, lease,
-    version, value, old_value) that the index has already applied."""
+def events_from_rows(index: Index, rows: Iterable[Row]) -> list[Event]:
+    """Events for table rows that the index has already applied."""
     out = []
     for row in rows:
-        rid: int = row[0]
-        name: bytes = row[1]
-        created, deleted, prev_rev = row[2], row[3], row[5]
-        value: bytes | None = row[8]
-        old: bytes | None = row[9]
-        if is_special(name, created, deleted, prev_rev):
+        rid, name, value, old = row.id, row.name, row.value, row.old_value
+        if is_special(name, row.created, row.deleted, row.prev_revision):
             continue
         key = key_of(name)
         prev = index.get(key, rid - 1)
         prev_value = (old or b"") if prev is not None else None
-        if deleted:
+        if row.deleted:
             out.append(Event(rid, key, True, 0, 0, 0, None, prev, prev_value))
             continue
         state = index.get(key, rid)

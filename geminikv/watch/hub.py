@@ -23,10 +23,9 @@ import asyncpg
 from geminikv import tasks
 from geminikv.config import WATCH_CATCH_UP_ROWS, WATCH_IDLE_RECHECK, WATCH_RETRY_DELAY
 from geminikv.mvcc.events import Event
-from geminikv.mvcc.follower import Follower
 from geminikv.mvcc.index import Index
+from geminikv.storage import kine
 from geminikv.storage.database import CONNECTION_ERRORS
-from geminikv.storage.queries import SQL
 from geminikv.watch.events import events_from_rows
 from geminikv.watch.watcher import Watcher
 
@@ -38,24 +37,21 @@ class Hub:
         self,
         pool: asyncpg.Pool,
         index: Index,
-        follower: Follower,
-        rebuilding: Callable[[], bool] = lambda: False,
+        rebuilding: Callable[[], bool],
     ) -> None:
         """``rebuilding``: True while the index is rebuilt after the database lost
-        revisions (KVStore.rebuilding)."""
+        revisions. The applier hands the hub each group of applied rows (``publish``)."""
         self.pool = pool
         self.index = index
-        self.follower = follower
         self.synced: set[Watcher] = set()
         self.unsynced: set[Watcher] = set()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._rebuilding = rebuilding
-        follower.subscribers.append(self._publish)
 
     @property
     def revision(self) -> int:
-        return self.follower.applied
+        return int(self.index.rev)  # the applied revision: the applier advances the index
 
     def rebuilding(self) -> bool:
         return self._rebuilding()
@@ -103,7 +99,7 @@ class Hub:
 
     # -- live delivery -----------------------------------------------------------------
 
-    def _publish(self, events: list[Event]) -> None:
+    def publish(self, events: list[Event]) -> None:
         """Called by the follower, in the event loop, for every group of applied rows."""
         applied = self.revision
         compact = int(self.index.compact_rev)
@@ -150,9 +146,7 @@ class Hub:
             return
         upper = self.revision
         async with self.pool.acquire() as conn:
-            records = await conn.fetch(
-                SQL["rows_with_values_after"], watcher.next_rev - 1, upper, WATCH_CATCH_UP_ROWS
-            )
+            records = await kine.rows_after(conn, watcher.next_rev - 1, upper, WATCH_CATCH_UP_ROWS)
         if watcher not in self.unsynced:
             return  # canceled meanwhile
         compact = int(self.index.compact_rev)
@@ -160,7 +154,7 @@ class Hub:
             return  # compacted meanwhile: the next round cancels it
         events = [e for e in events_from_rows(self.index, records) if watcher.matches(e)]
         watcher.next_rev = (
-            (records[-1][0] + 1) if len(records) == WATCH_CATCH_UP_ROWS else upper + 1
+            (records[-1].id + 1) if len(records) == WATCH_CATCH_UP_ROWS else upper + 1
         )
         if events:
             # May demote again (and rewind next_rev) if the stream is not reading.
