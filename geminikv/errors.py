@@ -2,7 +2,7 @@
 
 Clients (kube-apiserver included) recognise etcd errors by their message text, so the
 messages are etcd's exactly (api/v3rpc/rpctypes/error.go). Each error is one declaration
-of its message; its gRPC code comes from the group it is declared in.
+with its message, and its gRPC code unless the group it belongs to gives it.
 """
 
 from __future__ import annotations
