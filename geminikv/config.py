@@ -11,8 +11,8 @@ import argparse
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import Field, dataclass, field, fields
+from typing import Any, TypeVar
 
 from geminikv import __version__
 
@@ -28,6 +28,7 @@ _UNIT_SECONDS = {
     "m": 60.0,
     "h": 3600.0,
 }
+T = TypeVar("T")
 _TRUE = ("1", "t", "true", "yes", "on")
 _FALSE = ("0", "f", "false", "no", "off")
 
@@ -148,40 +149,92 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"invalid boolean {text!r} (true or false)")
 
 
+def _flag(default: T, usage: str, parse: Callable[[str], Any] | None = None) -> T:
+    """A setting's default, its --help text and, where its type does not say, how its text
+    is read (as Kine declares a flag: Value, Usage)."""
+    return field(default=default, metadata={"usage": usage, "parse": parse})
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
-    listen_address: str = "127.0.0.1:2379"
-    endpoint: str = ""
-    data_dir: str = "./geminikv-data"
-    emulated_etcd_version: str = "3.5.16"
-    watch_progress_notify_interval: float = 5.0
-    poll_interval: float = 1.0
-    poll_batch_size: int = FOLLOWER_FETCH_LIMIT
-    compact_interval: float = 0.0
-    compact_interval_jitter: int = 0
-    compact_timeout: float = 5.0
-    compact_min_retain: int = 1000
-    compact_batch_size: int = 1000
-    metrics_bind_address: str = ":8080"
-    metrics_enable_profiling: bool = False
-    metrics_ignore_tls_config: bool = False
-    server_cert_file: str = ""
-    server_key_file: str = ""
-    trusted_ca_file: str = ""
-    ca_file: str = ""
-    cert_file: str = ""
-    key_file: str = ""
-    skip_verify: bool = False
-    datastore_max_open_connections: int = 10
-    datastore_max_idle_connections: int = 0
-    datastore_connection_max_lifetime: float = 0.0
-    datastore_connection_max_idle_time: float = 120.0
-    value_cache_size: int = 128
-    batch_wait: float = BATCH_WAIT
-    slow_sql_threshold: float = 1.0
-    slow_sql_warning_threshold: float = 5.0
-    log_format: str = "plain"
-    debug: bool = False
+    listen_address: str = _flag(
+        "127.0.0.1:2379",
+        "address to serve etcd v3 gRPC on: host:port, http://host:port or unix://path",
+    )
+    endpoint: str = _flag(
+        "", "PostgreSQL DSN (postgres://user:pass@host:5432/db); empty = embedded PostgreSQL"
+    )
+    data_dir: str = _flag(
+        "./geminikv-data", "directory of the embedded PostgreSQL (used when --endpoint is empty)"
+    )
+    emulated_etcd_version: str = _flag("3.5.16", "etcd version reported by Maintenance.Status")
+    watch_progress_notify_interval: float = _flag(5.0, "interval of watch progress notifications")
+    poll_interval: float = _flag(
+        1.0, "how often to poll for rows written without a notification (Go Kine)"
+    )
+    poll_batch_size: int = _flag(
+        FOLLOWER_FETCH_LIMIT, "rows fetched per query when catching up with the table", _positive
+    )
+    compact_interval: float = _flag(
+        0.0, "automatic compaction interval (0 = off; kube-apiserver compacts)", _duration_or_off
+    )
+    compact_interval_jitter: int = _flag(
+        0, "Kine's +/- percent of jitter on --compact-interval (0 to 99)", _percent
+    )
+    compact_timeout: float = _flag(
+        5.0,
+        "timeout of each compaction DELETE statement (0 = none; Kine: of each compaction batch)",
+        _duration_or_off,
+    )
+    compact_min_retain: int = _flag(1000, "revisions automatic compaction always keeps")
+    compact_batch_size: int = _flag(1000, "revisions compacted per automatic compaction step")
+    metrics_bind_address: str = _flag(
+        ":8080", "address for /metrics, /healthz and /readyz (0 = off)"
+    )
+    metrics_enable_profiling: bool = _flag(False, "Kine's pprof handlers on the metrics address")
+    metrics_ignore_tls_config: bool = _flag(
+        False, "Kine's /metrics without the server TLS settings"
+    )
+    server_cert_file: str = _flag(
+        "", "TLS certificate for the etcd endpoint (with --server-key-file)"
+    )
+    server_key_file: str = _flag("", "TLS key for the etcd endpoint")
+    trusted_ca_file: str = _flag(
+        "", "CA for client certificates: when set, clients must present one"
+    )
+    ca_file: str = _flag("", "CA that signed PostgreSQL's certificate (enables TLS to PostgreSQL)")
+    cert_file: str = _flag("", "client certificate presented to PostgreSQL (with --key-file)")
+    key_file: str = _flag("", "key of the client certificate presented to PostgreSQL")
+    skip_verify: bool = _flag(False, "TLS to PostgreSQL without verifying its certificate")
+    datastore_max_open_connections: int = _flag(
+        10,
+        "PostgreSQL connections in the read pool; 0 or less = no limit, as in Kine (capped at "
+        f"{UNLIMITED_CONNECTIONS}, PostgreSQL's default max_connections)",
+        _connections,
+    )
+    datastore_max_idle_connections: int = _flag(0, "Kine's idle connections kept in the pool")
+    datastore_connection_max_lifetime: float = _flag(
+        0.0, "Kine's longest life of a pooled connection", _duration_or_off
+    )
+    datastore_connection_max_idle_time: float = _flag(
+        120.0, "close pooled connections idle this long (0 = never)", _duration_or_off
+    )
+    value_cache_size: int = _flag(
+        128, "MiB of values kept in memory (0 = read every value from PostgreSQL)"
+    )
+    batch_wait: float = _flag(
+        BATCH_WAIT,
+        "under load, how long a write batch or a linearizable read's revision check may wait "
+        "for more requests to share it (0 = never)",
+    )
+    slow_sql_threshold: float = _flag(
+        1.0, "log SQL statements slower than this (info; 0 = off)", _duration_or_off
+    )
+    slow_sql_warning_threshold: float = _flag(
+        5.0, "log SQL statements slower than this as warnings (0 = off)", _duration_or_off
+    )
+    log_format: str = _flag("plain", "plain or json", _log_format)
+    debug: bool = _flag(False, "debug logging")
 
 
 # Kine's flags that do nothing in geminikv, and why: accepted so a Kine command line
@@ -196,45 +249,6 @@ NO_EFFECT: dict[str, str] = {
     "metrics_ignore_tls_config": "geminikv serves /metrics over plain HTTP always",
 }
 
-_HELP: dict[str, str] = {
-    "listen_address": "address to serve etcd v3 gRPC on: host:port, http://host:port or unix://path",
-    "endpoint": "PostgreSQL DSN (postgres://user:pass@host:5432/db); empty = embedded PostgreSQL",
-    "data_dir": "directory of the embedded PostgreSQL (used when --endpoint is empty)",
-    "emulated_etcd_version": "etcd version reported by Maintenance.Status",
-    "watch_progress_notify_interval": "interval of watch progress notifications",
-    "poll_interval": "how often to poll for rows written without a notification (Go Kine)",
-    "poll_batch_size": "rows fetched per query when catching up with the table",
-    "compact_interval": "automatic compaction interval (0 = off; kube-apiserver compacts)",
-    "compact_interval_jitter": "Kine's +/- percent of jitter on --compact-interval (0 to 99)",
-    "compact_timeout": "timeout of each compaction DELETE statement (0 = none; Kine: "
-    "of each compaction batch)",
-    "compact_min_retain": "revisions automatic compaction always keeps",
-    "compact_batch_size": "revisions compacted per automatic compaction step",
-    "metrics_bind_address": "address for /metrics, /healthz and /readyz (0 = off)",
-    "metrics_enable_profiling": "Kine's pprof handlers on the metrics address",
-    "metrics_ignore_tls_config": "Kine's /metrics without the server TLS settings",
-    "server_cert_file": "TLS certificate for the etcd endpoint (with --server-key-file)",
-    "server_key_file": "TLS key for the etcd endpoint",
-    "trusted_ca_file": "CA for client certificates: when set, clients must present one",
-    "ca_file": "CA that signed PostgreSQL's certificate (enables TLS to PostgreSQL)",
-    "cert_file": "client certificate presented to PostgreSQL (with --key-file)",
-    "key_file": "key of the client certificate presented to PostgreSQL",
-    "skip_verify": "TLS to PostgreSQL without verifying its certificate",
-    "datastore_max_open_connections": "PostgreSQL connections in the read pool; 0 or less "
-    f"= no limit, as in Kine (capped at {UNLIMITED_CONNECTIONS}, PostgreSQL's default "
-    "max_connections)",
-    "datastore_max_idle_connections": "Kine's idle connections kept in the pool",
-    "datastore_connection_max_lifetime": "Kine's longest life of a pooled connection",
-    "datastore_connection_max_idle_time": "close pooled connections idle this long (0 = never)",
-    "value_cache_size": "MiB of values kept in memory (0 = read every value from PostgreSQL)",
-    "batch_wait": "under load, how long a write batch or a linearizable read's revision "
-    "check may wait for more requests to share it (0 = never)",
-    "slow_sql_threshold": "log SQL statements slower than this (info; 0 = off)",
-    "slow_sql_warning_threshold": "log SQL statements slower than this as warnings (0 = off)",
-    "log_format": "plain or json",
-    "debug": "debug logging",
-}
-
 # How each setting's text is read: by its type, unless the setting has a rule of its own.
 _BY_TYPE: dict[str, Callable[[str], Any]] = {
     "float": _duration,
@@ -242,23 +256,11 @@ _BY_TYPE: dict[str, Callable[[str], Any]] = {
     "str": str,
     "bool": parse_bool,
 }
-_PARSE: dict[str, Callable[[str], Any]] = {
-    "poll_batch_size": _positive,
-    "compact_interval": _duration_or_off,
-    "compact_interval_jitter": _percent,
-    "compact_timeout": _duration_or_off,
-    "datastore_max_open_connections": _connections,
-    "datastore_connection_max_lifetime": _duration_or_off,
-    "datastore_connection_max_idle_time": _duration_or_off,
-    "slow_sql_threshold": _duration_or_off,
-    "slow_sql_warning_threshold": _duration_or_off,
-    "log_format": _log_format,
-}
 _METAVAR = {"float": "DURATION", "int": "N", "str": "TEXT"}
 
 
-def _parser_of(name: str, kind: str) -> Callable[[str], Any]:
-    return _PARSE.get(name) or _BY_TYPE[kind]
+def _parser_of(setting: Field[Any]) -> Callable[[str], Any]:
+    return setting.metadata["parse"] or _BY_TYPE[str(setting.type)]
 
 
 def _env_name(field: str) -> str:
@@ -276,11 +278,12 @@ def _shown(default: object, kind: str) -> str:
     return repr(default)
 
 
-def _help(name: str, kind: str, default: object) -> str:
-    text = _HELP[name]
+def _help(setting: Field[Any]) -> str:
+    name, kind, text = setting.name, str(setting.type), setting.metadata["usage"]
     if name in NO_EFFECT:
         text += f": accepted for Kine compatibility, no effect ({NO_EFFECT[name]})"
-    return f"{text} (default {_shown(default, kind)}) [env {_env_name(name)}]".replace("%", "%%")
+    shown = _shown(setting.default, kind)
+    return f"{text} (default {shown}) [env {_env_name(name)}]".replace("%", "%%")
 
 
 def build_parser(prog: str = "geminikv") -> argparse.ArgumentParser:
@@ -297,14 +300,14 @@ def build_parser(prog: str = "geminikv") -> argparse.ArgumentParser:
     for f in fields(Settings):
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type)
-        text = _help(f.name, kind, f.default)
+        text = _help(f)
         if kind == "bool":
             # Kine's (urfave/cli) spellings: --flag, --flag=true, --flag=false
             parser.add_argument(
                 flag, nargs="?", const=True, type=parse_bool, metavar="BOOL", help=text
             )
             continue
-        parser.add_argument(flag, type=_parser_of(f.name, kind), metavar=_METAVAR[kind], help=text)
+        parser.add_argument(flag, type=_parser_of(f), metavar=_METAVAR[kind], help=text)
     return parser
 
 
@@ -326,7 +329,7 @@ def parse_settings(
         if f.name in values or name not in env:
             continue
         try:
-            values[f.name] = _parser_of(f.name, str(f.type))(env[name])
+            values[f.name] = _parser_of(f)(env[name])
         except argparse.ArgumentTypeError as err:
             parser.error(f"{name}: {err}")
     return Settings(**values)

@@ -1,7 +1,8 @@
 """Every error geminikv returns to a client, with etcd's gRPC code and message.
 
 Clients (kube-apiserver included) recognise etcd errors by their message text, so the
-messages are etcd's exactly (api/v3rpc/rpctypes/error.go).
+messages are etcd's exactly (api/v3rpc/rpctypes/error.go). Each error is one declaration
+with its message, and its gRPC code unless the group it belongs to gives it.
 """
 
 from __future__ import annotations
@@ -10,10 +11,20 @@ import grpc
 
 
 class EtcdError(Exception):
-    """An error with a fixed gRPC status code and message."""
+    """An error with a fixed gRPC status code and message, declared as class keywords:
+    ``class Name(Group, message="..."): ...`` (a group: ``class Group(EtcdError, code=...)``)."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
     message: str = "etcdserver: unknown error"
+
+    def __init_subclass__(
+        cls, code: grpc.StatusCode | None = None, message: str | None = None
+    ) -> None:
+        super().__init_subclass__()
+        if code is not None:
+            cls.code = code
+        if message is not None:
+            cls.message = message
 
     def __init__(self, message: str | None = None) -> None:
         if message is not None:
@@ -21,90 +32,75 @@ class EtcdError(Exception):
         super().__init__(self.message)
 
 
-class InvalidArgument(EtcdError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+class InvalidArgument(EtcdError, code=grpc.StatusCode.INVALID_ARGUMENT): ...
 
 
-class EmptyKey(InvalidArgument):
-    message = "etcdserver: key is not provided"
+class EmptyKey(InvalidArgument, message="etcdserver: key is not provided"): ...
 
 
-class KeyNotFound(InvalidArgument):
-    message = "etcdserver: key not found"
+class KeyNotFound(InvalidArgument, message="etcdserver: key not found"): ...
 
 
-class ValueProvided(InvalidArgument):
-    message = "etcdserver: value is provided"
+class ValueProvided(InvalidArgument, message="etcdserver: value is provided"): ...
 
 
-class LeaseProvided(InvalidArgument):
-    message = "etcdserver: lease is provided"
+class LeaseProvided(InvalidArgument, message="etcdserver: lease is provided"): ...
 
 
-class TooManyOps(InvalidArgument):
-    message = "etcdserver: too many operations in txn request"
+class TooManyOps(InvalidArgument, message="etcdserver: too many operations in txn request"): ...
 
 
-class DuplicateKey(InvalidArgument):
-    message = "etcdserver: duplicate key given in txn request"
+class DuplicateKey(InvalidArgument, message="etcdserver: duplicate key given in txn request"): ...
 
 
-class RequestTooLarge(InvalidArgument):
-    message = "etcdserver: request is too large"
+class RequestTooLarge(InvalidArgument, message="etcdserver: request is too large"): ...
 
 
-class InvalidSortOption(InvalidArgument):
+class InvalidSortOption(InvalidArgument, message="etcdserver: invalid sort option"):
     """etcd 3.6 rejects unknown sort enums; 3.4 and 3.5 crash on an unknown sort target."""
 
-    message = "etcdserver: invalid sort option"
 
-
-class InvalidKey(InvalidArgument):
+class InvalidKey(InvalidArgument, message="geminikv: key must be valid UTF-8 without NUL bytes"):
     """A key PostgreSQL's text column cannot hold (Kine's layout stores keys as text)."""
 
-    message = "geminikv: key must be valid UTF-8 without NUL bytes"
+
+class OutOfRange(EtcdError, code=grpc.StatusCode.OUT_OF_RANGE): ...
 
 
-class OutOfRange(EtcdError):
-    code = grpc.StatusCode.OUT_OF_RANGE
+class Compacted(OutOfRange, message="etcdserver: mvcc: required revision has been compacted"): ...
 
 
-class Compacted(OutOfRange):
-    message = "etcdserver: mvcc: required revision has been compacted"
+class FutureRevision(
+    OutOfRange, message="etcdserver: mvcc: required revision is a future revision"
+): ...
 
 
-class FutureRevision(OutOfRange):
-    message = "etcdserver: mvcc: required revision is a future revision"
+class LeaseTTLTooLarge(OutOfRange, message="etcdserver: too large lease TTL"): ...
 
 
-class LeaseTTLTooLarge(OutOfRange):
-    message = "etcdserver: too large lease TTL"
+class LeaseNotFound(
+    EtcdError, code=grpc.StatusCode.NOT_FOUND, message="etcdserver: requested lease not found"
+): ...
 
 
-class LeaseNotFound(EtcdError):
-    code = grpc.StatusCode.NOT_FOUND
-    message = "etcdserver: requested lease not found"
+class LeaseExists(
+    EtcdError, code=grpc.StatusCode.FAILED_PRECONDITION, message="etcdserver: lease already exists"
+): ...
 
 
-class LeaseExists(EtcdError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
-    message = "etcdserver: lease already exists"
+class Unavailable(
+    EtcdError, code=grpc.StatusCode.UNAVAILABLE, message="etcdserver: request timed out"
+): ...
 
 
-class Unavailable(EtcdError):
-    code = grpc.StatusCode.UNAVAILABLE
-    message = "etcdserver: request timed out"
+class ServerStopped(Unavailable, message="etcdserver: server stopped"): ...
 
 
-class ServerStopped(Unavailable):
-    message = "etcdserver: server stopped"
-
-
-class Rewound(Unavailable):
+class Rewound(
+    Unavailable, message="geminikv: the database revision went backwards; rebuilding the index"
+):
     """PostgreSQL's newest revision went below one already served (a restore from an
     older backup, a failover to a lagging replica): geminikv rebuilds its index."""
-
-    message = "geminikv: the database revision went backwards; rebuilding the index"
 
 
 # Rewound's message when the rebuild is because this process fell behind compaction.

@@ -376,63 +376,51 @@ cdef class Index:
         At most ``limit`` entries are returned (0 = all); count is always the total.
         """
         cdef list out = []
-        cdef Py_ssize_t count = 0
-        cdef KeyHistory h
-        cdef Rev* r
-        if end is None:
-            h = self.by_key.get(start)
-            if h is not None:
-                r = h.live_at(rev)
-                if r != NULL:
-                    out.append((start, r.mod, r.create, r.version, r.lease))
-                    count = 1
-            return out, count
-        cdef bytes bend = end
-        cdef bint unbounded = len(bend) == 0
-        if not unbounded and bend <= start:
-            return out, 0
-        cdef Py_ssize_t c = self._chunk_for(start), i, nchunks = len(self.chunks)
-        cdef list chunk = self.chunks[c]
-        i = self._bisect(chunk, start)
-        while c < nchunks:
-            chunk = <list>self.chunks[c]
-            while i < len(chunk):
-                h = <KeyHistory>chunk[i]
-                if not unbounded and h.key >= bend:
-                    return out, count
-                r = h.live_at(rev)
-                if r != NULL:
-                    count += 1
-                    if limit <= 0 or count <= limit:
-                        out.append((h.key, r.mod, r.create, r.version, r.lease))
-                i += 1
-            c += 1
-            i = 0
+        cdef Py_ssize_t count = visible(self, start, end, rev, limit, out)
         return out, count
 
     def count(self, bytes start, object end, int64_t rev):
         """Number of keys visible at rev in [start, end) (same ``end`` rules as range)."""
-        cdef Py_ssize_t count = 0
-        cdef KeyHistory h
-        if end is None:
-            h = self.by_key.get(start)
-            return 1 if h is not None and h.live_at(rev) != NULL else 0
-        cdef bytes bend = end
-        cdef bint unbounded = len(bend) == 0
-        if not unbounded and bend <= start:
+        return visible(self, start, end, rev, 0, None)
+
+
+cdef Py_ssize_t visible(Index index, bytes start, object end, int64_t rev, Py_ssize_t limit,
+                        list out) except -1:
+    """The one walk behind Index.range and Index.count: the number of keys visible at rev
+    in [start, end) (``end`` as in range), appending the first ``limit`` of them (0 = all)
+    to ``out`` as (key, mod, create, version, lease) unless ``out`` is None."""
+    cdef Py_ssize_t count = 0
+    cdef KeyHistory h
+    cdef Rev* r
+    if end is None:
+        h = index.by_key.get(start)
+        if h is None:
             return 0
-        cdef Py_ssize_t c = self._chunk_for(start), i, nchunks = len(self.chunks)
-        cdef list chunk = self.chunks[c]
-        i = self._bisect(chunk, start)
-        while c < nchunks:
-            chunk = <list>self.chunks[c]
-            while i < len(chunk):
-                h = <KeyHistory>chunk[i]
-                if not unbounded and h.key >= bend:
-                    return count
-                if h.live_at(rev) != NULL:
-                    count += 1
-                i += 1
-            c += 1
-            i = 0
-        return count
+        r = h.live_at(rev)
+        if r == NULL:
+            return 0
+        if out is not None:
+            out.append((start, r.mod, r.create, r.version, r.lease))
+        return 1
+    cdef bytes bend = end
+    cdef bint unbounded = len(bend) == 0
+    if not unbounded and bend <= start:
+        return 0
+    cdef Py_ssize_t c = index._chunk_for(start), i, nchunks = len(index.chunks)
+    cdef list chunk = index.chunks[c]
+    i = index._bisect(chunk, start)
+    while c < nchunks:
+        chunk = <list>index.chunks[c]
+        while i < len(chunk):
+            h = <KeyHistory>chunk[i]
+            if not unbounded and h.key >= bend:
+                return count
+            r = h.live_at(rev)
+            if r != NULL:
+                count += 1
+                if out is not None and (limit <= 0 or count <= limit):
+                    out.append((h.key, r.mod, r.create, r.version, r.lease))
+            i += 1
+        c += 1
+        i = 0
+    return count

@@ -8,6 +8,7 @@ import grpc
 from geminikv.mvcc.kvstore import KVStore
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
+from geminikv.server.answer import answer
 from geminikv.server.rpc import Identity, etcd_errors, unimplemented
 
 
@@ -25,6 +26,4 @@ class ClusterService(unimplemented(rpc_pb2_grpc.ClusterServicer, "Cluster")):  #
             name=self.identity.name,
             clientURLs=[self.identity.client_url],
         )
-        resp = pb.MemberListResponse(members=[member])
-        self.identity.fill(resp.header, self.store.revision)
-        return resp
+        return answer(self.identity, pb.MemberListResponse(members=[member]), self.store.revision)

@@ -7,6 +7,7 @@ import grpc
 from geminikv.mvcc.kvstore import KVStore
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
+from geminikv.server.answer import answer
 from geminikv.server.rpc import Identity, etcd_errors
 from geminikv.server.wire import Answers, GuardedPut, KeyGet
 
@@ -25,25 +26,19 @@ class KVService(rpc_pb2_grpc.KVServicer):
             return self.answers.get(
                 request.key, *await self.store.get(request.key, request.serializable)
             )
-        resp = await self.store.range(request)
-        self.identity.fill(resp.header, 0)
-        return resp
+        return answer(self.identity, await self.store.range(request))
 
     @etcd_errors
     async def Put(
         self, request: pb.PutRequest, context: grpc.aio.ServicerContext
     ) -> pb.PutResponse:
-        resp = await self.store.put(request)
-        self.identity.fill(resp.header, 0)
-        return resp
+        return answer(self.identity, await self.store.put(request))
 
     @etcd_errors
     async def DeleteRange(
         self, request: pb.DeleteRangeRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteRangeResponse:
-        resp = await self.store.delete_range(request)
-        self.identity.fill(resp.header, 0)
-        return resp
+        return answer(self.identity, await self.store.delete_range(request))
 
     @etcd_errors
     async def Txn(
@@ -54,14 +49,10 @@ class KVService(rpc_pb2_grpc.KVServicer):
                 request.key, request.want_mod, request.value, request.lease, request.read_on_failure
             )
             return self.answers.txn(request, *outcome)
-        resp = await self.store.txn(request)
-        self.identity.fill(resp.header, 0)
-        return resp
+        return answer(self.identity, await self.store.txn(request))
 
     @etcd_errors
     async def Compact(
         self, request: pb.CompactionRequest, context: grpc.aio.ServicerContext
     ) -> pb.CompactionResponse:
-        resp = await self.store.compact(request)
-        self.identity.fill(resp.header, 0)
-        return resp
+        return answer(self.identity, await self.store.compact(request))

@@ -10,6 +10,7 @@ from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 from geminikv.lease import Leases
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
+from geminikv.server.answer import Response, answer
 from geminikv.server.rpc import Identity, abort_stream, etcd_errors
 
 
@@ -18,25 +19,22 @@ class LeaseService(rpc_pb2_grpc.LeaseServicer):
         self.leases = leases
         self.identity = identity
 
-    def _rev(self) -> int:
-        return self.leases.store.revision
+    def _answer(self, resp: Response) -> Response:
+        # a lease change writes no revision of its own: the header carries the store's
+        return answer(self.identity, resp, self.leases.store.revision)
 
     @etcd_errors
     async def LeaseGrant(
         self, request: pb.LeaseGrantRequest, context: grpc.aio.ServicerContext
     ) -> pb.LeaseGrantResponse:
         lease_id, ttl = await self.leases.grant(request.TTL, request.ID)
-        resp = pb.LeaseGrantResponse(ID=lease_id, TTL=ttl)
-        self.identity.fill(resp.header, self._rev())
-        return resp
+        return self._answer(pb.LeaseGrantResponse(ID=lease_id, TTL=ttl))
 
     @etcd_errors
     async def LeaseRevoke(
         self, request: pb.LeaseRevokeRequest, context: grpc.aio.ServicerContext
     ) -> pb.LeaseRevokeResponse:
-        resp = await self.leases.revoke(request.ID)
-        self.identity.fill(resp.header, self._rev())
-        return resp
+        return self._answer(await self.leases.revoke(request.ID))
 
     async def LeaseKeepAlive(
         self,
@@ -46,9 +44,7 @@ class LeaseService(rpc_pb2_grpc.LeaseServicer):
         try:
             async for request in request_iterator:
                 ttl = await self.leases.keep_alive(request.ID)
-                resp = pb.LeaseKeepAliveResponse(ID=request.ID, TTL=ttl)
-                self.identity.fill(resp.header, self._rev())
-                yield resp
+                yield self._answer(pb.LeaseKeepAliveResponse(ID=request.ID, TTL=ttl))
         except DecodeError as err:
             await abort_stream(context, err, "LeaseKeepAlive")
 
@@ -56,15 +52,11 @@ class LeaseService(rpc_pb2_grpc.LeaseServicer):
     async def LeaseTimeToLive(
         self, request: pb.LeaseTimeToLiveRequest, context: grpc.aio.ServicerContext
     ) -> pb.LeaseTimeToLiveResponse:
-        resp = await self.leases.time_to_live(request.ID, request.keys)
-        self.identity.fill(resp.header, self._rev())
-        return resp
+        return self._answer(await self.leases.time_to_live(request.ID, request.keys))
 
     @etcd_errors
     async def LeaseLeases(
         self, request: pb.LeaseLeasesRequest, context: grpc.aio.ServicerContext
     ) -> pb.LeaseLeasesResponse:
         ids = await self.leases.leases()
-        resp = pb.LeaseLeasesResponse(leases=[pb.LeaseStatus(ID=i) for i in ids])
-        self.identity.fill(resp.header, self._rev())
-        return resp
+        return self._answer(pb.LeaseLeasesResponse(leases=[pb.LeaseStatus(ID=i) for i in ids]))

@@ -7,6 +7,7 @@ import grpc
 from geminikv.mvcc.kvstore import KVStore
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
+from geminikv.server.answer import answer
 from geminikv.server.rpc import RAFT_TERM, Identity, etcd_errors, unimplemented
 
 
@@ -21,8 +22,8 @@ class MaintenanceService(unimplemented(rpc_pb2_grpc.MaintenanceServicer, "Mainte
         self, request: pb.StatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.StatusResponse:
         size = await self.store.db_size()
-        rev = int(self.store.index.rev)
-        resp = pb.StatusResponse(
+        rev = self.store.revision
+        status = pb.StatusResponse(
             version=self.version,
             dbSize=size,
             dbSizeInUse=size,
@@ -32,13 +33,10 @@ class MaintenanceService(unimplemented(rpc_pb2_grpc.MaintenanceServicer, "Mainte
             raftAppliedIndex=rev,
             isLearner=False,
         )
-        self.identity.fill(resp.header, rev)
-        return resp
+        return answer(self.identity, status, rev)
 
     @etcd_errors
     async def Alarm(
         self, request: pb.AlarmRequest, context: grpc.aio.ServicerContext
     ) -> pb.AlarmResponse:
-        resp = pb.AlarmResponse()
-        self.identity.fill(resp.header, int(self.store.index.rev))
-        return resp
+        return answer(self.identity, pb.AlarmResponse(), self.store.revision)
