@@ -12,14 +12,14 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from geminikv.mvcc.index import Index
 from geminikv.mvcc.keys import stored_name
 from geminikv.mvcc.ranges import in_range
-from geminikv.storage.rows import CREATE, MOD, VERSION, Entry, NewRow, State
+from geminikv.storage.rows import CREATE, MOD, VERSION, Entry, NewRow, Row, State
 
 __all__ = ["BatchView", "OutOfIds", "gap_row"]
 
 
 def gap_row(rid: int) -> NewRow:
     """Kine's filler for a revision that holds no change (docs/architecture.md#row-shapes)."""
-    return NewRow(rid, b"gap-%d" % rid, 0, 1, 0, 0, 0, 0, None, None, True)
+    return NewRow(Row(rid, b"gap-%d" % rid, 0, 1, 0, 0, 0, 0, None, None), True)
 
 
 class OutOfIds(Exception):
@@ -131,16 +131,18 @@ class BatchView:
         old = self.values.get(prev_row) if prev_in_batch else None
         self.rows.append(
             NewRow(
-                rid,
-                stored_name(key),
-                int(prev is None),
-                0,
-                state[CREATE],
-                prev_row,
-                lease,
-                state[VERSION],
-                value,
-                old,
+                Row(
+                    rid,
+                    stored_name(key),
+                    int(prev is None),
+                    0,
+                    state[CREATE],
+                    prev_row,
+                    lease,
+                    state[VERSION],
+                    value,
+                    old,
+                ),
                 prev_in_batch,
             )
         )
@@ -153,6 +155,6 @@ class BatchView:
         rid = self._next_id()
         old = self.values.get(prev_row) if prev_in_batch else None
         self.rows.append(
-            NewRow(rid, stored_name(key), 0, 1, 0, prev_row, 0, 0, None, old, prev_in_batch)
+            NewRow(Row(rid, stored_name(key), 0, 1, 0, prev_row, 0, 0, None, old), prev_in_batch)
         )
         self._set(key, (rid, 0, 0, 0))

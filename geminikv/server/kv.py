@@ -7,8 +7,7 @@ import grpc
 from geminikv.mvcc.kvstore import KVStore
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
-from geminikv.server.answer import answer
-from geminikv.server.rpc import Identity, etcd_errors
+from geminikv.server.rpc import Identity, answer, etcd_errors
 from geminikv.server.wire import Answers, GuardedPut, KeyGet
 
 

@@ -10,8 +10,7 @@ from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 from geminikv.lease import Leases
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
-from geminikv.server.answer import Response, answer
-from geminikv.server.rpc import Identity, abort_stream, etcd_errors
+from geminikv.server.rpc import Identity, Response, abort_stream, answer, etcd_errors
 
 
 class LeaseService(rpc_pb2_grpc.LeaseServicer):

@@ -7,8 +7,7 @@ import grpc
 from geminikv.mvcc.kvstore import KVStore
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
-from geminikv.server.answer import answer
-from geminikv.server.rpc import RAFT_TERM, Identity, etcd_errors, unimplemented
+from geminikv.server.rpc import RAFT_TERM, Identity, answer, etcd_errors, unimplemented
 
 
 class MaintenanceService(unimplemented(rpc_pb2_grpc.MaintenanceServicer, "Maintenance")):  # type: ignore[misc]

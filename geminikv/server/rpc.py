@@ -8,7 +8,7 @@ import functools
 import logging
 from collections.abc import Awaitable, Callable
 from time import perf_counter
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
@@ -38,6 +38,21 @@ class Identity:
         header.raft_term = RAFT_TERM
         if header.revision == 0:
             header.revision = revision
+
+
+class _Response(Protocol):
+    header: pb.ResponseHeader
+
+
+Response = TypeVar("Response", bound=_Response)
+
+
+def answer(identity: Identity, resp: Response, revision: int = 0) -> Response:
+    """``resp`` with the cluster, member and raft term in its header, and ``revision`` unless
+    the header already has one (a write's response carries its own): the step every unary
+    handler ends with."""
+    identity.fill(resp.header, revision)
+    return resp
 
 
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])

@@ -111,9 +111,10 @@ def _insert_args(rows: Sequence[NewRow]) -> list[list[Any]]:
     """Column arrays in ``insert_rows``' parameter order (version last)."""
     if not rows:
         return [[] for _ in range(11)]
-    rid, name, created, deleted, create_rev, prev_rev, lease, version, value, old, known = (
-        list(column) for column in zip(*rows, strict=True)
+    rid, name, created, deleted, create_rev, prev_rev, lease, version, value, old = (
+        list(column) for column in zip(*(r.row for r in rows), strict=True)
     )
+    known = [r.old_known for r in rows]
     return [rid, name, created, deleted, create_rev, prev_rev, lease, value, old, known, version]
 
 

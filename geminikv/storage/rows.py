@@ -45,35 +45,19 @@ class Row(NamedTuple):
 
 
 class NewRow(NamedTuple):
-    """A row a write batch inserts: ``Row``'s columns, and whether ``old_value`` is known
-    (False: the insert copies the value of the row ``prev_revision`` names)."""
+    """A row a write batch inserts, and whether its ``old_value`` is known (False: the
+    insert copies the value of the row ``prev_revision`` names)."""
 
-    id: int
-    name: bytes
-    created: int
-    deleted: int
-    create_revision: int
-    prev_revision: int
-    lease: int
-    version: int
-    value: bytes | None
-    old_value: bytes | None
+    row: Row
     old_known: bool
+
+    @property
+    def id(self) -> int:
+        return self.row.id
 
     def committed(self, old_value: bytes | None) -> Row:
         """The row as stored, with the old value the insert resolved."""
-        return Row(
-            self.id,
-            self.name,
-            self.created,
-            self.deleted,
-            self.create_revision,
-            self.prev_revision,
-            self.lease,
-            self.version,
-            self.value,
-            old_value,
-        )
+        return self.row._replace(old_value=old_value)
 
 
 # What the index needs of a row (it never holds values): Row's first eight columns.
