@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import urllib.error
 import urllib.request
@@ -13,7 +12,6 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from geminikv import tasks
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from tests.servers import GeminiServer, Postgres, free_port, run_sync
 from tests.waiting import eventually
@@ -182,7 +180,7 @@ def test_metrics_and_health_after_traffic(postgres: Postgres) -> None:
 
 
 def test_readyz_and_lag_while_the_follower_is_behind(postgres: Postgres) -> None:
-    """A row the follower cannot apply (its task stopped; the row written as Go Kine
+    """A row the follower cannot apply (it is stopped; the row written as Go Kine
     writes, without a notification): /readyz turns 503 and the lag grows, then both
     recover once the follower runs again."""
     port = free_port()
@@ -195,7 +193,7 @@ def test_readyz_and_lag_while_the_follower_is_behind(postgres: Postgres) -> None
         head = stubs.kv.Put(pb.PutRequest(key=b"/ready/a", value=b"v")).header.revision
         assert server.app is not None and server.app.store is not None
         follower = server.app.store.follower
-        server.call(lambda: tasks.stop(follower._task))
+        server.call(follower.stop)
 
         async def insert_as_kine() -> None:
             conn = await asyncpg.connect(dsn)
@@ -218,10 +216,7 @@ def test_readyz_and_lag_while_the_follower_is_behind(postgres: Postgres) -> None
         assert behind[("geminikv_follower_lag_revisions", ())] == 1
         assert behind[("geminikv_revision", ())] == head
 
-        async def restart() -> None:
-            follower._task = asyncio.create_task(follower._run(), name="follower")
-
-        server.call(restart)
+        server.call(follower.start)
         _wait_ready(base)
         caught_up = _samples(_get(base + "/metrics")[1])
         assert caught_up[("geminikv_revision", ())] == head + 1
