@@ -48,10 +48,11 @@ def signal_namespace(namespace: str, sig: int) -> list[int]:
     return pids
 
 
-def kill_namespace(namespace: str, timeout: float = 10.0) -> None:
+def kill_namespace(namespace: str, timeout: float = 10.0) -> float:
     """SIGKILL every process in ``namespace`` until none is left (children forked meanwhile
-    included)."""
-    deadline = time.monotonic() + timeout
+    included); returns the monotonic time of the first signals."""
+    killed_at = time.monotonic()
+    deadline = killed_at + timeout
     killed: set[int] = set()
     while pids := signal_namespace(namespace, signal.SIGKILL):
         killed.update(pids)
@@ -65,6 +66,7 @@ def kill_namespace(namespace: str, timeout: float = 10.0) -> None:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"process {pid} of {namespace} not reaped")
             time.sleep(0.02)
+    return killed_at
 
 
 def exists(pid: int) -> bool:

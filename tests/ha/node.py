@@ -105,10 +105,12 @@ class Node:
 
     # -- faults ---------------------------------------------------------------------------
 
-    def kill(self) -> None:
-        """kill -9 of every process of the node (PostgreSQL, its manager, geminikv...)."""
-        kill_namespace(self.namespace)
+    def kill(self) -> float:
+        """kill -9 of every process of the node (PostgreSQL, its manager, geminikv...);
+        returns the monotonic time of the kill."""
+        killed_at = kill_namespace(self.namespace)
         self.reap()
+        return killed_at
 
     def freeze(self) -> None:
         """SIGSTOP every process of the node: connections stay open and nothing answers."""
@@ -141,7 +143,9 @@ class Node:
     def dsn(self, database: str = "postgres") -> str:
         return f"postgres://postgres@{self.address}:{self.port}/{database}"
 
-    def sql(self, query: str, *args: object, database: str = "postgres", timeout: float = 10) -> object:
+    def sql(
+        self, query: str, *args: object, database: str = "postgres", timeout: float = 10
+    ) -> object:
         """One value from ``query`` over TCP from the root namespace."""
 
         async def fetch() -> object:

@@ -121,11 +121,8 @@ def rejoin(old: Node, primary: Node) -> None:
     # pg_rewind reads the source's timeline from its control file, which a promotion
     # updates only at its next checkpoint ("same timeline, no rewind required" otherwise).
     primary.sql("CHECKPOINT")
-    old.run(
-        str(PG_BIN / "pg_rewind"),
-        "-D", str(old.data),
-        "--source-server", f"host={primary.address} port={primary.port} user=postgres dbname=postgres",
-    )  # fmt: skip
+    source = f"host={primary.address} port={primary.port} user=postgres dbname=postgres"
+    old.run(str(PG_BIN / "pg_rewind"), "-D", str(old.data), "--source-server", source)
     # pg_rewind copied the source's configuration files: the old primary's own again
     (old.data / "postgresql.auto.conf").write_text("")
     configure(old)
