@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.ha import replication
+from tests.ha.autofailover import Formation
 from tests.ha.net import PREFIX, Network, clean_stale, session_lock
 from tests.ha.node import PG_BIN, Node
 
@@ -67,9 +68,13 @@ class Pair:
         self.primary, self.standby = self.standby, self.primary
 
     def endpoint(self, database: str = "kubernetes") -> str:
-        """geminikv's --endpoint: both hosts, libpq's multi-host form."""
-        hosts = ",".join(f"{n.address}:{n.port}" for n in self.nodes)
-        return f"postgres://postgres@{hosts}/{database}?target_session_attrs=read-write"
+        return endpoint(self.nodes, database)
+
+
+def endpoint(nodes: tuple[Node, ...], database: str = "kubernetes") -> str:
+    """geminikv's --endpoint: every host, libpq's multi-host form."""
+    hosts = ",".join(f"{n.address}:{n.port}" for n in nodes)
+    return f"postgres://postgres@{hosts}/{database}?target_session_attrs=read-write"
 
 
 @contextlib.contextmanager
@@ -81,3 +86,13 @@ def plain_pair() -> Iterator[Pair]:
         replication.init_primary(n1)
         replication.init_standby(n2, n1)
         yield Pair(network, (n1, n2), n1, n2)
+
+
+@contextlib.contextmanager
+def formation() -> Iterator[Formation]:
+    """pg_auto_failover: the monitor in namespace gkha-mon, n1 primary, n2 secondary."""
+    with harness() as (network, root):
+        monitor = Node(network, "mon", 2, MONITOR_PORT, root)
+        n1 = Node(network, "n1", 11, NODE_PORTS[0], root)
+        n2 = Node(network, "n2", 12, NODE_PORTS[1], root)
+        yield Formation(network, monitor, (n1, n2)).start()

@@ -48,9 +48,10 @@ def signal_namespace(namespace: str, sig: int) -> list[int]:
     return pids
 
 
-def kill_namespace(namespace: str, timeout: float = 10.0) -> float:
+def kill_namespace(namespace: str, timeout: float = 10.0, reaped: bool = True) -> float:
     """SIGKILL every process in ``namespace`` until none is left (children forked meanwhile
-    included); returns the monotonic time of the first signals."""
+    included) and, if ``reaped``, until they are reaped; returns the monotonic time of the
+    first signals."""
     killed_at = time.monotonic()
     deadline = killed_at + timeout
     killed: set[int] = set()
@@ -61,7 +62,7 @@ def kill_namespace(namespace: str, timeout: float = 10.0) -> float:
         time.sleep(0.05)
     # Until the dead are reaped: PostgreSQL refuses a data directory whose postmaster.pid
     # names a process that still exists, even as a zombie.
-    for pid in killed:
+    for pid in killed if reaped else ():
         while exists(pid):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"process {pid} of {namespace} not reaped")
@@ -70,6 +71,9 @@ def kill_namespace(namespace: str, timeout: float = 10.0) -> float:
 
 
 def exists(pid: int) -> bool:
+    with contextlib.suppress(ChildProcessError):  # one of ours (a keeper): reap it here
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -138,7 +142,7 @@ class Network:
     def close(self) -> None:
         for namespace in self.namespaces:
             with contextlib.suppress(TimeoutError):
-                kill_namespace(namespace)
+                kill_namespace(namespace, reaped=False)
             ip("netns", "delete", namespace, check=False)
             ip("link", "delete", namespace, check=False)
         self.namespaces.clear()

@@ -49,6 +49,9 @@ class Node:
         self.data = self.home / "data"
         self.log = self.home / "postgres.log"
         self.processes: list[subprocess.Popen[bytes]] = []
+        # where PostgreSQL's Unix socket is: the node's own directory (plain replication
+        # sets it), or the compiled-in default pg_auto_failover keeps (ports keep them apart)
+        self.socket_dir = self.home
 
     # -- running things inside the node ---------------------------------------------------
 
@@ -60,7 +63,7 @@ class Node:
             "XDG_CONFIG_HOME": str(self.home / "config"),
             "XDG_DATA_HOME": str(self.home / "share"),
             "XDG_RUNTIME_DIR": str(self.home / "run"),
-            "PGHOST": str(self.home),
+            "PGHOST": str(self.socket_dir),
             "PGPORT": str(self.port),
             "PGUSER": "postgres",
             "LANG": "C.UTF-8",
