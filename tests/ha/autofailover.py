@@ -44,6 +44,10 @@ def keeper_command(node: Node, *args: str) -> list[str]:
     return ["pg_autoctl", *args, "--pgdata", str(node.data)]
 
 
+def registered(name: str) -> Callable[[dict[str, tuple[str, str]]], bool]:
+    return lambda states: name in states
+
+
 class Formation:
     """The monitor and the data nodes; ``start`` brings up n1 primary, n2 secondary."""
 
@@ -70,7 +74,7 @@ class Formation:
         for node in self.nodes:
             self.create_node(node)
             self.run_keeper(node)
-            self.wait(lambda states, name=node.name: name in states, f"{node.name} registered")
+            self.wait(registered(node.name), f"{node.name} registered")
         self.wait_settled()
         return self
 
