@@ -122,3 +122,25 @@ def test_geminikv_keeps_acknowledged_writes_across_a_failover(pgaf: Formation) -
         f"{len(writer.acked)} writes acknowledged, {writer.failures} failed attempts"
     )
     assert writer.missing() == []
+
+
+def test_failover_when_the_primary_node_freezes(pgaf: Formation) -> None:
+    """Every process of the primary's node stopped (SIGSTOP), its connections left open:
+    the monitor promotes the secondary; thawed, the old primary finds itself demoted and
+    rejoins as a secondary. (geminikv does not survive this yet: tests/ha/README.md.)"""
+    old, new = pgaf.wait_settled()
+    old.sql("CREATE TABLE t (x int)")
+    old.sql("INSERT INTO t VALUES (1)")
+    frozen = time.monotonic()
+    old.freeze()
+    try:
+        pgaf.wait_primary(new, timeout=30)
+        promoted = time.monotonic()
+        new.sql("INSERT INTO t VALUES (2)")
+    finally:
+        old.thaw()
+    primary, secondary = pgaf.wait_settled()
+    assert (primary, secondary) == (new, old)
+    assert old.in_recovery() is True
+    _until(lambda: _count(old) == 2)
+    print(f"\npg_auto_failover: primary frozen -> new primary {promoted - frozen:.2f} s")
