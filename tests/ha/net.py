@@ -50,11 +50,11 @@ def signal_namespace(namespace: str, sig: int) -> list[int]:
 
 def kill_namespace(namespace: str, timeout: float = 10.0, reaped: bool = True) -> float:
     """SIGKILL every process in ``namespace`` until none is left (children forked meanwhile
-    included) and, if ``reaped``, until they are reaped; returns the monotonic time of the
-    first signals."""
-    killed_at = time.monotonic()
+    included) and, if ``reaped``, until they are reaped; returns the monotonic time just
+    after the first signals."""
+    killed: set[int] = set(signal_namespace(namespace, signal.SIGKILL))
+    killed_at = time.monotonic()  # after the signals: listing the pids takes a while
     deadline = killed_at + timeout
-    killed: set[int] = set()
     while pids := signal_namespace(namespace, signal.SIGKILL):
         killed.update(pids)
         if time.monotonic() > deadline:
