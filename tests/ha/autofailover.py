@@ -106,6 +106,7 @@ class Formation:
     def run_keeper(self, node: Node) -> None:
         """``pg_autoctl run``: the keeper, which starts and supervises the node's
         PostgreSQL (an old primary coming back this way rejoins as a standby)."""
+        node.wait_reaped()
         node.spawn(*keeper_command(node, "run"), log=node.home / "pg_autoctl.log")
 
     # -- what the monitor says ------------------------------------------------------------

@@ -48,10 +48,9 @@ def signal_namespace(namespace: str, sig: int) -> list[int]:
     return pids
 
 
-def kill_namespace(namespace: str, timeout: float = 10.0, reaped: bool = True) -> float:
+def kill_namespace(namespace: str, timeout: float = 10.0) -> tuple[float, set[int]]:
     """SIGKILL every process in ``namespace`` until none is left (children forked meanwhile
-    included) and, if ``reaped``, until they are reaped; returns the monotonic time just
-    after the first signals."""
+    included); returns the monotonic time just after the first signals, and the pids."""
     killed: set[int] = set(signal_namespace(namespace, signal.SIGKILL))
     killed_at = time.monotonic()  # after the signals: listing the pids takes a while
     deadline = killed_at + timeout
@@ -60,14 +59,19 @@ def kill_namespace(namespace: str, timeout: float = 10.0, reaped: bool = True) -
         if time.monotonic() > deadline:
             raise TimeoutError(f"processes left in {namespace}: {namespace_pids(namespace)}")
         time.sleep(0.05)
-    # Until the dead are reaped: PostgreSQL refuses a data directory whose postmaster.pid
-    # names a process that still exists, even as a zombie.
-    for pid in killed if reaped else ():
+    return killed_at, killed
+
+
+def wait_reaped(pids: set[int], timeout: float = 30.0) -> None:
+    """Until the dead are reaped (by us or by init, which can take a second or more):
+    PostgreSQL refuses a data directory whose postmaster.pid names a process that still
+    exists, even as a zombie."""
+    deadline = time.monotonic() + timeout
+    for pid in pids:
         while exists(pid):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"process {pid} of {namespace} not reaped")
+                raise TimeoutError(f"process {pid} not reaped")
             time.sleep(0.02)
-    return killed_at
 
 
 def exists(pid: int) -> bool:
@@ -142,7 +146,7 @@ class Network:
     def close(self) -> None:
         for namespace in self.namespaces:
             with contextlib.suppress(TimeoutError):
-                kill_namespace(namespace, reaped=False)
+                kill_namespace(namespace)
             ip("netns", "delete", namespace, check=False)
             ip("link", "delete", namespace, check=False)
         self.namespaces.clear()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import asyncpg
 
-from tests.ha.net import Network, kill_namespace, namespace_pids, signal_namespace
+from tests.ha.net import Network, kill_namespace, namespace_pids, signal_namespace, wait_reaped
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
@@ -52,6 +52,7 @@ class Node:
         # where PostgreSQL's Unix socket is: the node's own directory (plain replication
         # sets it), or the compiled-in default pg_auto_failover keeps (ports keep them apart)
         self.socket_dir = self.home
+        self.dead: set[int] = set()  # killed, maybe not yet reaped
 
     # -- running things inside the node ---------------------------------------------------
 
@@ -111,9 +112,14 @@ class Node:
     def kill(self) -> float:
         """kill -9 of every process of the node (PostgreSQL, its manager, geminikv...);
         returns the monotonic time of the kill."""
-        killed_at = kill_namespace(self.namespace)
-        self.reap()
+        killed_at, self.dead = kill_namespace(self.namespace)
         return killed_at
+
+    def wait_reaped(self) -> None:
+        """Before starting anything on a killed node's data directory again."""
+        self.reap()
+        wait_reaped(self.dead)
+        self.dead = set()
 
     def freeze(self) -> None:
         """SIGSTOP every process of the node: connections stay open and nothing answers."""
@@ -129,14 +135,8 @@ class Node:
         self.network.mend(self.namespace)
 
     def reap(self) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                try:
-                    process.wait(10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(10)
-        self.processes.clear()
+        """Forget (and reap) the processes we spawned that have died."""
+        self.processes = [process for process in self.processes if process.poll() is None]
 
     # -- PostgreSQL -----------------------------------------------------------------------
 

@@ -121,6 +121,7 @@ def rejoin(old: Node, primary: Node) -> None:
     # pg_rewind reads the source's timeline from its control file, which a promotion
     # updates only at its next checkpoint ("same timeline, no rewind required" otherwise).
     primary.sql("CHECKPOINT")
+    old.wait_reaped()
     source = f"host={primary.address} port={primary.port} user=postgres dbname=postgres"
     old.run(str(PG_BIN / "pg_rewind"), "-D", str(old.data), "--source-server", source)
     # pg_rewind copied the source's configuration files: the old primary's own again
