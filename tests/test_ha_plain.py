@@ -84,7 +84,8 @@ def _eventually(check, timeout: float = 10.0) -> bool:  # type: ignore[no-untype
 
 def test_geminikv_keeps_acknowledged_writes_across_pg_ctl_promote(pair: Pair) -> None:
     """geminikv on the surviving node, both hosts in its endpoint; the primary's node is
-    killed, the standby promoted by hand; every acknowledged key survives, writes resume."""
+    killed, the standby promoted by hand; every acknowledged key survives, writes resume,
+    and go on while the old primary is rewound and rejoins as a synchronous standby."""
     old, new = pair.primary, pair.standby
     gemini = Gemini(new, pair.endpoint()).wait_listening()
     writer = Writer(gemini).start()
@@ -94,6 +95,8 @@ def test_geminikv_keeps_acknowledged_writes_across_pg_ctl_promote(pair: Pair) ->
         replication.promote(new)
         promoted = time.monotonic()
         writer.wait_acks_after(promoted, 50, timeout=30)
+        replication.rejoin(old, new)  # the old primary back as a synchronous standby
+        writer.wait_acks_after(time.monotonic(), 50, timeout=30)
     finally:
         writer.stop()
     first = writer.first_ack_after(killed)
