@@ -13,7 +13,7 @@ import pytest
 
 from tests.ha.autofailover import Formation
 from tests.ha.cluster import endpoint, formation, missing
-from tests.ha.gemini import Gemini, Writer
+from tests.ha.gemini import Gemini, Watcher, Writer, check_watch
 from tests.ha.node import Node
 
 reason = missing() or (
@@ -101,6 +101,7 @@ def test_geminikv_keeps_acknowledged_writes_across_a_failover(pgaf: Formation) -
     the monitor promotes; every acknowledged key survives, writes resume."""
     old, new = pgaf.wait_settled()
     gemini = Gemini(new, endpoint(pgaf.nodes)).wait_listening()
+    watcher = Watcher(gemini)
     writer = Writer(gemini).start()
     try:
         writer.wait_acks_after(0, 100, timeout=30)
@@ -114,6 +115,9 @@ def test_geminikv_keeps_acknowledged_writes_across_a_failover(pgaf: Formation) -
         writer.wait_acks_after(rejoined, 50, timeout=30)  # synchronous again, still writing
     finally:
         writer.stop()
+    acked = {key for key, *_ in writer.acked}
+    watcher.wait_for(acked)
+    watcher.close()
     first = writer.first_ack_after(killed)
     assert first is not None
     print(
@@ -122,6 +126,7 @@ def test_geminikv_keeps_acknowledged_writes_across_a_failover(pgaf: Formation) -
         f"{len(writer.acked)} writes acknowledged, {writer.failures} failed attempts"
     )
     assert writer.missing() == []
+    check_watch(watcher, acked)
 
 
 def test_failover_when_the_primary_node_freezes(pgaf: Formation) -> None:

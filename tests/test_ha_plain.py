@@ -13,7 +13,7 @@ import pytest
 
 from tests.ha import replication
 from tests.ha.cluster import Pair, missing, plain_pair
-from tests.ha.gemini import Gemini, Writer
+from tests.ha.gemini import Gemini, Watcher, Writer, check_watch
 
 pytestmark = pytest.mark.skipif(missing() is not None, reason=str(missing()))
 
@@ -88,6 +88,7 @@ def test_geminikv_keeps_acknowledged_writes_across_pg_ctl_promote(pair: Pair) ->
     and go on while the old primary is rewound and rejoins as a synchronous standby."""
     old, new = pair.primary, pair.standby
     gemini = Gemini(new, pair.endpoint()).wait_listening()
+    watcher = Watcher(gemini)
     writer = Writer(gemini).start()
     try:
         writer.wait_acks_after(0, 100, timeout=30)
@@ -99,6 +100,9 @@ def test_geminikv_keeps_acknowledged_writes_across_pg_ctl_promote(pair: Pair) ->
         writer.wait_acks_after(time.monotonic(), 50, timeout=30)
     finally:
         writer.stop()
+    acked = {key for key, *_ in writer.acked}
+    watcher.wait_for(acked)
+    watcher.close()
     first = writer.first_ack_after(killed)
     assert first is not None
     print(
@@ -108,3 +112,4 @@ def test_geminikv_keeps_acknowledged_writes_across_pg_ctl_promote(pair: Pair) ->
         f"{writer.failures} failed attempts"
     )
     assert writer.missing() == []
+    check_watch(watcher, acked)

@@ -3,10 +3,12 @@ client writing keys one after another through it, recording what was acknowledge
 
 from __future__ import annotations
 
+import queue
 import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,3 +125,54 @@ class Writer:
             channel.close()
         have = {item.key: item.value for item in answer.kvs}
         return [key for key, value, _, _ in self.acked if have.get(key) != value]
+
+
+class Watcher:
+    """One Watch stream on ``prefix`` from revision 1, its events collected by a thread."""
+
+    def __init__(self, gemini: Gemini, prefix: bytes = b"/ha/") -> None:
+        self.events: list[tuple[bytes, bytes, int]] = []  # key, value, mod_revision
+        self.responses: list[pb.WatchResponse] = []
+        self.error: grpc.RpcError | None = None
+        self._requests: queue.Queue[pb.WatchRequest | None] = queue.Queue()
+        self._channel, _ = gemini.kv()
+        create = pb.WatchCreateRequest(key=prefix, range_end=prefix[:-1] + b"0", start_revision=1)
+        self._requests.put(pb.WatchRequest(create_request=create))
+        stream = rpc_pb2_grpc.WatchStub(self._channel).Watch(iter(self._requests.get, None))
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: Iterator[pb.WatchResponse]) -> None:
+        try:
+            for response in stream:
+                self.responses.append(response)
+                for event in response.events:
+                    kv = event.kv
+                    self.events.append((kv.key, kv.value, kv.mod_revision))
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.CANCELLED:
+                self.error = err
+
+    def wait_for(self, keys: set[bytes], timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not keys <= {key for key, _, _ in self.events}:
+            if time.monotonic() > deadline or self.error is not None:
+                return
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self._requests.put(None)
+        self._channel.close()
+        self._thread.join(10)
+
+
+def check_watch(watcher: Watcher, acked: set[bytes]) -> None:
+    """The watch went on across the failover: every acknowledged write seen once, in
+    revision order, with no cancel or error."""
+    assert watcher.error is None, watcher.error
+    assert not any(response.canceled for response in watcher.responses)
+    revisions = [rev for _, _, rev in watcher.events]
+    assert revisions == sorted(set(revisions))
+    keys = [key for key, _, _ in watcher.events]
+    assert keys == sorted(set(keys))  # written one after another, each once
+    assert acked <= set(keys)
