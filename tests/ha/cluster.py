@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -32,8 +33,6 @@ def missing() -> str | None:
     if not (PG_BIN / "postgres").exists():
         return "needs PostgreSQL 15 (Debian postgresql-15)"
     try:
-        import pwd
-
         pwd.getpwnam("postgres")
     except KeyError:
         return "needs the postgres OS user (Debian postgresql-15)"
