@@ -175,6 +175,7 @@ class Primary:
         waiting on it fails now, not after --datastore-command-timeout)."""
         self.missing()
         if self.host is not None:
+            self.silent.add(self.host)  # reconnects do not wait for it (see race)
             self.drop(self.host)
         for callback in self._on_lost:
             callback()
