@@ -22,11 +22,12 @@ import pytest
 
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
-from geminikv.storage import database
+from geminikv.storage import database, primary
 from geminikv.storage.primary import NotPrimary
 from tests.replication import Node, Pair
 from tests.servers import GeminiProcess, free_port, run_sync
 from tests.waiting import eventually
+from tests.watching import WatchClient
 
 # geminikv's share of a failover, from the new primary accepting writes to the first
 # write acknowledged: the goal is 2 s; the bound leaves room for a loaded test machine
@@ -120,6 +121,59 @@ def _check_every_ack(kv: rpc_pb2_grpc.KVStub, node: Node, acked: dict[bytes, byt
     assert int(on_node) == len(acked)
 
 
+def _check_watch(watch: WatchClient, node: Node) -> None:
+    """The watch went on across the failover, uncancelled, and showed exactly the
+    surviving primary's history: each of its rows once, in order, and nothing else."""
+    events = []
+    for resp in watch.drain(quiet=1.0, limit=30):
+        assert not resp.canceled, resp.cancel_reason
+        events.extend((ev.kv.mod_revision, ev.kv.key) for ev in resp.events)
+    watch.close()
+    rows = node.sql(
+        "SELECT id, name FROM kine WHERE name LIKE '/failover/%' ORDER BY id", "kubernetes"
+    )
+    table = [(int(rid), name.encode()) for rid, name in (line.split("|") for line in rows.split())]
+    assert events == table
+
+
+def test_hosts_of_an_endpoint() -> None:
+    """libpq's multi-host form becomes one DSN per host; Kine's one-host forms stay one."""
+    hosts = primary.hosts(
+        "postgres://u:pw@10.0.0.1:5432,n2:5433/kubernetes?target_session_attrs=read-write&sslmode=disable"
+    )
+    assert hosts == [
+        primary.Host("10.0.0.1:5432", "postgres://u:pw@10.0.0.1:5432/kubernetes?sslmode=disable"),
+        primary.Host("n2:5433", "postgres://u:pw@n2:5433/kubernetes?sslmode=disable"),
+    ]
+    assert primary.hosts("postgres://u@db/k") == [primary.Host("db", "postgres://u@db/k")]
+    assert [h.label for h in primary.hosts("postgresql://postgres@/k?host=/run/pg")] == ["/run/pg"]
+    dsn, name = database.normalise_dsn(
+        "postgres://u@h1:5432,h2:5432?target_session_attrs=read-write"
+    )
+    assert (dsn, name) == (
+        "postgres://u@h1:5432,h2:5432/kubernetes?target_session_attrs=read-write",
+        "kubernetes",
+    )
+
+
+def test_refusals() -> None:
+    """A standby, a read-only server and an older timeline than one seen are refused."""
+    seen = primary.Primary()
+
+    class Conn:  # stands for the connection the role was read on
+        pass
+
+    conn = Conn()
+    with pytest.raises(NotPrimary, match="standby"):
+        seen.accept("a:1", primary.Role(True, True, 0), conn)  # type: ignore[arg-type]
+    with pytest.raises(NotPrimary, match="read-only"):
+        seen.accept("a:1", primary.Role(False, True, 1), conn)  # type: ignore[arg-type]
+    seen.accept("b:1", primary.Role(False, False, 2), conn)  # type: ignore[arg-type]
+    with pytest.raises(NotPrimary, match="old primary"):
+        seen.accept("a:1", primary.Role(False, False, 1), conn)  # type: ignore[arg-type]
+    assert (seen.host, seen.timeline, seen.failovers) == ("b:1", 2, 0)
+
+
 @pytest.fixture
 def pair(tmp_path: Path) -> Iterator[Pair]:
     replicas = Pair(tmp_path)
@@ -141,9 +195,12 @@ def test_promotion_after_the_primary_fails(pair: Pair, fault: str) -> None:
     metrics_port = free_port()
     gemini = _gemini(pair.endpoint(pair.primary, pair.standby), metrics_port)
     try:
-        kv = gemini.stubs().kv
+        stubs = gemini.stubs()
+        kv = stubs.kv
         text = _metrics(metrics_port)
         assert _metric(text, "geminikv_postgres_primary", f'{{host="{pair.primary.host}"}}') == 1
+        watch = WatchClient(stubs)
+        watch.create(key=b"/failover/", range_end=b"/failover0")
         with Writes(kv, b"/failover/") as writes:
             eventually(lambda: writes.acked_count() >= 200, "writes before the fault", 30)
             failed_at = time.monotonic()
@@ -172,6 +229,7 @@ def test_promotion_after_the_primary_fails(pair: Pair, fault: str) -> None:
         assert _metric(text, "geminikv_postgres_failovers_total") == 1
         assert (_metric(text, "geminikv_postgres_reconnect_seconds_count") or 0) >= 1
         eventually(lambda: _ready(metrics_port) == 200, "/readyz 200 on the new primary", 10)
+        _check_watch(watch, pair.standby)
     except BaseException:
         print(gemini.output())
         raise
