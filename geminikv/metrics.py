@@ -144,6 +144,17 @@ POSTGRES_RECONNECT_SECONDS = Histogram(
     "connection to a primary again",
     buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
 )
+POSTGRES_STANDBY_LAG_SECONDS = Gauge(
+    "geminikv_postgres_standby_replay_lag_seconds",
+    "Each standby's replay lag as the primary reports it (pg_stat_replication.replay_lag; "
+    "0 when idle), read by the heartbeat",
+    ["standby", "sync_state"],
+)
+POSTGRES_STANDBY_LAG_BYTES = Gauge(
+    "geminikv_postgres_standby_lag_bytes",
+    "WAL the primary has written that each standby has not replayed (pg_stat_replication)",
+    ["standby", "sync_state"],
+)
 POSTGRES_REACHABLE = Gauge(
     "geminikv_postgres_primary_reachable", "1 while the heartbeat reaches a primary"
 )

@@ -199,6 +199,8 @@ def test_promotion_after_the_primary_fails(pair: Pair, fault: str) -> None:
         kv = stubs.kv
         text = _metrics(metrics_port)
         assert _metric(text, "geminikv_postgres_primary", f'{{host="{pair.primary.host}"}}') == 1
+        lag = r'^geminikv_postgres_standby_lag_bytes\{standby="[^"]+",sync_state="sync"\} '
+        eventually(lambda: re.search(lag, _metrics(metrics_port), re.M), "the standby's lag", 5)
         watch = WatchClient(stubs)
         watch.create(key=b"/failover/", range_end=b"/failover0")
         with Writes(kv, b"/failover/") as writes:
@@ -208,13 +210,22 @@ def test_promotion_after_the_primary_fails(pair: Pair, fault: str) -> None:
                 pair.primary.kill()
             else:
                 pair.primary.signal_all(signal.SIGSTOP)
-                time.sleep(FREEZE_PROMOTE_DELAY)
+                # a write sent to a frozen primary is answered, with Unavailable
+                with pytest.raises(grpc.RpcError) as caught:
+                    kv.Put(pb.PutRequest(key=b"/failover/in-doubt", value=b"?"), timeout=10)
+                assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+                unavailable_after = time.monotonic() - failed_at
+                time.sleep(max(0.0, FREEZE_PROMOTE_DELAY - unavailable_after))
             acked_before = dict(writes.acked)
             pair.standby.promote()
             promoted_at = time.monotonic()
             to_write = writes.first_ack_after(promoted_at)
             from_fault = writes.first_ack_after(failed_at)
             eventually(lambda: writes.acked_count() >= len(acked_before) + 100, "more writes", 30)
+        if fault == "freeze":
+            print(
+                f"\nfreeze: a write in flight answered Unavailable after {unavailable_after:.2f}s"
+            )
         print(
             f"\n{fault}: fault -> first write {from_fault:.2f}s, promote -> first write "
             f"{to_write:.2f}s (promotion took {promoted_at - failed_at:.2f}s); "

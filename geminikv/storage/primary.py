@@ -85,6 +85,18 @@ async def read_role(conn: asyncpg.Connection) -> Role:
     return Role(bool(row[0]), bool(row[1]), int(row[2]))
 
 
+class Standby(NamedTuple):
+    name: str  # application_name@address
+    sync_state: str  # sync, async, potential, quorum
+    replay_lag: float | None  # seconds; None while nothing is being replayed
+    lag_bytes: float | None  # WAL the primary has written and the standby not replayed
+
+
+async def read_standbys(conn: asyncpg.Connection) -> list[Standby]:
+    rows = await conn.fetch(SQL["standbys"])
+    return [Standby(bytes(r[0]).decode(), bytes(r[1]).decode(), r[2], r[3]) for r in rows]
+
+
 def set_tcp_timeouts(conn: asyncpg.Connection, seconds: float) -> None:
     """Keepalives and TCP_USER_TIMEOUT: a peer whose machine is gone (or cut off) is
     noticed after about ``seconds`` by the kernel, also when nothing is being sent."""
@@ -262,6 +274,16 @@ def _close_result(attempt: asyncio.Task[asyncpg.Connection]) -> None:
         attempt.result().terminate()
 
 
+def _report(standbys: list[Standby]) -> None:
+    metrics.POSTGRES_STANDBY_LAG_SECONDS.clear()
+    metrics.POSTGRES_STANDBY_LAG_BYTES.clear()
+    for standby in standbys:
+        labels = (standby.name, standby.sync_state)
+        metrics.POSTGRES_STANDBY_LAG_SECONDS.labels(*labels).set(standby.replay_lag or 0.0)
+        if standby.lag_bytes is not None:
+            metrics.POSTGRES_STANDBY_LAG_BYTES.labels(*labels).set(standby.lag_bytes)
+
+
 @dataclass
 class Heartbeat:
     """Asks the primary every ``interval`` what it is; when it does not answer within
@@ -316,3 +338,4 @@ class Heartbeat:
         if why or role.timeline < self.primary.timeline:
             host = self.primary.host_of(self._conn)
             raise NotPrimary(f"PostgreSQL at {host} is no longer the primary")
+        _report(await read_standbys(self._conn))

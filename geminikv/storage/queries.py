@@ -40,6 +40,12 @@ SQL: dict[str, str] = {
         "(SELECT COALESCE(MAX(prev_revision), 0) FROM kine WHERE name = 'compact_rev_key') "
         "FROM kine"
     ),
+    # the standbys a primary streams to, as it reports them (NULL lags when idle)
+    "standbys": (
+        "SELECT application_name || '@' || COALESCE(host(client_addr), 'local'), sync_state, "
+        "EXTRACT(epoch FROM replay_lag)::float8, "
+        "pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::float8 FROM pg_stat_replication"
+    ),
     # what the server is: in recovery (a standby), read-only, and (on a primary) its
     # timeline, the first 8 hex digits of its current WAL file's name
     "role": (
