@@ -205,11 +205,11 @@ def test_promotion_after_the_primary_fails(pair: Pair, fault: str) -> None:
         watch.create(key=b"/failover/", range_end=b"/failover0")
         with Writes(kv, b"/failover/") as writes:
             eventually(lambda: writes.acked_count() >= 200, "writes before the fault", 30)
-            failed_at = time.monotonic()
+            pair.primary.signal_all(signal.SIGKILL if fault == "crash" else signal.SIGSTOP)
+            failed_at = time.monotonic()  # every process of the primary has the signal
             if fault == "crash":
-                pair.primary.kill()
+                pair.primary.kill()  # gone for good (and restartable)
             else:
-                pair.primary.signal_all(signal.SIGSTOP)
                 # a write sent to a frozen primary is answered, with Unavailable
                 with pytest.raises(grpc.RpcError) as caught:
                     kv.Put(pb.PutRequest(key=b"/failover/in-doubt", value=b"?"), timeout=10)

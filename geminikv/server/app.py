@@ -198,11 +198,8 @@ def build(
         )
 
         def lost() -> None:
-            # nothing may wait on a dead server: the writer, the listener and the pool
-            # open new connections, on whichever host is the primary now
-            if not session.conn.is_closed():
-                session.conn.terminate()
-            follower.listener.broken()
+            # its connections are terminated already (Primary.drop): the follower listens
+            # again now, the pool opens fresh ones, the writer reconnects at its next batch
             follower.catch_up()
             tasks.spawn(pool.expire_connections())
 

@@ -25,7 +25,6 @@ import socket
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -284,18 +283,24 @@ def _report(standbys: list[Standby]) -> None:
             metrics.POSTGRES_STANDBY_LAG_BYTES.labels(*labels).set(standby.lag_bytes)
 
 
-@dataclass
 class Heartbeat:
     """Asks the primary every ``interval`` what it is; when it does not answer within
     ``timeout`` (or answers as a standby), ``primary.lost()`` drops every connection."""
 
-    connect: Callable[[], Awaitable[asyncpg.Connection]]
-    primary: Primary
-    interval: float
-    timeout: float
-    reachable: bool = False
-    _conn: asyncpg.Connection | None = None
-    _task: asyncio.Task[None] | None = None
+    def __init__(
+        self,
+        connect: Callable[[], Awaitable[asyncpg.Connection]],
+        primary: Primary,
+        interval: float,
+        timeout: float,
+    ) -> None:
+        self.connect = connect
+        self.primary = primary
+        self.interval = interval
+        self.timeout = timeout
+        self.reachable = False  # the last beat reached a primary
+        self._conn: asyncpg.Connection | None = None
+        self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         if self.interval <= 0:
