@@ -57,6 +57,8 @@ WATCH_COALESCE_SECONDS = 0.002  # a busy stream lets events gather this long bet
 
 # The follower and the index
 FOLLOWER_FETCH_LIMIT = 1000  # rows per catch-up query (Kine's --poll-batch-size default)
+FOLLOWER_RETRY_MIN = 0.05  # seconds before the follower's first retry after a failed fetch
+FOLLOWER_RETRY_MAX = 0.5  # ... and between retries while PostgreSQL stays away
 GAP_GRACE = 0.05  # seconds a missing id may stay missing before it is filled
 INDEX_COMPACT_SLICE = 20_000  # superseded revisions dropped from the index per loop turn
 LAG_MARKS = 1024  # (revision, first known) pairs kept for the lag-in-seconds metric
@@ -65,6 +67,7 @@ LOAD_PREFETCH = 20_000  # rows per round trip while loading the table at start-u
 
 # Writes
 WRITER_MAX_BATCH = 512  # requests in one write batch (one PostgreSQL transaction)
+WRITER_RECONNECT_MAX_DELAY = 0.5  # seconds between the writer's attempts to reconnect, at most
 COMPACT_DELETE_BATCH = 500  # ids per DELETE: milliseconds per statement on any table size
 
 # Leases and the leader's duties
@@ -74,6 +77,7 @@ LEADER_RETRY_LOCK = 1.0  # seconds between attempts to take the leader lock
 LEADER_MAX_SLEEP = 0.5  # seconds the leader sleeps between duties, at most
 
 # The serving process
+HEARTBEAT_RETRY = 0.2  # seconds between attempts to reach a primary while none answers
 LEASE_COUNT_INTERVAL = 5.0  # seconds between counts of geminikv_lease for the metric
 # Python's default (700) runs a young collection every ~25 requests under load.
 GC_YOUNG_THRESHOLD = 10_000
@@ -162,7 +166,10 @@ class Settings:
         "address to serve etcd v3 gRPC on: host:port, http://host:port or unix://path",
     )
     endpoint: str = _flag(
-        "", "PostgreSQL DSN (postgres://user:pass@host:5432/db); empty = embedded PostgreSQL"
+        "",
+        "PostgreSQL DSN (postgres://user:pass@host:5432/db); several hosts as libpq writes "
+        "them (postgres://user@h1:5432,h2:5432/db), of which geminikv uses the writable "
+        "primary; empty = embedded PostgreSQL",
     )
     data_dir: str = _flag(
         "./geminikv-data", "directory of the embedded PostgreSQL (used when --endpoint is empty)"
@@ -218,6 +225,35 @@ class Settings:
     )
     datastore_connection_max_idle_time: float = _flag(
         120.0, "close pooled connections idle this long (0 = never)", _duration_or_off
+    )
+    datastore_connect_timeout: float = _flag(
+        2.0,
+        "time to connect to one PostgreSQL host of --endpoint and learn whether it is the "
+        "primary (all hosts are tried at once; 0 = no limit)",
+        _duration_or_off,
+    )
+    datastore_command_timeout: float = _flag(
+        10.0,
+        "longest time a SQL statement may take before the connection is given up as lost "
+        "(0 = no limit; automatic compaction's own statements use --compact-timeout)",
+        _duration_or_off,
+    )
+    datastore_tcp_timeout: float = _flag(
+        5.0,
+        "TCP keepalives and TCP_USER_TIMEOUT on PostgreSQL connections: a host that stops "
+        "acknowledging is dropped after this long (0 = the kernel's defaults)",
+        _duration_or_off,
+    )
+    datastore_heartbeat_interval: float = _flag(
+        1.0,
+        "how often to ask the PostgreSQL primary whether it still is one (0 = off)",
+        _duration_or_off,
+    )
+    datastore_heartbeat_timeout: float = _flag(
+        2.0,
+        "a primary that does not answer the heartbeat within this long is taken as gone: "
+        "every connection to it is dropped and the hosts of --endpoint are tried again",
+        _duration_or_off,
     )
     value_cache_size: int = _flag(
         128, "MiB of values kept in memory (0 = read every value from PostgreSQL)"

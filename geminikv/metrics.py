@@ -129,6 +129,35 @@ COMPACTED_ROWS = Counter("geminikv_compaction_deleted_rows_total", "Rows deleted
 DB_SIZE = Gauge("geminikv_db_size_bytes", "Size of the kine table with its indexes")
 TASKS = Gauge("geminikv_asyncio_tasks", "asyncio tasks in the event loop (a leak shows here)")
 LEADER = Gauge("geminikv_leader", "1 if this process expires leases and compacts")
+POSTGRES_PRIMARY = Gauge(
+    "geminikv_postgres_primary",
+    "1 for the PostgreSQL host (host:port from --endpoint) this process writes to",
+    ["host"],
+)
+POSTGRES_FAILOVERS = Counter(
+    "geminikv_postgres_failovers_total",
+    "Times this process found the primary on another host or timeline (a promotion)",
+)
+POSTGRES_RECONNECT_SECONDS = Histogram(
+    "geminikv_postgres_reconnect_seconds",
+    "From the primary found gone (the heartbeat, or a failed connection attempt) to a "
+    "connection to a primary again",
+    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
+)
+POSTGRES_STANDBY_LAG_SECONDS = Gauge(
+    "geminikv_postgres_standby_replay_lag_seconds",
+    "Each standby's replay lag as the primary reports it (pg_stat_replication.replay_lag; "
+    "0 when idle), read by the heartbeat",
+    ["standby", "sync_state"],
+)
+POSTGRES_STANDBY_LAG_BYTES = Gauge(
+    "geminikv_postgres_standby_lag_bytes",
+    "WAL the primary has written that each standby has not replayed (pg_stat_replication)",
+    ["standby", "sync_state"],
+)
+POSTGRES_REACHABLE = Gauge(
+    "geminikv_postgres_primary_reachable", "1 while the heartbeat reaches a primary"
+)
 
 
 class Health:
@@ -140,13 +169,14 @@ class Health:
         self.loop_beat = time.monotonic()
         self.database_ok = 0.0  # when PostgreSQL last answered
         self.caught_up = False
+        self.primary_reachable: Callable[[], bool] = lambda: True  # the heartbeat's view
 
     def healthy(self) -> bool:
         return time.monotonic() - self.loop_beat < self.STALE
 
     def ready(self) -> bool:
         fresh = time.monotonic() - self.database_ok < self.STALE
-        return self.healthy() and fresh and self.caught_up
+        return self.healthy() and fresh and self.caught_up and self.primary_reachable()
 
 
 class _Quiet(WSGIRequestHandler):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Coroutine
+from typing import Any
 
 
 async def stop(task: asyncio.Task[None] | None) -> None:
@@ -13,3 +15,13 @@ async def stop(task: asyncio.Task[None] | None) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+_spawned: set[asyncio.Task[Any]] = set()
+
+
+def spawn(coro: Coroutine[Any, Any, Any]) -> None:
+    """Run ``coro`` in the background, held until done (the loop keeps only weak refs)."""
+    task = asyncio.get_running_loop().create_task(coro)
+    _spawned.add(task)
+    task.add_done_callback(_spawned.discard)

@@ -16,7 +16,12 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 
 from geminikv import tasks
-from geminikv.config import FOLLOWER_FETCH_LIMIT, GAP_GRACE
+from geminikv.config import (
+    FOLLOWER_FETCH_LIMIT,
+    FOLLOWER_RETRY_MAX,
+    FOLLOWER_RETRY_MIN,
+    GAP_GRACE,
+)
 from geminikv.mvcc.applier import Applier
 from geminikv.mvcc.compaction import Compaction
 from geminikv.mvcc.gaps import Gap, Gaps
@@ -126,6 +131,7 @@ class Follower:
             self._wake.set()
 
     async def _run(self) -> None:
+        retry = FOLLOWER_RETRY_MIN
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval)
@@ -139,11 +145,16 @@ class Follower:
                     self._refresh_compact = False
                     await self.compaction.refresh()
                 await self._fetch()
+                retry = FOLLOWER_RETRY_MIN
             except asyncio.CancelledError:
                 raise
             except Exception as err:
-                log.warning("follower: fetching new rows failed (%s); retrying", err)
-                await asyncio.sleep(0.5)
+                if retry == FOLLOWER_RETRY_MIN:
+                    log.warning("follower: fetching new rows failed (%s); retrying", err)
+                # soon at first (a failover's new primary is usually there already),
+                # then every FOLLOWER_RETRY_MAX while PostgreSQL stays away
+                await asyncio.sleep(retry)
+                retry = min(retry * 2, FOLLOWER_RETRY_MAX)
                 await self.listener.listen_again()
                 self._wake.set()
 
@@ -157,7 +168,7 @@ class Follower:
                 self.lag.learned(rows[-1].id)
             if applier.pending:
                 gap = self.applied + 1
-                found, compacted = await self.gaps.found(gap)
+                found, compacted = await self.gaps.found(gap, min(applier.pending) - 1)
                 if found is Gap.FILLED:
                     continue
                 if found is Gap.COMPACTED:

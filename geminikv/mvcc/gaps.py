@@ -37,9 +37,12 @@ class Gaps:
         """No gap now."""
         self._seen = None
 
-    async def found(self, gap: int) -> tuple[Gap, int]:
-        """Revision ``gap`` is missing while later ones are in the table: what to do,
-        and with ``Gap.COMPACTED`` the compact revision (else 0)."""
+    async def found(self, gap: int, last: int | None = None) -> tuple[Gap, int]:
+        """Revisions ``gap`` to ``last`` (the id before the next visible one) are missing
+        while later ones are in the table: what to do, and with ``Gap.COMPACTED`` the
+        compact revision (else 0). The whole run is filled at once: ids a failover
+        skipped (a promoted standby's sequence starts past the ones the old primary had
+        cached) come in runs of dozens, and one grace period each would stall writes."""
         now = time.monotonic()
         if self._seen is None or self._seen[0] != gap:
             self._seen = (gap, now)
@@ -50,7 +53,11 @@ class Gaps:
             if gap <= compacted:
                 self._seen = None
                 return Gap.COMPACTED, compacted
-            log.info("filling gap at revision %d", gap)
-            await kine.fill_gap(conn, gap)
+            if last is None or last <= gap:
+                log.info("filling gap at revision %d", gap)
+                await kine.fill_gap(conn, gap)
+            else:
+                log.info("filling gaps at revisions %d to %d", gap, last)
+                await kine.fill_gaps(conn, gap, last)
         self._seen = None
         return Gap.FILLED, 0

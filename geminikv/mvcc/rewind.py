@@ -55,6 +55,7 @@ class Rewind:
         gaps: Gaps,
         rebuilding: Rebuilding,
         cancel_watches: Callable[[str], None],
+        holds: Callable[[int], Awaitable[tuple[int, bool, int]]] | None = None,
     ) -> None:
         self.index = index
         self._load = load  # fills a fresh index from the table
@@ -64,10 +65,46 @@ class Rewind:
         self.gaps = gaps
         self.rebuilding = rebuilding
         self._cancel_watches = cancel_watches  # with the reason they end
+        # after a failover: (newest revision, whether a row is there, compact revision)
+        self._holds = holds
         self._task: asyncio.Task[None] | None = None
+        self._failover_check: asyncio.Task[None] | None = None
 
     async def stop(self) -> None:
+        await tasks.stop(self._failover_check)
         await tasks.stop(self._task)
+
+    def failed_over(self) -> None:
+        """PostgreSQL's primary changed: check that the new one holds the newest row this
+        process applied (docs/architecture.md#failover)."""
+        if self._holds is None or self.rebuilding.active:
+            return
+        if self._failover_check is None or self._failover_check.done():
+            self._failover_check = asyncio.create_task(
+                self._check_new_primary(), name="failover-check"
+            )
+
+    async def _check_new_primary(self) -> None:
+        assert self._holds is not None
+        applied = int(self.index.rev)
+        while True:
+            try:
+                newest, present, compacted = await self._holds(applied)
+                break
+            except Exception as err:  # the new primary may still be starting
+                log.warning("checking the index against the new primary failed (%s)", err)
+                await asyncio.sleep(REBUILD_RETRY)
+        # Commit order is id order: with the newest applied row there, every older one is
+        # too (a compacted one may be gone, but then nothing is known to be lost).
+        if newest < applied or (not present and applied > compacted):
+            self._resync(
+                f"geminikv: the new PostgreSQL primary lacks revision {applied}, which this "
+                f"process applied (its newest revision is {newest}: it was behind the old "
+                "primary); watch again from a current revision",
+                errors.Rewound.message,
+            )
+        else:
+            log.info("the new primary holds every revision applied here (up to %d)", applied)
 
     def check(self, newest: int, applied: int) -> None:
         """``newest`` is PostgreSQL's newest revision, read after ``applied`` was applied

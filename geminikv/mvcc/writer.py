@@ -26,7 +26,7 @@ from typing import Any
 import asyncpg
 
 from geminikv import errors, metrics, tasks
-from geminikv.config import WRITER_MAX_BATCH
+from geminikv.config import WRITER_MAX_BATCH, WRITER_RECONNECT_MAX_DELAY
 from geminikv.mvcc.follower import Follower
 from geminikv.mvcc.gather import Gather
 from geminikv.mvcc.index import Index
@@ -35,6 +35,7 @@ from geminikv.mvcc.txn import Evaluator, Leases
 from geminikv.mvcc.values import Values
 from geminikv.mvcc.view import BatchView, OutOfIds, gap_row
 from geminikv.storage import kine, leases, locks, notify
+from geminikv.storage.database import CONNECTION_ERRORS
 from geminikv.storage.queries import MAX_LEASE_ID
 from geminikv.storage.rows import NewRow
 from geminikv.storage.session import Session
@@ -172,7 +173,8 @@ class Writer:
                         req.future.set_exception(_as_etcd_error(err))
                 # a one-round-trip batch sent on a connection left in a transaction
                 # would answer before committing
-                if self.session.unusable():
+                # (or lost, or timed out: its outcome unknown, the connection not reusable)
+                if self.session.unusable() or isinstance(err, CONNECTION_ERRORS):
                     self.conn.terminate()
                     await self._reconnect()
                 continue
@@ -207,9 +209,9 @@ class Writer:
             except Exception as err:
                 log.warning("writer: PostgreSQL still unavailable (%s); retrying", err)
                 await asyncio.sleep(delay)
-                # capped low: PostgreSQL back after a restart should mean writes back
-                # within a second, and one attempt a second costs nothing
-                delay = min(delay * 2, 1.0)
+                # capped low: PostgreSQL back after a restart (or a standby promoted)
+                # should mean writes back within a second; an attempt costs nothing
+                delay = min(delay * 2, WRITER_RECONNECT_MAX_DELAY)
 
     async def _answer_when_applied(self, batch: list[_Request], last: int) -> None:
         try:
@@ -224,6 +226,9 @@ class Writer:
     async def _run_batch(self, batch: list[_Request]) -> int:
         """Evaluate and commit one batch; returns the last revision the callers must see."""
         metrics.WRITER_BATCH.observe(len(batch))
+        if self.conn.is_closed() and self.session.can_reconnect:
+            # dropped by the heartbeat (the primary is gone): one attempt at the new one
+            await self.session.reconnect()
         if self._generation != self.rebuilding.generation:
             # the index was rebuilt: forget the last id drawn (only a guess anyway)
             self._generation = self.rebuilding.generation

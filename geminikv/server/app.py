@@ -53,6 +53,7 @@ from geminikv.server.rpc import Identity, unimplemented
 from geminikv.server.watch import WatchService
 from geminikv.storage import database, kine, schema
 from geminikv.storage.embedded import EmbeddedPostgres
+from geminikv.storage.primary import Heartbeat, Primary
 from geminikv.storage.session import Session
 from geminikv.storage.sqlstats import SqlObserver
 from geminikv.watch.hub import Hub
@@ -109,6 +110,7 @@ class Parts:
     leases: Leases
     compactor: Compactor
     leader: Leader
+    heartbeat: Heartbeat | None
 
 
 def build(
@@ -117,12 +119,14 @@ def build(
     session: Session,
     reconnect: Callable[[], Awaitable[asyncpg.Connection]],
     connect: Callable[[], Awaitable[asyncpg.Connection]],
+    primary: Primary | None = None,
 ) -> Parts:
     """The whole object graph, each part given what it talks to (as etcd's NewServer).
 
     ``session``: the writer's connection; ``reconnect``: one attempt at a new connection
     (the writer's and the listener's after an outage); ``connect``: a connection, waiting
-    for PostgreSQL (the leader's session)."""
+    for PostgreSQL (the leader's session); ``primary``: which PostgreSQL host is the
+    primary, followed by a heartbeat (docs/architecture.md#failover)."""
     s = settings
     index = Index()
     values = Values(pool, s.value_cache_size * 1024 * 1024)
@@ -133,6 +137,11 @@ def build(
     applier = Applier(index, values, lag, subscribers=(kine_ttls.on_events, hub.publish))
     compaction = Compaction(pool, index)
     gaps = Gaps(pool)
+
+    async def holds(rev: int) -> tuple[int, bool, int]:
+        async with pool.acquire() as conn:
+            return await kine.holds(conn, rev)
+
     rewind = Rewind(
         index,
         functools.partial(load_index, pool),
@@ -142,6 +151,7 @@ def build(
         gaps,
         rebuilding,
         hub.cancel_all,
+        holds,
     )
     follower = Follower(
         pool,
@@ -181,7 +191,25 @@ def build(
         on_change=[leases.leadership, compactor.leadership],
         wake=leader_wake,
     )
-    return Parts(store, hub, leases, compactor, leader)
+    heartbeat = None
+    if primary is not None:
+        heartbeat = Heartbeat(
+            reconnect, primary, s.datastore_heartbeat_interval, s.datastore_heartbeat_timeout
+        )
+
+        def lost() -> None:
+            # its connections are terminated already (Primary.drop): the follower listens
+            # again now, the pool opens fresh ones, the writer reconnects at its next batch
+            follower.catch_up()
+            tasks.spawn(pool.expire_connections())
+
+        def changed(_host: str) -> None:
+            tasks.spawn(pool.expire_connections())
+            rewind.failed_over()
+
+        primary.on_lost(lost)
+        primary.on_change(changed)
+    return Parts(store, hub, leases, compactor, leader, heartbeat)
 
 
 class App:
@@ -198,6 +226,7 @@ class App:
         self.watch: WatchService | None = None
         self.leases: Leases | None = None
         self.leader: Leader | None = None
+        self.heartbeat: Heartbeat | None = None
         self.health = metrics.Health()
         self.http: WSGIServer | None = None
         self._health_task: asyncio.Task[None] | None = None
@@ -218,6 +247,9 @@ class App:
             dsn,
             database.client_tls(s.ca_file, s.cert_file, s.key_file, s.skip_verify),
             SqlObserver(s.slow_sql_threshold, s.slow_sql_warning_threshold),
+            database.Timeouts(
+                s.datastore_connect_timeout, s.datastore_command_timeout, s.datastore_tcp_timeout
+            ),
         )
         self.writer_conn = await database.connect(backend)
         await schema.ensure_schema(self.writer_conn)
@@ -231,9 +263,16 @@ class App:
         def connect() -> Awaitable[asyncpg.Connection]:
             return database.connect(backend)
 
-        parts = build(s, self.pool, Session(self.writer_conn, reconnect), reconnect, connect)
+        session = Session(self.writer_conn, reconnect)
+        parts = build(s, self.pool, session, reconnect, connect, backend.primary)
         self.store, self.hub, self.leases = parts.store, parts.hub, parts.leases
         self.compactor, self.leader = parts.compactor, parts.leader
+        self.heartbeat = parts.heartbeat
+        if self.heartbeat is not None:
+            heartbeat = self.heartbeat
+            self.health.primary_reachable = lambda: heartbeat.reachable
+            metrics.POSTGRES_REACHABLE.set_function(lambda: int(heartbeat.reachable))
+            self.heartbeat.start()
         await self.store.start()
         identity = await self._identity()
 
@@ -345,6 +384,8 @@ class App:
             await draining
             self.server = None
         await tasks.stop(self._health_task)
+        if self.heartbeat is not None:
+            await self.heartbeat.stop()
         if self.http is not None:
             await asyncio.to_thread(self.http.shutdown)  # blocks up to its poll interval
             self.http.server_close()

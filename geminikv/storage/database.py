@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import ssl
 import time
@@ -12,6 +13,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from geminikv.storage import primary as primaries
+from geminikv.storage.primary import Host, Primary
 from geminikv.storage.sqlstats import SqlObserver
 
 log = logging.getLogger(__name__)
@@ -24,7 +27,8 @@ class DatabaseUnreachable(RuntimeError):
 
 
 def normalise_dsn(dsn: str) -> tuple[str, str]:
-    """(dsn, database name): Kine's rules, an empty path means /kubernetes, lower-cased."""
+    """(dsn, database name): Kine's rules, an empty path means /kubernetes, lower-cased.
+    Several hosts (``postgres://u@h1:5432,h2:5432/db``) pass through unchanged."""
     parts = urlsplit(dsn)
     if parts.scheme not in ("postgres", "postgresql"):
         raise ValueError(f"unsupported endpoint {dsn!r}: expected postgres://…")
@@ -56,20 +60,41 @@ def client_tls(
 
 
 @dataclass(frozen=True)
+class Timeouts:
+    """How long a connection attempt, a statement and an unanswered TCP peer may take
+    before geminikv gives up on that host (0 = no limit)."""
+
+    connect: float = 0.0
+    command: float = 0.0
+    tcp: float = 0.0
+
+
+@dataclass(frozen=True)
 class Backend:
-    """How to reach PostgreSQL: the DSN, TLS, and the observer timing every statement."""
+    """How to reach PostgreSQL: the DSN (one host or several), TLS, the observer timing
+    every statement, the timeouts, and which host is the primary (``storage/primary.py``)."""
 
     dsn: str
     database: str
     tls: ssl.SSLContext | None = None
     observer: SqlObserver = field(default_factory=SqlObserver)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    primary: Primary = field(default_factory=Primary)
+    hosts: tuple[Host, ...] = ()
 
     @classmethod
     def create(
-        cls, dsn: str, tls: ssl.SSLContext | None = None, observer: SqlObserver | None = None
+        cls,
+        dsn: str,
+        tls: ssl.SSLContext | None = None,
+        observer: SqlObserver | None = None,
+        timeouts: Timeouts | None = None,
     ) -> Backend:
         dsn, database = normalise_dsn(dsn)
-        return cls(dsn, database, tls, observer or SqlObserver())
+        hosts = tuple(primaries.hosts(dsn))
+        return cls(
+            dsn, database, tls, observer or SqlObserver(), timeouts or Timeouts(), Primary(), hosts
+        )
 
     async def init_connection(self, conn: asyncpg.Connection) -> None:
         """Keys travel as bytes: decode text/varchar as raw UTF-8 without a Python str."""
@@ -83,11 +108,39 @@ class Backend:
             )
         conn.add_query_logger(self.observer)
 
-    async def _open(self, timeout: float = 60.0) -> asyncpg.Connection:
+    async def open_primary(self, timeout: float = 60.0) -> asyncpg.Connection:
+        """A connection to the primary: every host tried at once, each within the connect
+        timeout (and ``timeout``); standbys and old primaries refused."""
+        if self.timeouts.connect:
+            timeout = min(timeout, self.timeouts.connect)
+        try:
+            return await primaries.race(
+                list(self.hosts or primaries.hosts(self.dsn)),
+                lambda host: self._open_host(host, timeout),
+                self.primary.silent,
+            )
+        except Exception:
+            self.primary.missing()
+            raise
+
+    async def _open_host(self, host: Host, timeout: float) -> asyncpg.Connection:
         kwargs: dict[str, Any] = {"timeout": timeout}
         if self.tls is not None:
             kwargs["ssl"] = self.tls
-        conn = await asyncpg.connect(self.dsn, **kwargs)
+        if self.timeouts.command:
+            kwargs["command_timeout"] = self.timeouts.command
+        conn = await asyncpg.connect(host.dsn, **kwargs)
+        try:
+            primaries.set_tcp_timeouts(conn, self.timeouts.tcp)
+            role = await asyncio.wait_for(primaries.read_role(conn), timeout)
+            self.primary.accept(host.label, role, conn)
+        except BaseException:
+            conn.terminate()
+            raise
+        return conn
+
+    async def _open(self, timeout: float = 60.0) -> asyncpg.Connection:
+        conn = await self.open_primary(timeout)
         await self.init_connection(conn)
         return conn
 
@@ -127,7 +180,13 @@ async def connect_once(backend: Backend) -> asyncpg.Connection:
     return await backend._open(timeout=5)
 
 
-# What a lost or restarting PostgreSQL raises (reported to clients as Unavailable).
+async def _pool_connect(backend: Backend, *_args: Any, **_kwargs: Any) -> asyncpg.Connection:
+    """The pool's connections: to the primary, as every other (the pool calls init)."""
+    return await backend.open_primary(timeout=5)
+
+
+# What a lost or restarting PostgreSQL raises (reported to clients as Unavailable);
+# NotPrimary, a host that is not (or no longer) the primary, is a ConnectionError.
 CONNECTION_ERRORS = (
     OSError,
     ConnectionError,
@@ -144,13 +203,13 @@ CONNECTION_ERRORS = (
 async def create_pool(backend: Backend, size: int, max_idle_time: float) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
         backend.dsn,
+        connect=functools.partial(_pool_connect, backend),
         min_size=0,  # no floor to restore (and log) while PostgreSQL is away
         max_size=max(1, size),
         max_inactive_connection_lifetime=max_idle_time,
         init=backend.init_connection,
         reset=_keep_session,
         statement_cache_size=256,
-        ssl=backend.tls,
     )
     assert pool is not None
     return pool

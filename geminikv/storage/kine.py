@@ -51,6 +51,13 @@ async def current_rev(conn: asyncpg.Connection) -> int:
     return int(await conn.fetchval(SQL["current_rev"]))
 
 
+async def holds(conn: asyncpg.Connection, rev: int) -> tuple[int, bool, int]:
+    """(newest revision, whether row ``rev`` is in the table, the compact revision)."""
+    row = await conn.fetchrow(SQL["holds"], rev)
+    assert row is not None
+    return int(row[0]), bool(row[1]), int(row[2])
+
+
 async def compact_rev(conn: asyncpg.Connection) -> int:
     """Kine's compact revision (held in the compact_rev_key row)."""
     return int(await conn.fetchval(SQL["compact_rev"]))
@@ -146,6 +153,11 @@ async def insert_rows(conn: asyncpg.Connection, rows: Sequence[NewRow]) -> dict[
 async def fill_gap(conn: asyncpg.Connection, rev: int) -> None:
     """Kine's ``gap-N`` row at a missing revision (nothing if the row exists by now)."""
     await conn.execute(SQL["fill_gap"], rev)
+
+
+async def fill_gaps(conn: asyncpg.Connection, first: int, last: int) -> None:
+    """Kine's ``gap-N`` rows at every missing revision from ``first`` to ``last``."""
+    await conn.execute(SQL["fill_gaps"], first, last)
 
 
 async def insert_if_missing(conn: asyncpg.Connection, name: bytes, value: bytes) -> None:

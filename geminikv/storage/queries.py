@@ -34,6 +34,25 @@ SQL: dict[str, str] = {
     "commit": "COMMIT",
     "rollback": "ROLLBACK",
     "current_rev": "SELECT COALESCE(MAX(id), 0) FROM kine",
+    # after a failover: the newest revision, whether row $1 is there, the compact revision
+    "holds": (
+        "SELECT COALESCE(MAX(id), 0), EXISTS (SELECT 1 FROM kine WHERE id = $1), "
+        "(SELECT COALESCE(MAX(prev_revision), 0) FROM kine WHERE name = 'compact_rev_key') "
+        "FROM kine"
+    ),
+    # the standbys a primary streams to, as it reports them (NULL lags when idle)
+    "standbys": (
+        "SELECT application_name || '@' || COALESCE(host(client_addr), 'local'), sync_state, "
+        "EXTRACT(epoch FROM replay_lag)::float8, "
+        "pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::float8 FROM pg_stat_replication"
+    ),
+    # what the server is: in recovery (a standby), read-only, and (on a primary) its
+    # timeline, the first 8 hex digits of its current WAL file's name
+    "role": (
+        "SELECT pg_is_in_recovery(), current_setting('transaction_read_only') = 'on', "
+        "CASE WHEN pg_is_in_recovery() THEN 0 "
+        "ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END"
+    ),
     "compact_rev": (
         "SELECT COALESCE(MAX(prev_revision), 0) FROM kine WHERE name = 'compact_rev_key'"
     ),
@@ -65,6 +84,13 @@ SQL: dict[str, str] = {
             $1::bigint, $2::bigint[], $3::bigint[], $4::bytea[], $5::int[], $6::int[],
             $7::bigint[], $8::bigint[], $9::int[], $10::bytea[], $11::bytea[], $12::bool[],
             $13::bigint[])
+    """,
+    "fill_gaps": """
+        INSERT INTO kine (id, name, created, deleted, create_revision, prev_revision, lease,
+                          value, old_value)
+        SELECT g, 'gap-' || g::text, 0, 1, 0, 0, 0, NULL, NULL
+        FROM generate_series($1::bigint, $2::bigint) AS g
+        ON CONFLICT DO NOTHING
     """,
     "fill_gap": """
         INSERT INTO kine (id, name, created, deleted, create_revision, prev_revision, lease,
