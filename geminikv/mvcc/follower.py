@@ -75,13 +75,21 @@ class Follower:
 
     async def start(self) -> None:
         await self.listener.start()
-        self._task = asyncio.create_task(self._run(), name="follower")
+        await self.resume()
 
     async def stop(self) -> None:
-        await tasks.stop(self._task)
-        self._task = None
+        await self.pause()
         await self.listener.stop()
         self.applier.cancel_waiters()
+
+    async def pause(self) -> None:
+        """Stop finding and applying rows; notifications and linearizable reads go on (they
+        learn of revisions this process then lags behind): how a test makes it fall behind."""
+        await tasks.stop(self._task)
+        self._task = None
+
+    async def resume(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="follower")
 
     # -- public ------------------------------------------------------------------------
 
