@@ -210,7 +210,10 @@ def test_hundred_megabyte_list(postgres: Postgres) -> None:
         growth = peak.peak - base
         eventually(
             lambda: proc.memory_info().rss <= base + size // 4,
-            "the memory of the response given back",
+            lambda: (
+                f"the memory of the response given back: RSS {base / MiB:.0f} MiB before, "
+                f"peak {peak.peak / MiB:.0f} MiB, now {proc.memory_info().rss / MiB:.0f} MiB"
+            ),
             10,
             0.1,
         )
