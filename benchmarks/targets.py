@@ -15,6 +15,7 @@ import psutil
 
 # This package's import name: geminikv_bench when installed, benchmarks in a checkout.
 HARNESS = __name__.rpartition(".")[0]
+LOG_TAIL_LINES = 30  # of a server's log, shown when it fails to start
 
 
 def free_port() -> int:
@@ -82,13 +83,20 @@ class Target:
         except psutil.NoSuchProcess:
             return []
 
-    def _spawn(self, argv: list[str], port: int, timeout: float = 120.0) -> None:
+    def _spawn(
+        self, argv: list[str], port: int, timeout: float = 120.0, cwd: str | None = None
+    ) -> None:
         if self.cpu_list and shutil.which("taskset"):
             argv = ["taskset", "-c", self.cpu_list, *argv]
         log = open(os.path.join(self.workdir or tempfile.gettempdir(), f"{self.name}.log"), "wb")  # noqa: SIM115
-        self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
         self.endpoint = f"127.0.0.1:{port}"
-        wait_listening(port, self.process, timeout)
+        try:
+            wait_listening(port, self.process, timeout)
+        except (RuntimeError, TimeoutError) as err:
+            # The log goes with the working directory on stop: show its end now.
+            tail = "\n".join(self.log().splitlines()[-LOG_TAIL_LINES:])
+            raise RuntimeError(f"{self.name} did not start: {err}; its log ends:\n{tail}") from None
 
 
 class GeminiTarget(Target):
@@ -111,7 +119,9 @@ class GeminiTarget(Target):
             *self.extra,
         ]
         argv += ["--endpoint", self.dsn] if self.dsn else ["--data-dir", self.workdir]
-        self._spawn(argv, port)
+        # From its own directory: `-m geminikv` must find the installed server, not a
+        # geminikv source tree that happens to be in the user's working directory.
+        self._spawn(argv, port, cwd=self.workdir)
         return self
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +19,7 @@ import pytest
 
 from benchmarks import runner
 from benchmarks.cli import ALL, median_run
+from benchmarks.targets import GeminiTarget
 from benchmarks.workloads import Params
 from geminikv import metrics
 from tests.servers import GeminiServer
@@ -132,3 +134,32 @@ def test_the_median_of_an_even_count_is_the_worse_middle_run() -> None:
     watches = [({"kind": "watch", "throughput": 500, "p99_ms": p99}, array("d")) for p99 in (9, 30)]
     figures, _ = median_run("watch", watches)
     assert figures["p99_ms"] == 30 and figures["rounds"] == [9, 30]
+
+
+def test_the_harness_starts_the_installed_server_wherever_it_is_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A `geminikv` directory in the working directory (an unbuilt checkout, say) is not
+    what the harness starts."""
+    decoy = tmp_path / "geminikv"
+    decoy.mkdir()
+    (decoy / "__init__.py").write_text('raise ImportError("the decoy source tree was imported")\n')
+    (decoy / "__main__.py").write_text("raise SystemExit(3)\n")
+    monkeypatch.chdir(tmp_path)
+    target = GeminiTarget().start()
+    try:
+        host, port = target.endpoint.split(":")
+        with socket.create_connection((host, int(port)), timeout=5):
+            pass
+    finally:
+        target.stop()
+
+
+def test_a_server_that_fails_to_start_shows_the_end_of_its_log() -> None:
+    target = GeminiTarget(extra=["--compact-interval-jitter", "150"])
+    with pytest.raises(RuntimeError) as failed:
+        target.start()
+    target.stop()
+    message = str(failed.value)
+    assert message.startswith("geminikv did not start: server exited with code")
+    assert "compact-interval-jitter" in message  # the server's own complaint, from its log
