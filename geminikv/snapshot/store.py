@@ -1,5 +1,5 @@
 """A snapshot of the store: one consistent read of Kine's table, written as etcd's backend
-and streamed as ``Maintenance.Snapshot`` sends it (docs/architecture.md#snapshots).
+and streamed as ``Maintenance.Snapshot`` sends it (docs/architecture.md#snapshot-request).
 
 The rows are read in one REPEATABLE READ READ ONLY transaction, so the file is the table
 at one revision R whatever is written meanwhile. Each row is one etcd revision (main = row

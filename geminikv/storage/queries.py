@@ -142,7 +142,7 @@ SQL: dict[str, str] = {
     # Maintenance.Snapshot, in one REPEATABLE READ READ ONLY transaction: the newest
     # revision and the compact revision; then the rows etcd keeps at a compaction at $2
     # (every row above it; at or below it, a key's last row if that is a put), without
-    # Kine's compact_rev_key and gap rows, up to $1 (docs/architecture.md#snapshots)
+    # Kine's compact_rev_key and gap rows, up to $1 (docs/architecture.md#snapshot-request)
     "snapshot_revisions": (
         "SELECT COALESCE(MAX(id), 0), "
         "(SELECT COALESCE(MAX(prev_revision), 0) FROM kine WHERE name = 'compact_rev_key') "
