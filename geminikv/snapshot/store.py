@@ -13,8 +13,10 @@ level, a chunk.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from typing import BinaryIO
 
@@ -27,11 +29,21 @@ from geminikv.snapshot.stream import Chunk, chunks_with_sha256
 from geminikv.storage import kine, leases
 from geminikv.storage.rows import CREATE, MOD, VERSION, Row
 
+log = logging.getLogger(__name__)
+
 
 async def snapshot(store: KVStore, term: int, member_id: int) -> AsyncIterator[Chunk]:
     """The store at one revision as etcd's snapshot stream: database chunks, then sha256."""
     with tempfile.TemporaryFile(prefix="geminikv-snapshot-") as file:
-        await write(store, file, term, member_id)
+        started = time.monotonic()
+        revision = await write(store, file, term, member_id)
+        size = file.tell()
+        log.info(
+            "snapshot at revision %d: %d bytes written in %.2fs",
+            revision,
+            size,
+            time.monotonic() - started,
+        )
         for chunk in chunks_with_sha256(file):
             yield chunk
 
