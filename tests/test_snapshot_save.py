@@ -24,11 +24,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
 import grpc
 import pytest
 
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
-from geminikv.storage import kine
+from geminikv.storage import kine, schema
 from tests.restored_etcd import (
     Etcd,
     as_tuples,
@@ -38,7 +39,7 @@ from tests.restored_etcd import (
     serving,
     tool,
 )
-from tests.servers import GeminiServer, Postgres, Stubs
+from tests.servers import GeminiServer, Postgres, Stubs, run_sync
 from tests.test_storage_compat import VARIANTS as KINE_SCHEMAS
 from tests.test_storage_compat import _build as build_kine_database
 from tests.waiting import eventually
@@ -335,3 +336,29 @@ def test_go_kine_rows_without_versions(
     finally:
         stubs.close()
         server.stop()
+
+
+def test_rows_a_compaction_has_not_yet_deleted_are_left_out(postgres: Postgres) -> None:
+    """The snapshot's read applies etcd's compaction rule itself: with Go Kine's rows all
+    still in the table and the compact revision at 5, a row superseded at or below 5 (a1 at
+    3), a tombstone at or below it, Kine's compact_rev_key and gap rows are left out."""
+    dsn = build_kine_database(postgres, KINE_SCHEMAS["v0.13+"])
+
+    async def read() -> tuple[tuple[int, int], list[int], list[int]]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await schema.ensure_schema(conn)  # geminikv's version column
+            await kine.set_compact_rev(conn, 5)
+            async with kine.consistent_read(conn):
+                revisions = await kine.snapshot_revisions(conn)
+                at_5 = [row.id async for row in kine.snapshot_rows(conn, 11, 5)]
+                at_6 = [row.id async for row in kine.snapshot_rows(conn, 11, 6)]
+            return revisions, at_5, at_6
+        finally:
+            await conn.close()
+
+    revisions, at_5, at_6 = run_sync(read())
+    assert revisions == (11, 5)
+    assert at_5 == [2, 4, 5, 6, 7, 9, 10, 11]
+    # at 6, b's delete (6) is at or below the compact revision: b1 (4) and it go too
+    assert at_6 == [2, 5, 7, 9, 10, 11]
