@@ -64,6 +64,9 @@ INDEX_COMPACT_SLICE = 20_000  # superseded revisions dropped from the index per 
 LAG_MARKS = 1024  # (revision, first known) pairs kept for the lag-in-seconds metric
 REBUILD_RETRY = 1.0  # seconds between attempts to load the table into a new index
 LOAD_PREFETCH = 20_000  # rows per round trip while loading the table at start-up
+# Maintenance.Snapshot: rows (values included, so memory is this times the largest value)
+# per round trip, and per hand-over to the file writer's thread
+SNAPSHOT_PREFETCH = 500
 
 # Writes
 WRITER_MAX_BATCH = 512  # requests in one write batch (one PostgreSQL transaction)

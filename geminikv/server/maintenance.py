@@ -1,13 +1,21 @@
-"""etcdserverpb.Maintenance: Status and Alarm; the rest is not implemented."""
+"""etcdserverpb.Maintenance: Status, Alarm and Snapshot; the rest is not implemented."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import AsyncIterator
+
 import grpc
 
+from geminikv import errors
 from geminikv.mvcc.kvstore import KVStore
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
 from geminikv.server.rpc import RAFT_TERM, Identity, answer, etcd_errors, unimplemented
+from geminikv.snapshot.store import snapshot
+from geminikv.storage.database import CONNECTION_ERRORS
+
+log = logging.getLogger(__name__)
 
 
 class MaintenanceService(unimplemented(rpc_pb2_grpc.MaintenanceServicer, "Maintenance")):  # type: ignore[misc]
@@ -39,3 +47,22 @@ class MaintenanceService(unimplemented(rpc_pb2_grpc.MaintenanceServicer, "Mainte
         self, request: pb.AlarmRequest, context: grpc.aio.ServicerContext
     ) -> pb.AlarmResponse:
         return answer(self.identity, pb.AlarmResponse(), self.store.revision)
+
+    async def Snapshot(
+        self, request: pb.SnapshotRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.SnapshotResponse]:
+        """etcd's backend database at one revision, in chunks, then its sha256 (a message
+        of its own, as etcd sends it)."""
+        try:
+            self.store.rebuilding.check()
+            chunks = snapshot(self.store, RAFT_TERM, self.identity.member_id)
+            async for chunk in chunks:
+                response = pb.SnapshotResponse(
+                    remaining_bytes=chunk.remaining_bytes, blob=chunk.blob
+                )
+                yield answer(self.identity, response, self.store.revision)
+        except errors.EtcdError as err:
+            await context.abort(err.code, err.message)
+        except CONNECTION_ERRORS as err:
+            log.warning("Snapshot failed: PostgreSQL unavailable: %s", err)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, errors.Unavailable.message)

@@ -7,12 +7,13 @@ exceptions below; anything else (a lost connection) goes through unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 
 import asyncpg
+from asyncpg.transaction import Transaction
 
-from geminikv.config import LOAD_PREFETCH
+from geminikv.config import LOAD_PREFETCH, SNAPSHOT_PREFETCH
 from geminikv.storage.queries import LEASE_GONE, SQL, WRITE_CONFLICT
 from geminikv.storage.rows import NewRow, Row
 
@@ -89,6 +90,26 @@ async def load_all(conn: asyncpg.Connection, apply: ApplyRow) -> int:
         async for r in conn.cursor(SQL["all_rows"], prefetch=LOAD_PREFETCH):
             apply(*r)
     return compacted
+
+
+def consistent_read(conn: asyncpg.Connection) -> Transaction:
+    """A REPEATABLE READ READ ONLY transaction: every statement in it reads one snapshot."""
+    return conn.transaction(isolation="repeatable_read", readonly=True)
+
+
+async def snapshot_revisions(conn: asyncpg.Connection) -> tuple[int, int]:
+    """(newest revision, compact revision), read together (in a ``consistent_read``)."""
+    row = await conn.fetchrow(SQL["snapshot_revisions"])
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+async def snapshot_rows(conn: asyncpg.Connection, upto: int, compacted: int) -> AsyncIterator[Row]:
+    """In id order, values included (``old_value`` None), through a server-side cursor (in a
+    ``consistent_read``): the rows up to ``upto`` that etcd keeps after compacting at
+    ``compacted``, without Kine's compact_rev_key and gap rows."""
+    async for r in conn.cursor(SQL["snapshot_rows"], upto, compacted, prefetch=SNAPSHOT_PREFETCH):
+        yield Row._make((*r, None))
 
 
 async def values_by_id(conn: asyncpg.Connection, ids: Sequence[int]) -> dict[int, bytes]:

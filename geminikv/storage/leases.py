@@ -62,3 +62,8 @@ async def next_expiry_ms(conn: asyncpg.Connection) -> int | None:
 
 async def count(conn: asyncpg.Connection) -> int:
     return int(await conn.fetchval(SQL["lease_count"]))
+
+
+async def snapshot(conn: asyncpg.Connection) -> list[tuple[int, int, int]]:
+    """Every lease by id: (id, granted TTL in seconds, milliseconds left, <= 0 once expired)."""
+    return [(r[0], r[1], r[2]) for r in await conn.fetch(SQL["snapshot_leases"])]

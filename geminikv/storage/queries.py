@@ -28,6 +28,7 @@ LEADER_LOCK_KEY = 0x6B696E65_00000003
 # The columns of rows.Row (the index needs the first eight), in its order.
 INDEX_ROW_COLUMNS = ", ".join(INDEX_COLUMNS)
 ROW_COLUMNS = ", ".join(Row._fields)
+SNAPSHOT_ROW_COLUMNS = ", ".join(f"k.{column}" for column in Row._fields[:-1])
 
 SQL: dict[str, str] = {
     "begin_locked": f"BEGIN; SELECT pg_advisory_xact_lock({WRITER_LOCK_KEY})",
@@ -138,6 +139,25 @@ SQL: dict[str, str] = {
             WHERE id <= $1 AND deleted = 1 AND created = 0 AND prev_revision = 0
               AND name LIKE 'gap-%' AND id < (SELECT MAX(id) FROM kine) LIMIT $2)
     """,
+    # Maintenance.Snapshot, in one REPEATABLE READ READ ONLY transaction: the newest
+    # revision and the compact revision; then the rows etcd keeps at a compaction at $2
+    # (every row above it; at or below it, a key's last row if that is a put), without
+    # Kine's compact_rev_key and gap rows, up to $1 (docs/architecture.md#snapshot-request)
+    "snapshot_revisions": (
+        "SELECT COALESCE(MAX(id), 0), "
+        "(SELECT COALESCE(MAX(prev_revision), 0) FROM kine WHERE name = 'compact_rev_key') "
+        "FROM kine"
+    ),
+    "snapshot_rows": f"""
+        SELECT {SNAPSHOT_ROW_COLUMNS} FROM kine k
+        WHERE k.id <= $1 AND k.name <> 'compact_rev_key'
+          AND NOT (k.deleted = 1 AND k.created = 0 AND k.prev_revision = 0
+                   AND k.name LIKE 'gap-%')
+          AND (k.id > $2 OR (k.deleted = 0 AND NOT EXISTS (
+                SELECT 1 FROM kine n WHERE n.name = k.name AND n.id > k.id AND n.id <= $2)))
+        ORDER BY k.id
+    """,
+    "snapshot_leases": f"SELECT id, ttl, expiry_ms - {NOW_MS} FROM geminikv_lease ORDER BY id",
     "db_size": "SELECT pg_total_relation_size('kine')",
     # What identifies the cluster: the database, and this incarnation of Kine's table.
     "identity": "SELECT current_database()::text, 'kine'::regclass::oid::bigint",
