@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -132,7 +132,7 @@ def test_geminikv_keeps_acknowledged_writes_across_a_failover(pgaf: Formation) -
 def test_failover_when_the_primary_node_freezes(pgaf: Formation) -> None:
     """Every process of the primary's node stopped (SIGSTOP), its connections left open:
     the monitor promotes the secondary; thawed, the old primary finds itself demoted and
-    rejoins as a secondary. (geminikv does not survive this yet: tests/ha/README.md.)"""
+    rejoins as a secondary."""
     old, new = pgaf.wait_settled()
     old.sql("CREATE TABLE t (x int)")
     old.sql("INSERT INTO t VALUES (1)")
@@ -174,3 +174,75 @@ def test_geminikv_keeps_acknowledged_writes_across_a_switchover(pgaf: Formation)
         f"{writer.failures} failed attempts"
     )
     assert writer.missing() == []
+
+
+def _geminikv_across(
+    pgaf: Formation, what: str, fault: Callable[[Node], float], heal: Callable[[Node], None]
+) -> None:
+    """geminikv on the secondary's node with both hosts in its endpoint, a watch from
+    revision 1 and a writer; ``fault`` strikes the primary's node (returning when), the
+    monitor promotes the secondary, ``heal`` brings the old node back and its keeper makes
+    it a secondary again. Every acknowledged write survives and the watch goes on."""
+    old, new = pgaf.wait_settled()
+    gemini = Gemini(new, endpoint(pgaf.nodes)).wait_listening()
+    watcher = Watcher(gemini)
+    writer = Writer(gemini).start()
+    healed = False
+    try:
+        writer.wait_acks_after(0, 100, timeout=30)
+        struck = fault(old)
+        try:
+            pgaf.wait_primary(new, timeout=30)
+            promoted = time.monotonic()
+            writer.wait_acks_after(promoted, 50, timeout=30)
+        finally:
+            heal(old)
+            healed = True
+        assert pgaf.wait_settled() == (new, old)
+        rejoined = time.monotonic()
+        writer.wait_acks_after(rejoined, 50, timeout=30)  # synchronous again, still writing
+    finally:
+        writer.stop()
+        if not healed:
+            heal(old)
+    acked = {key for key, *_ in writer.acked}
+    watcher.wait_for(acked)
+    watcher.close()
+    first = writer.first_ack_after(struck)
+    assert first is not None
+    print(
+        f"\npg_auto_failover, {what}: fault -> first acknowledged write {first - struck:.2f} s "
+        f"(monitor reported the new primary {promoted - struck:.2f} s after the fault; "
+        f"geminikv's share {first - promoted:.2f} s); {len(writer.acked)} writes "
+        f"acknowledged, {writer.failures} failed attempts"
+    )
+    assert writer.missing() == []
+    check_watch(watcher, acked)
+
+
+def _freeze(node: Node) -> float:
+    node.freeze()
+    return time.monotonic()
+
+
+def _cut(node: Node) -> float:
+    node.cut()
+    return time.monotonic()
+
+
+def test_geminikv_keeps_acknowledged_writes_when_the_primary_node_freezes(
+    pgaf: Formation,
+) -> None:
+    """Every process of the primary's node stopped, its connections open and its kernel
+    still acknowledging: geminikv's statement deadline and heartbeat give the old primary
+    up, the parallel connect finds the promoted secondary. Thawed, the old primary's keeper
+    makes it a secondary."""
+    _geminikv_across(pgaf, "primary frozen", _freeze, Node.thaw)
+
+
+def test_geminikv_keeps_acknowledged_writes_when_the_primary_link_is_cut(
+    pgaf: Formation,
+) -> None:
+    """The primary's link down (no FIN, no RST, nothing answers): as frozen, plus TCP's
+    user timeout on the connections that have data in flight. Mended, it rejoins."""
+    _geminikv_across(pgaf, "link cut", _cut, Node.mend)

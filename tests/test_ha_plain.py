@@ -113,3 +113,54 @@ def test_geminikv_keeps_acknowledged_writes_across_pg_ctl_promote(pair: Pair) ->
     )
     assert writer.missing() == []
     check_watch(watcher, acked)
+
+
+def test_geminikv_keeps_acknowledged_writes_across_a_frozen_primary_and_pg_ctl_promote(
+    pair: Pair,
+) -> None:
+    """The primary's node frozen (SIGSTOP: its connections open, its kernel acknowledging,
+    nothing answering) and the standby promoted by hand: geminikv's statement deadline and
+    heartbeat give the frozen primary up and it finds the new one. Thawed, the old primary
+    is a primary of its own on the old timeline: geminikv must not go back to it. Then it is
+    killed, rewound and rejoins as a synchronous standby, writes going on throughout."""
+    old, new = pair.primary, pair.standby
+    gemini = Gemini(new, pair.endpoint()).wait_listening()
+    watcher = Watcher(gemini)
+    writer = Writer(gemini).start()
+    thawed = False
+    try:
+        writer.wait_acks_after(0, 100, timeout=30)
+        # steady state first: a connection geminikv opens during the fault (start-up
+        # pool growth) tries both hosts and finds the new primary before the heartbeat
+        # gives the frozen one up, which would time a luckier case than a running server's
+        time.sleep(3)
+        old.freeze()
+        frozen = time.monotonic()
+        try:
+            replication.promote(new)
+            promoted = time.monotonic()
+            writer.wait_acks_after(promoted, 50, timeout=30)
+        finally:
+            old.thaw()
+            thawed = True
+        writer.wait_acks_after(time.monotonic(), 50, timeout=30)  # not on the old timeline
+        old.kill()
+        replication.rejoin(old, new)
+        writer.wait_acks_after(time.monotonic(), 50, timeout=30)
+    finally:
+        writer.stop()
+        if not thawed:
+            old.thaw()
+    acked = {key for key, *_ in writer.acked}
+    watcher.wait_for(acked)
+    watcher.close()
+    first = writer.first_ack_after(frozen)
+    assert first is not None
+    print(
+        f"\npg_ctl promote, primary frozen: fault -> first acknowledged write "
+        f"{first - frozen:.2f} s (promotion done {promoted - frozen:.2f} s after the fault; "
+        f"geminikv's share {first - promoted:.2f} s); {len(writer.acked)} writes "
+        f"acknowledged, {writer.failures} failed attempts"
+    )
+    assert writer.missing() == []
+    check_watch(watcher, acked)
