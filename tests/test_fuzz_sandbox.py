@@ -128,6 +128,7 @@ SERVED = (
         "/etcdserverpb.Lease/LeaseLeases",
         "/etcdserverpb.Maintenance/Status",
         "/etcdserverpb.Maintenance/Alarm",
+        "/etcdserverpb.Maintenance/Snapshot",
         "/etcdserverpb.Cluster/MemberList",
         "/grpc.health.v1.Health/Check",
     }
