@@ -13,7 +13,7 @@ import pytest
 
 from tests.ha.autofailover import Formation
 from tests.ha.cluster import endpoint, formation, missing
-from tests.ha.gemini import Gemini, Watcher, Writer, check_watch
+from tests.ha.gemini import Gemini, Watcher, Writer, check_nothing_lost
 from tests.ha.node import Node
 
 reason = missing() or (
@@ -115,18 +115,7 @@ def test_geminikv_keeps_acknowledged_writes_across_a_failover(pgaf: Formation) -
         writer.wait_acks_after(rejoined, 50, timeout=30)  # synchronous again, still writing
     finally:
         writer.stop()
-    acked = {key for key, *_ in writer.acked}
-    watcher.wait_for(acked)
-    watcher.close()
-    first = writer.first_ack_after(killed)
-    assert first is not None
-    print(
-        f"\npg_auto_failover: kill -> first acknowledged write {first - killed:.2f} s "
-        f"(monitor reported the new primary {promoted - killed:.2f} s after the kill); "
-        f"{len(writer.acked)} writes acknowledged, {writer.failures} failed attempts"
-    )
-    assert writer.missing() == []
-    check_watch(watcher, acked)
+    check_nothing_lost(writer, watcher, "pg_auto_failover, kill", killed, promoted)
 
 
 def test_failover_when_the_primary_node_freezes(pgaf: Formation) -> None:
@@ -205,19 +194,7 @@ def _geminikv_across(
         writer.stop()
         if not healed:
             heal(old)
-    acked = {key for key, *_ in writer.acked}
-    watcher.wait_for(acked)
-    watcher.close()
-    first = writer.first_ack_after(struck)
-    assert first is not None
-    print(
-        f"\npg_auto_failover, {what}: fault -> first acknowledged write {first - struck:.2f} s "
-        f"(monitor reported the new primary {promoted - struck:.2f} s after the fault; "
-        f"geminikv's share {first - promoted:.2f} s); {len(writer.acked)} writes "
-        f"acknowledged, {writer.failures} failed attempts"
-    )
-    assert writer.missing() == []
-    check_watch(watcher, acked)
+    check_nothing_lost(writer, watcher, f"pg_auto_failover, {what}", struck, promoted)
 
 
 def _freeze(node: Node) -> float:

@@ -13,7 +13,7 @@ import pytest
 
 from tests.ha import replication
 from tests.ha.cluster import Pair, missing, plain_pair
-from tests.ha.gemini import Gemini, Watcher, Writer, check_watch
+from tests.ha.gemini import Gemini, Watcher, Writer, check_nothing_lost
 
 pytestmark = pytest.mark.skipif(missing() is not None, reason=str(missing()))
 
@@ -100,19 +100,7 @@ def test_geminikv_keeps_acknowledged_writes_across_pg_ctl_promote(pair: Pair) ->
         writer.wait_acks_after(time.monotonic(), 50, timeout=30)
     finally:
         writer.stop()
-    acked = {key for key, *_ in writer.acked}
-    watcher.wait_for(acked)
-    watcher.close()
-    first = writer.first_ack_after(killed)
-    assert first is not None
-    print(
-        f"\npg_ctl promote: kill -> first acknowledged write {first - killed:.2f} s "
-        f"(promotion done {promoted - killed:.2f} s after the kill; geminikv's share "
-        f"{first - promoted:.2f} s); {len(writer.acked)} writes acknowledged, "
-        f"{writer.failures} failed attempts"
-    )
-    assert writer.missing() == []
-    check_watch(watcher, acked)
+    check_nothing_lost(writer, watcher, "pg_ctl promote, kill", killed, promoted)
 
 
 def test_geminikv_keeps_acknowledged_writes_across_a_frozen_primary_and_pg_ctl_promote(
@@ -151,16 +139,4 @@ def test_geminikv_keeps_acknowledged_writes_across_a_frozen_primary_and_pg_ctl_p
         writer.stop()
         if not thawed:
             old.thaw()
-    acked = {key for key, *_ in writer.acked}
-    watcher.wait_for(acked)
-    watcher.close()
-    first = writer.first_ack_after(frozen)
-    assert first is not None
-    print(
-        f"\npg_ctl promote, primary frozen: fault -> first acknowledged write "
-        f"{first - frozen:.2f} s (promotion done {promoted - frozen:.2f} s after the fault; "
-        f"geminikv's share {first - promoted:.2f} s); {len(writer.acked)} writes "
-        f"acknowledged, {writer.failures} failed attempts"
-    )
-    assert writer.missing() == []
-    check_watch(watcher, acked)
+    check_nothing_lost(writer, watcher, "pg_ctl promote, primary frozen", frozen, promoted)
