@@ -84,6 +84,8 @@ HEARTBEAT_RETRY = 0.2  # seconds between attempts to reach a primary while none 
 LEASE_COUNT_INTERVAL = 5.0  # seconds between counts of geminikv_lease for the metric
 # Python's default (700) runs a young collection every ~25 requests under load.
 GC_YOUNG_THRESHOLD = 10_000
+# Blocks of this size or more are mmapped, so freeing them gives the memory back at once.
+MALLOC_MMAP_THRESHOLD = 256 * 1024
 
 
 def parse_duration(text: str) -> float:
