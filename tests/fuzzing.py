@@ -392,6 +392,7 @@ class Example:
         self.lease_base = 2**30 + (time.time_ns() // 1000) % (2**30 - 100)
         self.leases = [self.lease_base, self.lease_base + 1]
         self.granted: dict[str, set[int]] = {"etcd": set(), "gk": set()}
+        self.checked = 0  # requests whose answers were checked (by call or gk_only)
         for lease in self.leases if leases else ():
             self.call(
                 "LeaseGrant", lambda rev, i=lease: pb.LeaseGrantRequest(ID=i, TTL=600), "lease"
@@ -412,6 +413,7 @@ class Example:
             self.granted["gk"].add(int(g[1]["ID"]))
         if g[0] == "error":
             assert revision_of(self.g, self.p + b"a") == before, f"failed {method} wrote: {what}"
+        self.checked += 1
         return g[0] == "ok"
 
     def gk_only(
@@ -424,6 +426,7 @@ class Example:
         assert err.value.code() == code, (req, err.value)
         assert err.value.details().startswith(message), (req, err.value)
         assert revision_of(self.g, self.p + b"a") == before
+        self.checked += 1
 
     def close(self) -> None:
         for name, stubs in (("etcd", self.e), ("gk", self.g)):

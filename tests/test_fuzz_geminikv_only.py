@@ -28,6 +28,7 @@ def test_unknown_sort_options_rejected(
     try:
         make = Requests(data.draw, ex.p, ex.leases, TOP)
         ex.call("Put", lambda rev: pb.PutRequest(key=ex.p + b"a", value=b"1"))
+        assert ex.checked == 1
         build = make.range(sort_values=SORT_VALUES, huge=False)
         req = build(ex.pair.gk_rev)
         valid = req.sort_order in R.SortOrder.values() and req.sort_target in R.SortTarget.values()
@@ -40,6 +41,7 @@ def test_unknown_sort_options_rejected(
                 )
             else:
                 ex.call("Range", build)
+            assert ex.checked == 2  # compared with etcd
             return
         message = (
             "etcdserver: key is not provided" if not req.key else "etcdserver: invalid sort option"
@@ -55,6 +57,7 @@ def test_unknown_sort_options_rejected(
             ex.gk_only("Txn", txn, "kv", grpc.StatusCode.INVALID_ARGUMENT, message)
         else:
             ex.gk_only("Range", req, "kv", grpc.StatusCode.INVALID_ARGUMENT, message)
+        assert ex.checked == 2  # refused by geminikv as etcd refuses it
     finally:
         ex.close()
 
@@ -82,6 +85,7 @@ def test_unstorable_keys_rejected_and_nothing_written(
         bad = pb.RequestOp(request_put=put)
         if where == "put":
             ex.gk_only("Put", put, "kv", grpc.StatusCode.INVALID_ARGUMENT, "geminikv: key must")
+            assert ex.checked == 1
             return
         if where == "nested":
             bad = pb.RequestOp(request_txn=pb.TxnRequest(failure=[bad]))
@@ -93,5 +97,6 @@ def test_unstorable_keys_rejected_and_nothing_written(
         # the same key can be read, compared and deleted, as in etcd
         ex.call("Range", lambda rev: R(key=key))
         ex.call("DeleteRange", lambda rev: pb.DeleteRangeRequest(key=key, prev_kv=True))
+        assert ex.checked == 3
     finally:
         ex.close()

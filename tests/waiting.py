@@ -24,28 +24,33 @@ def eventually(
     ``awaited`` (a function is called then, to describe the state at the deadline).
 
     An exception from ``condition`` (a failed assertion, say) ends the wait at once."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(_timed_out(awaited, timeout, value))
+    attempt = _attempts(condition, awaited, timeout)
+    while not (value := attempt()):
         time.sleep(interval)
+    return value
 
 
 async def eventually_async(
     condition: Callable[[], T], awaited: Awaited, timeout: float = 10.0, interval: float = 0.05
 ) -> T:
     """``eventually``, sleeping on the running event loop between calls."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(_timed_out(awaited, timeout, value))
+    attempt = _attempts(condition, awaited, timeout)
+    while not (value := attempt()):
         await asyncio.sleep(interval)
+    return value
+
+
+def _attempts(condition: Callable[[], T], awaited: Awaited, timeout: float) -> Callable[[], T]:
+    """One try of ``condition`` per call: its value, or AssertionError once past the deadline."""
+    deadline = time.monotonic() + timeout
+
+    def attempt() -> T:
+        value = condition()
+        if not value and time.monotonic() >= deadline:
+            raise AssertionError(_timed_out(awaited, timeout, value))
+        return value
+
+    return attempt
 
 
 def _timed_out(awaited: Awaited, timeout: float, value: object) -> str:
