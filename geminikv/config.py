@@ -78,6 +78,13 @@ REVOKES_PER_WRITE = 64  # expired leases revoked in one write
 EXPIRED_PER_RUN = 10_000  # expired leases read per expiry run
 LEADER_RETRY_LOCK = 1.0  # seconds between attempts to take the leader lock
 LEADER_MAX_SLEEP = 0.5  # seconds the leader sleeps between duties, at most
+# etcd's Lessor.Promote(ElectionTimeout): a new leader gives every lease its TTL plus this
+# (etcd's default election timeout), since it cannot know when the last keep-alive came
+LEASE_PROMOTE_EXTENSION = 1.0
+# etcd's request timeout (5 s + 2 election timeouts): how long a keep-alive or TimeToLive
+# of a lease past its expiry waits for the leader to revoke it or to renew it on taking over
+OVERDUE_LEASE_WAIT = 7.0
+OVERDUE_LEASE_POLL = 0.1  # seconds between looks at such a lease while waiting
 
 # The serving process
 HEARTBEAT_RETRY = 0.2  # seconds between attempts to reach a primary while none answers

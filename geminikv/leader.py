@@ -2,7 +2,14 @@
 
 Lease expiry and compaction must each run in exactly one process at a time. The process
 holding a PostgreSQL session advisory lock runs them; if it dies its session ends, the
-lock is released, and another process takes over within a second.
+lock is released, and another process takes over within a second. After a failover of
+PostgreSQL the old session is gone with the old primary, and the lock is taken again on
+the new one (by this process or another).
+
+Taking the lock is etcd's leader change: the ``promote`` steps run first, on the lock's
+session, before any duty (leases get their TTL again, as etcd's Lessor.Promote, so none
+expires because of the outage). A duty that fails is retried while the session lives;
+only a lost session ends the leadership (each new one renews every lease).
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ log = logging.getLogger(__name__)
 
 # A duty runs once and returns how many seconds it may sleep before running again.
 Duty = Callable[[], Awaitable[float]]
+# A step run once on taking the lock, on the lock's session, before any duty.
+Promote = Callable[[asyncpg.Connection], Awaitable[None]]
 
 
 class Leader:
@@ -31,9 +40,11 @@ class Leader:
         duties: Sequence[Duty],
         on_change: Sequence[Callable[[bool], None]],
         wake: asyncio.Event | None = None,
+        promote: Sequence[Promote] = (),
     ) -> None:
         self._connect = connect
         self.duties = tuple(duties)
+        self.promote = tuple(promote)
         self.on_change = tuple(on_change)  # told when this process starts or stops leading
         self.is_leader = False
         # set to run the duties now (e.g. by a compaction, before the leader exists)
@@ -44,7 +55,7 @@ class Leader:
         self._wake.set()
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="leader")
+        self._task = asyncio.create_task(self._lead(), name="leader")
 
     async def stop(self) -> None:
         await tasks.stop(self._task)
@@ -56,17 +67,31 @@ class Leader:
         for callback in self.on_change:
             callback(leading)
 
-    async def _run(self) -> None:
+    async def _run_duty(self, duty: Duty) -> float:
+        """Seconds until ``duty`` wants to run again; a failure is logged and retried
+        (keeping the lock: letting it go would renew every lease at the next take-over)."""
+        try:
+            return await duty()
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:
+            # str() of a statement timeout (--compact-timeout) is empty: name it
+            log.warning("background duty %s failed (%r); retrying", duty.__qualname__, err)
+            return LEADER_RETRY_LOCK
+
+    async def _lead(self) -> None:
         while True:
             conn: asyncpg.Connection | None = None
             try:
                 conn = await self._connect()
                 while not await locks.try_leader_lock(conn):
                     await asyncio.sleep(LEADER_RETRY_LOCK)
+                for step in self.promote:
+                    await step(conn)
                 log.info("this process now runs lease expiry and compaction")
                 self._set(True)
                 while True:
-                    waits = [await duty() for duty in self.duties]
+                    waits = [await self._run_duty(duty) for duty in self.duties]
                     await locks.ping(conn)  # the lock lives as long as this session
                     self._wake.clear()
                     with contextlib.suppress(asyncio.TimeoutError):
@@ -76,8 +101,7 @@ class Leader:
             except asyncio.CancelledError:
                 raise
             except Exception as err:
-                # str() of a statement timeout (--compact-timeout) is empty: name it
-                log.warning("background duties interrupted (%r); retrying", err)
+                log.warning("leader session lost (%r); taking the lock again", err)
                 await asyncio.sleep(LEADER_RETRY_LOCK)
             finally:
                 if self.is_leader:

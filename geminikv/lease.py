@@ -3,6 +3,9 @@
 Expiry is absolute and on PostgreSQL's clock, so it survives restarts and is the same
 for every process. One process at a time (holding a session advisory lock) expires
 leases: it revokes them through the writer, which deletes all their keys in one write.
+A process that takes the lock first gives every lease its TTL again, as etcd's lessor
+does on a leader change (Lessor.Promote): no lease expires because the previous leader,
+or PostgreSQL's primary, was gone for a while.
 Keys whose ``lease`` column names no lease row were written by Go Kine, which stores a
 TTL in seconds there; they expire that many seconds after this process first sees them,
 as Kine does.
@@ -18,7 +21,13 @@ import time
 import asyncpg
 
 from geminikv import errors, metrics
-from geminikv.config import EXPIRED_PER_RUN, REVOKES_PER_WRITE
+from geminikv.config import (
+    EXPIRED_PER_RUN,
+    LEASE_PROMOTE_EXTENSION,
+    OVERDUE_LEASE_POLL,
+    OVERDUE_LEASE_WAIT,
+    REVOKES_PER_WRITE,
+)
 from geminikv.mvcc.events import Event
 from geminikv.mvcc.index import Index
 from geminikv.mvcc.kvstore import KVStore
@@ -128,16 +137,19 @@ class Leases:
         return resp
 
     async def keep_alive(self, lease_id: int) -> int:
-        """The granted TTL after renewing, 0 if the lease is unknown or expired."""
-        async with self.pool.acquire() as conn:
-            ttl = await table.keep_alive(conn, lease_id)
-        return ttl if ttl is not None else 0
+        """The granted TTL after renewing, 0 if the lease is unknown or revoked."""
+        while True:
+            async with self.pool.acquire() as conn:
+                ttl = await table.keep_alive(conn, lease_id)
+            if ttl is not None:
+                return ttl
+            if await self._settled(lease_id) is None:
+                return 0
 
     async def time_to_live(self, lease_id: int, keys: bool) -> pb.LeaseTimeToLiveResponse:
-        async with self.pool.acquire() as conn:
-            found = await table.get(conn, lease_id)
+        found = await self._settled(lease_id)
         resp = pb.LeaseTimeToLiveResponse(ID=lease_id)
-        if found is None or found[1] <= 0:
+        if found is None:
             resp.TTL = -1
             return resp
         granted, remaining_ms = found
@@ -146,6 +158,23 @@ class Leases:
         if keys:
             resp.keys.extend(self.store.index.lease_keys(lease_id))
         return resp
+
+    async def _settled(self, lease_id: int) -> tuple[int, int] | None:
+        """(granted TTL, milliseconds left) of a live lease; None if unknown or revoked.
+
+        A lease past its expiry but not revoked yet is waited on, as etcd's Lessor.Renew
+        waits: the leader revokes it (None), or a process taking over as leader renews it
+        first (``promote``: after a failover or a restart, before which nobody expired
+        it). Unavailable if neither happens within etcd's request timeout."""
+        deadline = time.monotonic() + OVERDUE_LEASE_WAIT
+        while True:
+            async with self.pool.acquire() as conn:
+                found = await table.get(conn, lease_id)
+            if found is None or found[1] > 0:
+                return found
+            if time.monotonic() >= deadline:
+                raise errors.Unavailable()
+            await asyncio.sleep(OVERDUE_LEASE_POLL)
 
     async def leases(self) -> list[int]:
         async with self.pool.acquire() as conn:
@@ -157,6 +186,19 @@ class Leases:
             return await table.count(conn)
 
     # -- expiry (a Leader duty) ----------------------------------------------------------
+
+    async def promote(self, conn: asyncpg.Connection) -> None:
+        """On taking the leader lock (``conn`` holds it), before expiring anything: every
+        lease gets its full TTL plus etcd's election timeout from now (etcd's
+        Lessor.Promote(ElectionTimeout); etcd's checkpointed remaining TTLs are off by
+        default, so its new leader renews to the full TTL too)."""
+        renewed = await table.promote(conn, int(LEASE_PROMOTE_EXTENSION * 1000))
+        if renewed:
+            log.info(
+                "taking over lease expiry: %d leases renewed to their TTL + %.1fs",
+                renewed,
+                LEASE_PROMOTE_EXTENSION,
+            )
 
     def leadership(self, leading: bool) -> None:
         self.kine_ttls.leadership(leading)

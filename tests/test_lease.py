@@ -1,7 +1,11 @@
-"""Leases: differential against etcd, expiry, restarts, failover, scale, Kine TTL rows."""
+"""Leases: differential against etcd, expiry, restarts and leader changes (etcd's
+Lessor.Promote), scale, Kine TTL rows."""
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
 
 import asyncpg
@@ -9,8 +13,10 @@ import grpc
 import pytest
 
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
+from geminikv.proto.mvccpb import kv_pb2 as mvccpb
 from tests.differential import Pair
-from tests.servers import Etcd, GeminiProcess, GeminiServer, Postgres, run_sync
+from tests.ha.keepalive import KeepAlive
+from tests.servers import Etcd, GeminiProcess, GeminiServer, Postgres, Stubs, run_sync
 from tests.waiting import eventually
 from tests.watching import WatchClient
 
@@ -137,49 +143,122 @@ def test_keyless_expired_leases_are_collected(gemini: GeminiServer) -> None:
     )
 
 
-def test_leases_survive_restart(postgres: Postgres) -> None:
-    dsn = postgres.new_database("leaserestart")
-    server = GeminiServer(dsn).start()
-    stubs = server.stubs()
-    short = stubs.lease.LeaseGrant(pb.LeaseGrantRequest(TTL=3)).ID
-    long = stubs.lease.LeaseGrant(pb.LeaseGrantRequest(TTL=600)).ID
-    stubs.kv.Put(pb.PutRequest(key=b"/l/short", value=b"v", lease=short))
-    stubs.kv.Put(pb.PutRequest(key=b"/l/long", value=b"v", lease=long))
-    stubs.close()
-    server.stop()
-    time.sleep(3.5)  # the short lease expires while geminikv is down
-    server = GeminiServer(dsn).start()
+@pytest.mark.etcd
+def test_a_restart_gives_every_lease_its_ttl_again_as_etcd_does(postgres: Postgres) -> None:
+    """etcd recovers leases with no expiry and its leader renews each to its TTL plus the
+    election timeout before expiring any (Lessor.Promote): a lease that ran out while the
+    server was down lives a TTL more after the restart. geminikv's process taking the
+    leader lock does the same."""
+    short, long = 7001, 7002
+    etcd = Etcd()
+    gemini = GeminiProcess(postgres.new_database("leaserestart"))
+    servers: list[Etcd | GeminiProcess] = [etcd, gemini]
     try:
-        stubs = server.stubs()
-        start = time.monotonic()
-        eventually(lambda: not stubs.kv.Range(R(key=b"/l/short")).kvs, "/l/short expired", 5)
-        assert time.monotonic() - start < 2.0
-        remaining = stubs.lease.LeaseTimeToLive(pb.LeaseTimeToLiveRequest(ID=long, keys=True))
-        assert 590 <= remaining.TTL <= 600 and remaining.keys == [b"/l/long"]
-        assert stubs.kv.Range(R(key=b"/l/long")).kvs[0].lease == long
+        for server in servers:
+            stubs = server.start().stubs()
+            stubs.lease.LeaseGrant(pb.LeaseGrantRequest(ID=short, TTL=3))
+            stubs.lease.LeaseGrant(pb.LeaseGrantRequest(ID=long, TTL=600))
+            stubs.kv.Put(pb.PutRequest(key=b"/l/short", value=b"v", lease=short))
+            stubs.kv.Put(pb.PutRequest(key=b"/l/long", value=b"v", lease=long))
+            stubs.close()
+            server.kill()
+        time.sleep(3.5)  # the short lease runs out while both are down
+        restarted = []
+        for server in servers:
+            server.start()
+            restarted.append(time.monotonic())
+        clients = [server.stubs() for server in servers]
+        for server, stubs in zip(servers, clients, strict=True):
+            alive = stubs.lease.LeaseTimeToLive(pb.LeaseTimeToLiveRequest(ID=short, keys=True))
+            assert 1 <= alive.TTL <= 4 and alive.grantedTTL == 3, (server.name, alive)
+            assert list(alive.keys) == [b"/l/short"]
+        expired_after = []
+        for stubs, at in zip(clients, restarted, strict=True):
+
+            def expired(s: Stubs = stubs) -> bool:
+                return not s.kv.Range(R(key=b"/l/short")).kvs
+
+            eventually(expired, "the short lease expired", 15)
+            expired_after.append(time.monotonic() - at)
+            remaining = stubs.lease.LeaseTimeToLive(pb.LeaseTimeToLiveRequest(ID=long, keys=True))
+            assert 590 <= remaining.TTL <= 601 and remaining.keys == [b"/l/long"]
+            assert stubs.kv.Range(R(key=b"/l/long")).kvs[0].lease == long
+            stubs.close()
+        print(
+            "\nlease of TTL 3 s run out while down expired after the restart: "
+            f"etcd {expired_after[0]:.1f} s, geminikv {expired_after[1]:.1f} s"
+        )
     finally:
-        server.stop()
+        for server in servers:
+            server.stop()
 
 
-def test_expiry_and_compaction_move_to_the_surviving_process(postgres: Postgres) -> None:
+def _stop_signal(process: GeminiProcess) -> None:
+    assert process.process is not None
+    os.kill(process.process.pid, signal.SIGSTOP)
+
+
+def test_a_new_leader_renews_every_lease_before_expiring_any(postgres: Postgres) -> None:
+    """The leading process hangs (SIGSTOP, its session and lock held) longer than a lease's
+    TTL, then dies: the other takes the lock, renews every lease (etcd's Lessor.Promote)
+    and only then expires: the overdue lease lives its TTL again and is deleted once; a
+    lease kept alive through the survivor never expires; a keep-alive of an overdue lease
+    sent while nobody leads waits for the new leader and renews it (etcd's Renew waits);
+    automatic compaction moves to the survivor."""
     dsn = postgres.new_database("leasefail")
     compaction = ("--compact-interval", "1s", "--compact-min-retain", "5")
     first = GeminiProcess(dsn, *compaction).start()
-    time.sleep(1.0)  # the first process takes the expiry (and compaction) lock
+    eventually(lambda: "now runs lease expiry" in first.output(), "the first process leads")
     second = GeminiProcess(dsn, *compaction).start()
+    kept: KeepAlive | None = None
     try:
-        kv1 = first.stubs()
         kv2 = second.stubs()
-        lease = kv2.lease.LeaseGrant(pb.LeaseGrantRequest(TTL=4)).ID
-        kv2.kv.Put(pb.PutRequest(key=b"/fo/k", value=b"v", lease=lease))
+        leases = {}
+        for name in (b"a", b"b", b"c"):
+            leases[name] = kv2.lease.LeaseGrant(pb.LeaseGrantRequest(TTL=2)).ID
+            kv2.kv.Put(pb.PutRequest(key=b"/fo/" + name, value=b"v", lease=leases[name]))
+        watch = WatchClient(kv2)
+        watch.create(key=b"/fo/", range_end=b"/fo0")
+        kept = KeepAlive(second.endpoint, leases[b"b"]).start()
         # keep-alives through either process count
-        kv1.lease.LeaseKeepAlive(iter([pb.LeaseKeepAliveRequest(ID=lease)])).next()
-        assert "now runs lease expiry" in first.output()
+        first.stubs().lease.LeaseKeepAlive(iter([pb.LeaseKeepAliveRequest(ID=leases[b"a"])])).next()
+        _stop_signal(first)
+        time.sleep(3.0)  # a and c overdue, nobody to expire them
+        assert kv2.kv.Range(R(key=b"/fo/", range_end=b"/fo0")).count == 3
+        late: list[int] = []
+        request = pb.LeaseKeepAliveRequest(ID=leases[b"c"])
+        thread = threading.Thread(
+            target=lambda: late.extend(r.TTL for r in kv2.lease.LeaseKeepAlive(iter([request])))
+        )
+        thread.start()
         first.kill()
-        start = time.monotonic()
-        eventually(lambda: not kv2.kv.Range(R(key=b"/fo/k")).kvs, "/fo/k expired", 15)
-        assert time.monotonic() - start < 7  # 4 s TTL, then the takeover within seconds
-        assert "now runs lease expiry" in second.output()
+        eventually(lambda: "now runs lease expiry" in second.output(), "the second leads", 10)
+        took_over = time.monotonic()
+        assert kv2.kv.Range(R(key=b"/fo/a")).kvs  # renewed, not expired at once
+        thread.join(10)
+        assert late == [2]  # waited for the new leader, then renewed (not TTL 0)
+        deleted: dict[bytes, float] = {}
+
+        def both_deleted() -> bool:
+            resp = watch.next(0.2)
+            for event in resp.events if resp is not None else ():
+                assert event.type == mvccpb.Event.DELETE and event.kv.key not in deleted
+                deleted[event.kv.key] = time.monotonic()
+            return len(deleted) == 2
+
+        eventually(both_deleted, "a and c expired", 15, interval=0)
+        assert set(deleted) == {b"/fo/a", b"/fo/c"}
+        # not before its TTL counted from the take-over (plus etcd's 1 s extension)
+        assert deleted[b"/fo/a"] - took_over >= 2.0
+        assert watch.drain(quiet=1.0) == []  # b, kept alive, never expires; nothing twice
+        assert kv2.kv.Range(R(key=b"/fo/b")).kvs
+        assert kept.gone() == [] and len(kept.answers) > 10
+        print(
+            f"\noverdue lease of TTL 2 s deleted {deleted[b'/fo/a'] - took_over:.2f} s after "
+            f"the take-over; {len(kept.answers)} keep-alives of the other answered, "
+            f"{len(kept.errors)} streams ended"
+        )
+        assert "renewed to their TTL" in second.output()
         # automatic compaction moved with it: revisions written after the kill get compacted
         after_kill = kv2.kv.Put(pb.PutRequest(key=b"/fo/c", value=b"0")).header.revision
         for i in range(10):
@@ -195,7 +274,9 @@ def test_expiry_and_compaction_move_to_the_surviving_process(postgres: Postgres)
 
         eventually(compacted, "the revisions written after the kill compacted", 10)
     finally:
-        first.stop()
+        if kept is not None:
+            kept.stop()
+        first.kill()
         second.stop()
 
 

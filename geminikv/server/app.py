@@ -192,6 +192,7 @@ def build(
         duties=[leases.expire, compactor.run],
         on_change=[leases.leadership, compactor.leadership],
         wake=leader_wake,
+        promote=[leases.promote],
     )
     heartbeat = None
     if primary is not None:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 
 import grpc
 from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 
+from geminikv import errors
 from geminikv.lease import Leases
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
 from geminikv.server.rpc import Identity, Response, abort_stream, answer, etcd_errors
+from geminikv.storage.database import CONNECTION_ERRORS
+
+log = logging.getLogger(__name__)
 
 
 class LeaseService(rpc_pb2_grpc.LeaseServicer):
@@ -46,6 +51,12 @@ class LeaseService(rpc_pb2_grpc.LeaseServicer):
                 yield self._answer(pb.LeaseKeepAliveResponse(ID=request.ID, TTL=ttl))
         except DecodeError as err:
             await abort_stream(context, err, "LeaseKeepAlive")
+        except errors.EtcdError as err:
+            await context.abort(err.code, err.message)
+        except CONNECTION_ERRORS as err:
+            # etcd ends the stream the same way while it has no leader; clients reopen it
+            log.warning("LeaseKeepAlive failed: PostgreSQL unavailable: %s", err)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, errors.Unavailable.message)
 
     @etcd_errors
     async def LeaseTimeToLive(

@@ -24,6 +24,12 @@ async def keep_alive(conn: asyncpg.Connection, lease_id: int) -> int | None:
     return None if ttl is None else int(ttl)
 
 
+async def promote(conn: asyncpg.Connection, extend_ms: int) -> int:
+    """Every lease's expiry set to its full TTL plus ``extend_ms`` from now; how many."""
+    status: str = await conn.execute(SQL["leases_promote"], extend_ms)
+    return int(status.split()[-1])
+
+
 async def get(conn: asyncpg.Connection, lease_id: int) -> tuple[int, int] | None:
     """(granted TTL in seconds, milliseconds left, <= 0 once expired), or None if unknown."""
     row = await conn.fetchrow(SQL["lease_get"], lease_id)

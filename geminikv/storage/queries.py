@@ -117,6 +117,9 @@ SQL: dict[str, str] = {
         WHERE id = $1::bigint AND expiry_ms > {NOW_MS} RETURNING ttl
     """,
     "lease_get": f"SELECT ttl, expiry_ms - {NOW_MS} FROM geminikv_lease WHERE id = $1",
+    # etcd's Lessor.Promote: a process that starts expiring leases first gives every lease
+    # its full TTL again, plus $1 ms (etcd: the election timeout)
+    "leases_promote": f"UPDATE geminikv_lease SET expiry_ms = {NOW_MS} + ttl * 1000 + $1::bigint",
     "leases_for_update": f"""
         SELECT id, ttl, expiry_ms - {NOW_MS} FROM geminikv_lease
         WHERE id = ANY($1::bigint[]) FOR UPDATE
