@@ -1,6 +1,7 @@
 """Two data nodes and pg_auto_failover's monitor as the witness (issue 18, item 5): the
 manager's failover after a kill -9 of the primary's node or a cut link, a planned
-switchover, the old primary rejoining as a standby; and geminikv across a failover.
+switchover, the old primary rejoining as a standby; and geminikv across a failover: its
+writes and watches, and (items 3 and 4) the leader's duties moving to the survivor.
 Each test gets a fresh formation (network namespaces, see tests/ha/)."""
 
 from __future__ import annotations
@@ -9,17 +10,25 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 
+import grpc
 import pytest
 
+from geminikv.proto.etcdserverpb import rpc_pb2 as pb
+from geminikv.proto.etcdserverpb import rpc_pb2_grpc
 from tests.ha.autofailover import Formation
 from tests.ha.cluster import endpoint, formation, missing
 from tests.ha.gemini import Gemini, Watcher, Writer, check_nothing_lost
+from tests.ha.keepalive import KeepAlive
 from tests.ha.node import Node
+from tests.waiting import eventually
 
 reason = missing() or (
     None if shutil.which("pg_autoctl") else "needs pg_autoctl (Debian pg-auto-failover-cli)"
 )
 pytestmark = pytest.mark.skipif(reason is not None, reason=str(reason))
+
+LEADER = "geminikv_leader"
+TTL = 3  # shorter than the outage (the monitor alone needs ~6 s to promote)
 
 
 @pytest.fixture
@@ -207,14 +216,15 @@ def _cut(node: Node) -> float:
     return time.monotonic()
 
 
-def test_geminikv_keeps_acknowledged_writes_when_the_primary_node_freezes(
+def test_geminikv_keeps_writes_leases_and_duties_when_the_leading_node_freezes(
     pgaf: Formation,
 ) -> None:
-    """Every process of the primary's node stopped, its connections open and its kernel
-    still acknowledging: geminikv's statement deadline and heartbeat give the old primary
-    up, the parallel connect finds the promoted secondary. Thawed, the old primary's keeper
-    makes it a secondary."""
-    _geminikv_across(pgaf, "primary frozen", _freeze, Node.thaw)
+    """Every process of the primary's node stopped (SIGSTOP: PostgreSQL, keeper and the
+    leading geminikv), its connections open and its kernel still acknowledging: the
+    surviving geminikv's heartbeat gives the old primary up, the parallel connect finds the
+    promoted secondary, and it takes over the leader's duties (issue 18, items 3 and 4).
+    Thawed, the old primary's keeper makes it a secondary."""
+    _duties_across(pgaf, "leading node frozen", _freeze, Node.thaw)
 
 
 def test_geminikv_keeps_acknowledged_writes_when_the_primary_link_is_cut(
@@ -223,3 +233,114 @@ def test_geminikv_keeps_acknowledged_writes_when_the_primary_link_is_cut(
     """The primary's link down (no FIN, no RST, nothing answers): as frozen, plus TCP's
     user timeout on the connections that have data in flight. Mended, it rejoins."""
     _geminikv_across(pgaf, "link cut", _cut, Node.mend)
+
+
+def _leading(gemini: Gemini, value: float, timeout: float = 30) -> float:
+    """Until ``gemini`` reports ``geminikv_leader`` = ``value``; when it did."""
+    eventually(
+        lambda: gemini.metric(LEADER) == value,
+        lambda: f"{LEADER} {value} on {gemini.node.name}:\n{gemini.output()[-3000:]}",
+        timeout,
+        0.1,
+    )
+    return time.monotonic()
+
+
+def _duties_across(
+    pgaf: Formation,
+    what: str,
+    fault: Callable[[Node], float],
+    heal: Callable[[Node], None],
+) -> None:
+    """geminikv on the primary's node leads (expires leases, compacts); ``fault`` strikes
+    that node for longer than a lease's TTL and the monitor promotes the other node. The
+    survivor takes the lock on the new primary and renews every lease first: the lease
+    nobody kept alive lives its TTL again and is deleted once; the one kept alive through
+    the survivor never expires. After ``heal`` the old node's geminikv serves from the new
+    primary and does not lead: exactly one process expires leases and compacts."""
+    old, new = pgaf.wait_settled()
+    # the primary's node first: its geminikv takes the lock
+    leading = Gemini(old, endpoint(pgaf.nodes)).wait_listening()
+    _leading(leading, 1)
+    surviving = Gemini(new, endpoint(pgaf.nodes)).wait_listening()
+    _leading(surviving, 0)
+    channel, kv, lease = surviving.stubs()
+    kept: KeepAlive | None = None
+    writer = Writer(surviving)
+    healed = False
+    try:
+        left = lease.LeaseGrant(pb.LeaseGrantRequest(TTL=TTL)).ID
+        kept_id = lease.LeaseGrant(pb.LeaseGrantRequest(TTL=TTL)).ID
+        kv.Put(pb.PutRequest(key=b"/duty/left", value=b"v", lease=left))
+        rev = kv.Put(pb.PutRequest(key=b"/duty/kept", value=b"v", lease=kept_id)).header.revision
+        deletes = Watcher(surviving, b"/duty/", start=rev + 1)
+        kept = KeepAlive(surviving.address, kept_id, interval=TTL / 3).start()  # as clientv3
+        watcher = Watcher(surviving, writer.prefix, start=rev + 1)
+        writer.start()
+        writer.wait_acks_after(0, 50, timeout=30)
+        struck = fault(old)
+        try:
+            pgaf.wait_primary(new, timeout=30)
+            promoted = time.monotonic()
+            took_over = _leading(surviving, 1)
+            writer.wait_acks_after(promoted, 50, timeout=30)
+        finally:
+            heal(old)
+            healed = True
+        assert pgaf.wait_settled() == (new, old)
+        rejoined = time.monotonic()
+        writer.wait_acks_after(rejoined, 50, timeout=30)  # synchronous again, still writing
+        # the thawed process serves from the new primary and leaves the duties alone
+        other = leading
+        channel1, kv1, _ = other.stubs()
+        eventually(lambda: _answers(kv1), f"geminikv on {old.name} serving", 30, 0.2)
+        _leading(other, 0)
+        for _ in range(5):  # exactly one leader, and it stays so
+            assert (other.metric(LEADER), surviving.metric(LEADER)) == (0, 1)
+            time.sleep(0.2)
+
+        eventually(lambda: deletes.deletes, "the lease left alone expired", 30)
+        during_outage = sum(1 for at, _ in kept.answers if struck < at < took_over)
+        time.sleep(TTL + 1.5)  # longer than the kept lease's TTL: it would have gone by now
+        kept.stop()
+        assert kept.gone() == [], kept.gone()  # never reported expired
+        assert [key for key, _ in deletes.deletes] == [b"/duty/left"]  # one DELETE, only it
+        deleted_after = deletes.deletes[0][1] - took_over
+        assert deleted_after >= TTL  # renewed at the take-over, not expired at once
+        assert kv.Range(pb.RangeRequest(key=b"/duty/kept")).count == 1
+        deletes.close()
+        assert "geminikv.lease: expired" not in other.output()
+        assert "renewed to their TTL" in surviving.output()
+
+        # a compaction asked of the other process is carried out by the leader alone
+        for i in range(20):
+            head = kv1.Put(pb.PutRequest(key=b"/duty/c", value=b"%d" % i)).header.revision
+        kv1.Compact(pb.CompactionRequest(revision=head, physical=True), timeout=30)
+        rows = new.sql("SELECT count(*) FROM kine WHERE name = '/duty/c'", database="kubernetes")
+        assert rows == 1
+        assert f"compacted to revision {head}" in surviving.output()
+        assert "compacted to revision" not in other.output()
+        channel1.close()
+        print(
+            f"\nleases, {what}: promotion {promoted - struck:.2f} s after the fault, the "
+            f"survivor led {took_over - promoted:.2f} s later; the lease left alone (TTL "
+            f"{TTL} s) deleted {deleted_after:.2f} s after the take-over; the kept one: "
+            f"{len(kept.answers)} keep-alives answered ({during_outage} during the outage), "
+            f"{len(kept.errors)} streams ended and reopened"
+        )
+    finally:
+        writer.stop()
+        if kept is not None:
+            kept.stop()
+        channel.close()
+        if not healed:
+            heal(old)
+    check_nothing_lost(writer, watcher, f"pg_auto_failover, {what}", struck, promoted)
+
+
+def _answers(kv: rpc_pb2_grpc.KVStub) -> bool:
+    try:
+        kv.Range(pb.RangeRequest(key=b"/duty/kept"), timeout=2)
+    except grpc.RpcError:
+        return False
+    return True

@@ -8,6 +8,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +17,11 @@ import grpc
 
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
+from geminikv.proto.mvccpb import kv_pb2 as mvccpb
 from tests.ha.node import Node
 
 GEMINI_PORT = 22379
+METRICS_PORT = 22380
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -28,12 +31,13 @@ class Gemini:
     def __init__(self, node: Node, endpoint: str, *args: str) -> None:
         self.node = node
         self.address = f"{node.address}:{GEMINI_PORT}"
+        self.metrics_address = f"{node.address}:{METRICS_PORT}"
         self.log = node.home / "geminikv.log"
         node.spawn(
             sys.executable, "-m", "geminikv",
             "--endpoint", endpoint,
             "--listen-address", self.address,
-            "--metrics-bind-address", "0",
+            "--metrics-bind-address", self.metrics_address,
             *args,
             log=self.log,
             as_postgres=False,
@@ -53,6 +57,24 @@ class Gemini:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def metric(self, name: str, timeout: float = 2.0) -> float | None:
+        """The value of an unlabelled metric on /metrics; None if it does not answer."""
+        try:
+            with urllib.request.urlopen(
+                f"http://{self.metrics_address}/metrics", timeout=timeout
+            ) as answer:
+                text = answer.read().decode()
+        except OSError:
+            return None
+        for line in text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        return None
+
+    def stubs(self) -> tuple[grpc.Channel, rpc_pb2_grpc.KVStub, rpc_pb2_grpc.LeaseStub]:
+        channel = grpc.insecure_channel(self.address)
+        return channel, rpc_pb2_grpc.KVStub(channel), rpc_pb2_grpc.LeaseStub(channel)
 
     def kv(self) -> tuple[grpc.Channel, rpc_pb2_grpc.KVStub]:
         channel = grpc.insecure_channel(self.address)
@@ -128,15 +150,19 @@ class Writer:
 
 
 class Watcher:
-    """One Watch stream on ``prefix`` from revision 1, its events collected by a thread."""
+    """One Watch stream on ``prefix`` from ``start`` (revision 1), its events collected by
+    a thread; ``deletes`` has each DELETE's key and the monotonic time it arrived."""
 
-    def __init__(self, gemini: Gemini, prefix: bytes = b"/ha/") -> None:
+    def __init__(self, gemini: Gemini, prefix: bytes = b"/ha/", start: int = 1) -> None:
         self.events: list[tuple[bytes, bytes, int]] = []  # key, value, mod_revision
+        self.deletes: list[tuple[bytes, float]] = []
         self.responses: list[pb.WatchResponse] = []
         self.error: grpc.RpcError | None = None
         self._requests: queue.Queue[pb.WatchRequest | None] = queue.Queue()
         self._channel, _ = gemini.kv()
-        create = pb.WatchCreateRequest(key=prefix, range_end=prefix[:-1] + b"0", start_revision=1)
+        create = pb.WatchCreateRequest(
+            key=prefix, range_end=prefix[:-1] + b"0", start_revision=start
+        )
         self._requests.put(pb.WatchRequest(create_request=create))
         stream = rpc_pb2_grpc.WatchStub(self._channel).Watch(iter(self._requests.get, None))
         self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
@@ -149,6 +175,8 @@ class Watcher:
                 for event in response.events:
                     kv = event.kv
                     self.events.append((kv.key, kv.value, kv.mod_revision))
+                    if event.type == mvccpb.Event.DELETE:
+                        self.deletes.append((kv.key, time.monotonic()))
         except grpc.RpcError as err:
             if err.code() != grpc.StatusCode.CANCELLED:
                 self.error = err
