@@ -5,15 +5,21 @@ harness itself, and geminikv across a kill -9 of the primary's node and ``pg_ctl
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Iterator
 
 import asyncpg
+import grpc
 import pytest
 
+from geminikv.proto.etcdserverpb import rpc_pb2 as pb
+from geminikv.proto.etcdserverpb import rpc_pb2_grpc
 from tests.ha import replication
 from tests.ha.cluster import Pair, missing, plain_pair
 from tests.ha.gemini import Gemini, Watcher, Writer, check_nothing_lost
+from tests.ha.node import Node
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.skipif(missing() is not None, reason=str(missing()))
 
@@ -140,3 +146,127 @@ def test_geminikv_keeps_acknowledged_writes_across_a_frozen_primary_and_pg_ctl_p
         if not thawed:
             old.thaw()
     check_nothing_lost(writer, watcher, "pg_ctl promote, primary frozen", frozen, promoted)
+
+
+def test_geminikv_takes_its_rewind_path_when_an_asynchronous_failover_loses_writes(
+    pair: Pair,
+) -> None:
+    """Asynchronous replication (issue 18, item 2): writes acknowledged by the primary and
+    never received by the standby (its WAL receiver stopped) are lost when the primary's
+    node dies and the standby is promoted. geminikv on the surviving node notices the new
+    primary lacks revisions it served: its watches are cancelled with the reason, its index
+    is rebuilt from the new primary, and no read ever mixes the lost writes with the new
+    primary's state; writes go on from the new primary's revision."""
+    old, new = pair.primary, pair.standby
+    replication.set_sync(old, False)
+    gemini = Gemini(new, pair.endpoint()).wait_listening()
+    channel, kv, _ = gemini.stubs()
+    reads = Reads(kv, PREFIX)
+    try:
+        kept = {PREFIX + b"kept%02d" % i for i in range(20)}
+        for key in sorted(kept):
+            replicated = kv.Put(pb.PutRequest(key=key, value=b"v")).header.revision
+        eventually(lambda: _newest(new) >= replicated, "the standby has the first writes")
+        # the standby stops receiving: what the primary acknowledges now is on it alone
+        new.sql("ALTER SYSTEM SET primary_conninfo = ''")
+        new.sql("SELECT pg_reload_conf()")
+        eventually(lambda: new.sql("SELECT count(*) FROM pg_stat_wal_receiver") == 0, "stopped")
+        lost = {PREFIX + b"lost%02d" % i for i in range(20)}
+        for key in sorted(lost):
+            served = kv.Put(pb.PutRequest(key=key, value=b"v")).header.revision
+        watcher = Watcher(gemini, PREFIX, start=replicated + 1)
+        watcher.wait_for(lost)
+        assert lost <= {key for key, _, _ in watcher.events}  # served to a watch, then lost
+        assert _newest(new) == replicated
+        reads.start()
+        eventually(lambda: reads.answers, "reads answered before the failover")
+        old.kill()
+        replication.promote(new)
+        promoted = time.monotonic()
+        reason = f"the new PostgreSQL primary lacks revision {served}"
+        eventually(lambda: any(r.canceled for r in watcher.responses), "the watch cancelled", 30)
+        cancel = next(r for r in watcher.responses if r.canceled)
+        assert reason in cancel.cancel_reason and f"is {replicated}" in cancel.cancel_reason
+        answer = eventually(lambda: _range(kv), "reads answered again (the index rebuilt)", 30)
+        rebuilt = time.monotonic()
+        assert answer is not None
+        assert {item.key for item in answer.kvs} == kept
+        assert answer.header.revision == replicated
+        after = kv.Put(pb.PutRequest(key=PREFIX + b"after", value=b"v")).header.revision
+        # a standby's sequence is ahead of the last id it received (PostgreSQL logs
+        # sequences 32 values ahead): the ids between are gaps, as after any crash
+        assert replicated < after <= replicated + 33
+        fresh = Watcher(gemini, PREFIX, start=replicated + 1)
+        fresh.wait_for({PREFIX + b"after"})
+        fresh.close()
+        assert [key for key, _, _ in fresh.events] == [PREFIX + b"after"]
+        time.sleep(0.5)
+    finally:
+        reads.stop()
+        channel.close()
+    # every read answered either the state before the loss (the lost writes included, at
+    # the revision that had them) or the new primary's (none of them): never a mix
+    for keys, revision in reads.answers:
+        if keys & lost:
+            assert keys == kept | lost and revision == served, (sorted(keys), revision)
+        else:
+            assert keys <= kept | {PREFIX + b"after"} and revision <= after, (keys, revision)
+    assert {code for code, _ in reads.errors} <= {grpc.StatusCode.UNAVAILABLE}
+    old_state = sum(1 for keys, _ in reads.answers if keys & lost)
+    print(
+        f"\nasynchronous replication, {len(lost)} acknowledged writes lost: watch cancelled and "
+        f"index rebuilt {rebuilt - promoted:.2f} s after the promotion; reads: {old_state} "
+        f"of the old state, {len(reads.answers) - old_state} of the new, "
+        f"{len(reads.errors)} refused (Unavailable) while rebuilding"
+    )
+    watcher.close()
+
+
+PREFIX = b"/async/"
+
+
+def _newest(node: Node) -> int:
+    return int(node.sql("SELECT COALESCE(MAX(id), 0) FROM kine", database="kubernetes"))  # type: ignore[call-overload]
+
+
+def _range(kv: rpc_pb2_grpc.KVStub) -> pb.RangeResponse | None:
+    """The prefix's keys, or None while geminikv answers Unavailable."""
+    try:
+        answer: pb.RangeResponse = kv.Range(
+            pb.RangeRequest(key=PREFIX, range_end=PREFIX[:-1] + b"0"), timeout=5
+        )
+    except grpc.RpcError as err:
+        assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+        return None
+    return answer
+
+
+class Reads:
+    """Ranges over ``prefix`` one after another from a thread: each answer's keys and
+    revision, and each refusal's code and message."""
+
+    def __init__(self, kv: rpc_pb2_grpc.KVStub, prefix: bytes) -> None:
+        self.kv = kv
+        self.request = pb.RangeRequest(key=prefix, range_end=prefix[:-1] + b"0")
+        self.answers: list[tuple[set[bytes], int]] = []
+        self.errors: list[tuple[grpc.StatusCode, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                answer = self.kv.Range(self.request, timeout=5)
+            except grpc.RpcError as err:
+                self.errors.append((err.code(), err.details() or ""))
+            else:
+                self.answers.append(({i.key for i in answer.kvs}, answer.header.revision))
+            self._stop.wait(0.05)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
