@@ -7,6 +7,7 @@ Each test gets a fresh formation (network namespaces, see tests/ha/)."""
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -235,6 +236,33 @@ def test_geminikv_keeps_acknowledged_writes_when_the_primary_link_is_cut(
     _geminikv_across(pgaf, "link cut", _cut, Node.mend)
 
 
+class TakeOver:
+    """When ``gemini`` first reported leading, watched from a thread from ``start()`` on
+    (independent of how soon the test learns of the promotion)."""
+
+    def __init__(self, gemini: Gemini) -> None:
+        self.gemini = gemini
+        self.at: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> TakeOver:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set() and self.at is None:
+            if self.gemini.metric(LEADER, timeout=0.5) == 1:
+                self.at = time.monotonic()
+            self._stop.wait(0.05)
+
+    def wait(self, timeout: float = 30) -> float:
+        self._thread.join(timeout)
+        self._stop.set()
+        assert self.at is not None, f"{self.gemini.node.name} never led"
+        return self.at
+
+
 def _leading(gemini: Gemini, value: float, timeout: float = 30) -> float:
     """Until ``gemini`` reports ``geminikv_leader`` = ``value``; when it did."""
     eventually(
@@ -278,11 +306,12 @@ def _duties_across(
         watcher = Watcher(surviving, writer.prefix, start=rev + 1)
         writer.start()
         writer.wait_acks_after(0, 50, timeout=30)
+        take_over = TakeOver(surviving).start()
         struck = fault(old)
         try:
             pgaf.wait_primary(new, timeout=30)
             promoted = time.monotonic()
-            took_over = _leading(surviving, 1)
+            took_over = take_over.wait()
             writer.wait_acks_after(promoted, 50, timeout=30)
         finally:
             heal(old)
@@ -323,7 +352,7 @@ def _duties_across(
         channel1.close()
         print(
             f"\nleases, {what}: promotion {promoted - struck:.2f} s after the fault, the "
-            f"survivor led {took_over - promoted:.2f} s later; the lease left alone (TTL "
+            f"survivor led {took_over - struck:.2f} s after the fault; the lease left alone (TTL "
             f"{TTL} s) deleted {deleted_after:.2f} s after the take-over; the kept one: "
             f"{len(kept.answers)} keep-alives answered ({during_outage} during the outage), "
             f"{len(kept.errors)} streams ended and reopened"
