@@ -3,6 +3,7 @@ Lessor.Promote), scale, Kine TTL rows."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -278,6 +279,60 @@ def test_a_new_leader_renews_every_lease_before_expiring_any(postgres: Postgres)
             kept.stop()
         first.kill()
         second.stop()
+
+
+def test_leases_expire_while_compaction_keeps_failing(postgres: Postgres) -> None:
+    """A failing duty does not give the leader lock up: if it did, every take-over would
+    renew every lease again (etcd's Promote) and a compaction failing every second would
+    keep leases from ever expiring. Here the rows to compact are locked by another session,
+    so every purge times out (--compact-timeout), and a lease still expires on time."""
+    dsn = postgres.new_database("leasecompactfail")
+    server = GeminiServer(dsn, compact_timeout=0.3).start()
+
+    async def hold_rows(locked: threading.Event, release: threading.Event) -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            async with conn.transaction():
+                await conn.execute("SELECT id FROM kine WHERE name = '/cf/k' FOR UPDATE")
+                locked.set()
+                while not release.is_set():
+                    await asyncio.sleep(0.05)
+        finally:
+            await conn.close()
+
+    locked, release = threading.Event(), threading.Event()
+    holder = threading.Thread(target=run_sync, args=(hold_rows(locked, release),))
+    try:
+        stubs = server.stubs()
+        for i in range(3):
+            head = stubs.kv.Put(pb.PutRequest(key=b"/cf/k", value=b"%d" % i)).header.revision
+        holder.start()
+        assert locked.wait(10)
+        stubs.kv.Compact(pb.CompactionRequest(revision=head))  # the purge now blocks
+        lease = stubs.lease.LeaseGrant(pb.LeaseGrantRequest(TTL=2)).ID
+        stubs.kv.Put(pb.PutRequest(key=b"/cf/leased", value=b"v", lease=lease))
+        granted = time.monotonic()
+        eventually(lambda: not stubs.kv.Range(R(key=b"/cf/leased")).kvs, "the lease expired", 15)
+        expired_after = time.monotonic() - granted
+        assert _rows_named(dsn, "/cf/k") == 3  # the purge did fail all along
+        release.set()
+        holder.join(10)
+        eventually(lambda: _rows_named(dsn, "/cf/k") == 1, "the compaction done once unlocked")
+        print(f"\nlease of TTL 2 s expired {expired_after:.2f} s after its grant")
+    finally:
+        release.set()
+        server.stop()
+
+
+def _rows_named(dsn: str, name: str) -> int:
+    async def count() -> int:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return int(await conn.fetchval("SELECT count(*) FROM kine WHERE name = $1", name))
+        finally:
+            await conn.close()
+
+    return run_sync(count())
 
 
 @pytest.mark.slow
