@@ -21,6 +21,7 @@ from tests.ha.cluster import endpoint, formation, missing
 from tests.ha.gemini import Gemini, Watcher, Writer, check_nothing_lost
 from tests.ha.keepalive import KeepAlive
 from tests.ha.node import Node
+from tests.ha.reliability import BackgroundTraffic
 from tests.waiting import eventually
 
 reason = missing() or (
@@ -176,14 +177,22 @@ def test_geminikv_keeps_acknowledged_writes_across_a_switchover(pgaf: Formation)
 
 
 def _geminikv_across(
-    pgaf: Formation, what: str, fault: Callable[[Node], float], heal: Callable[[Node], None]
+    pgaf: Formation,
+    what: str,
+    fault: Callable[[Node], float],
+    heal: Callable[[Node], None],
+    seed: int,
 ) -> None:
     """geminikv on the secondary's node with both hosts in its endpoint, a watch from
     revision 1 and a writer; ``fault`` strikes the primary's node (returning when), the
     monitor promotes the secondary, ``heal`` brings the old node back and its keeper makes
-    it a secondary again. Every acknowledged write survives and the watch goes on."""
+    it a secondary again. Every acknowledged write survives and the watch goes on.
+    Meanwhile the reliability traffic (issue 18 item 5) runs over geminikv on both nodes:
+    its history is linearizable and its watches keep etcd's guarantees."""
     old, new = pgaf.wait_settled()
     gemini = Gemini(new, endpoint(pgaf.nodes)).wait_listening()
+    struck_node = Gemini(old, endpoint(pgaf.nodes)).wait_listening()
+    traffic = BackgroundTraffic([struck_node.address, gemini.address], seed, 25.0).start()
     watcher = Watcher(gemini)
     writer = Writer(gemini).start()
     healed = False
@@ -205,6 +214,9 @@ def _geminikv_across(
         if not healed:
             heal(old)
     check_nothing_lost(writer, watcher, f"pg_auto_failover, {what}", struck, promoted)
+    violations, summary = traffic.finish()
+    print(f"{summary} (geminikv on both nodes, {what} {struck - traffic.started:.1f} s in)")
+    assert not violations, "\n".join(violations[:30])
 
 
 def _freeze(node: Node) -> float:
@@ -229,11 +241,12 @@ def test_geminikv_keeps_writes_leases_and_duties_when_the_leading_node_freezes(
 
 
 def test_geminikv_keeps_acknowledged_writes_when_the_primary_link_is_cut(
-    pgaf: Formation,
+    pgaf: Formation, request: pytest.FixtureRequest
 ) -> None:
     """The primary's link down (no FIN, no RST, nothing answers): as frozen, plus TCP's
     user timeout on the connections that have data in flight. Mended, it rejoins."""
-    _geminikv_across(pgaf, "link cut", _cut, Node.mend)
+    seed = int(request.config.getoption("--reliability-seed"))
+    _geminikv_across(pgaf, "link cut", _cut, Node.mend, seed)
 
 
 class TakeOver:
