@@ -27,7 +27,6 @@ import asyncpg
 import grpc
 import pytest
 
-from geminikv.mvcc.kvstore import HEALTH_KEY, HEALTH_VALUE
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from tests.restored_etcd import Etcd, etcd_binaries, serving
 from tests.servers import GeminiServer, Postgres, Stubs, run_sync
@@ -88,10 +87,9 @@ class Both:
 
 def history(both: Both) -> tuple[int, int]:
     """Single-key writes with HashKV recorded along the way; the two compact revisions."""
-    # a new geminikv holds /registry/health (Kine writes it), at revision 2
-    both.etcd.kv.Put(pb.PutRequest(key=HEALTH_KEY, value=HEALTH_VALUE))
-    assert hashkv(both.etcd, 0)[1][0] == hashkv(both.gk, 0)[1][0] == 2
-    both.revision = 2
+    # both new stores are empty at revision 1
+    assert hashkv(both.etcd, 0)[1][0] == hashkv(both.gk, 0)[1][0] == 1
+    both.revision = 1
     both.record("new")
     for lease_id, ttl in LEASES.items():
         request = pb.LeaseGrantRequest(ID=lease_id, TTL=ttl)
@@ -121,7 +119,7 @@ def history(both: Both) -> tuple[int, int]:
     both.delete(b"/e")
     both.put(b"/g", b"g1")
     both.record("writes after the compaction")
-    for key in (HEALTH_KEY, b"/a", b"/b", b"/c", b"/g", b"/l", b"compact_rev_key"):
+    for key in (b"/a", b"/b", b"/c", b"/g", b"/l", b"compact_rev_key"):
         both.delete(key)
     both.record("no key left")
     both.put(b"/h", b"h1")
@@ -162,7 +160,7 @@ def test_same_hash_at_every_revision(both: Both) -> None:
     assert len(hashes) > 20  # revisions hash differently
     # a negative revision hashes the bucket name alone, crc32c(b"key"); -1: not compacted
     new = [e for when, r, e, _ in both.seen if when == "new" and r == -1]
-    assert new == [("ok", (2, 0x40A4756D, -1))]
+    assert new == [("ok", (1, 0x40A4756D, -1))]
 
 
 def test_compacted_revisions(both: Both) -> None:
@@ -222,7 +220,6 @@ def test_hash_is_hashkv_at_the_current_revision(both: Both) -> None:
 def test_rows_without_versions(both: Both, postgres: Postgres) -> None:
     """Go Kine writes no version: a geminikv started on those rows takes versions from its
     index and hashes as before."""
-    both.put(HEALTH_KEY, HEALTH_VALUE)  # else a geminikv starting writes it again
     before = [hashkv(both.gk, revision) for revision in range(both.revision + 1)]
     dsn = both.server.settings.endpoint
 

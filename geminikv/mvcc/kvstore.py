@@ -27,9 +27,6 @@ from geminikv.storage.session import Session
 
 log = logging.getLogger(__name__)
 
-HEALTH_KEY = b"/registry/health"
-HEALTH_VALUE = b'{"health":"true"}'
-
 
 class KVStore:
     """The store the services call: reads from the index, writes through the writer,
@@ -85,10 +82,11 @@ class KVStore:
         await self.follower.stop()
 
     async def _ensure_special_rows(self) -> None:
-        """Kine's compact_rev_key row (holds the compact revision) and /registry/health."""
+        """Kine's compact_rev_key row, which holds the compact revision: as revision 1 of a
+        fresh table it leaves the store as etcd's starts, empty at revision 1. (Go Kine
+        adds its /registry/health key itself when it starts; geminikv needs none.)"""
         async with locks.locked(self.session.conn) as conn:
-            for name, value in ((COMPACT_KEY, b""), (HEALTH_KEY, HEALTH_VALUE)):
-                await kine.insert_if_missing(conn, name, value)
+            await kine.insert_if_missing(conn, COMPACT_KEY, b"")
 
     @property
     def revision(self) -> int:
