@@ -85,10 +85,12 @@ class KVStore:
         await self.follower.stop()
 
     async def _ensure_special_rows(self) -> None:
-        """Kine's compact_rev_key row (holds the compact revision) and /registry/health."""
+        """Kine's compact_rev_key row (holds the compact revision) and, in a new
+        database, /registry/health. A database loaded from an etcd snapshot has its
+        compact_rev_key row and keeps etcd's current revision: no health row is added."""
         async with locks.locked(self.session.conn) as conn:
-            for name, value in ((COMPACT_KEY, b""), (HEALTH_KEY, HEALTH_VALUE)):
-                await kine.insert_if_missing(conn, name, value)
+            if await kine.insert_if_missing(conn, COMPACT_KEY, b""):
+                await kine.insert_if_missing(conn, HEALTH_KEY, HEALTH_VALUE)
 
     @property
     def revision(self) -> int:
