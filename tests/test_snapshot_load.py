@@ -31,6 +31,7 @@ import pytest
 
 from geminikv import cli, errors
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
+from geminikv.snapshot.btree import DatabaseWriter
 from geminikv.snapshot.pages import PAGE_HEADER, PAGE_SIZE
 from geminikv.storage.queries import MAX_LEASE_ID
 from tests.restored_etcd import Etcd, as_tuples, binaries, etcd_binaries, range_all, serving
@@ -144,6 +145,7 @@ def renumbered(out: str) -> dict[int, int]:
 
 @dataclass
 class Loaded:
+    dsn: str
     server: GeminiServer
     stubs: Stubs
     lease_ids: dict[int, int]  # etcd's -> geminikv's
@@ -162,7 +164,7 @@ def loaded(source: Source, postgres: Postgres) -> Iterator[Loaded]:
     assert f"revision {source.revision}, compact revision {source.compacted}" in out
     server = GeminiServer(dsn).start()
     stubs = server.stubs()
-    yield Loaded(server, stubs, renumbered(out))
+    yield Loaded(dsn, server, stubs, renumbered(out))
     stubs.close()
     server.stop()
 
@@ -221,7 +223,7 @@ def test_leases_with_their_ttls(source: Source, loaded: Loaded) -> None:
         renewed = next(
             loaded.stubs.lease.LeaseKeepAlive(iter([pb.LeaseKeepAliveRequest(ID=gk_id)]))
         )
-        assert renewed.TTL == ttl
+        assert ttl == renewed.TTL
 
 
 def test_a_watch_from_etcds_last_revision_continues(source: Source, loaded: Loaded) -> None:
@@ -237,3 +239,186 @@ def test_a_watch_from_etcds_last_revision_continues(source: Source, loaded: Load
         (e.kv.key, e.kv.mod_revision, e.kv.create_revision, e.kv.version) for e in response.events
     ] == [(b"/registry/pods/ns-0/new", source.revision + 1, source.revision + 1, 1)]
     watch.close()
+
+
+def test_pulled_from_a_live_etcd(source: Source, postgres: Postgres) -> None:
+    dsn = postgres.new_database("snappull")
+    code, out, err = load(dsn, "--etcd", f"http://{source.endpoint}")
+    assert code == 0, err
+    assert f"loaded: revision {source.revision}, compact revision {source.compacted}" in out
+    lease_ids = renumbered(out)
+    server = GeminiServer(dsn).start()
+    try:
+        stubs = server.stubs()
+        ours = range_all(stubs)
+        assert ours.header.revision == source.revision
+        assert as_tuples(ours.kvs) == mapped(range_all(source.stubs).kvs, lease_ids)
+        for etcd_id in source.leases:
+            # the TTL etcd had left when the snapshot was taken
+            left = source.stubs.lease.LeaseTimeToLive(pb.LeaseTimeToLiveRequest(ID=etcd_id)).TTL
+            gk_id = lease_ids.get(etcd_id, etcd_id)
+            answer = stubs.lease.LeaseTimeToLive(pb.LeaseTimeToLiveRequest(ID=gk_id))
+            assert left - 2 <= answer.TTL <= left + 1
+        stubs.close()
+    finally:
+        server.stop()
+
+
+# -- refusals: nothing written -------------------------------------------------------------
+
+
+def contents(dsn: str) -> tuple[int, int, int] | None:
+    """(rows, newest revision, leases), or None when load-snapshot created no table."""
+
+    async def read() -> tuple[int, int, int] | None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            if await conn.fetchval("SELECT to_regclass('kine') IS NULL"):
+                return None
+            row = await conn.fetchrow(
+                "SELECT count(*), COALESCE(MAX(id), 0), "
+                "(SELECT count(*) FROM geminikv_lease) FROM kine"
+            )
+            assert row is not None
+            return int(row[0]), int(row[1]), int(row[2])
+        finally:
+            await conn.close()
+
+    return run_sync(read())
+
+
+def refused(postgres: Postgres, path: Path, *args: str) -> str:
+    """Load ``path`` into a new database: refused (exit 1), nothing in the database; the
+    message."""
+    dsn = postgres.new_database("snaprefused")
+    code, out, err = load(dsn, str(path), *args)
+    assert code == 1, out
+    assert contents(dsn) in (None, (0, 0, 0))
+    prefix = "geminikv load-snapshot: "
+    last = err.strip().splitlines()[-1]  # after the log lines, the reason
+    assert last.startswith(prefix), err
+    return last.removeprefix(prefix)
+
+
+def test_a_database_not_empty_is_refused(source: Source, loaded: Loaded) -> None:
+    before = contents(loaded.dsn)
+    assert before is not None and before[1] >= source.revision
+    code, _out, err = load(loaded.dsn, str(source.saved))
+    assert code == 1
+    message = errors.LOAD_NOT_EMPTY.format(revision=before[1], leases=before[2])
+    assert err.strip().splitlines()[-1] == f"geminikv load-snapshot: {message}"
+    assert contents(loaded.dsn) == before
+
+
+def with_trailer(path: Path, database: bytes) -> Path:
+    path.write_bytes(database + hashlib.sha256(database).digest())
+    return path
+
+
+def test_truncated_and_corrupted_files_are_refused(
+    source: Source, postgres: Postgres, tmp_path: Path
+) -> None:
+    if source.binaries.version != "3.4":
+        pytest.skip("the file's checks do not depend on etcd's version")
+    data = source.saved.read_bytes()
+    database = data[:-32]
+    truncated = tmp_path / "truncated.db"
+    truncated.write_bytes(data[:-1000])
+    assert refused(postgres, truncated) == errors.LOAD_NO_TRAILER.format(
+        path=truncated, size=len(data) - 1000
+    )
+    flipped = tmp_path / "flipped.db"
+    middle = len(database) // 2
+    flipped.write_bytes(data[:middle] + bytes([data[middle] ^ 1]) + data[middle + 1 :])
+    assert refused(postgres, flipped) == errors.LOAD_HASH_MISMATCH.format(
+        path=flipped, size=len(database)
+    )
+    # a valid trailer over a damaged database: bbolt's own checks
+    metas = bytearray(database)
+    for page in (0, 1):
+        metas[page * PAGE_SIZE + 40] ^= 0xFF  # inside the checksummed meta fields
+    bad_meta = with_trailer(tmp_path / "meta.db", bytes(metas))
+    message = refused(postgres, bad_meta)
+    assert message.startswith(errors.LOAD_CORRUPT.format(path=bad_meta, why=""))
+    assert "page 0: meta page checksum mismatch; page 1: meta page checksum mismatch" in message
+    pages = bytearray(database)
+    last = len(database) // PAGE_SIZE - 1  # the freelist, then the data pages before it
+    for page in range(2, last):
+        page_id, _, _, _ = PAGE_HEADER.unpack_from(pages, page * PAGE_SIZE)
+        if page_id == page:
+            pages[page * PAGE_SIZE] ^= 0x40  # the page's id in its header
+    bad_page = with_trailer(tmp_path / "page.db", bytes(pages))
+    message = refused(postgres, bad_page)
+    assert message.startswith(errors.LOAD_CORRUPT.format(path=bad_page, why="page "))
+    assert "header says page" in message
+
+
+def test_a_file_that_is_not_an_etcd_snapshot_is_refused(postgres: Postgres, tmp_path: Path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_bytes(b"not a snapshot\n")
+    assert refused(postgres, text) == errors.LOAD_NO_TRAILER.format(path=text, size=15)
+    noise = with_trailer(tmp_path / "noise.db", random.Random(5).randbytes(4 * PAGE_SIZE))
+    assert refused(postgres, noise) == errors.LOAD_NOT_BBOLT.format(
+        path=noise, why="page 0: bad magic; page 1: bad magic"
+    )
+    other = tmp_path / "other.db"
+    with open(other, "w+b") as file:
+        db = DatabaseWriter(file)
+        with db.bucket(b"widgets") as bucket:
+            bucket.put(b"a", b"1")
+        db.finish()
+    with_trailer(other, other.read_bytes())
+    assert refused(postgres, other) == errors.LOAD_NOT_ETCD.format(path=other, bucket="key")
+
+
+def test_multi_key_revisions_are_refused_until_compacted(
+    postgres: Postgres, tmp_path: Path
+) -> None:
+    found = binaries("3.4") or binaries("3.5")
+    if found is None:
+        pytest.skip("no etcd installed")
+    with serving(found, None) as stubs:
+        kv = stubs.kv
+        kv.Put(pb.PutRequest(key=b"/registry/a", value=b"1"))
+        txn = kv.Txn(
+            pb.TxnRequest(
+                success=[
+                    pb.RequestOp(request_put=pb.PutRequest(key=b"/registry/b", value=b"2")),
+                    pb.RequestOp(request_put=pb.PutRequest(key=b"/registry/c", value=b"3")),
+                ]
+            )
+        )
+        kv.Put(pb.PutRequest(key=b"/registry/c", value=b"4"))
+        kv.Put(pb.PutRequest(key=b"/registry/d", value=b"5"))
+        kv.DeleteRange(pb.DeleteRangeRequest(key=b"/registry/d"))
+        before = tmp_path / "history.db"
+        save(found, stubs.target, before)
+        message = refused(postgres, before)
+        keys = "b'/registry/b', b'/registry/c', …"
+        assert message == errors.LOAD_MULTI_KEY.format(revision=txn.header.revision, keys=keys)
+        # compacted at its current revision, etcd keeps each live key's newest revision
+        # (/registry/c's put after the Txn; /registry/d's tombstone goes): loadable, at
+        # etcd's current revision though no key changed at it
+        current = int(range_all(stubs).header.revision)
+        kv.Compact(pb.CompactionRequest(revision=current, physical=True))
+        after = tmp_path / "compacted.db"
+        save(found, stubs.target, after)
+        dsn = postgres.new_database("snapcompacted")
+        code, out, err = load(dsn, str(after))
+        assert code == 0, err
+        assert f"loaded: revision {current}, compact revision {current}" in out
+        server = GeminiServer(dsn).start()
+        try:
+            gk = server.stubs()
+            ours = range_all(gk)
+            assert ours.header.revision == current
+            assert as_tuples(ours.kvs) == as_tuples(range_all(stubs).kvs)
+            assert [kv.key for kv in ours.kvs] == [b"/registry/a", b"/registry/b", b"/registry/c"]
+            with pytest.raises(grpc.RpcError) as caught:
+                range_all(gk, current - 1)
+            assert caught.value.details() == errors.Compacted.message
+            put = gk.kv.Put(pb.PutRequest(key=b"/registry/e", value=b"6"))
+            assert put.header.revision == current + 1
+            gk.close()
+        finally:
+            server.stop()
