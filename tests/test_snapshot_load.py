@@ -31,11 +31,13 @@ import pytest
 
 from geminikv import cli, errors
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
+from geminikv.proto.etcdserverpb import rpc_pb2_grpc
 from geminikv.snapshot.btree import DatabaseWriter
 from geminikv.snapshot.pages import PAGE_HEADER, PAGE_SIZE
 from geminikv.storage.queries import MAX_LEASE_ID
+from tests.certs import CA
 from tests.restored_etcd import Etcd, as_tuples, binaries, etcd_binaries, range_all, serving
-from tests.servers import GeminiServer, Postgres, Stubs, run_sync
+from tests.servers import GeminiServer, Postgres, Stubs, free_port, run_sync
 from tests.test_snapshot_save import events
 
 __all__ = ["etcd_binaries"]  # a fixture, used by name
@@ -318,8 +320,6 @@ def with_trailer(path: Path, database: bytes) -> Path:
 def test_truncated_and_corrupted_files_are_refused(
     source: Source, postgres: Postgres, tmp_path: Path
 ) -> None:
-    if source.binaries.version != "3.4":
-        pytest.skip("the file's checks do not depend on etcd's version")
     data = source.saved.read_bytes()
     database = data[:-32]
     truncated = tmp_path / "truncated.db"
@@ -422,3 +422,72 @@ def test_multi_key_revisions_are_refused_until_compacted(
             gk.close()
         finally:
             server.stop()
+
+
+@contextlib.contextmanager
+def etcd_with_tls(found: Etcd, work: Path) -> Iterator[tuple[str, Path, Path, Path]]:
+    """A new etcd serving clients over TLS, client certificates required: (endpoint,
+    CA, client certificate, client key)."""
+    ca = CA("etcd-ca")
+    ca_file = ca.write(work, "ca")
+    server_cert, server_key = ca.issue(work, "server", server=True)
+    client_cert, client_key = ca.issue(work, "client", server=False)
+    client, peer = free_port(), free_port()
+    log = open(work / "etcd.log", "wb")  # noqa: SIM115
+    process = subprocess.Popen(
+        [
+            found.etcd,
+            "--name=tls",
+            f"--data-dir={work / 'data'}",
+            f"--listen-client-urls=https://127.0.0.1:{client}",
+            f"--advertise-client-urls=https://127.0.0.1:{client}",
+            f"--listen-peer-urls=http://127.0.0.1:{peer}",
+            f"--initial-advertise-peer-urls=http://127.0.0.1:{peer}",
+            f"--initial-cluster=tls=http://127.0.0.1:{peer}",
+            f"--cert-file={server_cert}",
+            f"--key-file={server_key}",
+            f"--trusted-ca-file={ca_file}",
+            "--client-cert-auth",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        yield f"https://127.0.0.1:{client}", ca_file, client_cert, client_key
+    finally:
+        process.terminate()
+        process.wait(30)
+        log.close()
+
+
+def test_pulled_from_etcd_over_tls(postgres: Postgres, tmp_path: Path) -> None:
+    found = binaries("3.4") or binaries("3.5")
+    if found is None:
+        pytest.skip("no etcd installed")
+    with etcd_with_tls(found, tmp_path) as (endpoint, ca, cert, key):
+        credentials = grpc.ssl_channel_credentials(
+            ca.read_bytes(), key.read_bytes(), cert.read_bytes()
+        )
+        with grpc.secure_channel(endpoint.removeprefix("https://"), credentials) as channel:
+            kv = rpc_pb2_grpc.KVStub(channel)  # type: ignore[no-untyped-call]
+            # serving once it has elected itself
+            grpc.channel_ready_future(channel).result(timeout=30)
+            put = kv.Put(pb.PutRequest(key=b"/registry/tls", value=b"x"), timeout=30)
+        tls_args = ("--cacert", str(ca), "--cert", str(cert), "--key", str(key))
+        dsn = postgres.new_database("snaptls")
+        code, out, err = load(dsn, "--etcd", endpoint, *tls_args)
+        assert code == 0, err
+        assert f"loaded: revision {put.header.revision}, compact revision 0" in out
+        # without the client certificate etcd refuses the connection
+        refused_dsn = postgres.new_database("snaptls")
+        code, _out, err = load(refused_dsn, "--etcd", endpoint, "--cacert", str(ca))
+        assert code == 1
+        assert (
+            err.strip()
+            .splitlines()[-1]
+            .startswith(
+                "geminikv load-snapshot: "
+                + errors.LOAD_ETCD_UNREACHABLE.format(endpoint=endpoint, why="UNAVAILABLE")
+            )
+        )
+        assert contents(refused_dsn) is None
