@@ -97,7 +97,7 @@ def _load_snapshot(args: list[str]) -> int:
     parser.add_argument(
         "--insecure-skip-tls-verify",
         action="store_true",
-        help="etcd: not supported (gRPC for Python always verifies)",
+        help="etcd: do not verify its certificate (as etcdctl)",
     )
     opts = parser.parse_args(args)
     if bool(opts.file) == bool(opts.etcd):

@@ -8,7 +8,8 @@ its one key, kube-apiserver's compact_rev_key, a physical compaction in the midd
 every key as etcd does, at the current revision and at every revision down to the compact
 revision (the one below refused as compacted), the same history to a watch, the leases
 with their TTLs, and a watch from etcd's last revision continues with the next write. The
-same through ``--etcd`` (the snapshot taken from the live etcd). Refused, with nothing
+same through ``--etcd`` (the snapshot taken from the live etcd; over TLS with a client
+certificate, verified and with ``--insecure-skip-tls-verify``). Refused, with nothing
 written: a database that is not empty, a truncated or corrupted file, a file that is not
 an etcd snapshot, a snapshot holding a revision that changed several keys.
 """
@@ -491,3 +492,17 @@ def test_pulled_from_etcd_over_tls(postgres: Postgres, tmp_path: Path) -> None:
             )
         )
         assert contents(refused_dsn) is None
+        # the server's certificate unverified (no --cacert), the client's still presented
+        unverified = postgres.new_database("snaptls")
+        code, out, err = load(
+            unverified,
+            "--etcd",
+            endpoint,
+            "--cert",
+            str(cert),
+            "--key",
+            str(key),
+            "--insecure-skip-tls-verify",
+        )
+        assert code == 0, err
+        assert f"loaded: revision {put.header.revision}, compact revision 0" in out
