@@ -129,6 +129,8 @@ SERVED = (
         "/etcdserverpb.Maintenance/Status",
         "/etcdserverpb.Maintenance/Alarm",
         "/etcdserverpb.Maintenance/Snapshot",
+        "/etcdserverpb.Maintenance/HashKV",
+        "/etcdserverpb.Maintenance/Hash",
         "/etcdserverpb.Cluster/MemberList",
         "/grpc.health.v1.Health/Check",
     }
@@ -161,6 +163,8 @@ def _plan(path: str, msg: Any, horizon: int) -> str | set[grpc.StatusCode]:
     name = path.rsplit("/", 1)[1]
     if name == "Compact":
         return "both" if msg.revision <= 0 or msg.revision > horizon else "neither"
+    if name == "HashKV" and 0 < msg.revision <= horizon:
+        return {OK, grpc.StatusCode.OUT_OF_RANGE}  # each server's own revisions
     if name == "Range":
         if not _sorts_known(msg):
             return {grpc.StatusCode.INVALID_ARGUMENT}

@@ -1,4 +1,5 @@
-"""etcdserverpb.Maintenance: Status, Alarm and Snapshot; the rest is not implemented."""
+"""etcdserverpb.Maintenance: Status, Alarm, Snapshot, HashKV and Hash; the rest is not
+implemented."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from geminikv.mvcc.kvstore import KVStore
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
 from geminikv.server.rpc import RAFT_TERM, Identity, answer, etcd_errors, unimplemented
+from geminikv.snapshot.hashkv import hash_kv
 from geminikv.snapshot.store import snapshot
 from geminikv.storage.database import CONNECTION_ERRORS
 
@@ -47,6 +49,26 @@ class MaintenanceService(unimplemented(rpc_pb2_grpc.MaintenanceServicer, "Mainte
         self, request: pb.AlarmRequest, context: grpc.aio.ServicerContext
     ) -> pb.AlarmResponse:
         return answer(self.identity, pb.AlarmResponse(), self.store.revision)
+
+    @etcd_errors
+    async def HashKV(
+        self, request: pb.HashKVRequest, context: grpc.aio.ServicerContext
+    ) -> pb.HashKVResponse:
+        """etcd's hash of the keyspace up to a revision (snapshot/hashkv.py)."""
+        self.store.rebuilding.check()
+        result = await hash_kv(self.store, request.revision)
+        response = pb.HashKVResponse(hash=result.hash, compact_revision=result.compact_revision)
+        return answer(self.identity, response, result.revision)
+
+    @etcd_errors
+    async def Hash(
+        self, request: pb.HashRequest, context: grpc.aio.ServicerContext
+    ) -> pb.HashResponse:
+        """HashKV's hash at the current revision (etcd hashes its whole backend file, whose
+        raft and member metadata no two clusters share)."""
+        self.store.rebuilding.check()
+        result = await hash_kv(self.store, 0)
+        return answer(self.identity, pb.HashResponse(hash=result.hash), result.revision)
 
     async def Snapshot(
         self, request: pb.SnapshotRequest, context: grpc.aio.ServicerContext

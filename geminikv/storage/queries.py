@@ -157,6 +157,26 @@ SQL: dict[str, str] = {
                 SELECT 1 FROM kine n WHERE n.name = k.name AND n.id > k.id AND n.id <= $2)))
         ORDER BY k.id
     """,
+    # Maintenance.HashKV at $1 (in a consistent_read, as the snapshot): the rows up to $1
+    # etcd's key bucket holds after compacting at $2 (as snapshot_rows), of those at or
+    # below $2 only a key's last row up to $3 (docs/architecture.md#hashkv-request)
+    "hashkv_rows": f"""
+        SELECT {SNAPSHOT_ROW_COLUMNS} FROM kine k
+        WHERE k.id <= $1 AND k.name <> 'compact_rev_key'
+          AND NOT (k.deleted = 1 AND k.created = 0 AND k.prev_revision = 0
+                   AND k.name LIKE 'gap-%')
+          AND (k.id > $2 OR (k.deleted = 0 AND NOT EXISTS (
+                SELECT 1 FROM kine n WHERE n.name = k.name AND n.id > k.id AND n.id <= $3)))
+        ORDER BY k.id
+    """,
+    # whether any key is live at $1: its last row up to $1 is a put (gap rows are deletes)
+    "hashkv_any_live": """
+        SELECT EXISTS (
+            SELECT 1 FROM kine k
+            WHERE k.id <= $1 AND k.deleted = 0 AND k.name <> 'compact_rev_key'
+              AND NOT EXISTS (
+                SELECT 1 FROM kine n WHERE n.name = k.name AND n.id > k.id AND n.id <= $1))
+    """,
     "snapshot_leases": f"SELECT id, ttl, expiry_ms - {NOW_MS} FROM geminikv_lease ORDER BY id",
     # `geminikv load-snapshot`, in one transaction under the writer lock: nobody else may
     # write while the table is filled; then whether it was empty
