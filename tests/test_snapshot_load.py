@@ -328,6 +328,14 @@ def test_truncated_and_corrupted_files_are_refused(
     assert refused(postgres, truncated) == errors.LOAD_NO_TRAILER.format(
         path=truncated, size=len(data) - 1000
     )
+    # the database without its trailer (etcd's data directory's db file): refused, unless
+    # --skip-hash-check
+    bare = tmp_path / "db"
+    bare.write_bytes(database)
+    assert refused(postgres, bare) == errors.LOAD_NO_TRAILER.format(path=bare, size=len(database))
+    code, out, err = load(postgres.new_database("snapbare"), str(bare), "--skip-hash-check")
+    assert code == 0, err
+    assert f"loaded: revision {source.revision}, compact revision {source.compacted}" in out
     flipped = tmp_path / "flipped.db"
     middle = len(database) // 2
     flipped.write_bytes(data[:middle] + bytes([data[middle] ^ 1]) + data[middle + 1 :])
