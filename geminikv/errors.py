@@ -120,3 +120,36 @@ UNDECODABLE_STREAM_MESSAGE = "grpc: failed to unmarshal the received message: {}
 
 # Methods geminikv does not serve (UNIMPLEMENTED); ``{}``: Service.Method.
 NOT_IMPLEMENTED = "geminikv: {} is not implemented"
+
+
+# -- `geminikv load-snapshot`: why a snapshot is refused (nothing is written) --------------
+
+LOAD_NOT_EMPTY = (
+    "the database is not empty (newest revision {revision}, {leases} leases): an etcd "
+    "snapshot loads only into a new database"
+)
+LOAD_NO_TRAILER = (
+    "{path}: no sha256 trailer (size {size} bytes): not a file `etcdctl snapshot save` "
+    "wrote, or a truncated one; a database file copied from etcd's data directory "
+    "needs --skip-hash-check"
+)
+LOAD_HASH_MISMATCH = (
+    "{path}: corrupt snapshot: the sha256 of its {size} bytes does not match the trailer"
+)
+LOAD_NOT_BBOLT = "{path}: not an etcd snapshot: no bbolt database (no valid meta page: {why})"
+LOAD_NOT_ETCD = "{path}: not an etcd snapshot: the bbolt database has no {bucket!r} bucket"
+LOAD_CORRUPT = "{path}: corrupt snapshot: {why}"
+LOAD_MULTI_KEY = (
+    "revision {revision} changed several keys ({keys}): etcd history in which one "
+    "revision changes several keys (a multi-key Txn, a DeleteRange, a lease revoke) needs "
+    "geminikv's one-revision-per-request support, which is not built yet. Compacting etcd "
+    "at its current revision first (`etcdctl compact --physical <revision>`) keeps only "
+    "each live key's newest revision and makes the snapshot loadable, unless live keys "
+    "were last written together by one request"
+)
+LOAD_BAD_KEY = "revision {revision}: key {key!r} cannot be stored in Kine's text column: {why}"
+LOAD_NO_FREE_REVISION = (
+    "no revision without a key to hold Kine's compact_rev_key row (revisions 1 to "
+    "{revision} each changed a key)"
+)
+LOAD_ETCD_UNREACHABLE = "cannot take a snapshot from etcd at {endpoint}: {why}"

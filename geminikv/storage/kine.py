@@ -181,10 +181,12 @@ async def fill_gaps(conn: asyncpg.Connection, first: int, last: int) -> None:
     await conn.execute(SQL["fill_gaps"], first, last)
 
 
-async def insert_if_missing(conn: asyncpg.Connection, name: bytes, value: bytes) -> None:
-    """A special row (Kine's compact_rev_key, /registry/health) unless one exists."""
-    if not await conn.fetchval(SQL["has_key"], name):
-        await conn.fetchval(SQL["insert_special"], name, value)
+async def insert_if_missing(conn: asyncpg.Connection, name: bytes, value: bytes) -> bool:
+    """A special row (Kine's compact_rev_key) unless one exists; whether it was inserted."""
+    if await conn.fetchval(SQL["has_key"], name):
+        return False
+    await conn.fetchval(SQL["insert_special"], name, value)
+    return True
 
 
 # -- compaction ------------------------------------------------------------------------

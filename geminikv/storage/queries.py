@@ -178,6 +178,33 @@ SQL: dict[str, str] = {
                 SELECT 1 FROM kine n WHERE n.name = k.name AND n.id > k.id AND n.id <= $1))
     """,
     "snapshot_leases": f"SELECT id, ttl, expiry_ms - {NOW_MS} FROM geminikv_lease ORDER BY id",
+    # `geminikv load-snapshot`, in one transaction under the writer lock: nobody else may
+    # write while the table is filled; then whether it was empty
+    "load_lock": "LOCK TABLE kine, geminikv_lease IN EXCLUSIVE MODE",
+    "load_contents": (
+        "SELECT COALESCE(MAX(id), 0), (SELECT count(*) FROM geminikv_lease) FROM kine"
+    ),
+    # the revisions arrive by COPY, without prev_revision and old_value, which need each
+    # key's previous row: PostgreSQL sorts them by key (spilling to disk, not to memory)
+    "load_staging": """
+        CREATE TEMPORARY TABLE geminikv_load (
+            id BIGINT, name text COLLATE "C", created INTEGER, deleted INTEGER,
+            create_revision BIGINT, lease INTEGER, value bytea, version BIGINT
+        ) ON COMMIT DROP
+    """,
+    "load_insert": """
+        INSERT INTO kine (id, name, created, deleted, create_revision, prev_revision, lease,
+                          value, old_value, version)
+        SELECT id, name, created, deleted, create_revision, COALESCE(lag(id) OVER w, 0),
+               lease, value, lag(value) OVER w, version
+        FROM geminikv_load WINDOW w AS (PARTITION BY name ORDER BY id)
+    """,
+    "load_sequence": "SELECT setval(pg_get_serial_sequence('kine', 'id'), $1)",
+    "load_leases": f"""
+        INSERT INTO geminikv_lease (id, ttl, expiry_ms)
+        SELECT t.id, t.ttl, {NOW_MS} + t.remaining_ms
+        FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS t(id, ttl, remaining_ms)
+    """,
     "db_size": "SELECT pg_total_relation_size('kine')",
     # What identifies the cluster: the database, and this incarnation of Kine's table.
     "identity": "SELECT current_database()::text, 'kine'::regclass::oid::bigint",
