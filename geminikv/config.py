@@ -200,6 +200,12 @@ class Settings:
     )
     compact_min_retain: int = _flag(1000, "revisions automatic compaction always keeps")
     compact_batch_size: int = _flag(1000, "revisions compacted per automatic compaction step")
+    quota_backend_bytes: int = _flag(
+        0,
+        "raise etcd's NOSPACE alarm when Kine's table (indexes included) would outgrow this "
+        "many bytes (0 = no quota: PostgreSQL's disk is the limit)",
+        _checked(_integer, lambda v: v >= 0, "size: must not be negative"),
+    )
     metrics_bind_address: str = _flag(
         ":8080", "address for /metrics, /healthz and /readyz (0 = off)"
     )

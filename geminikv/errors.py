@@ -93,6 +93,16 @@ class Unavailable(
 ): ...
 
 
+class NoSpace(
+    EtcdError,
+    code=grpc.StatusCode.RESOURCE_EXHAUSTED,
+    message="etcdserver: mvcc: database space exceeded",
+): ...
+
+
+class Corrupt(EtcdError, code=grpc.StatusCode.DATA_LOSS, message="etcdserver: corrupt cluster"): ...
+
+
 class ServerStopped(Unavailable, message="etcdserver: server stopped"): ...
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import asyncpg
 
 from geminikv import errors
+from geminikv.alarms import Alarms, put_cost, txn_cost
 from geminikv.mvcc import index as index_mod
 from geminikv.mvcc import ranges, txn
 from geminikv.mvcc.compaction import Compaction
@@ -45,6 +46,7 @@ class KVStore:
         compaction: Compaction,
         rewind: Rewind,
         rebuilding: Rebuilding,
+        alarms: Alarms,
         on_compact: Callable[[], None] = lambda: None,
     ) -> None:
         self.pool = pool
@@ -57,6 +59,7 @@ class KVStore:
         self.compaction = compaction
         self.rewind = rewind
         self.rebuilding = rebuilding
+        self.alarms = alarms  # what writes must pass (etcd's quota and alarm appliers)
         self._on_compact = on_compact  # told of every logical compaction (the leader)
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -148,6 +151,7 @@ class KVStore:
     # -- writes ------------------------------------------------------------------------
 
     async def put(self, req: pb.PutRequest) -> pb.PutResponse:
+        self.alarms.check_write(put_cost(req.key, req.value))
         txn.check_size(req)
         txn.check_put(req)
         self._check_serving()
@@ -156,6 +160,7 @@ class KVStore:
         return resp
 
     async def delete_range(self, req: pb.DeleteRangeRequest) -> pb.DeleteRangeResponse:
+        self.alarms.check_write(0)
         txn.check_size(req)
         txn.check_delete(req)
         self._check_serving()
@@ -163,6 +168,8 @@ class KVStore:
         return resp
 
     async def txn(self, req: pb.TxnRequest) -> pb.TxnResponse:
+        if not txn.is_read_only(req):
+            self.alarms.check_write(txn_cost(req))
         txn.check_size(req)
         leases = txn.check_txn(req)
         txn.check_branch(req.success)
@@ -176,6 +183,7 @@ class KVStore:
     ) -> tuple[bool, int, State | None, bytes]:
         """kube-apiserver's create and update txn (Evaluator.guarded_put). Of txn's request
         checks only txn.check_guarded_put's can fail for that shape."""
+        self.alarms.check_write(put_cost(key, value))
         txn.check_guarded_put(key)
         self._check_serving()
         result: tuple[bool, int, State | None, bytes] = await self.writer.submit(
@@ -186,6 +194,7 @@ class KVStore:
 
     async def compact(self, req: pb.CompactionRequest) -> pb.CompactionResponse:
         """Logical compaction: reads and watches below the revision fail from now on."""
+        self.alarms.check_write(0)
         self._check_serving()
         current = await self.compaction.compact(req.revision)
         self._on_compact()

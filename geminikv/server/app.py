@@ -22,6 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from geminikv import metrics, tasks
+from geminikv.alarms import Alarms
 from geminikv.compact import Compactor
 from geminikv.config import (
     GC_YOUNG_THRESHOLD,
@@ -98,6 +99,11 @@ def parse_listen_address(text: str, tls: bool = False) -> ListenAddress:
     return ListenAddress(f"{host}:{port}", f"{scheme}://{shown}:{port}")
 
 
+def member_id(settings: Settings) -> int:
+    """This process's etcd member id: its host and client address."""
+    return _id64("member", socket.gethostname(), settings.listen_address)
+
+
 def _id64(*parts: str) -> int:
     digest = hashlib.blake2b("\0".join(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") & ((1 << 63) - 1) or 1
@@ -130,6 +136,7 @@ def build(
     for PostgreSQL (the leader's session); ``primary``: which PostgreSQL host is the
     primary, followed by a heartbeat (docs/architecture.md#failover)."""
     s = settings
+    alarms = Alarms(pool, member_id(s), s.quota_backend_bytes)
     index = Index()
     values = Values(pool, s.value_cache_size * 1024 * 1024)
     lag = Lag(index)
@@ -166,6 +173,7 @@ def build(
         s.poll_interval,
         reconnect,
         s.poll_batch_size,
+        on_alarms=alarms.changed,
     )
     reads = ReadIndex(
         follower.listener, applier, lag, rewind, follower.wait_for, follower.catch_up, s.batch_wait
@@ -183,6 +191,7 @@ def build(
         compaction,
         rewind,
         rebuilding,
+        alarms,
         on_compact=leader_wake.set,
     )
     leases = Leases(store, kine_ttls)
@@ -354,6 +363,7 @@ class App:
                 rev = await asyncio.wait_for(self.store.reads.read(), 2.0)
                 self.health.database_ok = time.monotonic()
                 self.health.caught_up = self.store.follower.applied >= rev
+                await self.store.alarms.refresh()
                 if now - last_size > 30:
                     metrics.DB_SIZE.set(await self.store.db_size())
                     last_size = now
@@ -370,8 +380,7 @@ class App:
         name, table_oid = await kine.identity(self.writer_conn)
         cluster = _id64("cluster", name, str(table_oid))
         host = socket.gethostname()
-        member = _id64("member", host, self.settings.listen_address)
-        return Identity(cluster, member, host, self.address.client_url)
+        return Identity(cluster, member_id(self.settings), host, self.address.client_url)
 
     async def stop(self) -> None:
         # Stop accepting calls, let unary calls in flight finish (the writer still runs),

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from geminikv import errors
+from geminikv.alarms import describe
 from geminikv.mvcc.kvstore import KVStore
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
@@ -41,6 +42,7 @@ class MaintenanceService(unimplemented(rpc_pb2_grpc.MaintenanceServicer, "Mainte
             raftTerm=RAFT_TERM,
             raftAppliedIndex=rev,
             isLearner=False,
+            errors=[describe(alarm) for alarm in sorted(self.store.alarms.raised)],
         )
         return answer(self.identity, status, rev)
 
@@ -48,7 +50,16 @@ class MaintenanceService(unimplemented(rpc_pb2_grpc.MaintenanceServicer, "Mainte
     async def Alarm(
         self, request: pb.AlarmRequest, context: grpc.aio.ServicerContext
     ) -> pb.AlarmResponse:
-        return answer(self.identity, pb.AlarmResponse(), self.store.revision)
+        """etcd's alarms, one set for the whole database (geminikv/alarms.py)."""
+        alarms = self.store.alarms
+        if request.action == pb.AlarmRequest.ACTIVATE:
+            changed = await alarms.activate(request.memberID, request.alarm)
+        elif request.action == pb.AlarmRequest.DEACTIVATE:
+            changed = await alarms.deactivate(request.memberID, request.alarm)
+        else:
+            changed = await alarms.get(request.alarm)
+        members = [pb.AlarmMember(memberID=m, alarm=pb.AlarmType.Name(kind)) for m, kind in changed]
+        return answer(self.identity, pb.AlarmResponse(alarms=members), self.store.revision)
 
     @etcd_errors
     async def HashKV(

@@ -206,6 +206,11 @@ SQL: dict[str, str] = {
         FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS t(id, ttl, remaining_ms)
     """,
     "db_size": "SELECT pg_total_relation_size('kine')",
+    "alarms": "SELECT member_id, alarm FROM geminikv_alarm ORDER BY member_id, alarm",
+    "alarm_activate": "INSERT INTO geminikv_alarm (member_id, alarm) VALUES ($1, $2) "
+    "ON CONFLICT DO NOTHING RETURNING 1",
+    "alarm_deactivate": "DELETE FROM geminikv_alarm WHERE member_id = $1 AND alarm = $2 "
+    "RETURNING 1",
     # What identifies the cluster: the database, and this incarnation of Kine's table.
     "identity": "SELECT current_database()::text, 'kine'::regclass::oid::bigint",
 }

@@ -45,6 +45,13 @@ KINE_SCHEMA = [
 
 GEMINIKV_EXTRAS = [
     "ALTER TABLE kine ADD COLUMN IF NOT EXISTS version BIGINT",
+    # etcd's alarms, one set for every process on the database (member ids are etcd's
+    # uint64, stored as the signed 64-bit integer with the same bits)
+    """CREATE TABLE IF NOT EXISTS geminikv_alarm (
+        member_id BIGINT NOT NULL,
+        alarm INTEGER NOT NULL,
+        PRIMARY KEY (member_id, alarm)
+    )""",
     """CREATE TABLE IF NOT EXISTS geminikv_lease (
         id BIGINT PRIMARY KEY,
         ttl BIGINT NOT NULL,
