@@ -63,7 +63,11 @@ class Settings:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="geminikv bench", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="geminikv bench",
+        description=__doc__,
+        epilog="geminikv bench failover --help: failover timing on two PostgreSQL nodes",
+    )
     p.add_argument("--quick", action="store_true", help="a smoke run in under a minute")
     p.add_argument("--out", default="./bench-results", help="directory for results and plots")
     p.add_argument(
@@ -329,6 +333,11 @@ def run_workload(
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["failover"]:  # failover timing: its own command and flags
+        from . import failover
+
+        return failover.main(argv[1:])
     args = parser().parse_args(argv)
     s = settings(args)
     wanted = [w.strip() for w in args.workloads.split(",") if w.strip()]
