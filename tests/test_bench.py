@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -222,3 +223,37 @@ def test_the_synchronous_pair_target_costs_geminikv_and_both_servers() -> None:
     assert figures["cpu_us_per_op"] > 0 and figures["mb_per_op_s"] > 0
     assert figures["server_peak_rss_sum_mb"] >= figures["server_peak_mb"]
     assert target.processes() == []
+
+
+REPO = Path(__file__).resolve().parents[1]
+# as nobody (util-linux's setpriv, as tests/ha runs PostgreSQL as its user)
+AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def failover_bench(*args: str, prefix: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*(prefix or []), sys.executable, "-m", "geminikv", "bench", "failover", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=REPO,
+    )
+
+
+def test_the_failover_bench_says_it_needs_root() -> None:
+    """Without root (as nobody, when the test runs as root) nothing is started: it says
+    what it needs and exits with 2."""
+    done = failover_bench("--failovers", "1", prefix=AS_NOBODY if os.geteuid() == 0 else None)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == "geminikv bench failover cannot run here: it needs root (ip netns)\n"
+
+
+def test_the_failover_bench_says_it_needs_the_repository_harness(tmp_path: Path) -> None:
+    done = failover_bench("--repo", str(tmp_path))
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == (
+        "geminikv bench failover cannot run here: it needs a checkout of the geminikv "
+        f"repository (its tests/ha harness), not found in {tmp_path}: run it from the "
+        "checkout or pass --repo\n"
+    )
