@@ -106,6 +106,42 @@ class Corrupt(EtcdError, code=grpc.StatusCode.DATA_LOSS, message="etcdserver: co
 class ServerStopped(Unavailable, message="etcdserver: server stopped"): ...
 
 
+class Membership(EtcdError, code=grpc.StatusCode.FAILED_PRECONDITION): ...
+
+
+class MemberNotFound(
+    EtcdError, code=grpc.StatusCode.NOT_FOUND, message="etcdserver: member not found"
+): ...
+
+
+class MemberNotLearner(Membership, message="etcdserver: can only promote a learner member"): ...
+
+
+class BadLeaderTransferee(Membership, message="etcdserver: bad leader transferee"): ...
+
+
+class MembersAreProcesses(
+    Membership,
+    message="geminikv: every geminikv process serving the database is a member; start or "
+    "stop a process instead of changing membership",
+): ...
+
+
+class WrongDowngradeVersionFormat(
+    InvalidArgument, message="etcdserver: wrong downgrade target version format"
+): ...
+
+
+class NoInflightDowngrade(Membership, message="etcdserver: no inflight downgrade job"): ...
+
+
+class DowngradeDoesNotApply(
+    Membership,
+    message="geminikv: downgrade does not apply; the etcd version geminikv reports is "
+    "--emulated-etcd-version",
+): ...
+
+
 class Rewound(
     Unavailable, message="geminikv: the database revision went backwards; rebuilding the index"
 ):

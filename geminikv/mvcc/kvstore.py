@@ -11,6 +11,7 @@ import asyncpg
 
 from geminikv import errors
 from geminikv.alarms import Alarms, put_cost, txn_cost
+from geminikv.config import DEFRAGMENT_TIMEOUT
 from geminikv.mvcc import index as index_mod
 from geminikv.mvcc import ranges, txn
 from geminikv.mvcc.compaction import Compaction
@@ -213,3 +214,13 @@ class KVStore:
     async def db_size(self) -> int:
         async with self.pool.acquire() as conn:
             return await kine.db_size(conn)
+
+    async def db_sizes(self) -> tuple[int, int]:
+        """etcd's dbSize and dbSizeInUse: the table's bytes, and those holding data."""
+        async with self.pool.acquire() as conn:
+            return await kine.db_size(conn), await kine.db_size_in_use(conn)
+
+    async def vacuum(self) -> None:
+        """Defragment: the space compaction freed becomes reusable (a plain VACUUM)."""
+        async with self.pool.acquire() as conn:
+            await kine.vacuum(conn, DEFRAGMENT_TIMEOUT)

@@ -33,6 +33,7 @@ from geminikv.config import (
 )
 from geminikv.leader import Leader
 from geminikv.lease import KineTtls, Leases
+from geminikv.members import Members
 from geminikv.mvcc.applier import Applier
 from geminikv.mvcc.compaction import Compaction
 from geminikv.mvcc.follower import Follower
@@ -241,6 +242,7 @@ class App:
         self.health = metrics.Health()
         self.http: WSGIServer | None = None
         self._health_task: asyncio.Task[None] | None = None
+        self.members: Members | None = None
         self.lease_count = 0  # counted by the health task, read by the geminikv_leases gauge
         self.address = parse_listen_address(
             settings.listen_address, tls=bool(settings.server_cert_file)
@@ -286,14 +288,21 @@ class App:
             self.heartbeat.start()
         await self.store.start()
         identity = await self._identity()
+        self.members = Members(
+            self.pool, (identity.member_id, identity.name, [identity.client_url])
+        )
+        await self.members.announce()
 
         grpc_server = grpc.aio.server(options=GRPC_OPTIONS)
         server = UndecodableAsInternal(grpc_server, wire.CODECS)  # registers the services
         rpc_pb2_grpc.add_KVServicer_to_server(KVService(self.store, identity), server)
         rpc_pb2_grpc.add_MaintenanceServicer_to_server(
-            MaintenanceService(self.store, identity, s.emulated_etcd_version), server
+            MaintenanceService(self.store, identity, s.emulated_etcd_version, self.members),
+            server,
         )
-        rpc_pb2_grpc.add_ClusterServicer_to_server(ClusterService(self.store, identity), server)
+        rpc_pb2_grpc.add_ClusterServicer_to_server(
+            ClusterService(self.store, identity, self.members), server
+        )
         await self.hub.start()
         self.watch = WatchService(self.hub, identity, s.watch_progress_notify_interval)
         self.watch.start()
@@ -364,6 +373,8 @@ class App:
                 self.health.database_ok = time.monotonic()
                 self.health.caught_up = self.store.follower.applied >= rev
                 await self.store.alarms.refresh()
+                if self.members is not None:
+                    await self.members.announce()
                 if now - last_size > 30:
                     metrics.DB_SIZE.set(await self.store.db_size())
                     last_size = now
@@ -379,8 +390,8 @@ class App:
         assert self.writer_conn is not None
         name, table_oid = await kine.identity(self.writer_conn)
         cluster = _id64("cluster", name, str(table_oid))
-        host = socket.gethostname()
-        return Identity(cluster, member_id(self.settings), host, self.address.client_url)
+        name = self.settings.name
+        return Identity(cluster, member_id(self.settings), name, self.address.client_url)
 
     async def stop(self) -> None:
         # Stop accepting calls, let unary calls in flight finish (the writer still runs),
@@ -395,6 +406,9 @@ class App:
             await draining
             self.server = None
         await tasks.stop(self._health_task)
+        if self.members is not None and self.pool is not None:
+            with contextlib.suppress(Exception):  # else its row ages out of the list
+                await asyncio.wait_for(self.members.withdraw(), 2)
         if self.heartbeat is not None:
             await self.heartbeat.stop()
         if self.http is not None:

@@ -206,6 +206,24 @@ SQL: dict[str, str] = {
         FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS t(id, ttl, remaining_ms)
     """,
     "db_size": "SELECT pg_total_relation_size('kine')",
+    "member_announce": "INSERT INTO geminikv_member (id, name, client_urls, seen_ms) "
+    f"VALUES ($1, $2, $3, {NOW_MS}) ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, "
+    "client_urls = EXCLUDED.client_urls, seen_ms = EXCLUDED.seen_ms",
+    "member_withdraw": "DELETE FROM geminikv_member WHERE id = $1",
+    "members_live": "SELECT id, name, client_urls FROM geminikv_member "
+    f"WHERE seen_ms > {NOW_MS} - $1 ORDER BY id",
+    "vacuum": "VACUUM (ANALYZE) kine, geminikv_lease",
+    # pg_freespace() exists only where the extension could be created (schema.py tries)
+    "has_freespace": "SELECT to_regprocedure('pg_freespace(regclass)') IS NOT NULL",
+    # the free space of the table, its TOAST table (large values) and its indexes
+    "db_size_in_use": """
+        SELECT pg_total_relation_size('kine') - (
+            SELECT COALESCE(sum(f.avail), 0)
+            FROM (SELECT 'kine'::regclass::oid AS rel
+                  UNION ALL SELECT reltoastrelid FROM pg_class
+                            WHERE oid = 'kine'::regclass AND reltoastrelid <> 0
+                  UNION ALL SELECT indexrelid FROM pg_index WHERE indrelid = 'kine'::regclass
+                 ) r, LATERAL pg_freespace(r.rel::regclass) f)""",
     "alarms": "SELECT member_id, alarm FROM geminikv_alarm ORDER BY member_id, alarm",
     "alarm_activate": "INSERT INTO geminikv_alarm (member_id, alarm) VALUES ($1, $2) "
     "ON CONFLICT DO NOTHING RETURNING 1",
