@@ -21,6 +21,7 @@ import time
 import asyncpg
 
 from geminikv import errors, metrics
+from geminikv.alarms import LEASE_OVERHEAD
 from geminikv.config import (
     EXPIRED_PER_RUN,
     LEASE_PROMOTE_EXTENSION,
@@ -112,6 +113,7 @@ class Leases:
     # -- RPCs --------------------------------------------------------------------------
 
     async def grant(self, ttl: int, lease_id: int) -> tuple[int, int]:
+        self.store.alarms.check_write(LEASE_OVERHEAD)
         if ttl > MAX_LEASE_TTL:
             raise errors.LeaseTTLTooLarge()
         ttl = max(ttl, MIN_LEASE_TTL)
@@ -131,6 +133,7 @@ class Leases:
                     return candidate, ttl
 
     async def revoke(self, lease_id: int) -> pb.LeaseRevokeResponse:
+        self.store.alarms.check_write(0)
         resp: pb.LeaseRevokeResponse = await self.store.write(
             lambda ev: ev.revoke(lease_id, only_if_expired=False), revokes=(lease_id,)
         )

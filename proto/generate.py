@@ -2,6 +2,8 @@
 
 Usage: python proto/generate.py [OUT_DIR]   (default: geminikv/proto)
 
+setup.py runs it on every build; geminikv/proto is build output, never committed.
+
 Runs grpc_tools.protoc over the .proto files in this directory, then rewrites
 the generated absolute imports (``from mvccpb import kv_pb2`` ...) so that the
 code lives inside the ``geminikv.proto`` package.
@@ -10,7 +12,6 @@ code lives inside the ``geminikv.proto`` package.
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -58,18 +59,23 @@ def write_package_inits(out_dir: Path) -> None:
 
 
 def run_protoc(out_dir: Path) -> None:
+    # In this process, not `python -m grpc_tools.protoc`: a build's isolated environment
+    # need not be importable from a child interpreter.
+    from grpc_tools import protoc  # type: ignore[import-untyped]
+
+    well_known = Path(protoc.__file__).resolve().parent / "_proto"
     out = str(out_dir)
-    cmd = [
-        sys.executable,
-        "-m",
-        "grpc_tools.protoc",
-        "-Iproto",
+    args = [
+        "protoc",
+        f"-I{PROTO_DIR}",
+        f"-I{well_known}",
         f"--python_out={out}",
         f"--pyi_out={out}",
         f"--grpc_python_out={out}",
-        *(f"proto/{name}" for name in PROTO_FILES),
+        *(str(PROTO_DIR / name) for name in PROTO_FILES),
     ]
-    subprocess.run(cmd, cwd=REPO_ROOT, check=True)
+    if protoc.main(args) != 0:
+        raise RuntimeError(f"protoc failed: {' '.join(args)}")
 
 
 def generate(out_dir: Path) -> list[Path]:

@@ -129,7 +129,16 @@ SERVED = (
         "/etcdserverpb.Maintenance/Status",
         "/etcdserverpb.Maintenance/Alarm",
         "/etcdserverpb.Maintenance/Snapshot",
+        "/etcdserverpb.Maintenance/HashKV",
+        "/etcdserverpb.Maintenance/Hash",
+        "/etcdserverpb.Maintenance/Defragment",
+        "/etcdserverpb.Maintenance/MoveLeader",
+        "/etcdserverpb.Maintenance/Downgrade",
         "/etcdserverpb.Cluster/MemberList",
+        "/etcdserverpb.Cluster/MemberAdd",
+        "/etcdserverpb.Cluster/MemberRemove",
+        "/etcdserverpb.Cluster/MemberUpdate",
+        "/etcdserverpb.Cluster/MemberPromote",
         "/grpc.health.v1.Health/Check",
     }
 )
@@ -161,6 +170,8 @@ def _plan(path: str, msg: Any, horizon: int) -> str | set[grpc.StatusCode]:
     name = path.rsplit("/", 1)[1]
     if name == "Compact":
         return "both" if msg.revision <= 0 or msg.revision > horizon else "neither"
+    if name == "HashKV" and 0 < msg.revision <= horizon:
+        return {OK, grpc.StatusCode.OUT_OF_RANGE}  # each server's own revisions
     if name == "Range":
         if not _sorts_known(msg):
             return {grpc.StatusCode.INVALID_ARGUMENT}
@@ -186,8 +197,14 @@ def _plan(path: str, msg: Any, horizon: int) -> str | set[grpc.StatusCode]:
             return ANY_TXN_ANSWER
     if name == "LeaseGrant" and not 0 <= msg.ID < 2**31 and msg.TTL <= 9_000_000_000:
         return {grpc.StatusCode.INVALID_ARGUMENT}
-    if name == "Alarm" and msg.action not in (pb.AlarmRequest.GET, pb.AlarmRequest.DEACTIVATE):
-        return {OK}  # etcd crashes on an unknown action; ACTIVATE would arm a real alarm
+    if name == "Alarm" and msg.action == pb.AlarmRequest.ACTIVATE:
+        return "neither"  # it would arm a real alarm on both (tests/test_alarms.py)
+    if name == "Alarm" and msg.action != pb.AlarmRequest.DEACTIVATE:
+        return {OK}  # etcd crashes on an unknown action; geminikv answers it as GET
+    if name == "MemberAdd":
+        return {grpc.StatusCode.FAILED_PRECONDITION}  # etcd would really add a member
+    if name == "Downgrade":  # etcd 3.4 has none
+        return {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION}
     return "both"
 
 

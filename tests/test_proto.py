@@ -109,47 +109,49 @@ def regenerated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 def _regenerate_hint() -> str:
     return (
-        f"regenerate with the pinned generator (grpcio-tools=={_pinned('grpcio-tools')}, "
-        f"as {CONSTRAINTS.name} and .ci/run install it): python proto/generate.py"
+        "the bindings are built by setup.py with the grpcio-tools pinned in pyproject.toml's "
+        "[build-system]; rebuild them: pip install -c constraints.txt -e '.[test,dev]'"
     )
 
 
 def test_generated_messages_and_services_match_the_protos(regenerated: dict[str, str]) -> None:
-    committed = _files_under(GENERATED_DIR)
-    assert sorted(regenerated) == sorted(committed), (
+    built = _files_under(GENERATED_DIR)
+    assert sorted(regenerated) == sorted(built), (
         f"set of generated files differs; {_regenerate_hint()}"
     )
     for name, fresh in regenerated.items():
         if name.endswith("_pb2.py"):
-            same = _serialized_descriptor(fresh) == _serialized_descriptor(committed[name])
+            same = _serialized_descriptor(fresh) == _serialized_descriptor(built[name])
             assert same, f"{name}: messages, fields or services differ; {_regenerate_hint()}"
         elif name.endswith("_grpc.py"):
-            same = _grpc_methods(fresh) == _grpc_methods(committed[name])
+            same = _grpc_methods(fresh) == _grpc_methods(built[name])
             assert same, f"{name}: service methods differ; {_regenerate_hint()}"
 
 
 def test_generated_code_is_current(regenerated: dict[str, str]) -> None:
-    committed = _files_under(GENERATED_DIR)
+    built = _files_under(GENERATED_DIR)
     stale = [
         name
         for name, fresh in regenerated.items()
-        if _without_version_stamps(fresh) != _without_version_stamps(committed.get(name, ""))
+        if _without_version_stamps(fresh) != _without_version_stamps(built.get(name, ""))
     ]
     assert not stale, f"generated code is stale: {stale}; {_regenerate_hint()}"
 
 
 def test_generated_with_the_pinned_generator() -> None:
-    """The committed code carries the pinned generator's stamp, and the runtime floors in
-    pyproject.toml are the ones that code demands (it refuses to import below them)."""
+    """The build's generator is the one constraints.txt pins, the built code carries its
+    stamp, and the runtime floors in pyproject.toml are the ones that code demands (it
+    refuses to import below them)."""
     pinned = _pinned("grpcio-tools")
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert f"grpcio-tools=={pinned}" in project["build-system"]["requires"]
     for path in sorted(GENERATED_DIR.rglob("*_pb2_grpc.py")):
         stamp = f"GRPC_GENERATED_VERSION = '{pinned}'"
         assert stamp in path.read_text(encoding="utf-8"), f"{path.name}: {_regenerate_hint()}"
     pb2_code = (GENERATED_DIR / "etcdserverpb" / "rpc_pb2.py").read_text(encoding="utf-8")
     gencode = re.search(r"^# Protobuf Python Version: (\d+)\.(\d+)\.(\d+)$", pb2_code, re.MULTILINE)
     assert gencode is not None
-    requires = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-    dependencies = requires["project"]["dependencies"]
+    dependencies = project["project"]["dependencies"]
     assert f"grpcio>={pinned}" in dependencies
     major = int(gencode.group(1))
     assert f"protobuf>={'.'.join(gencode.groups())},<{major + 1}" in dependencies

