@@ -276,19 +276,22 @@ class Reads:
             self._thread.join(10)
 
 
-RELIABILITY_SECONDS = 20.0
+RELIABILITY_SECONDS = 12.0
 
 
 def test_reliability_traffic_through_a_failover(pair: Pair, request: pytest.FixtureRequest) -> None:
     """The reliability traffic and checkers (tests/reliability/, issue 18 item 5) through
     one failover: Kubernetes-shaped clients and watchers spread over geminikv on both
-    nodes; the primary's node is killed (its geminikv with it) and the standby promoted;
-    the old primary is rewound and rejoins, its geminikv started again, the traffic going
-    on. The history is linearizable and every watch keeps etcd's guarantees."""
+    nodes; the primary's node is killed (its geminikv with it) and the standby promoted at
+    once, the traffic going on through the survivor. The history is linearizable and every
+    watch keeps etcd's guarantees. (The old primary returning under this traffic: the
+    cut-link test in test_ha_autofailover.py.)"""
     seed = int(request.config.getoption("--reliability-seed"))
     old, new = pair.primary, pair.standby
     geminis = [Gemini(node, pair.endpoint()).wait_listening() for node in (old, new)]
-    traffic = Traffic([g.address for g in geminis], b"/reliability/", Settings(seed=seed))
+    # the survivor's first: the traffic reads the table's own history through it at the end
+    endpoints = [geminis[1].address, geminis[0].address]
+    traffic = Traffic(endpoints, b"/reliability/", Settings(seed=seed))
     timings: list[str] = []
 
     def failover() -> None:
@@ -296,12 +299,6 @@ def test_reliability_traffic_through_a_failover(pair: Pair, request: pytest.Fixt
         killed = old.kill()
         replication.promote(new)
         timings.append(f"kill -> promoted {time.monotonic() - killed:.2f} s")
-        time.sleep(1.0)
-        replication.rejoin(old, new)
-        Gemini(old, pair.endpoint()).wait_listening()
-        timings.append(
-            f"kill -> old node rejoined, its geminikv back {time.monotonic() - killed:.2f} s"
-        )
 
     async def run() -> None:
         work = asyncio.gather(traffic.run(RELIABILITY_SECONDS), asyncio.to_thread(failover))
@@ -327,5 +324,5 @@ def test_reliability_traffic_through_a_failover(pair: Pair, request: pytest.Fixt
     )
     assert not traffic.unexpected, traffic.unexpected[:10]  # only errors etcd gives here
     assert not violations, f"seed {seed}: " + "\n".join(violations[:30])
-    assert len(timings) == 2  # the failover happened while the traffic ran
+    assert timings  # the failover happened while the traffic ran
     assert outcomes["ok"] > 300 and events > 100
