@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import asyncpg
 import grpc
@@ -17,7 +18,16 @@ from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.proto.mvccpb import kv_pb2 as mvccpb
 from tests.differential import Pair
 from tests.ha.keepalive import KeepAlive
-from tests.servers import Etcd, GeminiProcess, GeminiServer, Postgres, Stubs, run_sync
+from tests.servers import (
+    Etcd,
+    GeminiProcess,
+    GeminiServer,
+    Postgres,
+    Stubs,
+    run_sync,
+    start_postgres,
+    stop_postgres,
+)
 from tests.waiting import eventually
 from tests.watching import WatchClient
 
@@ -279,6 +289,49 @@ def test_a_new_leader_renews_every_lease_before_expiring_any(postgres: Postgres)
             kept.stop()
         first.kill()
         second.stop()
+
+
+def test_a_lease_kept_alive_across_a_postgresql_outage_never_expires(tmp_path: Path) -> None:
+    """PostgreSQL down for longer than a lease's TTL: keep-alive streams end Unavailable
+    with etcd's "request timed out" (etcd's answer without a leader) and the client opens
+    them again, as clientv3 does; once PostgreSQL is back the leader takes its lock again
+    and renews every lease first (etcd's Promote), so neither the kept lease nor the one
+    left alone expires because of the outage; the one left alone expires a TTL later."""
+    data = tmp_path / "pg"
+    dsn = start_postgres(data)
+    server = GeminiProcess(dsn).start()
+    kept: KeepAlive | None = None
+    try:
+        stubs = server.stubs()
+        kept_id = stubs.lease.LeaseGrant(pb.LeaseGrantRequest(TTL=2)).ID
+        left = stubs.lease.LeaseGrant(pb.LeaseGrantRequest(TTL=2)).ID
+        stubs.kv.Put(pb.PutRequest(key=b"/po/kept", value=b"v", lease=kept_id))
+        stubs.kv.Put(pb.PutRequest(key=b"/po/left", value=b"v", lease=left))
+        kept = KeepAlive(server.endpoint, kept_id).start()
+        eventually(lambda: kept is not None and len(kept.answers) >= 2, "keep-alives answered")
+        stop_postgres(data)
+        time.sleep(3.0)  # both leases' TTLs run out meanwhile
+        start_postgres(data)
+        back = time.monotonic()
+        eventually(lambda: any(at > back for at, _ in kept.answers), "keep-alives again", 30)
+        assert stubs.kv.Range(R(key=b"/po/left")).count == 1  # renewed, not expired
+        eventually(lambda: not stubs.kv.Range(R(key=b"/po/left")).kvs, "the one left expired", 15)
+        left_after = time.monotonic() - back
+        time.sleep(2.5)  # longer than the kept lease's TTL
+        kept.stop()
+        assert kept.gone() == []
+        assert {code for _, code in kept.errors} == {grpc.StatusCode.UNAVAILABLE}
+        assert stubs.kv.Range(R(key=b"/po/kept")).count == 1
+        assert "PostgreSQL unavailable" in server.output()
+        print(
+            f"\noutage: {len(kept.errors)} keep-alive streams ended Unavailable and reopened; "
+            f"the lease left alone expired {left_after:.2f} s after PostgreSQL was back"
+        )
+    finally:
+        if kept is not None:
+            kept.stop()
+        server.stop()
+        stop_postgres(data)
 
 
 def test_leases_expire_while_compaction_keeps_failing(postgres: Postgres) -> None:
