@@ -79,6 +79,9 @@ EXPIRED_PER_RUN = 10_000  # expired leases read per expiry run
 LEADER_RETRY_LOCK = 1.0  # seconds between attempts to take the leader lock
 LEADER_MAX_SLEEP = 0.5  # seconds the leader sleeps between duties, at most
 
+# Auth: how often every process checks the auth revision behind the notifications
+AUTH_POLL_INTERVAL = 1.0
+
 # The serving process
 HEARTBEAT_RETRY = 0.2  # seconds between attempts to reach a primary while none answers
 LEASE_COUNT_INTERVAL = 5.0  # seconds between counts of geminikv_lease for the metric
@@ -214,6 +217,19 @@ class Settings:
     trusted_ca_file: str = _flag(
         "", "CA for client certificates: when set, clients must present one"
     )
+    client_cert_auth: bool = _flag(
+        False,
+        "etcd's --client-cert-auth: while auth is enabled, a request without a token is "
+        "made as the user its TLS client certificate's common name names (with "
+        "--trusted-ca-file)",
+    )
+    auth_token: str = _flag(
+        "simple",
+        "etcd's --auth-token: simple, or jwt,pub-key=FILE,priv-key=FILE,"
+        "sign-method=RS256|ES256|...,ttl=DURATION",
+    )
+    auth_token_ttl: int = _flag(300, "seconds a simple token lives after its last use", _positive)
+    bcrypt_cost: int = _flag(10, "bcrypt cost of password hashes (4 to 31, as etcd's)")
     ca_file: str = _flag("", "CA that signed PostgreSQL's certificate (enables TLS to PostgreSQL)")
     cert_file: str = _flag("", "client certificate presented to PostgreSQL (with --key-file)")
     key_file: str = _flag("", "key of the client certificate presented to PostgreSQL")

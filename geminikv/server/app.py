@@ -22,8 +22,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from geminikv import metrics, tasks
+from geminikv.auth.store import AuthStore
+from geminikv.auth.tokens import make_tokens
 from geminikv.compact import Compactor
 from geminikv.config import (
+    AUTH_POLL_INTERVAL,
     GC_YOUNG_THRESHOLD,
     GRPC_MAX_RECEIVE_BYTES,
     LEASE_COUNT_INTERVAL,
@@ -46,12 +49,13 @@ from geminikv.mvcc.values import Values
 from geminikv.mvcc.writer import Writer
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
 from geminikv.server import wire
+from geminikv.server.auth import AuthService, Guard, guarded
 from geminikv.server.cluster import ClusterService
 from geminikv.server.kv import KVService
 from geminikv.server.lease import LeaseService
 from geminikv.server.maintenance import MaintenanceService
 from geminikv.server.registration import UndecodableAsInternal
-from geminikv.server.rpc import Identity, unimplemented
+from geminikv.server.rpc import Identity
 from geminikv.server.watch import WatchService
 from geminikv.storage import database, kine, schema
 from geminikv.storage.embedded import EmbeddedPostgres
@@ -229,6 +233,7 @@ class App:
         self.leases: Leases | None = None
         self.leader: Leader | None = None
         self.heartbeat: Heartbeat | None = None
+        self.auth: AuthStore | None = None
         self.health = metrics.Health()
         self.http: WSGIServer | None = None
         self._health_task: asyncio.Task[None] | None = None
@@ -277,22 +282,28 @@ class App:
             self.heartbeat.start()
         await self.store.start()
         identity = await self._identity()
+        tokens = make_tokens(s.auth_token, self.pool, s.auth_token_ttl)
+        self.auth = AuthStore(self.pool, connect, tokens, s.bcrypt_cost, AUTH_POLL_INTERVAL)
+        await self.auth.start()
+        guard = Guard(self.auth, self.store.index.lease_keys, s.client_cert_auth)
 
         grpc_server = grpc.aio.server(options=GRPC_OPTIONS)
-        server = UndecodableAsInternal(grpc_server, wire.CODECS)  # registers the services
-        rpc_pb2_grpc.add_KVServicer_to_server(KVService(self.store, identity), server)
+        # registers the services; the Maintenance and Cluster methods etcd guards get checks
+        server = UndecodableAsInternal(grpc_server, wire.CODECS, guarded(guard))
+        rpc_pb2_grpc.add_KVServicer_to_server(KVService(self.store, identity, guard), server)
         rpc_pb2_grpc.add_MaintenanceServicer_to_server(
             MaintenanceService(self.store, identity, s.emulated_etcd_version), server
         )
         rpc_pb2_grpc.add_ClusterServicer_to_server(ClusterService(self.store, identity), server)
         await self.hub.start()
-        self.watch = WatchService(self.hub, identity, s.watch_progress_notify_interval)
+        self.watch = WatchService(self.hub, identity, s.watch_progress_notify_interval, guard)
         self.watch.start()
         rpc_pb2_grpc.add_WatchServicer_to_server(self.watch, server)
         await self.leader.start()
-        rpc_pb2_grpc.add_LeaseServicer_to_server(LeaseService(self.leases, identity), server)
+        rpc_pb2_grpc.add_LeaseServicer_to_server(LeaseService(self.leases, identity, guard), server)
+        store = self.store
         rpc_pb2_grpc.add_AuthServicer_to_server(
-            unimplemented(rpc_pb2_grpc.AuthServicer, "Auth")(), server
+            AuthService(guard, identity, lambda: store.revision), server
         )
         health_servicer = health.aio.HealthServicer()
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -393,6 +404,8 @@ class App:
             self.http.server_close()
         if self.hub is not None:
             await self.hub.stop()
+        if self.auth is not None:
+            await self.auth.stop()
         if self.leader is not None:
             await self.leader.stop()
         if self.store is not None:

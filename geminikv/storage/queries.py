@@ -14,6 +14,8 @@ from geminikv.storage.rows import INDEX_COLUMNS, Row
 # held, so commit order equals id order (a follower that sees id N has seen all below N).
 WRITER_LOCK_KEY = 0x6B696E65_00000002
 NOTIFY_CHANNEL = "geminikv"
+# Auth changes (users, roles, permissions, the enabled flag): payload the new auth revision.
+AUTH_NOTIFY_CHANNEL = "geminikv_auth"
 # SQLSTATEs geminikv_write_v2 raises: the caller's index is behind the table; a lease the
 # batch attaches keys to is gone (revoked or expired).
 WRITE_CONFLICT = "GK001"
@@ -159,6 +161,47 @@ SQL: dict[str, str] = {
     """,
     "snapshot_leases": f"SELECT id, ttl, expiry_ms - {NOW_MS} FROM geminikv_lease ORDER BY id",
     "db_size": "SELECT pg_total_relation_size('kine')",
+    # Auth (storage/auth.py): one row of state, users, roles with their permissions, and
+    # the simple tokens every process accepts. Changes run under the state row's lock.
+    "auth_state": "SELECT enabled, revision FROM geminikv_auth WHERE id = 1",
+    "auth_state_for_update": "SELECT enabled, revision FROM geminikv_auth WHERE id = 1 FOR UPDATE",
+    "auth_revision": "SELECT revision FROM geminikv_auth WHERE id = 1",
+    "auth_set_state": "UPDATE geminikv_auth SET enabled = $1, revision = $2 WHERE id = 1",
+    "auth_users": "SELECT name, password, no_password, roles FROM geminikv_auth_user ORDER BY name",
+    "auth_roles": "SELECT name FROM geminikv_auth_role ORDER BY name",
+    "auth_permissions": (
+        "SELECT role, key, range_end, perm_type FROM geminikv_auth_permission "
+        "ORDER BY role, key, range_end"
+    ),
+    "auth_put_user": """
+        INSERT INTO geminikv_auth_user (name, password, no_password, roles)
+        VALUES ($1, $2, $3, $4::bytea[])
+        ON CONFLICT (name) DO UPDATE
+        SET password = EXCLUDED.password, no_password = EXCLUDED.no_password,
+            roles = EXCLUDED.roles
+    """,
+    "auth_delete_user": "DELETE FROM geminikv_auth_user WHERE name = $1",
+    "auth_put_role": "INSERT INTO geminikv_auth_role (name) VALUES ($1) ON CONFLICT DO NOTHING",
+    "auth_delete_role": "DELETE FROM geminikv_auth_role WHERE name = $1",
+    "auth_clear_permissions": "DELETE FROM geminikv_auth_permission WHERE role = $1",
+    "auth_put_permissions": """
+        INSERT INTO geminikv_auth_permission (role, key, range_end, perm_type)
+        SELECT $1, t.key, t.range_end, t.perm_type
+        FROM unnest($2::bytea[], $3::bytea[], $4::int[]) AS t(key, range_end, perm_type)
+    """,
+    "auth_notify": f"SELECT pg_notify('{AUTH_NOTIFY_CHANNEL}', $1)",
+    "auth_token_add": f"""
+        INSERT INTO geminikv_auth_token (prefix, username, expiry_ms)
+        VALUES ($1, $2, {NOW_MS} + $3::bigint) RETURNING id
+    """,
+    # (prefix, user, milliseconds left) of a live token; its expiry moved on by $2 ms
+    "auth_token_use": f"""
+        UPDATE geminikv_auth_token SET expiry_ms = {NOW_MS} + $2::bigint
+        WHERE id = $1 AND expiry_ms > {NOW_MS} RETURNING prefix, username, $2::bigint
+    """,
+    "auth_tokens_drop_users": "DELETE FROM geminikv_auth_token WHERE username = ANY($1::bytea[])",
+    "auth_tokens_drop_all": "DELETE FROM geminikv_auth_token",
+    "auth_tokens_drop_expired": f"DELETE FROM geminikv_auth_token WHERE expiry_ms <= {NOW_MS}",
     # What identifies the cluster: the database, and this incarnation of Kine's table.
     "identity": "SELECT current_database()::text, 'kine'::regclass::oid::bigint",
 }
