@@ -203,9 +203,9 @@ class AuthStore:
 
     async def authenticate(self, name: str, password: str) -> str:
         """etcd's CheckPassword then Authenticate: a token for the user."""
+        await self.reload()  # linearizable, as etcd's Authenticate
         if not self.enabled:
             raise errors.AuthNotEnabled()
-        await self.reload()  # linearizable, as etcd's Authenticate
         user = self.users.get(name.encode())
         if user is None:
             raise errors.AuthFailed()
