@@ -244,6 +244,12 @@ def cmp(key: bytes, end: bytes = b"") -> pb.Compare:
     )
 
 
+def guarded_put(key: bytes) -> pb.TxnRequest:
+    """kube-apiserver's create, which geminikv's wire fast path takes (server/wire.py)."""
+    mod = pb.Compare(key=key, target=pb.Compare.MOD, result=pb.Compare.EQUAL, mod_revision=0)
+    return txn([mod], [P(key=key, value=b"created")], [R(key=key)])
+
+
 R, P, D = pb.RangeRequest, pb.PutRequest, pb.DeleteRangeRequest
 REQUESTS: list[tuple[str, Any]] = [
     ("Range", R(key=b"/app/x")),
@@ -268,6 +274,9 @@ REQUESTS: list[tuple[str, Any]] = [
     ("Txn", txn([cmp(b"/other")], [R(key=b"/app/x")], [])),
     ("Txn", txn([cmp(b"/app/", b"/app0")], [], [D(key=b"/app/", range_end=b"/app0")])),
     ("Txn", txn([], [P(key=b"", value=b"3")], [])),
+    ("Txn", guarded_put(b"/app/created")),
+    ("Txn", guarded_put(b"/ro")),
+    ("Txn", guarded_put(b"k3")),
 ]
 # etcd 3.5 checks the ops of nested txns too; 3.4 (the etcd here) does not
 NESTED = txn([], [txn([], [], [P(key=b"/ro", value=b"3")])], [])
