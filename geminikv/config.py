@@ -140,6 +140,26 @@ def _duration_or_off(text: str) -> float:
     return max(0.0, parse_duration(text))
 
 
+def auth_token_options(text: str) -> tuple[str, dict[str, str]]:
+    """etcd's --auth-token (decomposeOpts): a token type, then comma-separated
+    ``name=value`` options, each at most once."""
+    kind, *rest = text.split(",")
+    options: dict[str, str] = {}
+    for item in rest:
+        name, eq, value = item.partition("=")
+        if not eq or "=" in value or name in options:
+            raise argparse.ArgumentTypeError(f"invalid auth token option {item!r}")
+        options[name] = value
+    if kind not in ("simple", "jwt"):
+        raise argparse.ArgumentTypeError(f"invalid auth token type {kind!r} (simple or jwt)")
+    return kind, options
+
+
+def _auth_token(text: str) -> str:
+    auth_token_options(text)
+    return text
+
+
 def _connections(text: str) -> int:
     value = _integer(text)
     return UNLIMITED_CONNECTIONS if value <= 0 else value
@@ -227,6 +247,7 @@ class Settings:
         "simple",
         "etcd's --auth-token: simple, or jwt,pub-key=FILE,priv-key=FILE,"
         "sign-method=RS256|ES256|...,ttl=DURATION",
+        _auth_token,
     )
     auth_token_ttl: int = _flag(300, "seconds a simple token lives after its last use", _positive)
     bcrypt_cost: int = _flag(10, "bcrypt cost of password hashes (4 to 31, as etcd's)")

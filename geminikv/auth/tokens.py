@@ -12,14 +12,13 @@ from __future__ import annotations
 import secrets
 import string
 import time
-from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 import asyncpg
 import jwt
 
 from geminikv import errors
-from geminikv.config import parse_duration
+from geminikv.config import auth_token_options, parse_duration
 from geminikv.storage import auth as storage
 
 SIMPLE_TOKEN_LETTERS = string.ascii_letters
@@ -125,33 +124,12 @@ class JwtTokens:
         pass
 
 
-@dataclass(frozen=True, slots=True)
-class TokenOptions:
-    """--auth-token parsed (etcd's decomposeOpts): a type and its options."""
-
-    kind: str
-    options: dict[str, str]
-
-
-def parse_options(text: str) -> TokenOptions:
-    kind, *rest = text.split(",")
-    options: dict[str, str] = {}
-    for item in rest:
-        name, eq, value = item.partition("=")
-        if not eq or "=" in value or name in options:
-            raise InvalidAuthOptions(f"bad option {item!r}")
-        options[name] = value
-    if kind not in ("simple", "jwt"):
-        raise InvalidAuthOptions(f"unknown token type {kind!r}")
-    return TokenOptions(kind, options)
-
-
 def make_tokens(text: str, pool: asyncpg.Pool, simple_ttl: float) -> Tokens:
     """The token provider --auth-token names (``simple`` tokens live ``simple_ttl``)."""
-    opts = parse_options(text)
-    if opts.kind == "simple":
+    kind, options = auth_token_options(text)
+    if kind == "simple":
         return SimpleTokens(pool, simple_ttl)
-    return _jwt(opts.options)
+    return _jwt(options)
 
 
 def _read(path: str) -> bytes:
