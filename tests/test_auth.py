@@ -418,6 +418,19 @@ def test_two_processes_share_auth(
     first.auth.UserGrantRole(pb.AuthUserGrantRoleRequest(user="alice", role="app"), metadata=root)
     eventually(lambda: outcome(second.kv.Put, put, alice)[0] == "ok", "granted on the second")
 
+    # auth disabled and enabled again through the first (the revision stays: etcd's
+    # AuthEnable does not move it); every simple token goes with it
+    first.auth.AuthDisable(pb.AuthDisableRequest(), metadata=root)
+    get = pb.RangeRequest(key=b"/other")
+    eventually(lambda: outcome(second.kv.Range, get, None)[0] == "ok", "disabled on the second")
+    first.auth.AuthEnable(pb.AuthEnableRequest())
+    empty = ("error", grpc.StatusCode.INVALID_ARGUMENT, "etcdserver: user name is empty")
+    eventually(lambda: outcome(second.kv.Range, get, None) == empty, "enabled on the second")
+    for user in ("root", "alice", "bob"):
+        enabled["gemini"][user] = first.login(user, f"{user}pw")
+        enabled["second"][user] = second.login(user, f"{user}pw")
+    root, alice = enabled["gemini"]["root"], enabled["second"]["alice"]
+
     # a lost notification: the second's listening connection goes, the revision poll sees it
     app = second_server.app
     assert app is not None and app.auth is not None

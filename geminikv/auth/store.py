@@ -101,6 +101,14 @@ class AuthStore:
         if rows.revision != self.revision or rows.enabled != self.enabled:
             self._adopt(rows)
 
+    async def refresh(self) -> None:
+        """Catch up with changes made through other processes, as a linearizable read
+        would (one query when nothing changed)."""
+        async with self.pool.acquire() as conn:
+            current = await storage.state(conn)
+        if current != (self.enabled, self.revision):
+            await self.reload()
+
     def _adopt(self, rows: AuthRows) -> None:
         self.users = {u.name: u for u in rows.users}
         self.roles = dict(rows.roles)
@@ -116,9 +124,8 @@ class AuthStore:
         self.revision = rows.revision
         self.tokens.forget()
 
-    def _notified(self, revision: int) -> None:
-        if revision != self.revision:
-            self._reload_wanted.set()
+    def _notified(self) -> None:
+        self._reload_wanted.set()
 
     async def _reload_on_notice(self) -> None:
         while True:
@@ -145,7 +152,7 @@ class AuthStore:
                 if self._conn is None or self._conn.is_closed():
                     await self._listen()
                 async with self.pool.acquire() as conn:
-                    if await storage.revision(conn) != self.revision:
+                    if await storage.state(conn) != (self.enabled, self.revision):
                         self._reload_wanted.set()
                     if turns % 60 == 0:
                         await storage.drop_expired_tokens(conn)
@@ -203,7 +210,7 @@ class AuthStore:
 
     async def authenticate(self, name: str, password: str) -> str:
         """etcd's CheckPassword then Authenticate: a token for the user."""
-        await self.reload()  # linearizable, as etcd's Authenticate
+        await self.refresh()  # linearizable, as etcd's Authenticate
         if not self.enabled:
             raise errors.AuthNotEnabled()
         user = self.users.get(name.encode())
@@ -262,9 +269,9 @@ class AuthStore:
         await self.reload()
 
     async def user_delete(self, name: str) -> None:
-        if self.enabled and name == ROOT:
-            raise errors.InvalidAuthMgmt()
         async with storage.change(self.pool) as ch:
+            if ch.rows.enabled and name == ROOT:
+                raise errors.InvalidAuthMgmt()
             if _user(ch.rows, name.encode()) is None:
                 raise errors.UserNotFound()
             await ch.delete_user(name.encode())
@@ -308,9 +315,9 @@ class AuthStore:
         await self.reload()
 
     async def user_revoke_role(self, name: str, role: str) -> None:
-        if self.enabled and name == ROOT and role == ROOT:
-            raise errors.InvalidAuthMgmt()
         async with storage.change(self.pool) as ch:
+            if ch.rows.enabled and name == ROOT and role == ROOT:
+                raise errors.InvalidAuthMgmt()
             user = _user(ch.rows, name.encode())
             if user is None:
                 raise errors.UserNotFound()
@@ -341,10 +348,10 @@ class AuthStore:
         await self.reload()
 
     async def role_delete(self, name: str) -> None:
-        if self.enabled and name == ROOT:
-            raise errors.InvalidAuthMgmt()
         role = name.encode()
         async with storage.change(self.pool) as ch:
+            if ch.rows.enabled and name == ROOT:
+                raise errors.InvalidAuthMgmt()
             if role not in ch.rows.roles:
                 raise errors.RoleNotFound()
             await ch.delete_role(role)

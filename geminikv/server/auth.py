@@ -221,7 +221,7 @@ class AuthService(rpc_pb2_grpc.AuthServicer):
         self, request: pb.AuthStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.AuthStatusResponse:
         await self.guard.admin(context)
-        await self.store.reload()
+        await self.store.refresh()
         return self._answer(
             pb.AuthStatusResponse(enabled=self.store.enabled, authRevision=self.store.revision)
         )
@@ -247,8 +247,9 @@ class AuthService(rpc_pb2_grpc.AuthServicer):
         self, request: pb.AuthUserGetRequest, context: grpc.aio.ServicerContext
     ) -> pb.AuthUserGetResponse:
         info = await self.guard.info(context)
-        if info is None or info.user != request.name:
+        if (info.user if info else "") != request.name:
             self.store.check_admin(info)  # a user may read itself
+        await self.store.refresh()
         return self._answer(pb.AuthUserGetResponse(roles=self.store.user_get(request.name)))
 
     @etcd_errors
@@ -256,6 +257,7 @@ class AuthService(rpc_pb2_grpc.AuthServicer):
         self, request: pb.AuthUserListRequest, context: grpc.aio.ServicerContext
     ) -> pb.AuthUserListResponse:
         await self.guard.admin(context)
+        await self.store.refresh()
         return self._answer(pb.AuthUserListResponse(users=self.store.user_list()))
 
     @etcd_errors
@@ -309,6 +311,7 @@ class AuthService(rpc_pb2_grpc.AuthServicer):
             user = self.store.users.get(info.user.encode()) if info else None
             if user is None or request.role.encode() not in user.roles:
                 self.store.check_admin(info)  # a user may read its own roles
+        await self.store.refresh()
         perms = [
             auth_pb2.Permission(permType=p.perm_type, key=p.key, range_end=p.range_end)  # type: ignore[arg-type]
             for p in self.store.role_get(request.role)
@@ -320,6 +323,7 @@ class AuthService(rpc_pb2_grpc.AuthServicer):
         self, request: pb.AuthRoleListRequest, context: grpc.aio.ServicerContext
     ) -> pb.AuthRoleListResponse:
         await self.guard.admin(context)
+        await self.store.refresh()
         return self._answer(pb.AuthRoleListResponse(roles=self.store.role_list()))
 
     @etcd_errors

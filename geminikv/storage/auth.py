@@ -62,8 +62,11 @@ async def _load(conn: asyncpg.Connection, state_query: str) -> AuthRows:
     )
 
 
-async def revision(conn: asyncpg.Connection) -> int:
-    return int(await conn.fetchval(SQL["auth_revision"]))
+async def state(conn: asyncpg.Connection) -> tuple[bool, int]:
+    """(enabled, revision): AuthEnable changes the first alone, as etcd's leaves the
+    revision as it is."""
+    row = await conn.fetchrow(SQL["auth_state"])
+    return bool(row[0]), int(row[1])
 
 
 class Change:
@@ -133,14 +136,13 @@ async def drop_expired_tokens(conn: asyncpg.Connection) -> None:
 
 
 class Listener:
-    """Hands the auth revision of every change notification to ``on_change``."""
+    """Calls ``on_change`` at every change notification."""
 
-    def __init__(self, on_change: Callable[[int], None]) -> None:
+    def __init__(self, on_change: Callable[[], None]) -> None:
         self._on_change = on_change
 
     async def attach(self, conn: asyncpg.Connection) -> None:
         await conn.add_listener(AUTH_NOTIFY_CHANNEL, self._received)
 
-    def _received(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
-        with contextlib.suppress(ValueError):
-            self._on_change(int(payload))
+    def _received(self, _conn: Any, _pid: int, _channel: str, _payload: str) -> None:
+        self._on_change()

@@ -165,7 +165,6 @@ SQL: dict[str, str] = {
     # the simple tokens every process accepts. Changes run under the state row's lock.
     "auth_state": "SELECT enabled, revision FROM geminikv_auth WHERE id = 1",
     "auth_state_for_update": "SELECT enabled, revision FROM geminikv_auth WHERE id = 1 FOR UPDATE",
-    "auth_revision": "SELECT revision FROM geminikv_auth WHERE id = 1",
     "auth_set_state": "UPDATE geminikv_auth SET enabled = $1, revision = $2 WHERE id = 1",
     "auth_users": "SELECT name, password, no_password, roles FROM geminikv_auth_user ORDER BY name",
     "auth_roles": "SELECT name FROM geminikv_auth_role ORDER BY name",
