@@ -185,6 +185,10 @@ class PasswordTooLong(EtcdError, message="bcrypt: password length exceeds 72 byt
     """Go's bcrypt refuses longer passwords (etcd passes its error on as Unknown)."""
 
 
+class VerifyOnly(EtcdError, message="auth: token signing attempted with verify-only key"):
+    """--auth-token jwt with a public key alone: tokens are checked, none are issued."""
+
+
 def go_status_text(err: EtcdError) -> str:
     """A gRPC status as Go's ``status.Error(...).Error()`` prints it: etcd puts this text in
     a watch's cancel_reason when auth refuses the watch."""

@@ -106,7 +106,7 @@ class JwtTokens:
 
     async def assign(self, user: str, revision: int) -> str:
         if self.sign_key is None:
-            raise errors.EtcdError("auth: token signing attempted with verify-only key")
+            raise errors.VerifyOnly()
         claims = {"username": user, "revision": revision, "exp": int(time.time() + self.ttl)}
         return jwt.encode(claims, self.sign_key, algorithm=self.method)
 
