@@ -78,6 +78,7 @@ class AuthStore:
         self._conn: asyncpg.Connection | None = None
         self._poller: asyncio.Task[None] | None = None
         self._reload_wanted = asyncio.Event()
+        self._loading = asyncio.Lock()
         self._reloader: asyncio.Task[None] | None = None
 
     # -- the state every process shares ---------------------------------------------------
@@ -96,10 +97,11 @@ class AuthStore:
                 await self._conn.close()
 
     async def reload(self) -> None:
-        async with self.pool.acquire() as conn:
+        # one at a time, so a load that started earlier never replaces a newer state
+        async with self._loading, self.pool.acquire() as conn:
             rows = await storage.load(conn)
-        if rows.revision != self.revision or rows.enabled != self.enabled:
-            self._adopt(rows)
+            if rows.revision != self.revision or rows.enabled != self.enabled:
+                self._adopt(rows)
 
     async def refresh(self) -> None:
         """Catch up with changes made through other processes, as a linearizable read
