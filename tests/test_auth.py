@@ -385,6 +385,12 @@ def test_admin_and_lease_rules(
     gemini.kv.Put(pb.PutRequest(key=b"/app/secret", value=b"v", lease=lease), metadata=root)
     ttl = outcome(gemini.lease.LeaseTimeToLive, pb.LeaseTimeToLiveRequest(ID=lease, keys=True), bob)
     assert ttl == ("error", grpc.StatusCode.PERMISSION_DENIED, "etcdserver: permission denied")
+    keep_alive = gemini.lease.LeaseKeepAlive(
+        iter([pb.LeaseKeepAliveRequest(ID=lease)]), metadata=bob, timeout=10
+    )
+    with pytest.raises(grpc.RpcError) as refused_renewal:
+        next(keep_alive)  # bob may not write the /app/secret root put on his lease
+    assert (refused_renewal.value.code(), refused_renewal.value.details()) == DENIED[1:]
     maintenance = rpc_pb2_grpc.MaintenanceStub(gemini.channel)
     assert outcome(maintenance.Status, pb.StatusRequest(), None) == (
         "error",
