@@ -338,12 +338,18 @@ def test_watch_permissions_as_etcd(
     answers = []
     for name, side in (("etcd", etcd), ("gemini", gemini)):
         metadata = enabled[name][user] if user else None
-        create = pb.WatchRequest(create_request=pb.WatchCreateRequest(key=key, range_end=end))
-        stream = side.watch.Watch(iter([create]), metadata=metadata, timeout=10)
-        first = next(stream)
-        stream.cancel()
-        answers.append((first.created, first.canceled, first.watch_id, first.cancel_reason))
+        answers.append(watch(side, pb.WatchCreateRequest(key=key, range_end=end), metadata))
     assert answers[1] == answers[0]
+
+
+def watch(side: Side, create: pb.WatchCreateRequest, metadata: Metadata | None) -> tuple[Any, ...]:
+    """The first answer to a watch's creation: created, canceled, its id and why."""
+    stream = side.watch.Watch(
+        iter([pb.WatchRequest(create_request=create)]), metadata=metadata, timeout=10
+    )
+    first = next(stream)
+    stream.cancel()
+    return first.created, first.canceled, first.watch_id, first.cancel_reason
 
 
 def test_admin_and_lease_rules(
@@ -647,7 +653,10 @@ def test_fuzz_permission_ranges(
                 write = outcome(
                     side.kv.DeleteRange, pb.DeleteRangeRequest(key=key, range_end=end), bob
                 )
-                answers.append((read[:2] if read[0] == "error" else "ok", write[:2]))
+                create = pb.WatchCreateRequest(key=key, range_end=end)
+                answers.append(
+                    (read[:2] if read[0] == "error" else "ok", write[:2], watch(side, create, bob))
+                )
             assert answers[1] == answers[0], f"{perms} probe {key!r}..{end!r}"
     finally:
         for name, side in sides:
