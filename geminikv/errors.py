@@ -60,10 +60,6 @@ class InvalidSortOption(InvalidArgument, message="etcdserver: invalid sort optio
     """etcd 3.6 rejects unknown sort enums; 3.4 and 3.5 crash on an unknown sort target."""
 
 
-class InvalidKey(InvalidArgument, message="geminikv: key must be valid UTF-8 without NUL bytes"):
-    """A key PostgreSQL's text column cannot hold (Kine's layout stores keys as text)."""
-
-
 class OutOfRange(EtcdError, code=grpc.StatusCode.OUT_OF_RANGE): ...
 
 
@@ -193,7 +189,6 @@ LOAD_MULTI_KEY = (
     "each live key's newest revision and makes the snapshot loadable, unless live keys "
     "were last written together by one request"
 )
-LOAD_BAD_KEY = "revision {revision}: key {key!r} cannot be stored in Kine's text column: {why}"
 LOAD_NO_FREE_REVISION = (
     "no revision without a key to hold Kine's compact_rev_key row (revisions 1 to "
     "{revision} each changed a key)"

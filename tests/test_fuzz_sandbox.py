@@ -35,7 +35,6 @@ from tests.fuzzing import (
     assert_same_error,
     fewer,
     revision_of,
-    storable,
     txn_deletes,
     txn_ops,
 )
@@ -177,15 +176,11 @@ def _plan(path: str, msg: Any, horizon: int) -> str | set[grpc.StatusCode]:
             return {grpc.StatusCode.INVALID_ARGUMENT}
         if 0 < msg.revision <= horizon:
             return {OK, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.INVALID_ARGUMENT}
-    if name == "Put" and not storable(msg.key):
-        return {grpc.StatusCode.INVALID_ARGUMENT}
     if name == "Txn":
         ops = list(txn_ops(msg))
         ranges = [op.request_range for op in ops if op.WhichOneof("request") == "request_range"]
         puts = [op.request_put for op in ops if op.WhichOneof("request") == "request_put"]
         if not all(_sorts_known(r) for r in ranges):
-            return {grpc.StatusCode.INVALID_ARGUMENT}
-        if any(not storable(put.key) for put in puts):
             return {grpc.StatusCode.INVALID_ARGUMENT}
         if txn_deletes(msg) and any(put.ignore_value or put.ignore_lease for put in puts):
             return ANY_TXN_ANSWER  # etcd 3.4 may panic
