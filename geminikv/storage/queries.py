@@ -30,6 +30,22 @@ INDEX_ROW_COLUMNS = ", ".join(INDEX_COLUMNS)
 ROW_COLUMNS = ", ".join(Row._fields)
 SNAPSHOT_ROW_COLUMNS = ", ".join(f"k.{column}" for column in Row._fields[:-1])
 
+
+def _kept_rows(last_up_to: str) -> str:
+    """The rows up to $1 etcd's key bucket holds after compacting at $2: every row above
+    $2, and at or below it a key's row that is its last put up to ``last_up_to``."""
+    return f"""
+        SELECT {SNAPSHOT_ROW_COLUMNS} FROM kine k
+        WHERE k.id <= $1 AND k.name <> 'compact_rev_key'
+          AND NOT (k.deleted = 1 AND k.created = 0 AND k.prev_revision = 0
+                   AND k.name LIKE 'gap-%')
+          AND (k.id > $2 OR (k.deleted = 0 AND NOT EXISTS (
+                SELECT 1 FROM kine n
+                WHERE n.name = k.name AND n.id > k.id AND n.id <= {last_up_to})))
+        ORDER BY k.id
+    """
+
+
 SQL: dict[str, str] = {
     "begin_locked": f"BEGIN; SELECT pg_advisory_xact_lock({WRITER_LOCK_KEY})",
     "commit": "COMMIT",
@@ -148,27 +164,11 @@ SQL: dict[str, str] = {
         "(SELECT COALESCE(MAX(prev_revision), 0) FROM kine WHERE name = 'compact_rev_key') "
         "FROM kine"
     ),
-    "snapshot_rows": f"""
-        SELECT {SNAPSHOT_ROW_COLUMNS} FROM kine k
-        WHERE k.id <= $1 AND k.name <> 'compact_rev_key'
-          AND NOT (k.deleted = 1 AND k.created = 0 AND k.prev_revision = 0
-                   AND k.name LIKE 'gap-%')
-          AND (k.id > $2 OR (k.deleted = 0 AND NOT EXISTS (
-                SELECT 1 FROM kine n WHERE n.name = k.name AND n.id > k.id AND n.id <= $2)))
-        ORDER BY k.id
-    """,
+    "snapshot_rows": _kept_rows(last_up_to="$2"),
     # Maintenance.HashKV at $1 (in a consistent_read, as the snapshot): the rows up to $1
     # etcd's key bucket holds after compacting at $2 (as snapshot_rows), of those at or
     # below $2 only a key's last row up to $3 (docs/architecture.md#hashkv-request)
-    "hashkv_rows": f"""
-        SELECT {SNAPSHOT_ROW_COLUMNS} FROM kine k
-        WHERE k.id <= $1 AND k.name <> 'compact_rev_key'
-          AND NOT (k.deleted = 1 AND k.created = 0 AND k.prev_revision = 0
-                   AND k.name LIKE 'gap-%')
-          AND (k.id > $2 OR (k.deleted = 0 AND NOT EXISTS (
-                SELECT 1 FROM kine n WHERE n.name = k.name AND n.id > k.id AND n.id <= $3)))
-        ORDER BY k.id
-    """,
+    "hashkv_rows": _kept_rows(last_up_to="$3"),
     # whether any key is live at $1: its last row up to $1 is a put (gap rows are deletes)
     "hashkv_any_live": """
         SELECT EXISTS (
