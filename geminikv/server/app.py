@@ -47,6 +47,7 @@ from geminikv.mvcc.writer import Writer
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
 from geminikv.server import wire
 from geminikv.server.cluster import ClusterService
+from geminikv.server.gateway import Gateway
 from geminikv.server.kv import KVService
 from geminikv.server.lease import LeaseService
 from geminikv.server.maintenance import MaintenanceService
@@ -231,6 +232,7 @@ class App:
         self.heartbeat: Heartbeat | None = None
         self.health = metrics.Health()
         self.http: WSGIServer | None = None
+        self.gateway: Gateway | None = None
         self._health_task: asyncio.Task[None] | None = None
         self.lease_count = 0  # counted by the health task, read by the geminikv_leases gauge
         self.address = parse_listen_address(
@@ -308,12 +310,29 @@ class App:
         self.server = grpc_server
         self._watch_gauges()
         self.http = metrics.serve_http(s.metrics_bind_address, self.health)
+        if s.http_listen_address not in ("", "0"):
+            self.gateway = Gateway(
+                self._local_target(), self.health, self.store.reads.read, s.emulated_etcd_version
+            )
+            await self.gateway.start(s.http_listen_address)
         self._health_task = asyncio.create_task(self._check_health(), name="health")
         log.info(
             "geminikv serving etcd v3 on %s (revision %d)",
             self.address.grpc_target,
             self.store.revision,
         )
+
+    def _local_target(self) -> str:
+        """Where this process's gRPC server is reached from inside it (the gateway)."""
+        target = self.address.grpc_target
+        if target.startswith("unix:"):
+            return target
+        if self.settings.server_cert_file:
+            # the gateway would need a client certificate of its own to dial a TLS port
+            raise ValueError("--http-listen-address: not supported with --server-cert-file yet")
+        host = target.rpartition(":")[0]
+        host = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "[::]": "[::1]"}.get(host, host)
+        return f"{host}:{self.port}"
 
     def _tls(self) -> grpc.ServerCredentials | None:
         """Server TLS from Kine's flags; a trusted CA makes client certificates mandatory."""
@@ -375,7 +394,10 @@ class App:
 
     async def stop(self) -> None:
         # Stop accepting calls, let unary calls in flight finish (the writer still runs),
-        # and end watch streams so the server can drain.
+        # and end watch streams so the server can drain; the gateway first, a client of it.
+        if self.gateway is not None:
+            await self.gateway.stop()
+            self.gateway = None
         draining = None
         if self.server is not None:
             draining = asyncio.create_task(self.server.stop(grace=5))
