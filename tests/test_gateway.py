@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shutil
 import subprocess
 import threading
@@ -274,6 +275,41 @@ def test_a_streamed_watch_receives_events_as_from_etcd(servers: Servers) -> None
     events = [json.loads(line)["result"]["events"][0] for line in ours[1:]]
     assert [e.get("type", "PUT") for e in events] == ["PUT", "PUT", "DELETE"]
     assert base64.b64decode(events[1]["prev_kv"]["value"]) == b"v1"
+
+
+def test_a_watch_etcd_cancels_and_a_keepalive_of_lease_zero(servers: Servers) -> None:
+    body = json.dumps({"create_request": {"key": b64("/gw/x"), "start_revision": "-5"}})
+    streams = {base: _watch(base, body) for base in (servers.etcd, servers.gemini)}
+    try:
+        for _, lines in streams.values():
+            eventually(_has(lines, 2), "created, then canceled", 10, 0.05)
+    finally:
+        for process, _ in streams.values():
+            process.terminate()
+            process.wait(10)
+    (_, theirs), (_, ours) = streams.values()
+    assert [normalised(json.loads(line)) for line in ours] == [
+        normalised(json.loads(line)) for line in theirs
+    ]
+    assert json.loads(ours[1])["result"]["canceled"] is True
+    both(servers, "/v3/lease/keepalive", '{"ID":"0"}')
+
+
+def _watch_streams(servers: Servers) -> float:
+    metrics = curl(servers.gemini, "/metrics").body.decode()
+    return float(re.search(r"^geminikv_watch_streams (\S+)$", metrics, re.M)[1])  # type: ignore[index]
+
+
+def test_a_client_that_goes_away_ends_its_watch(servers: Servers) -> None:
+    before = _watch_streams(servers)
+    process, lines = _watch(servers.gemini, json.dumps({"create_request": {"key": b64("/gw")}}))
+    try:
+        eventually(_has(lines, 1), "the watch created", 10, 0.05)
+        assert _watch_streams(servers) == before + 1
+    finally:
+        process.terminate()
+        process.wait(10)
+    eventually(lambda: _watch_streams(servers) == before, "the gRPC watch stream ended", 10)
 
 
 def test_a_body_cut_short(servers: Servers) -> None:

@@ -152,6 +152,7 @@ class Gateway:
         self.versions = dumps({"etcdserver": etcd_version, "etcdcluster": f"{major}.{minor}.0"})
         self.runner: web.AppRunner | None = None
         self.calls: set[grpc.aio.Call] = set()  # streaming calls, cancelled at stop
+        self.stopping = False
 
     async def start(self, address: str) -> None:
         app = web.Application(client_max_size=GATEWAY_MAX_BODY_BYTES)
@@ -164,8 +165,10 @@ class Gateway:
         log.info("etcd HTTP gateway on http://%s (/v3/..., /version, /health, /metrics)", address)
 
     async def stop(self) -> None:
+        self.stopping = True
         for call in list(self.calls):
-            call.cancel()
+            call.cancel()  # its handler ends its response
+        await asyncio.sleep(0)
         if self.runner is not None:
             await self.runner.cleanup()
         await self.channel.close()
@@ -254,9 +257,7 @@ class Gateway:
                 # one chunk per answer: clients (etcd3gw) parse each chunk as one line
                 await response.write(dumps({"result": to_json(answer)}) + b"\n")
         except grpc.aio.AioRpcError as err:
-            if err.code() == grpc.StatusCode.CANCELLED and call not in self.calls:
-                pass  # cancelled by stop()
-            else:
+            if not (self.stopping and err.code() == grpc.StatusCode.CANCELLED):
                 if response is None:
                     response = web.StreamResponse(
                         status=http_status(err.code()), headers={**CORS, "Content-Type": JSON}
@@ -264,6 +265,11 @@ class Gateway:
                     response.enable_chunked_encoding()
                     await response.prepare(request)
                 await response.write(stream_error(err.code(), err.details() or ""))
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the client went away
+            # else stop() cancelled the call: the response ends
         finally:
             self.calls.discard(call)
             call.cancel()
