@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from etcd3gw.client import Etcd3Client
 
+from geminikv.server.gateway_routes import dumps
 from tests.servers import Etcd, GeminiServer, Postgres, free_port
 from tests.waiting import eventually
 
@@ -183,6 +184,29 @@ def test_version_and_health(servers: Servers) -> None:
     metrics = curl(servers.gemini, "/metrics")
     assert metrics.status == 200 and metrics.content_type.startswith("text/plain")
     assert b"\ngeminikv_revision " in metrics.body
+
+
+def test_etcd_35_probes(servers: Servers) -> None:
+    """etcd 3.5.16's /livez and /readyz (etcd 3.4 has none), answered as its source does."""
+    assert curl(servers.gemini, "/livez").body == b"ok\n"
+    verbose = curl(servers.gemini, "/readyz?verbose")
+    assert (verbose.status, verbose.content_type) == (200, "text/plain; charset=utf-8")
+    assert verbose.body == (
+        b"[+]data_corruption ok\n[+]serializable_read ok\n[+]linearizable_read ok\nok\n"
+    )
+    assert curl(servers.gemini, "/readyz/linearizable_read?verbose").body == (
+        b"[+]linearizable_read ok\nok\n"
+    )
+    assert curl(servers.gemini, "/readyz?exclude=data_corruption&verbose").body == (
+        b"[+]serializable_read ok\n[+]linearizable_read ok\nok\n"
+    )
+    assert curl(servers.gemini, "/readyz", "{}").status == 405
+
+
+def test_json_is_written_as_go_writes_it() -> None:
+    """Go's encoding/json escapes <, > and & and keeps other non-ASCII text: etcd 3.4 and
+    3.5 list a role named "a<b&é" as below (checked by hand: geminikv's Auth comes later)."""
+    assert dumps({"roles": ["a<b&é"]}) == '{"roles":["a\\u003cb\\u0026é"]}'.encode()
 
 
 def test_health_is_false_without_postgres(servers: Servers) -> None:

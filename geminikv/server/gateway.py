@@ -52,7 +52,15 @@ JSON = "application/json"
 FORWARDED = {"Content-Type": JSON, "Grpc-Metadata-Content-Type": "application/grpc"}
 METADATA_PREFIX = "grpc-metadata-"
 _METADATA_KEY = re.compile(r"[a-z0-9._-]+")
-_ALARM_REASONS = {pb.AlarmType.NOSPACE: "ALARM NOSPACE", pb.AlarmType.CORRUPT: "ALARM CORRUPT"}
+_ALARM_REASONS: dict[int, str] = {
+    pb.AlarmType.NOSPACE: "ALARM NOSPACE",
+    pb.AlarmType.CORRUPT: "ALARM CORRUPT",
+}
+# etcd 3.5's probes and their checks (server/etcdserver/api/etcdhttp/health.go)
+_PROBES = {
+    "livez": ["serializable_read"],
+    "readyz": ["data_corruption", "serializable_read", "linearizable_read"],
+}
 _GO_REQUEST_TYPE = "map[string]json.RawMessage"  # what jsonpb decodes an object into
 _GO_KINDS = {list: "array", str: "string", int: "number", float: "number", bool: "bool"}
 
@@ -196,6 +204,11 @@ class Gateway:
             if request.method != "GET":
                 return _text(405, "Method Not Allowed", Allow="GET")
             return await self.etcd_health(request)
+        kind, _, check = path[1:].partition("/")
+        if kind in _PROBES and (not check or check in _PROBES[kind]):
+            if request.method != "GET":
+                return _text(405, "Method Not Allowed", Allow="GET")
+            return await self.probe(request, [check] if check else _PROBES[kind])
         if path == "/metrics":
             return web.Response(
                 body=generate_latest(REGISTRY),
@@ -311,13 +324,8 @@ class Gateway:
         reason = await self._alarm(excluded)
         if not reason and not serializable and not self._postgres_reachable():
             reason = "RAFT NO LEADER"
-        if not reason and not serializable:
-            try:
-                await asyncio.wait_for(self.linearizable_read(), HEALTH_READ_TIMEOUT)
-            except TimeoutError:
-                reason = "RANGE ERROR:context deadline exceeded"
-            except Exception as err:
-                reason = f"RANGE ERROR:{err}"
+        if not reason and not serializable and (error := await self._read()):
+            reason = f"RANGE ERROR:{error}"
         if reason:
             log.warning("serving /health false: %s", reason)
             return _text(503, dumps({"health": "false", "reason": reason}).decode())
@@ -326,12 +334,53 @@ class Gateway:
             headers={**CORS, "Content-Type": "text/plain; charset=utf-8"},
         )
 
+    async def probe(self, request: web.Request, checks: list[str]) -> web.StreamResponse:
+        """etcd 3.5's /livez and /readyz (and /readyz/<check>): each check's outcome, one
+        line each, shown when one fails or with ``?verbose``."""
+        excluded = set(request.query.getall("exclude", []))
+        lines, failed = [], False
+        for name in checks:
+            if name in excluded:
+                continue
+            error = await self._check(name)
+            failed = failed or bool(error)
+            lines.append(f"[-]{name} failed: {error}\n" if error else f"[+]{name} ok\n")
+        if failed:
+            return _text(503, "".join(lines))
+        shown = "".join(lines) if "verbose" in request.query else ""
+        return _text(200, shown + "ok")
+
+    async def _check(self, name: str) -> str:
+        """What the check ``name`` finds wrong ("" if nothing)."""
+        if name == "data_corruption":
+            alarms = await self._alarms()
+            return "alarm activated: CORRUPT" if pb.AlarmType.CORRUPT in alarms else ""
+        if name == "linearizable_read":
+            return await self._read()
+        return ""  # serializable_read: this process's index always answers
+
+    async def _read(self) -> str:
+        try:
+            await asyncio.wait_for(self.linearizable_read(), HEALTH_READ_TIMEOUT)
+        except TimeoutError:
+            return "context deadline exceeded"
+        except Exception as err:
+            return str(err)
+        return ""
+
     def _postgres_reachable(self) -> bool:
         fresh = time.monotonic() - self.health.database_ok < self.health.STALE
         return fresh and self.health.primary_reachable()
 
     async def _alarm(self, excluded: set[str]) -> str:
         """The reason an active alarm makes this unhealthy ("" if none does)."""
+        for alarm in await self._alarms():
+            if pb.AlarmType.Name(alarm) not in excluded:
+                return _ALARM_REASONS.get(alarm, "ALARM UNKNOWN")
+        return ""
+
+    async def _alarms(self) -> list[int]:
+        """The active alarms, as Maintenance.Alarm lists them."""
         alarm = self.channel.unary_unary(
             "/etcdserverpb.Maintenance/Alarm",
             request_serializer=pb.AlarmRequest.SerializeToString,
@@ -341,9 +390,6 @@ class Gateway:
             answer = await alarm(pb.AlarmRequest(action=pb.AlarmRequest.GET), timeout=2.0)
         except grpc.aio.AioRpcError as err:
             # the leader and read checks that follow say why the server does not answer
-            log.info("/health: alarms not read (%s)", err.details())
-            return ""
-        for member in answer.alarms:
-            if pb.AlarmType.Name(member.alarm) not in excluded:
-                return _ALARM_REASONS.get(member.alarm, "ALARM UNKNOWN")
-        return ""
+            log.info("health check: alarms not read (%s)", err.details())
+            return []
+        return [member.alarm for member in answer.alarms]

@@ -102,8 +102,13 @@ def to_json(message: Message) -> dict[str, Any]:
 
 
 def dumps(value: Any) -> bytes:
-    """Compact JSON, non-ASCII as UTF-8, as Go writes it."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    """Compact JSON as Go's encoding/json writes it: non-ASCII as UTF-8, but <, >, & and
+    the two JavaScript line separators escaped (they occur only inside strings)."""
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return text.translate(_GO_ESCAPES).encode()
+
+
+_GO_ESCAPES = str.maketrans({c: f"\\u{ord(c):04x}" for c in "<>&\u2028\u2029"})
 
 
 def from_json(value: Any, request: type[Message]) -> Message:
