@@ -19,12 +19,14 @@ import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 from etcd3gw.client import Etcd3Client
 
 from geminikv.server.gateway_routes import dumps
+from tests.certs import CA
 from tests.servers import Etcd, GeminiServer, Postgres, free_port
 from tests.waiting import eventually
 
@@ -67,7 +69,7 @@ def servers(postgres: Postgres) -> Iterator[Servers]:
 
 def curl(base: str, path: str, body: str | None = None, *options: str) -> Answer:
     """One request with curl: POST when there is a body, else GET."""
-    argv = ["curl", "-s", "-i", *options, base + path]
+    argv = ["curl", "-sS", "-i", *options, base + path]
     if body is not None:
         argv += ["-X", "POST", "-d", body]
     raw = subprocess.run(argv, capture_output=True, check=True, timeout=30).stdout
@@ -394,3 +396,47 @@ def _first(iterator: Iterator[Any], count: int) -> list[Any]:
         if len(found) == count:
             break
     return found
+
+
+def test_https_with_client_certificates_as_on_the_etcd_endpoint(
+    postgres: Postgres, tmp_path: Path
+) -> None:
+    """With TLS on the etcd endpoint the HTTP endpoints are HTTPS with the same certificate,
+    and a trusted CA makes client certificates mandatory there too (as etcd's client URL)."""
+    ca, other = CA("gateway-ca"), CA("other-ca")
+    server_cert, server_key = ca.issue(tmp_path, "server", server=True)
+    client_cert, client_key = ca.issue(tmp_path, "client", server=False)
+    wrong_cert, wrong_key = other.issue(tmp_path, "wrong", server=False)
+    ca_file = ca.write(tmp_path, "ca")
+    port = free_port()
+    server = GeminiServer(
+        postgres.new_database("gateway_tls"),
+        http_listen_address=f"127.0.0.1:{port}",
+        server_cert_file=str(server_cert),
+        server_key_file=str(server_key),
+        trusted_ca_file=str(ca_file),
+    ).start()
+    base = f"https://127.0.0.1:{port}"
+    trust = ("--cacert", str(ca_file))
+    try:
+        put = curl(
+            base,
+            "/v3/kv/put",
+            '{"key":"YQ==","value":"MQ=="}',
+            *trust,
+            *_pair(client_cert, client_key),
+        )
+        assert put.status == 200 and put.json()["header"]["revision"] == "2"
+        got = curl(base, "/v3/kv/range", '{"key":"YQ=="}', *trust, *_pair(client_cert, client_key))
+        assert base64.b64decode(got.json()["kvs"][0]["value"]) == b"1"
+        for refused in ((), _pair(wrong_cert, wrong_key)):
+            done = subprocess.run(
+                ["curl", "-s", *trust, *refused, base + "/version"], capture_output=True, timeout=30
+            )
+            assert done.returncode != 0 and not done.stdout  # the handshake fails
+    finally:
+        server.stop()
+
+
+def _pair(cert: Path, key: Path) -> tuple[str, ...]:
+    return ("--cert", str(cert), "--key", str(key))

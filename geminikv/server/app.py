@@ -10,8 +10,10 @@ import gc
 import hashlib
 import logging
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -47,7 +49,7 @@ from geminikv.mvcc.writer import Writer
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
 from geminikv.server import wire
 from geminikv.server.cluster import ClusterService
-from geminikv.server.gateway import Gateway
+from geminikv.server.gateway import Gateway, server_tls
 from geminikv.server.kv import KVService
 from geminikv.server.lease import LeaseService
 from geminikv.server.maintenance import MaintenanceService
@@ -233,6 +235,7 @@ class App:
         self.health = metrics.Health()
         self.http: WSGIServer | None = None
         self.gateway: Gateway | None = None
+        self._gateway_dir: str | None = None
         self._health_task: asyncio.Task[None] | None = None
         self.lease_count = 0  # counted by the health task, read by the geminikv_leases gauge
         self.address = parse_listen_address(
@@ -299,6 +302,13 @@ class App:
         health_servicer = health.aio.HealthServicer()
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        gateway_socket = None
+        if s.http_listen_address not in ("", "0"):
+            # the gateway's own way in: a socket in a directory only this user can open,
+            # so it needs no client certificate where the client address requires one
+            self._gateway_dir = tempfile.mkdtemp(prefix="geminikv-gateway-")
+            gateway_socket = f"unix:{self._gateway_dir}/grpc.sock"
+            grpc_server.add_insecure_port(gateway_socket)
         credentials = self._tls()
         if credentials is None:
             self.port = grpc_server.add_insecure_port(self.address.grpc_target)
@@ -310,29 +320,18 @@ class App:
         self.server = grpc_server
         self._watch_gauges()
         self.http = metrics.serve_http(s.metrics_bind_address, self.health)
-        if s.http_listen_address not in ("", "0"):
+        if gateway_socket is not None:
             self.gateway = Gateway(
-                self._local_target(), self.health, self.store.reads.read, s.emulated_etcd_version
+                gateway_socket, self.health, self.store.reads.read, s.emulated_etcd_version
             )
-            await self.gateway.start(s.http_listen_address)
+            tls = server_tls(s.server_cert_file, s.server_key_file, s.trusted_ca_file)
+            await self.gateway.start(s.http_listen_address, tls)
         self._health_task = asyncio.create_task(self._check_health(), name="health")
         log.info(
             "geminikv serving etcd v3 on %s (revision %d)",
             self.address.grpc_target,
             self.store.revision,
         )
-
-    def _local_target(self) -> str:
-        """Where this process's gRPC server is reached from inside it (the gateway)."""
-        target = self.address.grpc_target
-        if target.startswith("unix:"):
-            return target
-        if self.settings.server_cert_file:
-            # the gateway would need a client certificate of its own to dial a TLS port
-            raise ValueError("--http-listen-address: not supported with --server-cert-file yet")
-        host = target.rpartition(":")[0]
-        host = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "[::]": "[::1]"}.get(host, host)
-        return f"{host}:{self.port}"
 
     def _tls(self) -> grpc.ServerCredentials | None:
         """Server TLS from Kine's flags; a trusted CA makes client certificates mandatory."""
@@ -398,6 +397,8 @@ class App:
         if self.gateway is not None:
             await self.gateway.stop()
             self.gateway = None
+        if self._gateway_dir is not None:
+            shutil.rmtree(self._gateway_dir, ignore_errors=True)
         draining = None
         if self.server is not None:
             draining = asyncio.create_task(self.server.stop(grace=5))

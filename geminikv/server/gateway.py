@@ -14,6 +14,7 @@ import asyncio
 import codecs
 import logging
 import re
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -113,6 +114,19 @@ def request_message(value: Any, route: Route) -> Message:
     return from_json(value or {}, route.request)
 
 
+def server_tls(cert_file: str, key_file: str, ca_file: str) -> ssl.SSLContext | None:
+    """HTTPS as on the etcd endpoint: its certificate, and client certificates signed by
+    ``ca_file`` required when it is set (None: no TLS there, plain HTTP here)."""
+    if not cert_file:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    if ca_file:
+        context.load_verify_locations(ca_file)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 class BodyValues:
     """The JSON values of a request body as they arrive (a streaming call's requests)."""
 
@@ -162,15 +176,16 @@ class Gateway:
         self.calls: set[grpc.aio.Call] = set()  # streaming calls, cancelled at stop
         self.stopping = False
 
-    async def start(self, address: str) -> None:
+    async def start(self, address: str, tls: ssl.SSLContext | None = None) -> None:
         app = web.Application(client_max_size=GATEWAY_MAX_BODY_BYTES)
         app.router.add_route("*", "/{path:.*}", self.dispatch)
         # a client that goes away cancels its handler, and with it the gRPC call
         self.runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self.runner.setup()
         host, _, port = address.rpartition(":")
-        await web.TCPSite(self.runner, host or "0.0.0.0", int(port)).start()
-        log.info("etcd HTTP gateway on http://%s (/v3/..., /version, /health, /metrics)", address)
+        await web.TCPSite(self.runner, host or "0.0.0.0", int(port), ssl_context=tls).start()
+        scheme = "https" if tls else "http"
+        log.info("etcd HTTP endpoints on %s://%s: /v3/..., /version, /health", scheme, address)
 
     async def stop(self) -> None:
         self.stopping = True
