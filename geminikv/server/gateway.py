@@ -1,11 +1,11 @@
-"""etcd's HTTP endpoints on an HTTP/1.1 listener: the gRPC-JSON gateway, /version, /health
-and /metrics, answered as etcd 3.5 answers them on its client URL.
+"""etcd's HTTP endpoints on an HTTP/1.1 listener: the gRPC-JSON gateway, /version, /health,
+/livez, /readyz and /metrics, answered as etcd 3.5 answers them on its client URL.
 
 grpcio serves HTTP/2 only, so this is a listener of its own (``--http-listen-address``),
-an aiohttp server on the event loop. The gateway is thin, as etcd's is: it decodes the JSON
-body, calls geminikv's own gRPC services over a channel to the client address (so
-authentication, metadata and errors are exactly what a gRPC client gets) and encodes the
-answer (docs: README "HTTP gateway").
+an aiohttp server on the event loop, HTTPS when the etcd endpoint has TLS. The gateway is
+thin, as etcd's is: it decodes the JSON body, calls geminikv's own gRPC services over a
+channel (a unix socket the app opens for it), so authentication, metadata and errors are
+exactly what a gRPC client gets, and encodes the answer (README, "What works").
 """
 
 from __future__ import annotations
