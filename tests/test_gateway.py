@@ -339,9 +339,25 @@ def test_a_client_that_goes_away_ends_its_watch(servers: Servers) -> None:
 
 
 def test_a_body_cut_short(servers: Servers) -> None:
-    """The decoder's "unexpected EOF": 400 for a unary call, 500 (Unknown) for a stream."""
-    for path in ("/v3/kv/range", "/v3/watch"):
+    """The decoder's "unexpected EOF": 400 where one request is read (server streams too),
+    500 (Unknown) for a client stream."""
+    for path in ("/v3/kv/range", "/v3/watch", "/v3/maintenance/snapshot"):
         both(servers, path, '{"key":"Zm9v"')
+
+
+def test_a_keepalive_body_of_several_requests_or_none(servers: Servers) -> None:
+    answers = []
+    for base in (servers.etcd, servers.gemini):
+        lease = curl(base, "/v3/lease/grant", '{"TTL":60}').json()["ID"]
+        answer = curl(base, "/v3/lease/keepalive", " ".join([json.dumps({"ID": lease})] * 2))
+        lines = [json.loads(line)["result"] for line in answer.body.splitlines()]
+        answers.append((answer.status, normalised(lines)))
+    assert answers[0] == answers[1]
+    assert len(answers[1][1]) == 2
+    empty = [curl(base, "/v3/lease/keepalive", "") for base in (servers.etcd, servers.gemini)]
+    assert [(a.status, a.content_type, a.body) for a in empty] == [
+        (200, "application/json", b"")
+    ] * 2
 
 
 def test_snapshot_streams_the_database(servers: Servers) -> None:

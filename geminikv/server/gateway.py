@@ -208,9 +208,7 @@ class Gateway:
                 return _text(404, "Not Found")
             if request.method != "POST":
                 return _text(405, "Method Not Allowed")
-            if route.client_streaming or route.server_streaming:
-                return await self.stream(request, route)
-            return await self.unary(request, route)
+            return await self.forward(request, route)
         if path == "/version":
             if request.method != "GET":
                 return _text(405, "Method Not Allowed", Allow="GET")
@@ -231,12 +229,16 @@ class Gateway:
             )
         return _text(404, "404 page not found")
 
-    async def unary(self, request: web.Request, route: Route) -> web.StreamResponse:
-        try:
+    async def forward(self, request: web.Request, route: Route) -> web.StreamResponse:
+        if route.client_streaming:
+            return await self.stream(request, route, None)
+        try:  # one request message: the body's first JSON value, as grpc-gateway reads it
             found = next_value((await request.read()).decode(errors="replace"))
             message = request_message(None if found is None else found[0], route)
         except BadJson as err:
             return _json(400, error_body(grpc.StatusCode.INVALID_ARGUMENT, str(err)))
+        if route.server_streaming:
+            return await self.stream(request, route, message)
         call = self.channel.unary_unary(
             route.method,
             request_serializer=route.request.SerializeToString,
@@ -248,20 +250,23 @@ class Gateway:
             return _rpc_error(err)
         return _json(200, dumps(to_json(answer)), FORWARDED)
 
-    async def stream(self, request: web.Request, route: Route) -> web.StreamResponse:
-        """A streaming call: the body's JSON values are its requests, each answer a line
-        ``{"result": ...}``; an error ends the stream with ``{"error": ...}``."""
-        body = BodyValues(request)
-        try:
-            first = await body.next()
-            message = None if first is None else request_message(first, route)
-        except BadJson as err:
-            # grpc-gateway returns the decoder's error as is: Unknown
-            return _json(500, error_body(grpc.StatusCode.UNKNOWN, str(err)))
+    async def stream(
+        self, request: web.Request, route: Route, message: Message | None
+    ) -> web.StreamResponse:
+        """A streaming call, each answer a line ``{"result": ...}``, an error ending it with
+        ``{"error": ...}``: its one ``message``, or (client streaming) the body's JSON values
+        as they arrive."""
         metadata = metadata_of(request)
         feeding: asyncio.Task[None] | None = None
         call: Any
         if route.client_streaming:
+            body = BodyValues(request)
+            try:
+                first = await body.next()
+                message = None if first is None else request_message(first, route)
+            except BadJson as err:
+                # grpc-gateway returns the decoder's error as is: Unknown
+                return _json(500, error_body(grpc.StatusCode.UNKNOWN, str(err)))
             call = self.channel.stream_stream(
                 route.method,
                 request_serializer=route.request.SerializeToString,
@@ -304,7 +309,7 @@ class Gateway:
             if feeding is not None:
                 feeding.cancel()
         if response is None:  # the stream ended without an answer
-            return web.Response(status=200, headers={**CORS, **FORWARDED})
+            return web.Response(status=200, headers={**CORS, "Content-Type": JSON})
         await response.write_eof()
         return response
 
