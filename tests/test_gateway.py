@@ -22,10 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from etcd3gw.client import Etcd3Client
 
-from geminikv.server.gateway_routes import dumps
+from geminikv.proto.etcdserverpb import rpc_pb2 as pb
+from geminikv.proto.etcdserverpb import rpc_pb2_grpc
+from geminikv.server.gateway_routes import dumps, http_status, to_json
 from tests.certs import CA
 from tests.servers import Etcd, GeminiServer, Postgres, free_port
 from tests.waiting import eventually
@@ -456,3 +459,30 @@ def test_https_with_client_certificates_as_on_the_etcd_endpoint(
 
 def _pair(cert: Path, key: Path) -> tuple[str, ...]:
     return ("--cert", str(cert), "--key", str(key))
+
+
+def test_auth_routes_answer_what_grpc_answers(servers: Servers) -> None:
+    """/v3/auth/* only forwards: its answer is the Auth service's over gRPC, error or not
+    (the token from the Authorization header, as etcd's gateway passes it)."""
+    stubs = servers.gemini_server.stubs()
+    auth = rpc_pb2_grpc.AuthStub(stubs.channel)
+    try:
+        for path, method, request in [
+            ("/v3/auth/status", auth.AuthStatus, pb.AuthStatusRequest()),
+            ("/v3/auth/user/list", auth.UserList, pb.AuthUserListRequest()),
+        ]:
+            answer = curl(servers.gemini, path, "{}", "-H", "Authorization: not-a-token")
+            try:
+                reply = method(request, metadata=[("token", "not-a-token")])
+            except grpc.RpcError as err:
+                assert answer.status == http_status(err.code())
+                assert answer.json() == {
+                    "error": err.details(),
+                    "code": err.code().value[0],
+                    "message": err.details(),
+                }
+            else:
+                assert answer.status == 200
+                assert normalised(answer.json()) == normalised(to_json(reply))
+    finally:
+        stubs.close()
