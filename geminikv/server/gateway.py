@@ -92,7 +92,7 @@ def metadata_of(request: web.Request) -> list[tuple[str, str]]:
     Authorization header is the auth token, Grpc-Metadata-<key> headers pass as <key>."""
     metadata = []
     token = request.headers.get("Authorization")
-    if token:
+    if token and token.isascii() and token.isprintable():
         metadata.append(("token", token))
     for name, value in request.headers.items():
         key = name.lower()
@@ -100,7 +100,8 @@ def metadata_of(request: web.Request) -> list[tuple[str, str]]:
             continue
         key = key[len(METADATA_PREFIX) :]
         # keys gRPC would refuse (or binary ones) are left out rather than failing the call
-        if _METADATA_KEY.fullmatch(key) and not key.endswith("-bin") and value.isprintable():
+        printable = value.isascii() and value.isprintable()
+        if _METADATA_KEY.fullmatch(key) and not key.endswith("-bin") and printable:
             metadata.append((key, value))
     return metadata
 
@@ -108,9 +109,7 @@ def metadata_of(request: web.Request) -> list[tuple[str, str]]:
 def request_message(value: Any, route: Route) -> Message:
     if value is not None and not isinstance(value, dict):
         kind = _GO_KINDS.get(type(value), "value")
-        raise BadJson(
-            f"json: cannot unmarshal {kind} into Go value of type map[string]json.RawMessage"
-        )
+        raise BadJson(f"json: cannot unmarshal {kind} into Go value of type {_GO_REQUEST_TYPE}")
     return from_json(value or {}, route.request)
 
 
@@ -183,7 +182,8 @@ class Gateway:
         self.runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self.runner.setup()
         host, _, port = address.rpartition(":")
-        await web.TCPSite(self.runner, host or "0.0.0.0", int(port), ssl_context=tls).start()
+        host = host.strip("[]") or "0.0.0.0"  # [::]:2379 is an IPv6 host
+        await web.TCPSite(self.runner, host, int(port), ssl_context=tls).start()
         scheme = "https" if tls else "http"
         log.info("etcd HTTP endpoints on %s://%s: /v3/..., /version, /health", scheme, address)
 
