@@ -56,6 +56,8 @@ WATCH_MAX_RESPONSE_BYTES = MAX_REQUEST_BYTES  # fragments are cut at etcd's max 
 WATCH_COALESCE_SECONDS = 0.002  # a busy stream lets events gather this long between writes
 
 # The follower and the index
+DEFRAGMENT_TIMEOUT = 3600.0  # seconds a Defragment's VACUUM may take (not the command timeout)
+MEMBER_SEEN_WITHIN_MS = 10_000  # a process that announced itself this recently is a member
 FOLLOWER_FETCH_LIMIT = 1000  # rows per catch-up query (Kine's --poll-batch-size default)
 FOLLOWER_RETRY_MIN = 0.05  # seconds before the follower's first retry after a failed fetch
 FOLLOWER_RETRY_MAX = 0.5  # ... and between retries while PostgreSQL stays away
@@ -184,6 +186,7 @@ class Settings:
     data_dir: str = _flag(
         "./geminikv-data", "directory of the embedded PostgreSQL (used when --endpoint is empty)"
     )
+    name: str = _flag("default", "member name in Cluster.MemberList, as etcd's --name")
     emulated_etcd_version: str = _flag("3.5.16", "etcd version reported by Maintenance.Status")
     watch_progress_notify_interval: float = _flag(5.0, "interval of watch progress notifications")
     poll_interval: float = _flag(
@@ -205,6 +208,12 @@ class Settings:
     )
     compact_min_retain: int = _flag(1000, "revisions automatic compaction always keeps")
     compact_batch_size: int = _flag(1000, "revisions compacted per automatic compaction step")
+    quota_backend_bytes: int = _flag(
+        0,
+        "raise etcd's NOSPACE alarm when Kine's table (indexes included) would outgrow this "
+        "many bytes (0 = no quota: PostgreSQL's disk is the limit)",
+        _checked(_integer, lambda v: v >= 0, "size: must not be negative"),
+    )
     metrics_bind_address: str = _flag(
         ":8080", "address for /metrics, /healthz and /readyz (0 = off)"
     )

@@ -60,10 +60,6 @@ class InvalidSortOption(InvalidArgument, message="etcdserver: invalid sort optio
     """etcd 3.6 rejects unknown sort enums; 3.4 and 3.5 crash on an unknown sort target."""
 
 
-class InvalidKey(InvalidArgument, message="geminikv: key must be valid UTF-8 without NUL bytes"):
-    """A key PostgreSQL's text column cannot hold (Kine's layout stores keys as text)."""
-
-
 class OutOfRange(EtcdError, code=grpc.StatusCode.OUT_OF_RANGE): ...
 
 
@@ -93,7 +89,53 @@ class Unavailable(
 ): ...
 
 
+class NoSpace(
+    EtcdError,
+    code=grpc.StatusCode.RESOURCE_EXHAUSTED,
+    message="etcdserver: mvcc: database space exceeded",
+): ...
+
+
+class Corrupt(EtcdError, code=grpc.StatusCode.DATA_LOSS, message="etcdserver: corrupt cluster"): ...
+
+
 class ServerStopped(Unavailable, message="etcdserver: server stopped"): ...
+
+
+class Membership(EtcdError, code=grpc.StatusCode.FAILED_PRECONDITION): ...
+
+
+class MemberNotFound(
+    EtcdError, code=grpc.StatusCode.NOT_FOUND, message="etcdserver: member not found"
+): ...
+
+
+class MemberNotLearner(Membership, message="etcdserver: can only promote a learner member"): ...
+
+
+class BadLeaderTransferee(Membership, message="etcdserver: bad leader transferee"): ...
+
+
+class MembersAreProcesses(
+    Membership,
+    message="geminikv: every geminikv process serving the database is a member; start or "
+    "stop a process instead of changing membership",
+): ...
+
+
+class WrongDowngradeVersionFormat(
+    InvalidArgument, message="etcdserver: wrong downgrade target version format"
+): ...
+
+
+class NoInflightDowngrade(Membership, message="etcdserver: no inflight downgrade job"): ...
+
+
+class DowngradeDoesNotApply(
+    Membership,
+    message="geminikv: downgrade does not apply; the etcd version geminikv reports is "
+    "--emulated-etcd-version",
+): ...
 
 
 class Rewound(
@@ -147,7 +189,6 @@ LOAD_MULTI_KEY = (
     "each live key's newest revision and makes the snapshot loadable, unless live keys "
     "were last written together by one request"
 )
-LOAD_BAD_KEY = "revision {revision}: key {key!r} cannot be stored in Kine's text column: {why}"
 LOAD_NO_FREE_REVISION = (
     "no revision without a key to hold Kine's compact_rev_key row (revisions 1 to "
     "{revision} each changed a key)"

@@ -24,6 +24,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from geminikv import metrics, tasks
+from geminikv.alarms import Alarms
 from geminikv.compact import Compactor
 from geminikv.config import (
     GC_YOUNG_THRESHOLD,
@@ -34,6 +35,7 @@ from geminikv.config import (
 )
 from geminikv.leader import Leader
 from geminikv.lease import KineTtls, Leases
+from geminikv.members import Members
 from geminikv.mvcc.applier import Applier
 from geminikv.mvcc.compaction import Compaction
 from geminikv.mvcc.follower import Follower
@@ -101,6 +103,11 @@ def parse_listen_address(text: str, tls: bool = False) -> ListenAddress:
     return ListenAddress(f"{host}:{port}", f"{scheme}://{shown}:{port}")
 
 
+def member_id(settings: Settings) -> int:
+    """This process's etcd member id: its host and client address."""
+    return _id64("member", socket.gethostname(), settings.listen_address)
+
+
 def _id64(*parts: str) -> int:
     digest = hashlib.blake2b("\0".join(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") & ((1 << 63) - 1) or 1
@@ -133,6 +140,7 @@ def build(
     for PostgreSQL (the leader's session); ``primary``: which PostgreSQL host is the
     primary, followed by a heartbeat (docs/architecture.md#failover)."""
     s = settings
+    alarms = Alarms(pool, member_id(s), s.quota_backend_bytes)
     index = Index()
     values = Values(pool, s.value_cache_size * 1024 * 1024)
     lag = Lag(index)
@@ -169,6 +177,7 @@ def build(
         s.poll_interval,
         reconnect,
         s.poll_batch_size,
+        on_alarms=alarms.changed,
     )
     reads = ReadIndex(
         follower.listener, applier, lag, rewind, follower.wait_for, follower.catch_up, s.batch_wait
@@ -186,6 +195,7 @@ def build(
         compaction,
         rewind,
         rebuilding,
+        alarms,
         on_compact=leader_wake.set,
     )
     leases = Leases(store, kine_ttls)
@@ -237,6 +247,7 @@ class App:
         self.gateway: Gateway | None = None
         self._gateway_dir: str | None = None
         self._health_task: asyncio.Task[None] | None = None
+        self.members: Members | None = None
         self.lease_count = 0  # counted by the health task, read by the geminikv_leases gauge
         self.address = parse_listen_address(
             settings.listen_address, tls=bool(settings.server_cert_file)
@@ -282,14 +293,21 @@ class App:
             self.heartbeat.start()
         await self.store.start()
         identity = await self._identity()
+        self.members = Members(
+            self.pool, (identity.member_id, identity.name, [identity.client_url])
+        )
+        await self.members.announce()
 
         grpc_server = grpc.aio.server(options=GRPC_OPTIONS)
         server = UndecodableAsInternal(grpc_server, wire.CODECS)  # registers the services
         rpc_pb2_grpc.add_KVServicer_to_server(KVService(self.store, identity), server)
         rpc_pb2_grpc.add_MaintenanceServicer_to_server(
-            MaintenanceService(self.store, identity, s.emulated_etcd_version), server
+            MaintenanceService(self.store, identity, s.emulated_etcd_version, self.members),
+            server,
         )
-        rpc_pb2_grpc.add_ClusterServicer_to_server(ClusterService(self.store, identity), server)
+        rpc_pb2_grpc.add_ClusterServicer_to_server(
+            ClusterService(self.store, identity, self.members), server
+        )
         await self.hub.start()
         self.watch = WatchService(self.hub, identity, s.watch_progress_notify_interval)
         self.watch.start()
@@ -372,6 +390,9 @@ class App:
                 rev = await asyncio.wait_for(self.store.reads.read(), 2.0)
                 self.health.database_ok = time.monotonic()
                 self.health.caught_up = self.store.follower.applied >= rev
+                await self.store.alarms.refresh()
+                if self.members is not None:
+                    await self.members.announce()
                 if now - last_size > 30:
                     metrics.DB_SIZE.set(await self.store.db_size())
                     last_size = now
@@ -387,9 +408,8 @@ class App:
         assert self.writer_conn is not None
         name, table_oid = await kine.identity(self.writer_conn)
         cluster = _id64("cluster", name, str(table_oid))
-        host = socket.gethostname()
-        member = _id64("member", host, self.settings.listen_address)
-        return Identity(cluster, member, host, self.address.client_url)
+        name = self.settings.name
+        return Identity(cluster, member_id(self.settings), name, self.address.client_url)
 
     async def stop(self) -> None:
         # Stop accepting calls, let unary calls in flight finish (the writer still runs),
@@ -409,6 +429,9 @@ class App:
             await draining
             self.server = None
         await tasks.stop(self._health_task)
+        if self.members is not None and self.pool is not None:
+            with contextlib.suppress(Exception):  # else its row ages out of the list
+                await asyncio.wait_for(self.members.withdraw(), 2)
         if self.heartbeat is not None:
             await self.heartbeat.stop()
         if self.http is not None:

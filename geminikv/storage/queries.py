@@ -30,6 +30,22 @@ INDEX_ROW_COLUMNS = ", ".join(INDEX_COLUMNS)
 ROW_COLUMNS = ", ".join(Row._fields)
 SNAPSHOT_ROW_COLUMNS = ", ".join(f"k.{column}" for column in Row._fields[:-1])
 
+
+def _kept_rows(last_up_to: str) -> str:
+    """The rows up to $1 etcd's key bucket holds after compacting at $2: every row above
+    $2, and at or below it a key's row that is its last put up to ``last_up_to``."""
+    return f"""
+        SELECT {SNAPSHOT_ROW_COLUMNS} FROM kine k
+        WHERE k.id <= $1 AND k.name <> 'compact_rev_key'
+          AND NOT (k.deleted = 1 AND k.created = 0 AND k.prev_revision = 0
+                   AND k.name LIKE 'gap-%')
+          AND (k.id > $2 OR (k.deleted = 0 AND NOT EXISTS (
+                SELECT 1 FROM kine n
+                WHERE n.name = k.name AND n.id > k.id AND n.id <= {last_up_to})))
+        ORDER BY k.id
+    """
+
+
 SQL: dict[str, str] = {
     "begin_locked": f"BEGIN; SELECT pg_advisory_xact_lock({WRITER_LOCK_KEY})",
     "commit": "COMMIT",
@@ -148,27 +164,11 @@ SQL: dict[str, str] = {
         "(SELECT COALESCE(MAX(prev_revision), 0) FROM kine WHERE name = 'compact_rev_key') "
         "FROM kine"
     ),
-    "snapshot_rows": f"""
-        SELECT {SNAPSHOT_ROW_COLUMNS} FROM kine k
-        WHERE k.id <= $1 AND k.name <> 'compact_rev_key'
-          AND NOT (k.deleted = 1 AND k.created = 0 AND k.prev_revision = 0
-                   AND k.name LIKE 'gap-%')
-          AND (k.id > $2 OR (k.deleted = 0 AND NOT EXISTS (
-                SELECT 1 FROM kine n WHERE n.name = k.name AND n.id > k.id AND n.id <= $2)))
-        ORDER BY k.id
-    """,
+    "snapshot_rows": _kept_rows(last_up_to="$2"),
     # Maintenance.HashKV at $1 (in a consistent_read, as the snapshot): the rows up to $1
     # etcd's key bucket holds after compacting at $2 (as snapshot_rows), of those at or
     # below $2 only a key's last row up to $3 (docs/architecture.md#hashkv-request)
-    "hashkv_rows": f"""
-        SELECT {SNAPSHOT_ROW_COLUMNS} FROM kine k
-        WHERE k.id <= $1 AND k.name <> 'compact_rev_key'
-          AND NOT (k.deleted = 1 AND k.created = 0 AND k.prev_revision = 0
-                   AND k.name LIKE 'gap-%')
-          AND (k.id > $2 OR (k.deleted = 0 AND NOT EXISTS (
-                SELECT 1 FROM kine n WHERE n.name = k.name AND n.id > k.id AND n.id <= $3)))
-        ORDER BY k.id
-    """,
+    "hashkv_rows": _kept_rows(last_up_to="$3"),
     # whether any key is live at $1: its last row up to $1 is a put (gap rows are deletes)
     "hashkv_any_live": """
         SELECT EXISTS (
@@ -206,6 +206,29 @@ SQL: dict[str, str] = {
         FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS t(id, ttl, remaining_ms)
     """,
     "db_size": "SELECT pg_total_relation_size('kine')",
+    "member_announce": "INSERT INTO geminikv_member (id, name, client_urls, seen_ms) "
+    f"VALUES ($1, $2, $3, {NOW_MS}) ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, "
+    "client_urls = EXCLUDED.client_urls, seen_ms = EXCLUDED.seen_ms",
+    "member_withdraw": "DELETE FROM geminikv_member WHERE id = $1",
+    "members_live": "SELECT id, name, client_urls FROM geminikv_member "
+    f"WHERE seen_ms > {NOW_MS} - $1 ORDER BY id",
+    "vacuum": "VACUUM (ANALYZE) kine, geminikv_lease",
+    # pg_freespace() exists only where the extension could be created (schema.py tries)
+    "has_freespace": "SELECT to_regprocedure('pg_freespace(regclass)') IS NOT NULL",
+    # the free space of the table, its TOAST table (large values) and its indexes
+    "db_size_in_use": """
+        SELECT pg_total_relation_size('kine') - (
+            SELECT COALESCE(sum(f.avail), 0)
+            FROM (SELECT 'kine'::regclass::oid AS rel
+                  UNION ALL SELECT reltoastrelid FROM pg_class
+                            WHERE oid = 'kine'::regclass AND reltoastrelid <> 0
+                  UNION ALL SELECT indexrelid FROM pg_index WHERE indrelid = 'kine'::regclass
+                 ) r, LATERAL pg_freespace(r.rel::regclass) f)""",
+    "alarms": "SELECT member_id, alarm FROM geminikv_alarm ORDER BY member_id, alarm",
+    "alarm_activate": "INSERT INTO geminikv_alarm (member_id, alarm) VALUES ($1, $2) "
+    "ON CONFLICT DO NOTHING RETURNING 1",
+    "alarm_deactivate": "DELETE FROM geminikv_alarm WHERE member_id = $1 AND alarm = $2 "
+    "RETURNING 1",
     # What identifies the cluster: the database, and this incarnation of Kine's table.
     "identity": "SELECT current_database()::text, 'kine'::regclass::oid::bigint",
 }
