@@ -206,6 +206,21 @@ def test_etcd_35_probes(servers: Servers) -> None:
         b"[+]serializable_read ok\n[+]linearizable_read ok\nok\n"
     )
     assert curl(servers.gemini, "/readyz", "{}").status == 405
+    member = curl(servers.gemini, "/v3/maintenance/status", "{}").json()["header"]["member_id"]
+    corrupt = {"memberID": member, "alarm": "CORRUPT"}
+    curl(servers.gemini, "/v3/maintenance/alarm", json.dumps({"action": "ACTIVATE", **corrupt}))
+    try:
+        failed = curl(servers.gemini, "/readyz")
+        assert failed.status == 503
+        assert failed.body == (
+            b"[-]data_corruption failed: alarm activated: CORRUPT\n"
+            b"[+]serializable_read ok\n[+]linearizable_read ok\n\n"
+        )
+        assert curl(servers.gemini, "/livez").status == 200
+    finally:
+        body = json.dumps({"action": "DEACTIVATE", **corrupt})
+        curl(servers.gemini, "/v3/maintenance/alarm", body)
+    assert curl(servers.gemini, "/readyz").status == 200
 
 
 def test_json_is_written_as_go_writes_it() -> None:
@@ -229,6 +244,36 @@ def test_health_is_false_without_postgres(servers: Servers) -> None:
         assert curl(servers.gemini, "/health?serializable=true").status == 200
     finally:
         app.health.primary_reachable = reachable
+
+
+def test_health_and_writes_under_a_nospace_alarm(servers: Servers) -> None:
+    """/health is false under NOSPACE (unless excluded), and writes are refused, as etcd's."""
+    members = {
+        base: curl(base, "/v3/maintenance/status", "{}").json()["header"]["member_id"]
+        for base in (servers.etcd, servers.gemini)
+    }
+
+    def alarm(action: str) -> None:
+        for base, member in members.items():
+            body = {"action": action, "memberID": member, "alarm": "NOSPACE"}
+            assert curl(base, "/v3/maintenance/alarm", json.dumps(body)).status == 200
+
+    alarm("ACTIVATE")
+    try:
+        for base, member in members.items():  # (etcd 3.4 answers Alarm without a header)
+            listed = curl(base, "/v3/maintenance/alarm", '{"action":"GET"}').json()["alarms"]
+            assert listed == [{"memberID": member, "alarm": "NOSPACE"}]
+        theirs, ours = curl(servers.etcd, "/health"), curl(servers.gemini, "/health")
+        assert theirs.status == ours.status == 503
+        assert theirs.body == b'{"health":"false"}\n'  # 3.4 keeps the reason to itself
+        assert ours.body == b'{"health":"false","reason":"ALARM NOSPACE"}\n'
+        excluded = [curl(b, "/health?exclude=NOSPACE") for b in (servers.etcd, servers.gemini)]
+        assert [a.status for a in excluded] == [200, 200]
+        refused = both(servers, "/v3/kv/put", json.dumps({"key": b64("/gw/full")}))
+        assert refused.json()["message"] == "etcdserver: mvcc: database space exceeded"
+    finally:
+        alarm("DEACTIVATE")
+    assert curl(servers.gemini, "/health").status == 200
 
 
 def test_lease_requests_answer_as_etcd(servers: Servers) -> None:

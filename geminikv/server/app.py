@@ -339,8 +339,13 @@ class App:
         self._watch_gauges()
         self.http = metrics.serve_http(s.metrics_bind_address, self.health)
         if gateway_socket is not None:
+            alarms = self.store.alarms
             self.gateway = Gateway(
-                gateway_socket, self.health, self.store.reads.read, s.emulated_etcd_version
+                gateway_socket,
+                self.health,
+                self.store.reads.read,
+                lambda: [kind for _, kind in alarms.raised],
+                s.emulated_etcd_version,
             )
             tls = server_tls(s.server_cert_file, s.server_key_file, s.trusted_ca_file)
             await self.gateway.start(s.http_listen_address, tls)
