@@ -357,18 +357,39 @@ def build_parser(prog: str = "geminikv") -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument("-v", "--version", action="version", version=f"geminikv {__version__}")
+    add_setting_flags(parser, [f.name for f in fields(Settings)])
+    return parser
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
+    """The flags of these settings, as the server declares them (also for subcommands
+    that reach the same database, e.g. ``load-snapshot``)."""
+    chosen = set(names)
     for f in fields(Settings):
+        if f.name not in chosen:
+            continue
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type)
         text = _help(f)
         if kind == "bool":
             # Kine's (urfave/cli) spellings: --flag, --flag=true, --flag=false
             parser.add_argument(
-                flag, nargs="?", const=True, type=parse_bool, metavar="BOOL", help=text
+                flag,
+                nargs="?",
+                const=True,
+                type=parse_bool,
+                metavar="BOOL",
+                help=text,
+                default=argparse.SUPPRESS,  # a flag not given is absent
             )
             continue
-        parser.add_argument(flag, type=_parser_of(f), metavar=_METAVAR[kind], help=text)
-    return parser
+        parser.add_argument(
+            flag,
+            type=_parser_of(f),
+            metavar=_METAVAR[kind],
+            help=text,
+            default=argparse.SUPPRESS,
+        )
 
 
 def parse_settings(
@@ -382,7 +403,17 @@ def parse_settings(
     message naming the flag or the variable, as argparse does.
     """
     parser = build_parser(prog)
-    values: dict[str, Any] = vars(parser.parse_args(argv))
+    return settings_from(parser, vars(parser.parse_args(argv)), environ)
+
+
+def settings_from(
+    parser: argparse.ArgumentParser,
+    values: dict[str, Any],
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Settings from parsed flags (those given), then GEMINIKV_* variables, then the
+    defaults; ``parser`` reports a bad variable."""
+    values = {k: v for k, v in values.items() if k in _FIELD_NAMES}
     env = os.environ if environ is None else environ
     for f in fields(Settings):
         name = _env_name(f.name)
@@ -406,3 +437,4 @@ def no_effect(settings: Settings) -> list[str]:
 
 
 _DEFAULTS = Settings()
+_FIELD_NAMES = frozenset(f.name for f in fields(Settings))
