@@ -70,6 +70,11 @@ LOAD_PREFETCH = 20_000  # rows per round trip while loading the table at start-u
 # per round trip, and per hand-over to the file writer's thread
 SNAPSHOT_PREFETCH = 500
 
+# The HTTP gateway: a JSON body is base64 (4/3) of at most etcd's max request, with room
+# for the JSON around it; etcd's ReqTimeout (5 s + 2 election timeouts) bounds /health's read.
+GATEWAY_MAX_BODY_BYTES = 2 * GRPC_MAX_RECEIVE_BYTES
+HEALTH_READ_TIMEOUT = 7.0
+
 # Writes
 WRITER_MAX_BATCH = 512  # requests in one write batch (one PostgreSQL transaction)
 WRITER_RECONNECT_MAX_DELAY = 0.5  # seconds between the writer's attempts to reconnect, at most
@@ -211,6 +216,11 @@ class Settings:
     )
     metrics_bind_address: str = _flag(
         ":8080", "address for /metrics, /healthz and /readyz (0 = off)"
+    )
+    http_listen_address: str = _flag(
+        "",
+        "address (host:port) for etcd's HTTP endpoints: the gRPC-JSON gateway (/v3/...), "
+        "/version, /health and /metrics (empty or 0 = off)",
     )
     metrics_enable_profiling: bool = _flag(False, "Kine's pprof handlers on the metrics address")
     metrics_ignore_tls_config: bool = _flag(

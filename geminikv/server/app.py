@@ -10,8 +10,10 @@ import gc
 import hashlib
 import logging
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -49,6 +51,7 @@ from geminikv.mvcc.writer import Writer
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
 from geminikv.server import wire
 from geminikv.server.cluster import ClusterService
+from geminikv.server.gateway import Gateway, server_tls
 from geminikv.server.kv import KVService
 from geminikv.server.lease import LeaseService
 from geminikv.server.maintenance import MaintenanceService
@@ -241,6 +244,8 @@ class App:
         self.heartbeat: Heartbeat | None = None
         self.health = metrics.Health()
         self.http: WSGIServer | None = None
+        self.gateway: Gateway | None = None
+        self._gateway_dir: str | None = None
         self._health_task: asyncio.Task[None] | None = None
         self.members: Members | None = None
         self.lease_count = 0  # counted by the health task, read by the geminikv_leases gauge
@@ -315,6 +320,13 @@ class App:
         health_servicer = health.aio.HealthServicer()
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        gateway_socket = None
+        if s.http_listen_address not in ("", "0"):
+            # the gateway's own way in: a socket in a directory only this user can open,
+            # so it needs no client certificate where the client address requires one
+            self._gateway_dir = tempfile.mkdtemp(prefix="geminikv-gateway-")
+            gateway_socket = f"unix:{self._gateway_dir}/grpc.sock"
+            grpc_server.add_insecure_port(gateway_socket)
         credentials = self._tls()
         if credentials is None:
             self.port = grpc_server.add_insecure_port(self.address.grpc_target)
@@ -326,6 +338,17 @@ class App:
         self.server = grpc_server
         self._watch_gauges()
         self.http = metrics.serve_http(s.metrics_bind_address, self.health)
+        if gateway_socket is not None:
+            alarms = self.store.alarms
+            self.gateway = Gateway(
+                gateway_socket,
+                self.health,
+                self.store.reads.read,
+                lambda: [kind for _, kind in alarms.raised],
+                s.emulated_etcd_version,
+            )
+            tls = server_tls(s.server_cert_file, s.server_key_file, s.trusted_ca_file)
+            await self.gateway.start(s.http_listen_address, tls)
         self._health_task = asyncio.create_task(self._check_health(), name="health")
         log.info(
             "geminikv serving etcd v3 on %s (revision %d)",
@@ -395,7 +418,12 @@ class App:
 
     async def stop(self) -> None:
         # Stop accepting calls, let unary calls in flight finish (the writer still runs),
-        # and end watch streams so the server can drain.
+        # and end watch streams so the server can drain; the gateway first, a client of it.
+        if self.gateway is not None:
+            await self.gateway.stop()
+            self.gateway = None
+        if self._gateway_dir is not None:
+            shutil.rmtree(self._gateway_dir, ignore_errors=True)
         draining = None
         if self.server is not None:
             draining = asyncio.create_task(self.server.stop(grace=5))
