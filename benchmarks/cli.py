@@ -22,6 +22,7 @@ import psutil
 from geminikv import __version__
 
 from . import report, runner, watch
+from .replicated import EtcdClusterTarget, GeminiSyncTarget
 from .targets import EtcdTarget, ExternalTarget, GeminiTarget, NullTarget, Target
 from .workloads import WORKLOADS, Params
 
@@ -62,13 +63,19 @@ class Settings:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="geminikv bench", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="geminikv bench",
+        description=__doc__,
+        epilog="geminikv bench failover --help: failover timing on two PostgreSQL nodes",
+    )
     p.add_argument("--quick", action="store_true", help="a smoke run in under a minute")
     p.add_argument("--out", default="./bench-results", help="directory for results and plots")
     p.add_argument(
         "--targets",
         default="geminikv,etcd,null",
-        help="built-in targets to start: geminikv, etcd, null",
+        help="built-in targets to start: geminikv, etcd, null; and the replicated "
+        "configurations etcd-cluster (three etcd members) and geminikv-sync (geminikv on a "
+        "PostgreSQL primary with a synchronous standby)",
     )
     p.add_argument(
         "--target",
@@ -144,7 +151,8 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.target = target
         self.stop_event = threading.Event()
-        self.peak_rss = 0
+        self.peak_rss = 0  # PSS summed: shared pages (PostgreSQL's buffers) counted once
+        self.peak_rss_sum = 0  # RSS summed: shared pages counted in every process
         self.cpu: dict[int, float] = {}  # pid → latest cpu seconds
         self.start_cpu = self._cpu()
 
@@ -167,12 +175,15 @@ class Sampler(threading.Thread):
                 # PSS reads every mapping of every process (~1 ms each, and PostgreSQL
                 # has a dozen): once a second keeps the sampler off the servers' cores
                 continue
-            rss = 0
+            pss = rss = 0
             for proc in self.target.processes():
                 # PSS: PostgreSQL's shared buffers are counted once, not per backend.
                 with contextlib.suppress(psutil.Error, AttributeError):
-                    rss += proc.memory_full_info().pss
-            self.peak_rss = max(self.peak_rss, rss)
+                    memory = proc.memory_full_info()
+                    pss += memory.pss
+                    rss += memory.rss
+            self.peak_rss = max(self.peak_rss, pss)
+            self.peak_rss_sum = max(self.peak_rss_sum, rss)
 
     def restart(self) -> None:
         """Measuring begins now (after the warm-up): count CPU from here."""
@@ -180,11 +191,23 @@ class Sampler(threading.Thread):
         self.cpu = dict(self.start_cpu)
 
     def finish(self) -> tuple[float, float]:
+        """CPU seconds of every process of the target, and its peak memory in MiB (PSS)."""
         self.stop_event.set()
         self.join()
         self.cpu.update(self._cpu())
         used = sum(v - self.start_cpu.get(pid, 0.0) for pid, v in self.cpu.items())
         return used, self.peak_rss / 1024**2
+
+
+def costs(sampler: Sampler, cpu: float, peak_mb: float, ops: int, rate: float) -> dict[str, float]:
+    """What each operation cost the target's processes: CPU µs per operation, and memory
+    per operation (peak MiB ÷ operations/s: the memory a configuration holds per unit of
+    throughput)."""
+    return {
+        "server_peak_rss_sum_mb": sampler.peak_rss_sum / 1024**2,
+        "cpu_us_per_op": cpu / ops * 1e6 if ops else 0.0,
+        "mb_per_op_s": peak_mb / rate if rate else 0.0,
+    }
 
 
 def machine() -> dict[str, Any]:
@@ -270,6 +293,7 @@ def run_workload(
             "ack_to_event_p99_ms": got["ack_to_event_p99_ms"],
             "server_cpu_s": cpu,
             "server_peak_mb": peak,
+            **costs(sampler, cpu, peak, int(got["writes"]), float(got["write_rate"])),  # type: ignore[call-overload, arg-type]
             "client_cpu_s": 0.0,
             **report.stats(latencies),
         }, latencies
@@ -301,6 +325,7 @@ def run_workload(
         "first_error": next((r.first_error for r in results if r.first_error), ""),
         "server_cpu_s": cpu,
         "server_peak_mb": peak,
+        **costs(sampler, cpu, peak, ops, ops / s.seconds),
         "client_cpu_s": sum(r.cpu_seconds for r in results),
         **report.stats(latencies),
     }
@@ -308,6 +333,11 @@ def run_workload(
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["failover"]:  # failover timing: its own command and flags
+        from . import failover
+
+        return failover.main(argv[1:])
     args = parser().parse_args(argv)
     s = settings(args)
     wanted = [w.strip() for w in args.workloads.split(",") if w.strip()]
@@ -330,6 +360,13 @@ def main(argv: list[str] | None = None) -> int:
                 print("etcd: skipped (no etcd binary on PATH; Debian package etcd-server)")
         elif name == "null":
             targets.append(NullTarget(cpu_list=server_cpus))
+        elif name == "etcd-cluster":
+            if EtcdClusterTarget.available():
+                targets.append(EtcdClusterTarget(cpu_list=server_cpus))
+            else:
+                print("etcd-cluster: skipped (no etcd binary on PATH; Debian package etcd-server)")
+        elif name == "geminikv-sync":
+            targets.append(GeminiSyncTarget(args.geminikv_arg, cpu_list=server_cpus))
         else:
             print(f"unknown built-in target {name!r}", file=sys.stderr)
             return 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from array import array
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ def table(results: dict[str, Any]) -> str:
             "max ms",
             "vs etcd",
             "server CPU s",
+            "CPU µs/op",
             "server peak MB",
             "client CPU s",
             "errors",
@@ -63,15 +65,68 @@ def table(results: dict[str, Any]) -> str:
                     f"{r['max_ms']:.1f}",
                     ratio,
                     f"{r['server_cpu_s']:.1f}",
+                    f"{r.get('cpu_us_per_op', 0.0):.0f}",
                     f"{r['server_peak_mb']:.0f}",
                     f"{r['client_cpu_s']:.1f}",
                     f"{r['errors']}{extra}",
                 )
             )
+    text = aligned(rows)
+    against = cost_table(results)
+    return f"{text}\n\n{against}" if against else text
+
+
+def aligned(rows: Sequence[tuple[str, ...]]) -> str:
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(c).rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+BASELINE = "etcd-cluster"  # the configuration the replicated ones are costed against
+
+
+def ratio(r: dict[str, Any], base: dict[str, Any], field: str) -> str:
+    return f"{r.get(field, 0.0) / base[field]:.2f}x" if base.get(field) else ""
+
+
+def cost_table(results: dict[str, Any]) -> str:
+    """Each target against etcd's three members, per workload: throughput, and CPU and
+    memory per operation (all processes of each configuration), as ratios."""
+    rows = [
+        (
+            "workload",
+            "target",
+            "ops/s",
+            f"vs {BASELINE}",
+            "p99 ms",
+            "CPU µs/op",
+            f"CPU/op vs {BASELINE}",
+            "peak MB",
+            "MB per op/s",
+            f"mem/op vs {BASELINE}",
+        )
+    ]
+    for workload, by_target in results["workloads"].items():
+        base = by_target.get(BASELINE)
+        if not base or base.get("kind") == "latency":
+            continue
+        for target, r in by_target.items():
+            rows.append(
+                (
+                    workload,
+                    target,
+                    f"{r['throughput']:.0f}",
+                    ratio(r, base, "throughput"),
+                    f"{r['p99_ms']:.2f}",
+                    f"{r.get('cpu_us_per_op', 0.0):.0f}",
+                    ratio(r, base, "cpu_us_per_op"),
+                    f"{r['server_peak_mb']:.0f}",
+                    f"{r.get('mb_per_op_s', 0.0):.3f}",
+                    ratio(r, base, "mb_per_op_s"),
+                )
+            )
+    return aligned(rows) if len(rows) > 1 else ""
 
 
 def write(out: Path, results: dict[str, Any], latencies: dict[str, dict[str, array]]) -> None:  # type: ignore[type-arg]

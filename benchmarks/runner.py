@@ -9,6 +9,7 @@ is not measured.
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing as mp
 import os
 import threading
@@ -28,6 +29,13 @@ CHANNEL_OPTIONS = [
     # process otherwise, and --conns would mean nothing.
     ("grpc.use_local_subchannel_pool", 1),
 ]
+# Several addresses (a cluster's members, "ipv4:a:p,b:q"): each channel sends its calls to
+# all of them in turn, as etcd's clientv3 balances over its endpoints.
+ROUND_ROBIN = ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]}))
+
+
+def channel_options(endpoint: str) -> list[tuple[str, object]]:
+    return [*CHANNEL_OPTIONS, ROUND_ROBIN] if "," in endpoint else list(CHANNEL_OPTIONS)
 
 
 @dataclass(frozen=True)
@@ -61,7 +69,7 @@ class WorkerResult:
 async def _worker(job: Job, worker: int, clients: int, go: Start) -> WorkerResult:
     workload = WORKLOADS[job.workload]
     channels = [
-        grpc.aio.insecure_channel(job.endpoint, options=CHANNEL_OPTIONS)
+        grpc.aio.insecure_channel(job.endpoint, options=channel_options(job.endpoint))
         for _ in range(max(1, job.connections))
     ]
     calls = [Calls(ch) for ch in channels]
@@ -159,5 +167,5 @@ def run(
 
 
 async def setup(endpoint: str, workload: str, params: Params) -> None:
-    async with grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS) as channel:
+    async with grpc.aio.insecure_channel(endpoint, options=channel_options(endpoint)) as channel:
         await WORKLOADS[workload].setup(Calls(channel), params)

@@ -17,14 +17,14 @@ import grpc
 
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 
-from .runner import CHANNEL_OPTIONS
+from .runner import channel_options
 from .workloads import prefix_end
 
 
 async def _watchers(
     endpoint: str, prefix: bytes, count: int, stop: EventT, ready: EventT
 ) -> list[tuple[bytes, bytes]]:
-    channel = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+    channel = grpc.aio.insecure_channel(endpoint, options=channel_options(endpoint))
     stub = channel.stream_stream("/etcdserverpb.Watch/Watch")
     create = pb.WatchRequest(
         create_request=pb.WatchCreateRequest(key=prefix, range_end=prefix_end(prefix), prev_kv=True)
@@ -64,7 +64,9 @@ async def _watchers(
 async def _writers(
     endpoint: str, prefix: bytes, count: int, rate: float, seconds: float, value_size: int
 ) -> tuple[bytes, bytes, bytes, float]:
-    channels = [grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS) for _ in range(2)]
+    channels = [
+        grpc.aio.insecure_channel(endpoint, options=channel_options(endpoint)) for _ in range(2)
+    ]
     puts = [ch.unary_unary("/etcdserverpb.KV/Put") for ch in channels]
     revs, times, acks = array("q"), array("d"), array("d")
     value = b"w" * value_size

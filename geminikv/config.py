@@ -56,6 +56,8 @@ WATCH_MAX_RESPONSE_BYTES = MAX_REQUEST_BYTES  # fragments are cut at etcd's max 
 WATCH_COALESCE_SECONDS = 0.002  # a busy stream lets events gather this long between writes
 
 # The follower and the index
+DEFRAGMENT_TIMEOUT = 3600.0  # seconds a Defragment's VACUUM may take (not the command timeout)
+MEMBER_SEEN_WITHIN_MS = 10_000  # a process that announced itself this recently is a member
 FOLLOWER_FETCH_LIMIT = 1000  # rows per catch-up query (Kine's --poll-batch-size default)
 FOLLOWER_RETRY_MIN = 0.05  # seconds before the follower's first retry after a failed fetch
 FOLLOWER_RETRY_MAX = 0.5  # ... and between retries while PostgreSQL stays away
@@ -67,6 +69,11 @@ LOAD_PREFETCH = 20_000  # rows per round trip while loading the table at start-u
 # Maintenance.Snapshot: rows (values included, so memory is this times the largest value)
 # per round trip, and per hand-over to the file writer's thread
 SNAPSHOT_PREFETCH = 500
+
+# The HTTP gateway: a JSON body is base64 (4/3) of at most etcd's max request, with room
+# for the JSON around it; etcd's ReqTimeout (5 s + 2 election timeouts) bounds /health's read.
+GATEWAY_MAX_BODY_BYTES = 2 * GRPC_MAX_RECEIVE_BYTES
+HEALTH_READ_TIMEOUT = 7.0
 
 # Writes
 WRITER_MAX_BATCH = 512  # requests in one write batch (one PostgreSQL transaction)
@@ -202,6 +209,7 @@ class Settings:
     data_dir: str = _flag(
         "./geminikv-data", "directory of the embedded PostgreSQL (used when --endpoint is empty)"
     )
+    name: str = _flag("default", "member name in Cluster.MemberList, as etcd's --name")
     emulated_etcd_version: str = _flag("3.5.16", "etcd version reported by Maintenance.Status")
     watch_progress_notify_interval: float = _flag(5.0, "interval of watch progress notifications")
     poll_interval: float = _flag(
@@ -223,8 +231,19 @@ class Settings:
     )
     compact_min_retain: int = _flag(1000, "revisions automatic compaction always keeps")
     compact_batch_size: int = _flag(1000, "revisions compacted per automatic compaction step")
+    quota_backend_bytes: int = _flag(
+        0,
+        "raise etcd's NOSPACE alarm when Kine's table (indexes included) would outgrow this "
+        "many bytes (0 = no quota: PostgreSQL's disk is the limit)",
+        _checked(_integer, lambda v: v >= 0, "size: must not be negative"),
+    )
     metrics_bind_address: str = _flag(
         ":8080", "address for /metrics, /healthz and /readyz (0 = off)"
+    )
+    http_listen_address: str = _flag(
+        "",
+        "address (host:port) for etcd's HTTP endpoints: the gRPC-JSON gateway (/v3/...), "
+        "/version, /health and /metrics (empty or 0 = off)",
     )
     metrics_enable_profiling: bool = _flag(False, "Kine's pprof handlers on the metrics address")
     metrics_ignore_tls_config: bool = _flag(
@@ -375,18 +394,39 @@ def build_parser(prog: str = "geminikv") -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument("-v", "--version", action="version", version=f"geminikv {__version__}")
+    add_setting_flags(parser, [f.name for f in fields(Settings)])
+    return parser
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
+    """The flags of these settings, as the server declares them (also for subcommands
+    that reach the same database, e.g. ``load-snapshot``)."""
+    chosen = set(names)
     for f in fields(Settings):
+        if f.name not in chosen:
+            continue
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type)
         text = _help(f)
         if kind == "bool":
             # Kine's (urfave/cli) spellings: --flag, --flag=true, --flag=false
             parser.add_argument(
-                flag, nargs="?", const=True, type=parse_bool, metavar="BOOL", help=text
+                flag,
+                nargs="?",
+                const=True,
+                type=parse_bool,
+                metavar="BOOL",
+                help=text,
+                default=argparse.SUPPRESS,  # a flag not given is absent
             )
             continue
-        parser.add_argument(flag, type=_parser_of(f), metavar=_METAVAR[kind], help=text)
-    return parser
+        parser.add_argument(
+            flag,
+            type=_parser_of(f),
+            metavar=_METAVAR[kind],
+            help=text,
+            default=argparse.SUPPRESS,
+        )
 
 
 def parse_settings(
@@ -400,7 +440,17 @@ def parse_settings(
     message naming the flag or the variable, as argparse does.
     """
     parser = build_parser(prog)
-    values: dict[str, Any] = vars(parser.parse_args(argv))
+    return settings_from(parser, vars(parser.parse_args(argv)), environ)
+
+
+def settings_from(
+    parser: argparse.ArgumentParser,
+    values: dict[str, Any],
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Settings from parsed flags (those given), then GEMINIKV_* variables, then the
+    defaults; ``parser`` reports a bad variable."""
+    values = {k: v for k, v in values.items() if k in _FIELD_NAMES}
     env = os.environ if environ is None else environ
     for f in fields(Settings):
         name = _env_name(f.name)
@@ -424,3 +474,4 @@ def no_effect(settings: Settings) -> list[str]:
 
 
 _DEFAULTS = Settings()
+_FIELD_NAMES = frozenset(f.name for f in fields(Settings))

@@ -60,10 +60,6 @@ class InvalidSortOption(InvalidArgument, message="etcdserver: invalid sort optio
     """etcd 3.6 rejects unknown sort enums; 3.4 and 3.5 crash on an unknown sort target."""
 
 
-class InvalidKey(InvalidArgument, message="geminikv: key must be valid UTF-8 without NUL bytes"):
-    """A key PostgreSQL's text column cannot hold (Kine's layout stores keys as text)."""
-
-
 class OutOfRange(EtcdError, code=grpc.StatusCode.OUT_OF_RANGE): ...
 
 
@@ -93,7 +89,53 @@ class Unavailable(
 ): ...
 
 
+class NoSpace(
+    EtcdError,
+    code=grpc.StatusCode.RESOURCE_EXHAUSTED,
+    message="etcdserver: mvcc: database space exceeded",
+): ...
+
+
+class Corrupt(EtcdError, code=grpc.StatusCode.DATA_LOSS, message="etcdserver: corrupt cluster"): ...
+
+
 class ServerStopped(Unavailable, message="etcdserver: server stopped"): ...
+
+
+class Membership(EtcdError, code=grpc.StatusCode.FAILED_PRECONDITION): ...
+
+
+class MemberNotFound(
+    EtcdError, code=grpc.StatusCode.NOT_FOUND, message="etcdserver: member not found"
+): ...
+
+
+class MemberNotLearner(Membership, message="etcdserver: can only promote a learner member"): ...
+
+
+class BadLeaderTransferee(Membership, message="etcdserver: bad leader transferee"): ...
+
+
+class MembersAreProcesses(
+    Membership,
+    message="geminikv: every geminikv process serving the database is a member; start or "
+    "stop a process instead of changing membership",
+): ...
+
+
+class WrongDowngradeVersionFormat(
+    InvalidArgument, message="etcdserver: wrong downgrade target version format"
+): ...
+
+
+class NoInflightDowngrade(Membership, message="etcdserver: no inflight downgrade job"): ...
+
+
+class DowngradeDoesNotApply(
+    Membership,
+    message="geminikv: downgrade does not apply; the etcd version geminikv reports is "
+    "--emulated-etcd-version",
+): ...
 
 
 class Rewound(
@@ -209,3 +251,35 @@ UNDECODABLE_STREAM_MESSAGE = "grpc: failed to unmarshal the received message: {}
 
 # Methods geminikv does not serve (UNIMPLEMENTED); ``{}``: Service.Method.
 NOT_IMPLEMENTED = "geminikv: {} is not implemented"
+
+
+# -- `geminikv load-snapshot`: why a snapshot is refused (nothing is written) --------------
+
+LOAD_NOT_EMPTY = (
+    "the database is not empty (newest revision {revision}, {leases} leases): an etcd "
+    "snapshot loads only into a new database"
+)
+LOAD_NO_TRAILER = (
+    "{path}: no sha256 trailer (size {size} bytes): not a file `etcdctl snapshot save` "
+    "wrote, or a truncated one; a database file copied from etcd's data directory "
+    "needs --skip-hash-check"
+)
+LOAD_HASH_MISMATCH = (
+    "{path}: corrupt snapshot: the sha256 of its {size} bytes does not match the trailer"
+)
+LOAD_NOT_BBOLT = "{path}: not an etcd snapshot: no bbolt database (no valid meta page: {why})"
+LOAD_NOT_ETCD = "{path}: not an etcd snapshot: the bbolt database has no {bucket!r} bucket"
+LOAD_CORRUPT = "{path}: corrupt snapshot: {why}"
+LOAD_MULTI_KEY = (
+    "revision {revision} changed several keys ({keys}): etcd history in which one "
+    "revision changes several keys (a multi-key Txn, a DeleteRange, a lease revoke) needs "
+    "geminikv's one-revision-per-request support, which is not built yet. Compacting etcd "
+    "at its current revision first (`etcdctl compact --physical <revision>`) keeps only "
+    "each live key's newest revision and makes the snapshot loadable, unless live keys "
+    "were last written together by one request"
+)
+LOAD_NO_FREE_REVISION = (
+    "no revision without a key to hold Kine's compact_rev_key row (revisions 1 to "
+    "{revision} each changed a key)"
+)
+LOAD_ETCD_UNREACHABLE = "cannot take a snapshot from etcd at {endpoint}: {why}"

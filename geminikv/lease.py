@@ -18,6 +18,7 @@ import time
 import asyncpg
 
 from geminikv import errors, metrics
+from geminikv.alarms import LEASE_OVERHEAD
 from geminikv.config import EXPIRED_PER_RUN, REVOKES_PER_WRITE
 from geminikv.mvcc.events import Event
 from geminikv.mvcc.index import Index
@@ -103,6 +104,7 @@ class Leases:
     # -- RPCs --------------------------------------------------------------------------
 
     async def grant(self, ttl: int, lease_id: int) -> tuple[int, int]:
+        self.store.alarms.check_write(LEASE_OVERHEAD)
         if ttl > MAX_LEASE_TTL:
             raise errors.LeaseTTLTooLarge()
         ttl = max(ttl, MIN_LEASE_TTL)
@@ -122,6 +124,7 @@ class Leases:
                     return candidate, ttl
 
     async def revoke(self, lease_id: int) -> pb.LeaseRevokeResponse:
+        self.store.alarms.check_write(0)
         resp: pb.LeaseRevokeResponse = await self.store.write(
             lambda ev: ev.revoke(lease_id, only_if_expired=False), revokes=(lease_id,)
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -18,8 +19,9 @@ import psutil
 import pytest
 
 from benchmarks import runner
-from benchmarks.cli import ALL, median_run
-from benchmarks.targets import GeminiTarget
+from benchmarks.cli import ALL, Settings, median_run, run_workload
+from benchmarks.replicated import EtcdClusterTarget, GeminiSyncTarget
+from benchmarks.targets import GeminiTarget, Target
 from benchmarks.workloads import Params
 from geminikv import metrics
 from tests.servers import GeminiServer
@@ -163,3 +165,95 @@ def test_a_server_that_fails_to_start_shows_the_end_of_its_log() -> None:
     message = str(failed.value)
     assert message.startswith("geminikv did not start: server exited with code")
     assert "compact-interval-jitter" in message  # the server's own complaint, from its log
+
+
+def few_writes() -> Settings:
+    return Settings(
+        seconds=1.0, warmup=0.0, clients=4, connections=2, processes=1, value_size=64,
+        keys=10, list_keys=10, history=0, conflict_rate=0.0, list_clients=1, watchers=1,
+        watch_writers=1, watch_rate=10.0, rounds=1,
+    )  # fmt: skip
+
+
+def commands(target: Target) -> list[str]:
+    return [" ".join(process.cmdline()) for process in target.processes()]
+
+
+@pytest.mark.etcd
+@pytest.mark.skipif(not EtcdClusterTarget.available(), reason="needs etcd (Debian etcd-server)")
+def test_the_etcd_cluster_target_is_three_members_and_costs_all_of_them() -> None:
+    target = EtcdClusterTarget()
+    try:
+        target.start()
+        members = commands(target)
+        figures, _ = run_workload(target, "create", few_writes(), None)
+        members_after = commands(target)
+    finally:
+        target.stop()
+    assert len(members) == 3 and members == members_after
+    assert sorted(c.split("--name ")[1].split()[0] for c in members) == ["m1", "m2", "m3"]
+    assert all("--initial-cluster m1=" in c for c in members)
+    # clients spread over the three members (round robin), each a client endpoint
+    assert target.endpoint.startswith("ipv4:") and target.endpoint.count(",") == 2
+    assert figures["errors"] == 0 and figures["ops"] > 0, figures.get("first_error")
+    assert figures["server_cpu_s"] > 0 and figures["server_peak_mb"] > 0
+    assert figures["cpu_us_per_op"] > 0 and figures["mb_per_op_s"] > 0
+    # PSS counts pages shared between processes once; RSS in each
+    assert figures["server_peak_rss_sum_mb"] >= figures["server_peak_mb"]
+    assert target.processes() == []
+
+
+def test_the_synchronous_pair_target_costs_geminikv_and_both_servers() -> None:
+    target = GeminiSyncTarget()
+    try:
+        target.start()
+        running = commands(target)
+        figures, _ = run_workload(target, "create", few_writes(), None)
+    finally:
+        target.stop()
+    # geminikv with both hosts, the primary sending WAL, the standby receiving it
+    (gemini,) = [c for c in running if "-m geminikv" in c]
+    hosts = gemini.split("--endpoint ")[1].split("/")[2]
+    assert hosts.startswith("postgres@127.0.0.1:") and hosts.count(",127.0.0.1:") == 1
+    assert sum(1 for c in running if "synchronous_standby_names=*" in c) == 1  # the primary
+    assert any(c.startswith("postgres: walsender") for c in running)
+    assert any(c.startswith("postgres: walreceiver") for c in running)
+    assert figures["errors"] == 0 and figures["ops"] > 0, figures.get("first_error")
+    assert figures["server_cpu_s"] > 0 and figures["server_peak_mb"] > 0
+    assert figures["cpu_us_per_op"] > 0 and figures["mb_per_op_s"] > 0
+    assert figures["server_peak_rss_sum_mb"] >= figures["server_peak_mb"]
+    assert target.processes() == []
+
+
+REPO = Path(__file__).resolve().parents[1]
+# as nobody (util-linux's setpriv, as tests/ha runs PostgreSQL as its user)
+AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def failover_bench(*args: str, prefix: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*(prefix or []), sys.executable, "-m", "geminikv", "bench", "failover", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=REPO,
+    )
+
+
+def test_the_failover_bench_says_it_needs_root() -> None:
+    """Without root (as nobody, when the test runs as root) nothing is started: it says
+    what it needs and exits with 2."""
+    done = failover_bench("--failovers", "1", prefix=AS_NOBODY if os.geteuid() == 0 else None)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == "geminikv bench failover cannot run here: it needs root (ip netns)\n"
+
+
+def test_the_failover_bench_says_it_needs_the_repository_harness(tmp_path: Path) -> None:
+    done = failover_bench("--repo", str(tmp_path))
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == (
+        "geminikv bench failover cannot run here: it needs a checkout of the geminikv "
+        f"repository (its tests/ha harness), not found in {tmp_path}: run it from the "
+        "checkout or pass --repo\n"
+    )

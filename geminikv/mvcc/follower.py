@@ -49,6 +49,7 @@ class Follower:
         poll_interval: float = 1.0,
         connect: Callable[[], Awaitable[asyncpg.Connection]] | None = None,
         fetch_limit: int = FOLLOWER_FETCH_LIMIT,
+        on_alarms: Callable[[], None] = lambda: None,
     ) -> None:
         self.pool = pool
         self.applier = applier
@@ -62,6 +63,7 @@ class Follower:
         self._writer_pid = writer_pid
         self.poll_interval = poll_interval
         self.fetch_limit = fetch_limit
+        self._on_alarms = on_alarms  # another process raised or cleared an alarm
         self.listener = Listener(pool, self._on_notice, connect)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -128,6 +130,9 @@ class Follower:
         if kind is notify.Kind.COMPACT:
             self._refresh_compact = True
             self._wake.set()
+            return
+        if kind is notify.Kind.ALARMS:
+            self._on_alarms()
             return
         if pid == self._writer_pid():
             return

@@ -10,6 +10,8 @@ from typing import Any
 import asyncpg
 
 from geminikv import errors
+from geminikv.alarms import Alarms, put_cost, txn_cost
+from geminikv.config import DEFRAGMENT_TIMEOUT
 from geminikv.mvcc import index as index_mod
 from geminikv.mvcc import ranges, txn
 from geminikv.mvcc.compaction import Compaction
@@ -26,9 +28,6 @@ from geminikv.storage.rows import Entry, State
 from geminikv.storage.session import Session
 
 log = logging.getLogger(__name__)
-
-HEALTH_KEY = b"/registry/health"
-HEALTH_VALUE = b'{"health":"true"}'
 
 
 class KVStore:
@@ -48,6 +47,7 @@ class KVStore:
         compaction: Compaction,
         rewind: Rewind,
         rebuilding: Rebuilding,
+        alarms: Alarms,
         on_compact: Callable[[], None] = lambda: None,
     ) -> None:
         self.pool = pool
@@ -60,6 +60,7 @@ class KVStore:
         self.compaction = compaction
         self.rewind = rewind
         self.rebuilding = rebuilding
+        self.alarms = alarms  # what writes must pass (etcd's quota and alarm appliers)
         self._on_compact = on_compact  # told of every logical compaction (the leader)
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -85,10 +86,11 @@ class KVStore:
         await self.follower.stop()
 
     async def _ensure_special_rows(self) -> None:
-        """Kine's compact_rev_key row (holds the compact revision) and /registry/health."""
+        """Kine's compact_rev_key row, which holds the compact revision: as revision 1 of a
+        fresh table it leaves the store as etcd's starts, empty at revision 1. (Go Kine
+        adds its /registry/health key itself when it starts; geminikv needs none.)"""
         async with locks.locked(self.session.conn) as conn:
-            for name, value in ((COMPACT_KEY, b""), (HEALTH_KEY, HEALTH_VALUE)):
-                await kine.insert_if_missing(conn, name, value)
+            await kine.insert_if_missing(conn, COMPACT_KEY, b"")
 
     @property
     def revision(self) -> int:
@@ -150,6 +152,7 @@ class KVStore:
     # -- writes ------------------------------------------------------------------------
 
     async def put(self, req: pb.PutRequest) -> pb.PutResponse:
+        self.alarms.check_write(put_cost(req.key, req.value))
         txn.check_size(req)
         txn.check_put(req)
         self._check_serving()
@@ -158,6 +161,7 @@ class KVStore:
         return resp
 
     async def delete_range(self, req: pb.DeleteRangeRequest) -> pb.DeleteRangeResponse:
+        self.alarms.check_write(0)
         txn.check_size(req)
         txn.check_delete(req)
         self._check_serving()
@@ -165,6 +169,8 @@ class KVStore:
         return resp
 
     async def txn(self, req: pb.TxnRequest) -> pb.TxnResponse:
+        if not txn.is_read_only(req):
+            self.alarms.check_write(txn_cost(req))
         txn.check_size(req)
         leases = txn.check_txn(req)
         txn.check_branch(req.success)
@@ -176,9 +182,9 @@ class KVStore:
     async def guarded_put(
         self, key: bytes, want_mod: int, value: bytes, lease: int, read_on_failure: bool
     ) -> tuple[bool, int, State | None, bytes]:
-        """kube-apiserver's create and update txn (Evaluator.guarded_put). Of txn's request
-        checks only txn.check_guarded_put's can fail for that shape."""
-        txn.check_guarded_put(key)
+        """kube-apiserver's create and update txn (Evaluator.guarded_put); no request check
+        can fail for that shape (its parser admits no other)."""
+        self.alarms.check_write(put_cost(key, value))
         self._check_serving()
         result: tuple[bool, int, State | None, bytes] = await self.writer.submit(
             lambda ev: ev.guarded_put(key, want_mod, value, lease, read_on_failure),
@@ -188,6 +194,7 @@ class KVStore:
 
     async def compact(self, req: pb.CompactionRequest) -> pb.CompactionResponse:
         """Logical compaction: reads and watches below the revision fail from now on."""
+        self.alarms.check_write(0)
         self._check_serving()
         current = await self.compaction.compact(req.revision)
         self._on_compact()
@@ -206,3 +213,13 @@ class KVStore:
     async def db_size(self) -> int:
         async with self.pool.acquire() as conn:
             return await kine.db_size(conn)
+
+    async def db_sizes(self) -> tuple[int, int]:
+        """etcd's dbSize and dbSizeInUse: the table's bytes, and those holding data."""
+        async with self.pool.acquire() as conn:
+            return await kine.db_size(conn), await kine.db_size_in_use(conn)
+
+    async def vacuum(self) -> None:
+        """Defragment: the space compaction freed becomes reusable (a plain VACUUM)."""
+        async with self.pool.acquire() as conn:
+            await kine.vacuum(conn, DEFRAGMENT_TIMEOUT)

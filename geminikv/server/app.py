@@ -10,8 +10,10 @@ import gc
 import hashlib
 import logging
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from geminikv import metrics, tasks
+from geminikv.alarms import Alarms
 from geminikv.auth.store import AuthStore
 from geminikv.auth.tokens import make_tokens
 from geminikv.compact import Compactor
@@ -35,6 +38,7 @@ from geminikv.config import (
 )
 from geminikv.leader import Leader
 from geminikv.lease import KineTtls, Leases
+from geminikv.members import Members
 from geminikv.mvcc.applier import Applier
 from geminikv.mvcc.compaction import Compaction
 from geminikv.mvcc.follower import Follower
@@ -51,6 +55,7 @@ from geminikv.proto.etcdserverpb import rpc_pb2_grpc
 from geminikv.server import wire
 from geminikv.server.auth import AuthService, Guard, guarded
 from geminikv.server.cluster import ClusterService
+from geminikv.server.gateway import Gateway, server_tls
 from geminikv.server.kv import KVService
 from geminikv.server.lease import LeaseService
 from geminikv.server.maintenance import MaintenanceService
@@ -102,6 +107,11 @@ def parse_listen_address(text: str, tls: bool = False) -> ListenAddress:
     return ListenAddress(f"{host}:{port}", f"{scheme}://{shown}:{port}")
 
 
+def member_id(settings: Settings) -> int:
+    """This process's etcd member id: its host and client address."""
+    return _id64("member", socket.gethostname(), settings.listen_address)
+
+
 def _id64(*parts: str) -> int:
     digest = hashlib.blake2b("\0".join(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") & ((1 << 63) - 1) or 1
@@ -134,6 +144,7 @@ def build(
     for PostgreSQL (the leader's session); ``primary``: which PostgreSQL host is the
     primary, followed by a heartbeat (docs/architecture.md#failover)."""
     s = settings
+    alarms = Alarms(pool, member_id(s), s.quota_backend_bytes)
     index = Index()
     values = Values(pool, s.value_cache_size * 1024 * 1024)
     lag = Lag(index)
@@ -170,6 +181,7 @@ def build(
         s.poll_interval,
         reconnect,
         s.poll_batch_size,
+        on_alarms=alarms.changed,
     )
     reads = ReadIndex(
         follower.listener, applier, lag, rewind, follower.wait_for, follower.catch_up, s.batch_wait
@@ -187,6 +199,7 @@ def build(
         compaction,
         rewind,
         rebuilding,
+        alarms,
         on_compact=leader_wake.set,
     )
     leases = Leases(store, kine_ttls)
@@ -236,7 +249,10 @@ class App:
         self.auth: AuthStore | None = None
         self.health = metrics.Health()
         self.http: WSGIServer | None = None
+        self.gateway: Gateway | None = None
+        self._gateway_dir: str | None = None
         self._health_task: asyncio.Task[None] | None = None
+        self.members: Members | None = None
         self.lease_count = 0  # counted by the health task, read by the geminikv_leases gauge
         self.address = parse_listen_address(
             settings.listen_address, tls=bool(settings.server_cert_file)
@@ -282,6 +298,10 @@ class App:
             self.heartbeat.start()
         await self.store.start()
         identity = await self._identity()
+        self.members = Members(
+            self.pool, (identity.member_id, identity.name, [identity.client_url])
+        )
+        await self.members.announce()
         tokens = make_tokens(s.auth_token, self.pool, s.auth_token_ttl)
         self.auth = AuthStore(self.pool, connect, tokens, s.bcrypt_cost, AUTH_POLL_INTERVAL)
         await self.auth.start()
@@ -292,9 +312,12 @@ class App:
         server = UndecodableAsInternal(grpc_server, wire.CODECS, guarded(guard))
         rpc_pb2_grpc.add_KVServicer_to_server(KVService(self.store, identity, guard), server)
         rpc_pb2_grpc.add_MaintenanceServicer_to_server(
-            MaintenanceService(self.store, identity, s.emulated_etcd_version), server
+            MaintenanceService(self.store, identity, s.emulated_etcd_version, self.members),
+            server,
         )
-        rpc_pb2_grpc.add_ClusterServicer_to_server(ClusterService(self.store, identity), server)
+        rpc_pb2_grpc.add_ClusterServicer_to_server(
+            ClusterService(self.store, identity, self.members), server
+        )
         await self.hub.start()
         self.watch = WatchService(self.hub, identity, s.watch_progress_notify_interval, guard)
         self.watch.start()
@@ -308,6 +331,13 @@ class App:
         health_servicer = health.aio.HealthServicer()
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        gateway_socket = None
+        if s.http_listen_address not in ("", "0"):
+            # the gateway's own way in: a socket in a directory only this user can open,
+            # so it needs no client certificate where the client address requires one
+            self._gateway_dir = tempfile.mkdtemp(prefix="geminikv-gateway-")
+            gateway_socket = f"unix:{self._gateway_dir}/grpc.sock"
+            grpc_server.add_insecure_port(gateway_socket)
         credentials = self._tls()
         if credentials is None:
             self.port = grpc_server.add_insecure_port(self.address.grpc_target)
@@ -319,6 +349,17 @@ class App:
         self.server = grpc_server
         self._watch_gauges()
         self.http = metrics.serve_http(s.metrics_bind_address, self.health)
+        if gateway_socket is not None:
+            alarms = self.store.alarms
+            self.gateway = Gateway(
+                gateway_socket,
+                self.health,
+                self.store.reads.read,
+                lambda: [kind for _, kind in alarms.raised],
+                s.emulated_etcd_version,
+            )
+            tls = server_tls(s.server_cert_file, s.server_key_file, s.trusted_ca_file)
+            await self.gateway.start(s.http_listen_address, tls)
         self._health_task = asyncio.create_task(self._check_health(), name="health")
         log.info(
             "geminikv serving etcd v3 on %s (revision %d)",
@@ -365,6 +406,9 @@ class App:
                 rev = await asyncio.wait_for(self.store.reads.read(), 2.0)
                 self.health.database_ok = time.monotonic()
                 self.health.caught_up = self.store.follower.applied >= rev
+                await self.store.alarms.refresh()
+                if self.members is not None:
+                    await self.members.announce()
                 if now - last_size > 30:
                     metrics.DB_SIZE.set(await self.store.db_size())
                     last_size = now
@@ -380,13 +424,17 @@ class App:
         assert self.writer_conn is not None
         name, table_oid = await kine.identity(self.writer_conn)
         cluster = _id64("cluster", name, str(table_oid))
-        host = socket.gethostname()
-        member = _id64("member", host, self.settings.listen_address)
-        return Identity(cluster, member, host, self.address.client_url)
+        name = self.settings.name
+        return Identity(cluster, member_id(self.settings), name, self.address.client_url)
 
     async def stop(self) -> None:
         # Stop accepting calls, let unary calls in flight finish (the writer still runs),
-        # and end watch streams so the server can drain.
+        # and end watch streams so the server can drain; the gateway first, a client of it.
+        if self.gateway is not None:
+            await self.gateway.stop()
+            self.gateway = None
+        if self._gateway_dir is not None:
+            shutil.rmtree(self._gateway_dir, ignore_errors=True)
         draining = None
         if self.server is not None:
             draining = asyncio.create_task(self.server.stop(grace=5))
@@ -397,6 +445,9 @@ class App:
             await draining
             self.server = None
         await tasks.stop(self._health_task)
+        if self.members is not None and self.pool is not None:
+            with contextlib.suppress(Exception):  # else its row ages out of the list
+                await asyncio.wait_for(self.members.withdraw(), 2)
         if self.heartbeat is not None:
             await self.heartbeat.stop()
         if self.http is not None:

@@ -1,7 +1,9 @@
-"""etcd v3 snapshots out: etcd's backend database (bbolt) with etcd's sha256 trailer.
+"""etcd v3 snapshots: etcd's backend database (bbolt) with etcd's sha256 trailer.
 
-``pages`` is bbolt's page format, ``btree`` writes a bbolt file front to back in bounded
-memory, ``backend`` lays out etcd's buckets in it, ``stream`` adds the trailer.
+Out: ``pages`` is bbolt's page format, ``btree`` writes a bbolt file front to back in
+bounded memory, ``backend`` lays out etcd's buckets in it, ``stream`` adds the trailer.
+In: ``reader`` reads such a file back, ``load`` puts its revisions into an empty database
+(``geminikv load-snapshot``), ``pull`` takes one from a live etcd.
 """
 
 from geminikv.snapshot.backend import BackendWriter, KeyRevision, Lease, Meta, write_backend

@@ -61,6 +61,16 @@ def revision_key(main: int, sub: int = 0, tombstone: bool = False) -> bytes:
     return _REVISION.pack(main, b"_", sub) + (b"t" if tombstone else b"")
 
 
+def parse_revision_key(key: bytes) -> tuple[int, int, bool] | None:
+    """(main, sub, tombstone) of a ``key`` bucket key; None if it is not one."""
+    if len(key) not in (_REVISION.size, _REVISION.size + 1) or key[8:9] != b"_":
+        return None
+    if len(key) > _REVISION.size and key[-1:] != b"t":
+        return None
+    main, _, sub = _REVISION.unpack_from(key)
+    return main, sub, len(key) > _REVISION.size
+
+
 @dataclass(frozen=True, slots=True)
 class KeyRevision:
     """One entry of etcd's history: a put of ``key`` at (main, sub), or its deletion."""
@@ -115,6 +125,34 @@ class Lease:
                 out.append(number << 3)
                 out += _varint(field)
         return bytes(out)
+
+    @classmethod
+    def parse(cls, value: bytes) -> Lease:
+        """A ``lease`` bucket value (leasepb.Lease) back into a Lease."""
+        fields = {1: 0, 2: 0, 3: 0}
+        at = 0
+        while at < len(value):
+            tag, at = _read_varint(value, at)
+            if tag & 7 != 0:  # every field of leasepb.Lease is a varint
+                raise ValueError(f"lease record: wire type {tag & 7} of field {tag >> 3}")
+            field, at = _read_varint(value, at)
+            if field >= 1 << 63:
+                field -= 1 << 64  # int64, two's complement
+            fields[tag >> 3] = field
+        return cls(fields[1], fields[2], fields[3])
+
+
+def _read_varint(data: bytes, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if at >= len(data) or shift > 63:
+            raise ValueError("lease record: truncated varint")
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return value, at
 
 
 def _varint(value: int) -> bytes:

@@ -125,6 +125,19 @@ async def db_size(conn: asyncpg.Connection) -> int:
     return int(await conn.fetchval(SQL["db_size"]))
 
 
+async def db_size_in_use(conn: asyncpg.Connection) -> int:
+    """Bytes of the table and its indexes holding data: ``db_size`` less the free space
+    PostgreSQL's free space map records (pg_freespacemap), when that extension is there."""
+    if not await conn.fetchval(SQL["has_freespace"]):
+        return await db_size(conn)
+    return int(await conn.fetchval(SQL["db_size_in_use"]))
+
+
+async def vacuum(conn: asyncpg.Connection, timeout: float) -> None:
+    """Make the space compaction freed reusable, without blocking writes (not FULL)."""
+    await conn.execute(SQL["vacuum"], timeout=timeout)
+
+
 async def identity(conn: asyncpg.Connection) -> tuple[str, int]:
     """(database name, the oid of Kine's table): what tells one cluster from another."""
     row = await conn.fetchrow(SQL["identity"])
@@ -181,10 +194,12 @@ async def fill_gaps(conn: asyncpg.Connection, first: int, last: int) -> None:
     await conn.execute(SQL["fill_gaps"], first, last)
 
 
-async def insert_if_missing(conn: asyncpg.Connection, name: bytes, value: bytes) -> None:
-    """A special row (Kine's compact_rev_key, /registry/health) unless one exists."""
-    if not await conn.fetchval(SQL["has_key"], name):
-        await conn.fetchval(SQL["insert_special"], name, value)
+async def insert_if_missing(conn: asyncpg.Connection, name: bytes, value: bytes) -> bool:
+    """A special row (Kine's compact_rev_key) unless one exists; whether it was inserted."""
+    if await conn.fetchval(SQL["has_key"], name):
+        return False
+    await conn.fetchval(SQL["insert_special"], name, value)
+    return True
 
 
 # -- compaction ------------------------------------------------------------------------

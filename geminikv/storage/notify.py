@@ -4,7 +4,8 @@ payload is encoded and parsed here.
 Payloads: a committed revision (``"123"``: rows up to it are in the table; sent by the
 writer, and by ``geminikv_write_v2`` in ``schema.py`` as ``id::text``); ``"compact"`` (a
 logical compaction set Kine's compact revision); ``"compacted:123"`` (the leader deleted
-the rows a compaction at 123 made unreachable).
+the rows a compaction at 123 made unreachable); ``"alarms"`` (an alarm was raised or
+cleared).
 """
 
 from __future__ import annotations
@@ -19,18 +20,20 @@ from geminikv.storage.queries import NOTIFY_CHANNEL, SQL
 
 _COMPACT = "compact"
 _COMPACTED = "compacted:"
+_ALARMS = "alarms"
 
 
 class Kind(enum.Enum):
     COMMITTED = "committed"
     COMPACT = "compact"
     COMPACTED = "compacted"
+    ALARMS = "alarms"
 
 
 class Notice(NamedTuple):
     kind: Kind
     # COMMITTED: the newest revision committed, None if the payload did not say;
-    # COMPACTED: the compaction revision; COMPACT: 0
+    # COMPACTED: the compaction revision; COMPACT, ALARMS: 0
     revision: int | None
 
 
@@ -39,6 +42,8 @@ def parse(payload: str) -> Notice:
         return Notice(Kind.COMPACTED, int(payload[len(_COMPACTED) :]))
     if payload == _COMPACT:
         return Notice(Kind.COMPACT, 0)
+    if payload == _ALARMS:
+        return Notice(Kind.ALARMS, 0)
     try:
         return Notice(Kind.COMMITTED, int(payload))
     except ValueError:
@@ -58,6 +63,11 @@ async def compact(conn: asyncpg.Connection) -> None:
 async def compacted(conn: asyncpg.Connection, rev: int) -> None:
     """The rows a compaction at ``rev`` made unreachable are deleted."""
     await conn.execute(SQL["notify"], b"%s%d" % (_COMPACTED.encode(), rev))
+
+
+async def alarms(conn: asyncpg.Connection) -> None:
+    """An alarm was raised or cleared."""
+    await conn.execute(SQL["notify"], _ALARMS.encode())
 
 
 OnNotice = Callable[[int, Notice], None]

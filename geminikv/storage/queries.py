@@ -32,6 +32,22 @@ INDEX_ROW_COLUMNS = ", ".join(INDEX_COLUMNS)
 ROW_COLUMNS = ", ".join(Row._fields)
 SNAPSHOT_ROW_COLUMNS = ", ".join(f"k.{column}" for column in Row._fields[:-1])
 
+
+def _kept_rows(last_up_to: str) -> str:
+    """The rows up to $1 etcd's key bucket holds after compacting at $2: every row above
+    $2, and at or below it a key's row that is its last put up to ``last_up_to``."""
+    return f"""
+        SELECT {SNAPSHOT_ROW_COLUMNS} FROM kine k
+        WHERE k.id <= $1 AND k.name <> 'compact_rev_key'
+          AND NOT (k.deleted = 1 AND k.created = 0 AND k.prev_revision = 0
+                   AND k.name LIKE 'gap-%')
+          AND (k.id > $2 OR (k.deleted = 0 AND NOT EXISTS (
+                SELECT 1 FROM kine n
+                WHERE n.name = k.name AND n.id > k.id AND n.id <= {last_up_to})))
+        ORDER BY k.id
+    """
+
+
 SQL: dict[str, str] = {
     "begin_locked": f"BEGIN; SELECT pg_advisory_xact_lock({WRITER_LOCK_KEY})",
     "commit": "COMMIT",
@@ -150,17 +166,71 @@ SQL: dict[str, str] = {
         "(SELECT COALESCE(MAX(prev_revision), 0) FROM kine WHERE name = 'compact_rev_key') "
         "FROM kine"
     ),
-    "snapshot_rows": f"""
-        SELECT {SNAPSHOT_ROW_COLUMNS} FROM kine k
-        WHERE k.id <= $1 AND k.name <> 'compact_rev_key'
-          AND NOT (k.deleted = 1 AND k.created = 0 AND k.prev_revision = 0
-                   AND k.name LIKE 'gap-%')
-          AND (k.id > $2 OR (k.deleted = 0 AND NOT EXISTS (
-                SELECT 1 FROM kine n WHERE n.name = k.name AND n.id > k.id AND n.id <= $2)))
-        ORDER BY k.id
+    "snapshot_rows": _kept_rows(last_up_to="$2"),
+    # Maintenance.HashKV at $1 (in a consistent_read, as the snapshot): the rows up to $1
+    # etcd's key bucket holds after compacting at $2 (as snapshot_rows), of those at or
+    # below $2 only a key's last row up to $3 (docs/architecture.md#hashkv-request)
+    "hashkv_rows": _kept_rows(last_up_to="$3"),
+    # whether any key is live at $1: its last row up to $1 is a put (gap rows are deletes)
+    "hashkv_any_live": """
+        SELECT EXISTS (
+            SELECT 1 FROM kine k
+            WHERE k.id <= $1 AND k.deleted = 0 AND k.name <> 'compact_rev_key'
+              AND NOT EXISTS (
+                SELECT 1 FROM kine n WHERE n.name = k.name AND n.id > k.id AND n.id <= $1))
     """,
     "snapshot_leases": f"SELECT id, ttl, expiry_ms - {NOW_MS} FROM geminikv_lease ORDER BY id",
+    # `geminikv load-snapshot`, in one transaction under the writer lock: nobody else may
+    # write while the table is filled; then whether it was empty
+    "load_lock": "LOCK TABLE kine, geminikv_lease IN EXCLUSIVE MODE",
+    "load_contents": (
+        "SELECT COALESCE(MAX(id), 0), (SELECT count(*) FROM geminikv_lease) FROM kine"
+    ),
+    # the revisions arrive by COPY, without prev_revision and old_value, which need each
+    # key's previous row: PostgreSQL sorts them by key (spilling to disk, not to memory)
+    "load_staging": """
+        CREATE TEMPORARY TABLE geminikv_load (
+            id BIGINT, name text COLLATE "C", created INTEGER, deleted INTEGER,
+            create_revision BIGINT, lease INTEGER, value bytea, version BIGINT
+        ) ON COMMIT DROP
+    """,
+    "load_insert": """
+        INSERT INTO kine (id, name, created, deleted, create_revision, prev_revision, lease,
+                          value, old_value, version)
+        SELECT id, name, created, deleted, create_revision, COALESCE(lag(id) OVER w, 0),
+               lease, value, lag(value) OVER w, version
+        FROM geminikv_load WINDOW w AS (PARTITION BY name ORDER BY id)
+    """,
+    "load_sequence": "SELECT setval(pg_get_serial_sequence('kine', 'id'), $1)",
+    "load_leases": f"""
+        INSERT INTO geminikv_lease (id, ttl, expiry_ms)
+        SELECT t.id, t.ttl, {NOW_MS} + t.remaining_ms
+        FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS t(id, ttl, remaining_ms)
+    """,
     "db_size": "SELECT pg_total_relation_size('kine')",
+    "member_announce": "INSERT INTO geminikv_member (id, name, client_urls, seen_ms) "
+    f"VALUES ($1, $2, $3, {NOW_MS}) ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, "
+    "client_urls = EXCLUDED.client_urls, seen_ms = EXCLUDED.seen_ms",
+    "member_withdraw": "DELETE FROM geminikv_member WHERE id = $1",
+    "members_live": "SELECT id, name, client_urls FROM geminikv_member "
+    f"WHERE seen_ms > {NOW_MS} - $1 ORDER BY id",
+    "vacuum": "VACUUM (ANALYZE) kine, geminikv_lease",
+    # pg_freespace() exists only where the extension could be created (schema.py tries)
+    "has_freespace": "SELECT to_regprocedure('pg_freespace(regclass)') IS NOT NULL",
+    # the free space of the table, its TOAST table (large values) and its indexes
+    "db_size_in_use": """
+        SELECT pg_total_relation_size('kine') - (
+            SELECT COALESCE(sum(f.avail), 0)
+            FROM (SELECT 'kine'::regclass::oid AS rel
+                  UNION ALL SELECT reltoastrelid FROM pg_class
+                            WHERE oid = 'kine'::regclass AND reltoastrelid <> 0
+                  UNION ALL SELECT indexrelid FROM pg_index WHERE indrelid = 'kine'::regclass
+                 ) r, LATERAL pg_freespace(r.rel::regclass) f)""",
+    "alarms": "SELECT member_id, alarm FROM geminikv_alarm ORDER BY member_id, alarm",
+    "alarm_activate": "INSERT INTO geminikv_alarm (member_id, alarm) VALUES ($1, $2) "
+    "ON CONFLICT DO NOTHING RETURNING 1",
+    "alarm_deactivate": "DELETE FROM geminikv_alarm WHERE member_id = $1 AND alarm = $2 "
+    "RETURNING 1",
     # Auth (storage/auth.py): one row of state, users, roles with their permissions, and
     # the simple tokens every process accepts. Changes run under the state row's lock.
     "auth_state": "SELECT enabled, revision FROM geminikv_auth WHERE id = 1",

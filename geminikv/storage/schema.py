@@ -46,6 +46,21 @@ KINE_SCHEMA = [
 
 GEMINIKV_EXTRAS = [
     "ALTER TABLE kine ADD COLUMN IF NOT EXISTS version BIGINT",
+    # etcd's alarms, one set for every process on the database (member ids are etcd's
+    # uint64, stored as the signed 64-bit integer with the same bits)
+    """CREATE TABLE IF NOT EXISTS geminikv_alarm (
+        member_id BIGINT NOT NULL,
+        alarm INTEGER NOT NULL,
+        PRIMARY KEY (member_id, alarm)
+    )""",
+    # every geminikv process serving the database, as etcd's member list (each refreshes
+    # its row every second and removes it when it stops)
+    """CREATE TABLE IF NOT EXISTS geminikv_member (
+        id BIGINT PRIMARY KEY,
+        name text NOT NULL,
+        client_urls text[] NOT NULL,
+        seen_ms BIGINT NOT NULL
+    )""",
     """CREATE TABLE IF NOT EXISTS geminikv_lease (
         id BIGINT PRIMARY KEY,
         ttl BIGINT NOT NULL,
@@ -144,6 +159,9 @@ GEMINIKV_EXTRAS = [
     )""",
 ]
 
+# Free space per table page, for Status's dbSizeInUse (a contrib extension: optional).
+FREE_SPACE_MAP = "CREATE EXTENSION IF NOT EXISTS pg_freespacemap"
+
 # Serialises schema set-up between processes starting at the same time.
 SCHEMA_LOCK_KEY = 0x6B696E65_00000001
 
@@ -155,6 +173,8 @@ INDEXES = [
 # Whether everything above is already there.
 SCHEMA_COMPLETE = """
     SELECT to_regclass('kine') IS NOT NULL AND to_regclass('geminikv_lease') IS NOT NULL
+       AND to_regclass('geminikv_alarm') IS NOT NULL
+       AND to_regclass('geminikv_member') IS NOT NULL
        AND (SELECT count(*) FROM pg_indexes
             WHERE schemaname = current_schema() AND tablename = 'kine'
               AND indexname = ANY($1::text[])) = $2
@@ -179,3 +199,8 @@ async def ensure_schema(conn: asyncpg.Connection) -> None:
         await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK_KEY)
         for statement in KINE_SCHEMA + GEMINIKV_EXTRAS:
             await conn.execute(statement)
+        try:
+            async with conn.transaction():  # a savepoint: its failure leaves the rest
+                await conn.execute(FREE_SPACE_MAP)
+        except asyncpg.PostgresError:
+            pass  # not installed, or not allowed: Status then reports dbSizeInUse = dbSize
