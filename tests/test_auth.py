@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -662,3 +663,32 @@ def test_fuzz_permission_ranges(
         for name, side in sides:
             root = enabled[name]["root"]
             side.auth.RoleDelete(pb.AuthRoleDeleteRequest(role="fz"), metadata=root)
+
+
+@pytest.mark.parametrize(
+    ("option", "status", "message"),
+    [
+        ("nope", 2, "invalid auth token type 'nope' (simple or jwt)"),
+        ("jwt,ttl", 2, "invalid auth token option 'ttl'"),
+        ("jwt,sign-method=XX", 1, "auth: invalid auth options (unknown sign-method 'XX')"),
+        (
+            "jwt,sign-method=RS256,priv-key=/nonexistent",
+            1,
+            "auth: invalid auth options (cannot read /nonexistent: No such file or directory)",
+        ),
+    ],
+)
+def test_bad_auth_token_stops_geminikv(option: str, status: int, message: str) -> None:
+    """Before it connects to anything (the endpoint here does not exist)."""
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "geminikv", "--endpoint", "postgres://x@127.0.0.1:1/x"),
+            *("--metrics-bind-address", "0", "--auth-token", option),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == status
+    assert message in done.stderr

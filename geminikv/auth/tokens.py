@@ -12,6 +12,7 @@ from __future__ import annotations
 import secrets
 import string
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 import asyncpg
@@ -124,17 +125,22 @@ class JwtTokens:
         pass
 
 
-def make_tokens(text: str, pool: asyncpg.Pool, simple_ttl: float) -> Tokens:
-    """The token provider --auth-token names (``simple`` tokens live ``simple_ttl``)."""
+def make_tokens(text: str, simple_ttl: float) -> Callable[[asyncpg.Pool], Tokens]:
+    """The token provider --auth-token names, given the pool (``simple`` tokens live
+    ``simple_ttl``); JWT keys are read now, so a bad one stops geminikv before it starts."""
     kind, options = auth_token_options(text)
     if kind == "simple":
-        return SimpleTokens(pool, simple_ttl)
-    return _jwt(options)
+        return lambda pool: SimpleTokens(pool, simple_ttl)
+    tokens = _jwt(options)
+    return lambda _pool: tokens
 
 
 def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as err:
+        raise InvalidAuthOptions(f"cannot read {path}: {err.strerror}") from None
 
 
 def _jwt(options: dict[str, str]) -> JwtTokens:

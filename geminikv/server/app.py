@@ -261,6 +261,7 @@ class App:
 
     async def start(self) -> None:
         s = self.settings
+        tokens_for = make_tokens(s.auth_token, s.auth_token_ttl)  # JWT keys read first
         dsn = s.endpoint
         if not dsn:
             self.embedded = EmbeddedPostgres(s.data_dir)
@@ -302,7 +303,7 @@ class App:
             self.pool, (identity.member_id, identity.name, [identity.client_url])
         )
         await self.members.announce()
-        tokens = make_tokens(s.auth_token, self.pool, s.auth_token_ttl)
+        tokens = tokens_for(self.pool)
         self.auth = AuthStore(self.pool, connect, tokens, s.bcrypt_cost, AUTH_POLL_INTERVAL)
         await self.auth.start()
         guard = Guard(self.auth, self.store.index.lease_keys, s.client_cert_auth)
