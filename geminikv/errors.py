@@ -231,6 +231,16 @@ class VerifyOnly(EtcdError, message="auth: token signing attempted with verify-o
     """--auth-token jwt with a public key alone: tokens are checked, none are issued."""
 
 
+# The auth package's own texts (server/auth/store.go), which etcd's Maintenance Defragment,
+# Hash, HashKV and Snapshot return unconverted, as gRPC's Unknown.
+AUTH_PACKAGE_MESSAGES: dict[type[EtcdError], str] = {
+    UserEmpty: "auth: user name is empty",
+    UserNotFound: "auth: user not found",
+    PermissionDenied: "auth: permission denied",
+    InvalidAuthToken: "auth: invalid auth token",
+}
+
+
 def go_status_text(err: EtcdError) -> str:
     """A gRPC status as Go's ``status.Error(...).Error()`` prints it: etcd puts this text in
     a watch's cancel_reason when auth refuses the watch."""

@@ -129,6 +129,10 @@ class Guard:
 # -- Maintenance and Cluster: checked at registration (server/registration.py) --------------
 
 ADMIN, ANY_USER = "admin", "any user"
+# etcd returns these methods' auth errors unconverted (Unknown, the auth package's text)
+UNCONVERTED = frozenset(
+    f"/etcdserverpb.Maintenance/{m}" for m in ("Defragment", "Snapshot", "Hash", "HashKV")
+)
 # etcd's authMaintenanceServer and AuthAdmin; Alarm is ANY_USER for GET (see _alarm_rule)
 METHOD_RULES: dict[str, str] = {
     **{
@@ -157,6 +161,9 @@ def guarded(guard: Guard) -> Callable[[str, Any], Any]:
             else:
                 await guard.require_info(context)
         except errors.EtcdError as err:
+            if name in UNCONVERTED:
+                text = errors.AUTH_PACKAGE_MESSAGES.get(type(err), err.message)
+                await context.abort(grpc.StatusCode.UNKNOWN, text)
             await context.abort(err.code, err.message)
 
     def wrap(name: str, handler: Any) -> Any:
