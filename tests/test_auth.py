@@ -443,7 +443,7 @@ def test_auth_calls_as_etcd(
     Not here: RoleGrantPermission without a permission, which crashes etcd 3.4."""
     etcd, gemini, _, _ = servers
     for method, request in ADMIN_CALLS:
-        answers = []
+        answers: list[tuple[Any, ...]] = []
         for name, side in (("etcd", etcd), ("gemini", gemini)):
             try:
                 resp = getattr(side.auth, method)(request, metadata=as_(enabled, name, user))
