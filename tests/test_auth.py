@@ -279,6 +279,7 @@ REQUESTS: list[tuple[str, Any]] = [
     ("Put", P(key=b"k2", value=b"1")),
     ("Put", P(key=b"k2", value=b"1", prev_kv=True)),
     ("Put", P(key=b"", value=b"1")),
+    ("Put", P(key=b"/other", value=b"x" * (1536 * 1024))),  # too large: after the token
     ("DeleteRange", D(key=b"/app/none")),
     ("DeleteRange", D(key=b"k3", prev_kv=True)),
     ("DeleteRange", D(key=b"/ro")),

@@ -66,33 +66,47 @@ class Guard:
         self.store.check_admin(info)
         return info
 
-    # -- KV: etcd validates a request before it looks at who sent it ------------------------
+    # -- KV: etcd checks a request (v3rpc), then its token, then its size, then the
+    # permissions. The mvcc store checks every request anyway, so here a request is
+    # checked only when it is refused, for the error etcd would give first.
 
     async def range(self, req: pb.RangeRequest, context: grpc.aio.ServicerContext) -> None:
-        txn.check_range(req)
-        requests.check_range(self.store, await self.info(context), req)
+        try:
+            requests.check_range(self.store, await self.info(context), req)
+        except errors.EtcdError:
+            txn.check_range(req)
+            raise
 
     async def key_get(self, key: bytes, context: grpc.aio.ServicerContext) -> None:
         self.store.check_op(await self.info(context), key, b"", write=False)
 
     async def put(self, req: pb.PutRequest, context: grpc.aio.ServicerContext) -> None:
-        txn.check_size(req)
-        txn.check_put(req)
-        requests.check_put(self.store, await self.info(context), req, self.lease_keys)
+        try:
+            requests.check_put(self.store, await self.info(context), req, self.lease_keys)
+        except errors.EtcdError as err:
+            txn.check_put(req)
+            _check_size(req, err)
+            raise
 
     async def delete_range(
         self, req: pb.DeleteRangeRequest, context: grpc.aio.ServicerContext
     ) -> None:
-        txn.check_size(req)
-        txn.check_delete(req)
-        requests.check_delete(self.store, await self.info(context), req)
+        try:
+            requests.check_delete(self.store, await self.info(context), req)
+        except errors.EtcdError as err:
+            txn.check_delete(req)
+            _check_size(req, err)
+            raise
 
     async def txn(self, req: pb.TxnRequest, context: grpc.aio.ServicerContext) -> None:
-        txn.check_size(req)
-        txn.check_txn(req)
-        txn.check_branch(req.success)
-        txn.check_branch(req.failure)
-        requests.check_txn(self.store, await self.info(context), req, self.lease_keys)
+        try:
+            requests.check_txn(self.store, await self.info(context), req, self.lease_keys)
+        except errors.EtcdError as err:
+            txn.check_txn(req)
+            txn.check_branch(req.success)
+            txn.check_branch(req.failure)
+            _check_size(req, err)
+            raise
 
     async def guarded_put(
         self, key: bytes, lease: int, read_on_failure: bool, context: grpc.aio.ServicerContext
@@ -124,6 +138,14 @@ class Guard:
         """LeaseTimeToLive with keys and LeaseLeases: read permission on the leases' keys."""
         info = await self.require_info(context)
         requests.check_lease_reads(self.store, info, leases, self.lease_keys)
+
+
+def _check_size(
+    req: pb.PutRequest | pb.DeleteRangeRequest | pb.TxnRequest, refusal: Exception
+) -> None:
+    """etcd refuses a request too large after its token and before its permissions."""
+    if not isinstance(refusal, errors.InvalidAuthToken):
+        txn.check_size(req)
 
 
 # -- Maintenance and Cluster: checked at registration (server/registration.py) --------------
