@@ -24,6 +24,7 @@ from geminikv.storage import auth as storage
 
 SIMPLE_TOKEN_LETTERS = string.ascii_letters
 SIMPLE_TOKEN_LENGTH = 16
+SIMPLE_TOKENS_REMEMBERED = 1024  # past this, a login drops the ones no longer trusted
 JWT_DEFAULT_TTL = 300.0  # etcd's jwt DefaultTTL (5m)
 # sign methods golang-jwt knows, and the kind of key each takes
 _JWT_METHODS = {
@@ -71,7 +72,7 @@ class SimpleTokens:
         async with self.pool.acquire() as conn:
             index = await storage.add_token(conn, prefix, user.encode(), self.ttl_ms)
         token = f"{prefix}.{index}"
-        self._known[token] = (user, time.monotonic() + self.ttl / 2)
+        self._remember(token, user, time.monotonic())
         return token
 
     async def info(self, token: str, revision: int) -> AuthInfo | None:
@@ -88,11 +89,17 @@ class SimpleTokens:
             self._known.pop(token, None)
             return None
         user = found[1].decode()
-        self._known[token] = (user, now + self.ttl / 2)
+        self._remember(token, user, now)
         return AuthInfo(user, revision)
 
     def forget(self) -> None:
         self._known.clear()
+
+    def _remember(self, token: str, user: str, now: float) -> None:
+        if len(self._known) >= SIMPLE_TOKENS_REMEMBERED:
+            # etcdctl --user logs in at every command: forget what is no longer trusted
+            self._known = {t: known for t, known in self._known.items() if known[1] > now}
+        self._known[token] = (user, now + self.ttl / 2)
 
 
 class JwtTokens:
