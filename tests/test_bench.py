@@ -59,6 +59,9 @@ def test_quick_bench_produces_results(tmp_path: Path) -> None:
         assert figures["server_cpu_s"] > 0 and figures["server_peak_mb"] > 0
         if name.startswith("watch"):
             assert figures["lost"] == 0
+        else:  # the compiled generator is the default where it can be built, as here
+            assert figures["generator"] == "go"
+            assert figures["client_cpu_us_per_op"] > 0
     assert set(results["workloads"]["get"]) == {"geminikv", "null"}
     assert "null" not in results["workloads"]["list"]
     for plot in ("throughput.png", "latency.png"):
