@@ -165,6 +165,7 @@ def run(
     connections: int,
     seconds: float,
     warmup: float,
+    requests: int = 0,
     value_size: int,
     keys: int,
     conflict_rate: float = 0.0,
@@ -172,8 +173,9 @@ def run(
     on_start: Callable[[], None] | None = None,
     on_stop: Callable[[], None] | None = None,
 ) -> Result:
-    """One run of ``workload``: ``on_start`` when the warm-up ends, ``on_stop`` when the
-    last measured request has completed (the window the servers' CPU is counted in)."""
+    """One run of ``workload`` for ``seconds``, or for ``requests`` when that is given:
+    ``on_start`` when the warm-up ends, ``on_stop`` when the last measured request has
+    completed (the window the servers' CPU is counted in)."""
     # gRPC's several-address syntax ("ipv4:a:p,b:q") as clientv3's endpoint list
     endpoints = endpoint.removeprefix("ipv4:")
     with (
@@ -188,6 +190,7 @@ def run(
             f"-clients={clients}",
             f"-conns={connections}",
             f"-seconds={seconds}",
+            f"-total={requests}",
             f"-warmup={warmup}",
             f"-value-size={value_size}",
             f"-keys={keys}",

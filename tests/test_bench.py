@@ -240,10 +240,12 @@ def test_the_compiled_generator_builds_and_reports_server_and_client_cpu() -> No
     try:
         target.start()
         running = commands(target)
-        for workload in ("create", "update", "get"):
+        for workload in ("create", "update"):
             runs[workload] = run_workload(
                 target, workload, replace(few_writes(), generator="go"), None
             )
+        counted = replace(few_writes(), generator="go", requests=300)  # a count, not 1 s
+        runs["get"] = run_workload(target, "get", counted, None)
     finally:
         target.stop()
     assert any(c.startswith("postgres: ") for c in running)  # the backends are costed too
@@ -255,6 +257,8 @@ def test_the_compiled_generator_builds_and_reports_server_and_client_cpu() -> No
         assert 0 < figures["p50_ms"] <= figures["p99_ms"] <= figures["max_ms"]
         assert figures["server_cpu_s"] > 0 and figures["cpu_us_per_op"] > 0
         assert figures["client_cpu_s"] > 0 and figures["client_cpu_us_per_op"] > 0
+        assert figures["conflicts"] == 0  # every guaranteed update had the key's revision
+    assert runs["get"][0]["ops"] == 300
 
 
 def test_without_the_go_toolchain_or_sources_the_harness_says_how_to_get_them(

@@ -29,6 +29,10 @@ import (
 	"go.uber.org/zap"
 )
 
+// conflicts counts update txns whose compare failed (a stale revision): with no
+// -conflict-rate and a key per worker, none should.
+var conflicts atomic.Int64
+
 type options struct {
 	endpoints    []string
 	workload     string
@@ -79,6 +83,7 @@ func makeOp(o *options, cli *clientv3.Client, w int) (op, error) {
 		if resp.Succeeded {
 			return resp.Header.Revision, nil
 		}
+		conflicts.Add(1)
 		if kvs := resp.Responses[0].GetResponseRange().Kvs; len(kvs) > 0 {
 			return kvs[0].ModRevision, nil
 		}
@@ -201,6 +206,7 @@ type result struct {
 	Workload     string  `json:"workload"`
 	Count        int64   `json:"count"`
 	Errors       int64   `json:"errors"`
+	Conflicts    int64   `json:"conflicts"`
 	FirstError   string  `json:"first_error"`
 	Seconds      float64 `json:"seconds"`
 	Throughput   float64 `json:"throughput"`
@@ -289,6 +295,7 @@ func run(o *options) (*result, []float64, error) {
 	}
 	time.Sleep(time.Duration(o.warmup * float64(time.Second)))
 	cpu0, t0 := cpuSeconds(), time.Now()
+	conflicts.Store(0)
 	measuring.Store(true)
 	fmt.Println("start")
 	if o.total <= 0 {
@@ -307,7 +314,7 @@ func run(o *options) (*result, []float64, error) {
 	}
 	sort.Float64s(all)
 	r := &result{
-		Workload: o.workload, Count: int64(len(all)), Errors: errors.Load(), FirstError: firstText,
+		Workload: o.workload, Count: int64(len(all)), Errors: errors.Load(), Conflicts: conflicts.Load(), FirstError: firstText,
 		Seconds: elapsed, CPUSeconds: cpu, Clients: o.clients, Connections: len(conns),
 		ValueSize: o.valueSize, LatencyCount: len(all),
 		P50Ms: percentile(all, 0.50), P90Ms: percentile(all, 0.90), P99Ms: percentile(all, 0.99),
