@@ -405,7 +405,7 @@ def choose_generator(wanted: str) -> str | None:
     print(
         f"load generator: python, because {why_not}. The Python generator spends about the "
         "servers' own CPU per request on the same cores, which holds a fast server back "
-        "more than a slow one: compare the client CPU column.",
+        "more than a slow one: compare the client µs/op column.",
         flush=True,
     )
     return "python"

