@@ -32,7 +32,11 @@ class BuildPyWithBindings(build_py):
 
 setup(
     cmdclass={"build_py": BuildPyWithBindings},
-    packages=[*find_namespace_packages(include=["geminikv", "geminikv.*"]), "geminikv_bench"],
+    packages=[
+        *find_namespace_packages(include=["geminikv", "geminikv.*"]),
+        "geminikv_bench",
+        "geminikv_bench.loadgen",  # the Go load generator's source, built on first use
+    ],
     package_dir={"geminikv_bench": "benchmarks"},
     ext_modules=cythonize(
         [

@@ -21,7 +21,7 @@ import psutil
 
 from geminikv import __version__
 
-from . import report, runner, watch
+from . import go_loadgen, report, runner, watch
 from .replicated import EtcdClusterTarget, GeminiSyncTarget
 from .targets import EtcdTarget, ExternalTarget, GeminiTarget, NullTarget, Target
 from .workloads import WORKLOADS, Params
@@ -60,6 +60,8 @@ class Settings:
     watch_writers: int
     watch_rate: float
     rounds: int
+    generator: str = "python"  # "go": the compiled generator (go_loadgen) where it can
+    requests: int = 0  # go only: measure this many requests instead of ``seconds``
 
 
 def parser() -> argparse.ArgumentParser:
@@ -94,11 +96,30 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workloads", default=",".join(ALL), help=f"comma list of {ALL}")
     p.add_argument("--seconds", type=float, help="seconds per workload (default 10, quick 1)")
     p.add_argument(
+        "--requests",
+        type=int,
+        default=0,
+        help="measure this many requests per workload instead of --seconds (go generator)",
+    )
+    p.add_argument(
         "--warmup", type=float, help="unmeasured load before each workload (default 2, quick 0.2)"
     )
     p.add_argument("--clients", type=int, help="concurrent clients (default 64)")
-    p.add_argument("--conns", type=int, help="gRPC connections per client process (default 4)")
-    p.add_argument("--processes", type=int, help="client processes (default 2)")
+    p.add_argument(
+        "--generator",
+        choices=["auto", "go", "python"],
+        default="auto",
+        help="load generator: go (compiled, etcd's clientv3; built on first use), python "
+        "(grpc.aio; spends about the servers' own CPU per request), or auto: go when it "
+        "can be built, else python (default)",
+    )
+    p.add_argument(
+        "--conns",
+        type=int,
+        help="gRPC connections per client process (default 4); the go generator opens "
+        "conns x processes (default 8) for its clients",
+    )
+    p.add_argument("--processes", type=int, help="client processes (default 2; python only)")
     p.add_argument("--value-size", type=int, default=1024)
     p.add_argument("--keys", type=int, help="keys for get/update/mixed (default 1000)")
     p.add_argument("--list-keys", type=int, help="keys for list and count (default 10000)")
@@ -141,6 +162,7 @@ def settings(args: argparse.Namespace) -> Settings:
         watch_writers=pick(args.watch_writers, 8, 2),
         watch_rate=pick(args.watch_rate, 500.0, 50.0),
         rounds=pick(args.rounds, 1, 1),
+        requests=args.requests,
     )
 
 
@@ -199,14 +221,20 @@ class Sampler(threading.Thread):
         return used, self.peak_rss / 1024**2
 
 
-def costs(sampler: Sampler, cpu: float, peak_mb: float, ops: int, rate: float) -> dict[str, float]:
-    """What each operation cost the target's processes: CPU µs per operation, and memory
-    per operation (peak MiB ÷ operations/s: the memory a configuration holds per unit of
-    throughput)."""
+def costs(
+    sampler: Sampler, cpu: float, peak_mb: float, ops: int, rate: float, client_cpu: float = 0.0
+) -> dict[str, float]:
+    """What each operation cost the target's processes (the server's own and its
+    children: geminikv's embedded PostgreSQL and its backends; never the load generator):
+    CPU µs per operation, and memory per operation (peak MiB ÷ operations/s: the memory a
+    configuration holds per unit of throughput). Beside them, the load generator's CPU µs
+    per operation, which must stay well under the server's for the figures to be fair."""
     return {
         "server_peak_rss_sum_mb": sampler.peak_rss_sum / 1024**2,
         "cpu_us_per_op": cpu / ops * 1e6 if ops else 0.0,
         "mb_per_op_s": peak_mb / rate if rate else 0.0,
+        "client_cpu_s": client_cpu,
+        "client_cpu_us_per_op": client_cpu / ops * 1e6 if ops else 0.0,
     }
 
 
@@ -294,7 +322,7 @@ def run_workload(
             "server_cpu_s": cpu,
             "server_peak_mb": peak,
             **costs(sampler, cpu, peak, int(got["writes"]), float(got["write_rate"])),  # type: ignore[call-overload, arg-type]
-            "client_cpu_s": 0.0,
+            "generator": "python",
             **report.stats(latencies),
         }, latencies
     listing = name in ("list", "count")
@@ -307,29 +335,80 @@ def run_workload(
     )
     asyncio.run(runner.setup(target.endpoint, name, params))
     clients = s.list_clients if name == "list" else s.clients
-    job = runner.Job(target.endpoint, name, params, clients, s.connections, s.seconds, s.warmup)
     sampler = Sampler(target)
     sampler.start()
-    results = runner.run(job, min(s.processes, clients), cpus, on_start=sampler.restart)
-    cpu, peak = sampler.finish()
-    latencies = array("d")
-    for r in results:
-        latencies.frombytes(r.latencies)
-    ops = sum(r.ops for r in results)
-    errors = sum(r.errors for r in results)
+    if s.generator == "go" and name in go_loadgen.WORKLOADS:
+        measured: list[tuple[float, float]] = []
+        loaded = go_loadgen.run(
+            target.endpoint,
+            name,
+            prefix=prefix,
+            clients=clients,
+            connections=s.connections * s.processes,
+            seconds=s.seconds,
+            requests=s.requests,
+            warmup=s.warmup,
+            value_size=s.value_size,
+            keys=params.keys,
+            conflict_rate=s.conflict_rate,
+            cpus=cpus,
+            on_start=sampler.restart,
+            on_stop=lambda: measured.append(sampler.finish()),
+        )
+        cpu, peak = measured[0] if measured else sampler.finish()
+        latencies, ops, errors = loaded.latencies, loaded.ops, loaded.errors
+        first_error, client_cpu, generator = loaded.first_error, loaded.cpu_seconds, "go"
+        seconds = float(loaded.figures["seconds"])  # with --requests, what they took
+        extra = {"conflicts": int(loaded.figures["conflicts"])}  # failed update compares
+    else:
+        job = runner.Job(target.endpoint, name, params, clients, s.connections, s.seconds, s.warmup)
+        results = runner.run(job, min(s.processes, clients), cpus, on_start=sampler.restart)
+        cpu, peak = sampler.finish()
+        latencies = array("d")
+        for r in results:
+            latencies.frombytes(r.latencies)
+        ops = sum(r.ops for r in results)
+        errors = sum(r.errors for r in results)
+        first_error = next((r.first_error for r in results if r.first_error), "")
+        client_cpu, generator = sum(r.cpu_seconds for r in results), "python"
+        seconds, extra = s.seconds, {}
     figures = {
         "kind": "latency" if name == "list" else "throughput",
-        "throughput": ops / s.seconds,
+        "throughput": ops / seconds if seconds else 0.0,
         "ops": ops,
         "errors": errors,
-        "first_error": next((r.first_error for r in results if r.first_error), ""),
+        "first_error": first_error,
         "server_cpu_s": cpu,
         "server_peak_mb": peak,
-        **costs(sampler, cpu, peak, ops, ops / s.seconds),
-        "client_cpu_s": sum(r.cpu_seconds for r in results),
+        **costs(sampler, cpu, peak, ops, ops / seconds if seconds else 0.0, client_cpu),
+        "generator": generator,
+        **extra,
         **report.stats(latencies),
     }
     return figures, latencies
+
+
+def choose_generator(wanted: str) -> str | None:
+    """The load generator to use ("go" or "python"), or None when go was asked for and
+    cannot be had (the reason printed, with how to get it)."""
+    if wanted == "python":
+        return "python"
+    with contextlib.suppress(go_loadgen.Unavailable):
+        if not go_loadgen.plan().target.is_file():
+            print("load generator: building the compiled one (first use: about a minute)")
+    why_not = go_loadgen.available()
+    if not why_not:
+        return "go"
+    if wanted == "go":
+        print(f"geminikv bench: {why_not}", file=sys.stderr)
+        return None
+    print(
+        f"load generator: python, because {why_not}. The Python generator spends about the "
+        "servers' own CPU per request on the same cores, which holds a fast server back "
+        "more than a slow one: compare the client µs/op column.",
+        flush=True,
+    )
+    return "python"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -340,6 +419,15 @@ def main(argv: list[str] | None = None) -> int:
         return failover.main(argv[1:])
     args = parser().parse_args(argv)
     s = settings(args)
+    generator = choose_generator(args.generator)
+    if generator is None:
+        return 2
+    s.generator = generator
+    if s.requests and generator != "go":
+        print("--requests needs the go generator", file=sys.stderr)
+        return 2
+    if args.endpoint:
+        print("server CPU: geminikv's own; the PostgreSQL at --endpoint is not counted")
     wanted = [w.strip() for w in args.workloads.split(",") if w.strip()]
     unknown = [w for w in wanted if w not in ALL]
     if unknown:

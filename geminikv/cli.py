@@ -12,7 +12,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from geminikv import log as logsetup
-from geminikv.config import no_effect, parse_settings
+from geminikv.config import Settings, add_setting_flags, no_effect, parse_settings, settings_from
 from geminikv.storage.database import DatabaseUnreachable
 from geminikv.storage.embedded import EmbeddedPostgresError
 
@@ -75,11 +75,9 @@ def _load_snapshot(args: list[str]) -> int:
         "database, keeping revisions, versions, the compact revision and leases.",
     )
     parser.add_argument("file", nargs="?", help="a file `etcdctl snapshot save` wrote")
-    parser.add_argument("--endpoint", required=True, help="PostgreSQL: postgres://…/db")
-    parser.add_argument("--ca-file", default="", help="CA for PostgreSQL's certificate")
-    parser.add_argument("--cert-file", default="", help="client certificate for PostgreSQL")
-    parser.add_argument("--key-file", default="", help="client key for PostgreSQL")
-    parser.add_argument("--skip-verify", action="store_true", help="PostgreSQL TLS unverified")
+    # PostgreSQL, given as the server is given it, flags or GEMINIKV_* variables (but
+    # not the embedded one)
+    add_setting_flags(parser, ["endpoint", "ca_file", "cert_file", "key_file", "skip_verify"])
     parser.add_argument(
         "--skip-hash-check",
         action="store_true",
@@ -100,13 +98,16 @@ def _load_snapshot(args: list[str]) -> int:
         help="etcd: do not verify its certificate (as etcdctl)",
     )
     opts = parser.parse_args(args)
+    database = settings_from(parser, vars(opts))
+    if not database.endpoint:
+        parser.error("--endpoint postgres://…/database is required")
     if bool(opts.file) == bool(opts.etcd):
         parser.error("give a snapshot file or --etcd, one of them")
     logsetup.setup("plain", False)
     from geminikv.snapshot.reader import SnapshotRefused
 
     try:
-        loaded = asyncio.run(_load(opts))
+        loaded = asyncio.run(_load(opts, database))
     except (SnapshotRefused, DatabaseUnreachable, OSError, ValueError) as err:
         print(f"geminikv load-snapshot: {err}", file=sys.stderr)
         return 1
@@ -120,15 +121,16 @@ def _load_snapshot(args: list[str]) -> int:
     return 0
 
 
-async def _load(opts: argparse.Namespace) -> Loaded:
+async def _load(opts: argparse.Namespace, database: Settings) -> Loaded:
     import tempfile
 
     from geminikv.snapshot.load import load_file
     from geminikv.snapshot.pull import EtcdTLS, pull
     from geminikv.storage.database import Backend, client_tls, connect
 
-    tls = client_tls(opts.ca_file, opts.cert_file, opts.key_file, opts.skip_verify)
-    backend = Backend.create(opts.endpoint, tls)
+    d = database
+    tls = client_tls(d.ca_file, d.cert_file, d.key_file, d.skip_verify)
+    backend = Backend.create(d.endpoint, tls)
     with tempfile.TemporaryDirectory(prefix="geminikv-load-") as work:
         path, ttls = opts.file, None
         if opts.etcd:

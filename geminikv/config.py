@@ -70,6 +70,11 @@ LOAD_PREFETCH = 20_000  # rows per round trip while loading the table at start-u
 # per round trip, and per hand-over to the file writer's thread
 SNAPSHOT_PREFETCH = 500
 
+# The HTTP gateway: a JSON body is base64 (4/3) of at most etcd's max request, with room
+# for the JSON around it; etcd's ReqTimeout (5 s + 2 election timeouts) bounds /health's read.
+GATEWAY_MAX_BODY_BYTES = 2 * GRPC_MAX_RECEIVE_BYTES
+HEALTH_READ_TIMEOUT = 7.0
+
 # Writes
 WRITER_MAX_BATCH = 512  # requests in one write batch (one PostgreSQL transaction)
 WRITER_RECONNECT_MAX_DELAY = 0.5  # seconds between the writer's attempts to reconnect, at most
@@ -87,6 +92,9 @@ LEASE_PROMOTE_EXTENSION = 1.0
 # of a lease past its expiry waits for the leader to revoke it or to renew it on taking over
 OVERDUE_LEASE_WAIT = 7.0
 OVERDUE_LEASE_POLL = 0.1  # seconds between looks at such a lease while waiting
+
+# Auth: how often every process checks the auth revision behind the notifications
+AUTH_POLL_INTERVAL = 1.0
 
 # The serving process
 HEARTBEAT_RETRY = 0.2  # seconds between attempts to reach a primary while none answers
@@ -144,6 +152,26 @@ _percent = _checked(_integer, lambda v: 0 <= v < 100, "percentage: must be 0 to 
 def _duration_or_off(text: str) -> float:
     """A duration where Kine reads 0 or less as off (or no limit): 0 here."""
     return max(0.0, parse_duration(text))
+
+
+def auth_token_options(text: str) -> tuple[str, dict[str, str]]:
+    """etcd's --auth-token (decomposeOpts): a token type, then comma-separated
+    ``name=value`` options, each at most once."""
+    kind, *rest = text.split(",")
+    options: dict[str, str] = {}
+    for item in rest:
+        name, eq, value = item.partition("=")
+        if not eq or "=" in value or name in options:
+            raise argparse.ArgumentTypeError(f"invalid auth token option {item!r}")
+        options[name] = value
+    if kind not in ("simple", "jwt"):
+        raise argparse.ArgumentTypeError(f"invalid auth token type {kind!r} (simple or jwt)")
+    return kind, options
+
+
+def _auth_token(text: str) -> str:
+    auth_token_options(text)
+    return text
 
 
 def _connections(text: str) -> int:
@@ -219,6 +247,11 @@ class Settings:
     metrics_bind_address: str = _flag(
         ":8080", "address for /metrics, /healthz and /readyz (0 = off)"
     )
+    http_listen_address: str = _flag(
+        "",
+        "address (host:port) for etcd's HTTP endpoints: the gRPC-JSON gateway (/v3/...), "
+        "/version, /health and /metrics (empty or 0 = off)",
+    )
     metrics_enable_profiling: bool = _flag(False, "Kine's pprof handlers on the metrics address")
     metrics_ignore_tls_config: bool = _flag(
         False, "Kine's /metrics without the server TLS settings"
@@ -230,6 +263,20 @@ class Settings:
     trusted_ca_file: str = _flag(
         "", "CA for client certificates: when set, clients must present one"
     )
+    client_cert_auth: bool = _flag(
+        False,
+        "etcd's --client-cert-auth: while auth is enabled, a request without a token is "
+        "made as the user its TLS client certificate's common name names (with "
+        "--trusted-ca-file)",
+    )
+    auth_token: str = _flag(
+        "simple",
+        "etcd's --auth-token: simple, or jwt,pub-key=FILE,priv-key=FILE,"
+        "sign-method=RS256|ES256|...,ttl=DURATION",
+        _auth_token,
+    )
+    auth_token_ttl: int = _flag(300, "seconds a simple token lives after its last use", _positive)
+    bcrypt_cost: int = _flag(10, "bcrypt cost of password hashes (4 to 31, as etcd's)")
     ca_file: str = _flag("", "CA that signed PostgreSQL's certificate (enables TLS to PostgreSQL)")
     cert_file: str = _flag("", "client certificate presented to PostgreSQL (with --key-file)")
     key_file: str = _flag("", "key of the client certificate presented to PostgreSQL")
@@ -354,18 +401,39 @@ def build_parser(prog: str = "geminikv") -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument("-v", "--version", action="version", version=f"geminikv {__version__}")
+    add_setting_flags(parser, [f.name for f in fields(Settings)])
+    return parser
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
+    """The flags of these settings, as the server declares them (also for subcommands
+    that reach the same database, e.g. ``load-snapshot``)."""
+    chosen = set(names)
     for f in fields(Settings):
+        if f.name not in chosen:
+            continue
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type)
         text = _help(f)
         if kind == "bool":
             # Kine's (urfave/cli) spellings: --flag, --flag=true, --flag=false
             parser.add_argument(
-                flag, nargs="?", const=True, type=parse_bool, metavar="BOOL", help=text
+                flag,
+                nargs="?",
+                const=True,
+                type=parse_bool,
+                metavar="BOOL",
+                help=text,
+                default=argparse.SUPPRESS,  # a flag not given is absent
             )
             continue
-        parser.add_argument(flag, type=_parser_of(f), metavar=_METAVAR[kind], help=text)
-    return parser
+        parser.add_argument(
+            flag,
+            type=_parser_of(f),
+            metavar=_METAVAR[kind],
+            help=text,
+            default=argparse.SUPPRESS,
+        )
 
 
 def parse_settings(
@@ -379,7 +447,17 @@ def parse_settings(
     message naming the flag or the variable, as argparse does.
     """
     parser = build_parser(prog)
-    values: dict[str, Any] = vars(parser.parse_args(argv))
+    return settings_from(parser, vars(parser.parse_args(argv)), environ)
+
+
+def settings_from(
+    parser: argparse.ArgumentParser,
+    values: dict[str, Any],
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Settings from parsed flags (those given), then GEMINIKV_* variables, then the
+    defaults; ``parser`` reports a bad variable."""
+    values = {k: v for k, v in values.items() if k in _FIELD_NAMES}
     env = os.environ if environ is None else environ
     for f in fields(Settings):
         name = _env_name(f.name)
@@ -403,3 +481,4 @@ def no_effect(settings: Settings) -> list[str]:
 
 
 _DEFAULTS = Settings()
+_FIELD_NAMES = frozenset(f.name for f in fields(Settings))

@@ -60,10 +60,6 @@ class InvalidSortOption(InvalidArgument, message="etcdserver: invalid sort optio
     """etcd 3.6 rejects unknown sort enums; 3.4 and 3.5 crash on an unknown sort target."""
 
 
-class InvalidKey(InvalidArgument, message="geminikv: key must be valid UTF-8 without NUL bytes"):
-    """A key PostgreSQL's text column cannot hold (Kine's layout stores keys as text)."""
-
-
 class OutOfRange(EtcdError, code=grpc.StatusCode.OUT_OF_RANGE): ...
 
 
@@ -153,6 +149,105 @@ class Rewound(
 BEHIND_COMPACTION = "geminikv: this process fell behind compaction; rebuilding the index"
 
 
+# -- auth (etcd's server/auth/store.go errors as api/v3rpc/rpctypes maps them, etcd 3.5) ------
+
+
+class FailedPrecondition(EtcdError, code=grpc.StatusCode.FAILED_PRECONDITION): ...
+
+
+class RootUserNotExist(FailedPrecondition, message="etcdserver: root user does not exist"): ...
+
+
+class RootRoleNotExist(
+    FailedPrecondition, message="etcdserver: root user does not have root role"
+): ...
+
+
+class UserAlreadyExist(FailedPrecondition, message="etcdserver: user name already exists"): ...
+
+
+class UserEmpty(InvalidArgument, message="etcdserver: user name is empty"): ...
+
+
+class UserNotFound(FailedPrecondition, message="etcdserver: user name not found"): ...
+
+
+class RoleAlreadyExist(FailedPrecondition, message="etcdserver: role name already exists"): ...
+
+
+class RoleNotFound(FailedPrecondition, message="etcdserver: role name not found"): ...
+
+
+class RoleEmpty(InvalidArgument, message="etcdserver: role name is empty"): ...
+
+
+class AuthFailed(
+    InvalidArgument, message="etcdserver: authentication failed, invalid user ID or password"
+): ...
+
+
+class PermissionNotGiven(InvalidArgument, message="etcdserver: permission not given"): ...
+
+
+class PermissionDenied(
+    EtcdError, code=grpc.StatusCode.PERMISSION_DENIED, message="etcdserver: permission denied"
+): ...
+
+
+class RoleNotGranted(FailedPrecondition, message="etcdserver: role is not granted to the user"): ...
+
+
+class PermissionNotGranted(
+    FailedPrecondition, message="etcdserver: permission is not granted to the role"
+): ...
+
+
+class AuthNotEnabled(FailedPrecondition, message="etcdserver: authentication is not enabled"): ...
+
+
+class InvalidAuthToken(
+    EtcdError, code=grpc.StatusCode.UNAUTHENTICATED, message="etcdserver: invalid auth token"
+): ...
+
+
+class InvalidAuthMgmt(InvalidArgument, message="etcdserver: invalid auth management"): ...
+
+
+class AuthOldRevision(InvalidArgument, message="etcdserver: revision of auth store is old"):
+    """A JWT token issued before the latest auth change: etcd's clients log in again."""
+
+
+class NoPasswordUser(
+    EtcdError, message="auth: authentication failed, password was given for no password user"
+):
+    """etcd maps no gRPC error to it: Unknown with the auth package's own text."""
+
+
+class PasswordTooLong(EtcdError, message="bcrypt: password length exceeds 72 bytes"):
+    """Go's bcrypt refuses longer passwords (etcd passes its error on as Unknown)."""
+
+
+class VerifyOnly(EtcdError, message="auth: token signing attempted with verify-only key"):
+    """--auth-token jwt with a public key alone: tokens are checked, none are issued."""
+
+
+# The auth package's own texts (server/auth/store.go), which etcd's Maintenance Defragment,
+# Hash, HashKV and Snapshot return unconverted, as gRPC's Unknown.
+AUTH_PACKAGE_MESSAGES: dict[type[EtcdError], str] = {
+    UserEmpty: "auth: user name is empty",
+    UserNotFound: "auth: user not found",
+    PermissionDenied: "auth: permission denied",
+    InvalidAuthToken: "auth: invalid auth token",
+}
+
+
+def go_status_text(err: EtcdError) -> str:
+    """A gRPC status as Go's ``status.Error(...).Error()`` prints it: etcd puts this text in
+    a watch's cancel_reason when auth refuses the watch."""
+    words = err.code.name.split("_")
+    return f"rpc error: code = {''.join(w.capitalize() for w in words)} desc = {err.message}"
+
+
 # -- messages that are not raised as errors ------------------------------------------------
 
 # A watch's cancel_reason (etcd's mvcc errors, in WatchResponse.cancel_reason).
@@ -193,7 +288,6 @@ LOAD_MULTI_KEY = (
     "each live key's newest revision and makes the snapshot loadable, unless live keys "
     "were last written together by one request"
 )
-LOAD_BAD_KEY = "revision {revision}: key {key!r} cannot be stored in Kine's text column: {why}"
 LOAD_NO_FREE_REVISION = (
     "no revision without a key to hold Kine's compact_rev_key row (revisions 1 to "
     "{revision} each changed a key)"

@@ -29,8 +29,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--reliability-seconds",
         type=float,
-        default=float(os.environ.get("GEMINIKV_RELIABILITY_SECONDS", "60")),
-        help="how long the traffic runs (default 60, or GEMINIKV_RELIABILITY_SECONDS)",
+        default=float(os.environ.get("GEMINIKV_RELIABILITY_SECONDS", "30")),
+        help="how long the traffic runs (default 30: each fault once; or "
+        "GEMINIKV_RELIABILITY_SECONDS)",
     )
     group.addoption(
         "--reliability-seed",

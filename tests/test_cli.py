@@ -87,6 +87,7 @@ def _sample(name: str, kind: str) -> tuple[str, Any]:
     special: dict[str, tuple[str, Any]] = {
         "log_format": ("json", "json"),
         "compact_interval_jitter": ("7", 7),
+        "auth_token": ("jwt,sign-method=HS256,priv-key=k", "jwt,sign-method=HS256,priv-key=k"),
     }
     if name in special:
         return special[name]

@@ -7,9 +7,9 @@ import asyncio
 from collections.abc import Iterator
 
 import asyncpg
-import grpc
 import pytest
 
+from geminikv.mvcc.keys import ESCAPED
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.storage import schema
 from tests.servers import GeminiServer, Postgres, run_sync
@@ -258,27 +258,35 @@ def test_two_processes_agree(postgres: Postgres) -> None:
         b.stop()
 
 
-def test_keys_postgres_cannot_hold_are_rejected(gemini: GeminiServer, prefix: bytes) -> None:
+def test_keys_postgres_cannot_hold_are_stored_escaped(gemini: GeminiServer, prefix: bytes) -> None:
+    """A key text cannot hold is stored as ESCAPED + hex (ASCII); every other key as it
+    is, as Go Kine stores it; both read back as written."""
     kv = gemini.stubs().kv
-    before = kv.Range(R(key=b"\x00", range_end=b"\x00", count_only=True)).header.revision
-    for key in (prefix + b"\xff\xfe", prefix + b"a\x00b"):
-        with pytest.raises(grpc.RpcError) as err:
-            kv.Put(pb.PutRequest(key=key, value=b"v"))
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "geminikv: key must" in (err.value.details() or "")
-        with pytest.raises(grpc.RpcError):
-            kv.Txn(
-                pb.TxnRequest(
-                    success=[
-                        pb.RequestOp(request_put=pb.PutRequest(key=prefix + b"ok", value=b"v")),
-                        pb.RequestOp(request_put=pb.PutRequest(key=key, value=b"v")),
-                    ]
-                )
-            )
-    after = kv.Range(R(key=b"\x00", range_end=b"\x00", count_only=True)).header.revision
-    assert after == before  # nothing was written
-    # reading such keys is fine: they simply do not exist
-    assert kv.Range(R(key=prefix + b"\xff")).count == 0
+    keys = {
+        prefix + b"\xff\xfe": None,
+        prefix + b"a\x00b": None,
+        ESCAPED + prefix: None,  # begins like the escape: escaped too, so no two collide
+        prefix + "caf\u00e9".encode(): prefix + "caf\u00e9".encode(),  # UTF-8: as it is
+    }
+    for key in keys:
+        kv.Put(pb.PutRequest(key=key, value=b"v"))
+        assert [r.key for r in kv.Range(R(key=key)).kvs] == [key]
+
+    async def names() -> set[bytes]:
+        conn = await asyncpg.connect(gemini.settings.endpoint)
+        try:
+            rows = await conn.fetch("SELECT convert_to(name, 'UTF8') FROM kine")
+            return {bytes(r[0]) for r in rows}
+        finally:
+            await conn.close()
+
+    stored = run_sync(names())
+    for key, as_is in keys.items():
+        expected = as_is or ESCAPED + key.hex().encode()
+        assert expected in stored, (key, expected)
+        assert expected.isascii() or as_is
+        # ESCAPED + prefix sorts above every test's prefix: leave no live key there
+        kv.DeleteRange(pb.DeleteRangeRequest(key=key))
 
 
 def test_starting_beside_a_busy_writer_takes_no_table_lock(postgres: Postgres) -> None:

@@ -9,8 +9,8 @@ generic path then parses it, and reports malformed bytes.
 
 The parsers recognise shapes and enforce no rule: a request that a rule could refuse
 (an empty key, one over the size limit the caller passes) is not the shape, so the
-generic path refuses it; the rules left for the shape are mvcc/txn.py's
-(``check_guarded_put``, ``Evaluator.guarded_put``), as for any Txn.
+generic path refuses it; what is left for the shape is mvcc/txn.py's evaluation
+(``Evaluator.guarded_put``), as for any Txn.
 """
 
 from libc.stdint cimport int64_t, uint64_t

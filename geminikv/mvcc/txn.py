@@ -5,9 +5,8 @@ checkIntervals) and the applier's pre-apply checks (apply.go: checkRequests); no
 written unless every check passes. Compares are evaluated on the state before the txn.
 
 kube-apiserver's create and update arrive parsed from wire format as a GuardedPut
-(_native/kvwire.pyx), which recognises the shape and checks nothing: its checks and its
-evaluation are the ones below (``check_guarded_put``, ``Evaluator.guarded_put``), built
-from the same rules as a Txn's.
+(_native/kvwire.pyx), which recognises only shapes no request check refuses: its
+evaluation is ``Evaluator.guarded_put`` below, built from the same rules as a Txn's.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from typing import Protocol
 from geminikv import errors
 from geminikv.config import MAX_REQUEST_BYTES, MAX_TXN_OPS
 from geminikv.mvcc import ranges
-from geminikv.mvcc.keys import check_writable
 from geminikv.mvcc.view import BatchView
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.storage.rows import Entry, State
@@ -79,19 +77,11 @@ def check_put(req: pb.PutRequest) -> None:
         raise errors.ValueProvided()
     if req.ignore_lease and req.lease:
         raise errors.LeaseProvided()
-    check_writable(req.key)
 
 
 def check_delete(req: pb.DeleteRangeRequest) -> None:
     if not req.key:
         raise errors.EmptyKey()
-
-
-# A GuardedPut's request checks. Its parser admits only requests within the size limit
-# whose compare, put and range name one non-empty key, with no ignore_* and one op per
-# branch: of check_size, check_txn, check_put and check_branch, only the key's
-# storability is left to check.
-check_guarded_put = check_writable
 
 
 def check_txn(req: pb.TxnRequest, max_ops: int = MAX_TXN_OPS) -> set[int]:

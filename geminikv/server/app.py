@@ -10,8 +10,10 @@ import gc
 import hashlib
 import logging
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -23,8 +25,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from geminikv import metrics, tasks
 from geminikv.alarms import Alarms
+from geminikv.auth.store import AuthStore
+from geminikv.auth.tokens import make_tokens
 from geminikv.compact import Compactor
 from geminikv.config import (
+    AUTH_POLL_INTERVAL,
     GC_YOUNG_THRESHOLD,
     GRPC_MAX_RECEIVE_BYTES,
     LEASE_COUNT_INTERVAL,
@@ -48,12 +53,14 @@ from geminikv.mvcc.values import Values
 from geminikv.mvcc.writer import Writer
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
 from geminikv.server import wire
+from geminikv.server.auth import AuthService, Guard, guarded
 from geminikv.server.cluster import ClusterService
+from geminikv.server.gateway import Gateway, server_tls
 from geminikv.server.kv import KVService
 from geminikv.server.lease import LeaseService
 from geminikv.server.maintenance import MaintenanceService
 from geminikv.server.registration import UndecodableAsInternal
-from geminikv.server.rpc import Identity, unimplemented
+from geminikv.server.rpc import Identity
 from geminikv.server.watch import WatchService
 from geminikv.storage import database, kine, schema
 from geminikv.storage.embedded import EmbeddedPostgres
@@ -240,8 +247,11 @@ class App:
         self.leases: Leases | None = None
         self.leader: Leader | None = None
         self.heartbeat: Heartbeat | None = None
+        self.auth: AuthStore | None = None
         self.health = metrics.Health()
         self.http: WSGIServer | None = None
+        self.gateway: Gateway | None = None
+        self._gateway_dir: str | None = None
         self._health_task: asyncio.Task[None] | None = None
         self.members: Members | None = None
         self.lease_count = 0  # counted by the health task, read by the geminikv_leases gauge
@@ -252,6 +262,7 @@ class App:
 
     async def start(self) -> None:
         s = self.settings
+        tokens_for = make_tokens(s.auth_token, s.auth_token_ttl)  # JWT keys read first
         dsn = s.endpoint
         if not dsn:
             self.embedded = EmbeddedPostgres(s.data_dir)
@@ -293,10 +304,15 @@ class App:
             self.pool, (identity.member_id, identity.name, [identity.client_url])
         )
         await self.members.announce()
+        tokens = tokens_for(self.pool)
+        self.auth = AuthStore(self.pool, connect, tokens, s.bcrypt_cost, AUTH_POLL_INTERVAL)
+        await self.auth.start()
+        guard = Guard(self.auth, self.store.index.lease_keys, s.client_cert_auth)
 
         grpc_server = grpc.aio.server(options=GRPC_OPTIONS)
-        server = UndecodableAsInternal(grpc_server, wire.CODECS)  # registers the services
-        rpc_pb2_grpc.add_KVServicer_to_server(KVService(self.store, identity), server)
+        # registers the services; the Maintenance and Cluster methods etcd guards get checks
+        server = UndecodableAsInternal(grpc_server, wire.CODECS, guarded(guard))
+        rpc_pb2_grpc.add_KVServicer_to_server(KVService(self.store, identity, guard), server)
         rpc_pb2_grpc.add_MaintenanceServicer_to_server(
             MaintenanceService(self.store, identity, s.emulated_etcd_version, self.members),
             server,
@@ -305,17 +321,25 @@ class App:
             ClusterService(self.store, identity, self.members), server
         )
         await self.hub.start()
-        self.watch = WatchService(self.hub, identity, s.watch_progress_notify_interval)
+        self.watch = WatchService(self.hub, identity, s.watch_progress_notify_interval, guard)
         self.watch.start()
         rpc_pb2_grpc.add_WatchServicer_to_server(self.watch, server)
         await self.leader.start()
-        rpc_pb2_grpc.add_LeaseServicer_to_server(LeaseService(self.leases, identity), server)
+        rpc_pb2_grpc.add_LeaseServicer_to_server(LeaseService(self.leases, identity, guard), server)
+        store = self.store
         rpc_pb2_grpc.add_AuthServicer_to_server(
-            unimplemented(rpc_pb2_grpc.AuthServicer, "Auth")(), server
+            AuthService(guard, identity, lambda: store.revision), server
         )
         health_servicer = health.aio.HealthServicer()
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        gateway_socket = None
+        if s.http_listen_address not in ("", "0"):
+            # the gateway's own way in: a socket in a directory only this user can open,
+            # so it needs no client certificate where the client address requires one
+            self._gateway_dir = tempfile.mkdtemp(prefix="geminikv-gateway-")
+            gateway_socket = f"unix:{self._gateway_dir}/grpc.sock"
+            grpc_server.add_insecure_port(gateway_socket)
         credentials = self._tls()
         if credentials is None:
             self.port = grpc_server.add_insecure_port(self.address.grpc_target)
@@ -327,6 +351,17 @@ class App:
         self.server = grpc_server
         self._watch_gauges()
         self.http = metrics.serve_http(s.metrics_bind_address, self.health)
+        if gateway_socket is not None:
+            alarms = self.store.alarms
+            self.gateway = Gateway(
+                gateway_socket,
+                self.health,
+                self.store.reads.read,
+                lambda: [kind for _, kind in alarms.raised],
+                s.emulated_etcd_version,
+            )
+            tls = server_tls(s.server_cert_file, s.server_key_file, s.trusted_ca_file)
+            await self.gateway.start(s.http_listen_address, tls)
         self._health_task = asyncio.create_task(self._check_health(), name="health")
         log.info(
             "geminikv serving etcd v3 on %s (revision %d)",
@@ -396,7 +431,12 @@ class App:
 
     async def stop(self) -> None:
         # Stop accepting calls, let unary calls in flight finish (the writer still runs),
-        # and end watch streams so the server can drain.
+        # and end watch streams so the server can drain; the gateway first, a client of it.
+        if self.gateway is not None:
+            await self.gateway.stop()
+            self.gateway = None
+        if self._gateway_dir is not None:
+            shutil.rmtree(self._gateway_dir, ignore_errors=True)
         draining = None
         if self.server is not None:
             draining = asyncio.create_task(self.server.stop(grace=5))
@@ -417,6 +457,8 @@ class App:
             self.http.server_close()
         if self.hub is not None:
             await self.hub.stop()
+        if self.auth is not None:
+            await self.auth.stop()
         if self.leader is not None:
             await self.leader.stop()
         if self.store is not None:

@@ -65,11 +65,14 @@ class UndecodableAsInternal:
         self,
         server: grpc.aio.Server,
         codecs: Mapping[str, tuple[Callable[[bytes], Any], Callable[[Any], bytes]]] | None = None,
+        wrap: Callable[[str, Any], Any] | None = None,
     ) -> None:
         """``codecs``: a (deserializer, serializer) pair replacing the generated ones of
-        the named methods."""
+        the named methods; ``wrap(full_name, handler)``: the handler to register instead
+        (auth's checks of methods whose servicers do not check, server/auth.py)."""
         self.server = server
         self.codecs = codecs or {}
+        self.wrap = wrap
         self.table = MethodTable()
         server.add_generic_rpc_handlers((self.table,))
 
@@ -83,6 +86,8 @@ class UndecodableAsInternal:
             if full_name in self.codecs:
                 read, write = self.codecs[full_name]
                 handler = handler._replace(request_deserializer=read, response_serializer=write)
+            if self.wrap is not None:
+                handler = self.wrap(full_name, handler)
             self.table.methods[full_name] = _lenient(handler)
             if full_name in REGISTERED:
                 registered[name] = self.table.methods[full_name]

@@ -14,6 +14,7 @@ from geminikv.config import WATCH_COALESCE_SECONDS
 from geminikv.errors import ServerStopped
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
+from geminikv.server.auth import Guard
 from geminikv.server.rpc import Identity, abort_stream
 from geminikv.watch.hub import Hub
 from geminikv.watch.stream import WatchStream
@@ -22,8 +23,11 @@ log = logging.getLogger(__name__)
 
 
 class WatchService(rpc_pb2_grpc.WatchServicer):
-    def __init__(self, hub: Hub, identity: Identity, progress_interval: float) -> None:
+    def __init__(
+        self, hub: Hub, identity: Identity, progress_interval: float, guard: Guard
+    ) -> None:
         self.hub = hub
+        self.guard = guard
         self.identity = identity
         self.progress_interval = progress_interval
         self.streams: set[WatchStream] = set()
@@ -59,6 +63,12 @@ class WatchService(rpc_pb2_grpc.WatchServicer):
             # without ending the stream); a request that cannot be read ends the stream.
             try:
                 async for request in request_iterator:
+                    if self.guard.enabled and request.HasField("create_request"):
+                        # etcd checks the watched range once, when the watch is created
+                        reason = await self.guard.watch_refusal(request.create_request, context)
+                        if reason is not None:
+                            stream._refuse(reason)
+                            continue
                     stream.handle(request)
             except Exception as err:
                 failed.append(err)

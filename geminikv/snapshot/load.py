@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from geminikv import errors
-from geminikv.mvcc.keys import COMPACT_KEY, GAP_PREFIX, check_writable, stored_name
+from geminikv.mvcc.keys import COMPACT_KEY, GAP_PREFIX, stored_name
 from geminikv.snapshot.backend import KeyRevision
 from geminikv.snapshot.reader import EtcdBackend, SnapshotRefused, check_trailer
 from geminikv.storage import kine, locks, schema
@@ -108,12 +108,6 @@ class Staging:
             yield (last, GAP_PREFIX + b"%d" % last, 0, 1, 0, 0, None, 0)
 
     def _row(self, entry: KeyRevision) -> StagedRow:
-        try:
-            check_writable(entry.key)
-        except errors.InvalidKey as err:
-            raise SnapshotRefused(
-                errors.LOAD_BAD_KEY.format(revision=entry.main, key=entry.key, why=err.message)
-            ) from None
         self.rows += 1
         name = stored_name(entry.key)
         if entry.tombstone:

@@ -14,6 +14,8 @@ from geminikv.storage.rows import INDEX_COLUMNS, Row
 # held, so commit order equals id order (a follower that sees id N has seen all below N).
 WRITER_LOCK_KEY = 0x6B696E65_00000002
 NOTIFY_CHANNEL = "geminikv"
+# Auth changes (users, roles, permissions, the enabled flag): payload the new auth revision.
+AUTH_NOTIFY_CHANNEL = "geminikv_auth"
 # SQLSTATEs geminikv_write_v2 raises: the caller's index is behind the table; a lease the
 # batch attaches keys to is gone (revoked or expired).
 WRITE_CONFLICT = "GK001"
@@ -29,6 +31,22 @@ LEADER_LOCK_KEY = 0x6B696E65_00000003
 INDEX_ROW_COLUMNS = ", ".join(INDEX_COLUMNS)
 ROW_COLUMNS = ", ".join(Row._fields)
 SNAPSHOT_ROW_COLUMNS = ", ".join(f"k.{column}" for column in Row._fields[:-1])
+
+
+def _kept_rows(last_up_to: str) -> str:
+    """The rows up to $1 etcd's key bucket holds after compacting at $2: every row above
+    $2, and at or below it a key's row that is its last put up to ``last_up_to``."""
+    return f"""
+        SELECT {SNAPSHOT_ROW_COLUMNS} FROM kine k
+        WHERE k.id <= $1 AND k.name <> 'compact_rev_key'
+          AND NOT (k.deleted = 1 AND k.created = 0 AND k.prev_revision = 0
+                   AND k.name LIKE 'gap-%')
+          AND (k.id > $2 OR (k.deleted = 0 AND NOT EXISTS (
+                SELECT 1 FROM kine n
+                WHERE n.name = k.name AND n.id > k.id AND n.id <= {last_up_to})))
+        ORDER BY k.id
+    """
+
 
 SQL: dict[str, str] = {
     "begin_locked": f"BEGIN; SELECT pg_advisory_xact_lock({WRITER_LOCK_KEY})",
@@ -151,27 +169,11 @@ SQL: dict[str, str] = {
         "(SELECT COALESCE(MAX(prev_revision), 0) FROM kine WHERE name = 'compact_rev_key') "
         "FROM kine"
     ),
-    "snapshot_rows": f"""
-        SELECT {SNAPSHOT_ROW_COLUMNS} FROM kine k
-        WHERE k.id <= $1 AND k.name <> 'compact_rev_key'
-          AND NOT (k.deleted = 1 AND k.created = 0 AND k.prev_revision = 0
-                   AND k.name LIKE 'gap-%')
-          AND (k.id > $2 OR (k.deleted = 0 AND NOT EXISTS (
-                SELECT 1 FROM kine n WHERE n.name = k.name AND n.id > k.id AND n.id <= $2)))
-        ORDER BY k.id
-    """,
+    "snapshot_rows": _kept_rows(last_up_to="$2"),
     # Maintenance.HashKV at $1 (in a consistent_read, as the snapshot): the rows up to $1
     # etcd's key bucket holds after compacting at $2 (as snapshot_rows), of those at or
     # below $2 only a key's last row up to $3 (docs/architecture.md#hashkv-request)
-    "hashkv_rows": f"""
-        SELECT {SNAPSHOT_ROW_COLUMNS} FROM kine k
-        WHERE k.id <= $1 AND k.name <> 'compact_rev_key'
-          AND NOT (k.deleted = 1 AND k.created = 0 AND k.prev_revision = 0
-                   AND k.name LIKE 'gap-%')
-          AND (k.id > $2 OR (k.deleted = 0 AND NOT EXISTS (
-                SELECT 1 FROM kine n WHERE n.name = k.name AND n.id > k.id AND n.id <= $3)))
-        ORDER BY k.id
-    """,
+    "hashkv_rows": _kept_rows(last_up_to="$3"),
     # whether any key is live at $1: its last row up to $1 is a put (gap rows are deletes)
     "hashkv_any_live": """
         SELECT EXISTS (
@@ -232,6 +234,46 @@ SQL: dict[str, str] = {
     "ON CONFLICT DO NOTHING RETURNING 1",
     "alarm_deactivate": "DELETE FROM geminikv_alarm WHERE member_id = $1 AND alarm = $2 "
     "RETURNING 1",
+    # Auth (storage/auth.py): one row of state, users, roles with their permissions, and
+    # the simple tokens every process accepts. Changes run under the state row's lock.
+    "auth_state": "SELECT enabled, revision FROM geminikv_auth WHERE id = 1",
+    "auth_state_for_update": "SELECT enabled, revision FROM geminikv_auth WHERE id = 1 FOR UPDATE",
+    "auth_set_state": "UPDATE geminikv_auth SET enabled = $1, revision = $2 WHERE id = 1",
+    "auth_users": "SELECT name, password, no_password, roles FROM geminikv_auth_user ORDER BY name",
+    "auth_roles": "SELECT name FROM geminikv_auth_role ORDER BY name",
+    "auth_permissions": (
+        "SELECT role, key, range_end, perm_type FROM geminikv_auth_permission "
+        "ORDER BY role, key, range_end"
+    ),
+    "auth_put_user": """
+        INSERT INTO geminikv_auth_user (name, password, no_password, roles)
+        VALUES ($1, $2, $3, $4::bytea[])
+        ON CONFLICT (name) DO UPDATE
+        SET password = EXCLUDED.password, no_password = EXCLUDED.no_password,
+            roles = EXCLUDED.roles
+    """,
+    "auth_delete_user": "DELETE FROM geminikv_auth_user WHERE name = $1",
+    "auth_put_role": "INSERT INTO geminikv_auth_role (name) VALUES ($1) ON CONFLICT DO NOTHING",
+    "auth_delete_role": "DELETE FROM geminikv_auth_role WHERE name = $1",
+    "auth_clear_permissions": "DELETE FROM geminikv_auth_permission WHERE role = $1",
+    "auth_put_permissions": """
+        INSERT INTO geminikv_auth_permission (role, key, range_end, perm_type)
+        SELECT $1, t.key, t.range_end, t.perm_type
+        FROM unnest($2::bytea[], $3::bytea[], $4::int[]) AS t(key, range_end, perm_type)
+    """,
+    "auth_notify": f"SELECT pg_notify('{AUTH_NOTIFY_CHANNEL}', $1)",
+    "auth_token_add": f"""
+        INSERT INTO geminikv_auth_token (prefix, username, expiry_ms)
+        VALUES ($1, $2, {NOW_MS} + $3::bigint) RETURNING id
+    """,
+    # (prefix, user, milliseconds left) of a live token; its expiry moved on by $2 ms
+    "auth_token_use": f"""
+        UPDATE geminikv_auth_token SET expiry_ms = {NOW_MS} + $2::bigint
+        WHERE id = $1 AND expiry_ms > {NOW_MS} RETURNING prefix, username, $2::bigint
+    """,
+    "auth_tokens_drop_users": "DELETE FROM geminikv_auth_token WHERE username = ANY($1::bytea[])",
+    "auth_tokens_drop_all": "DELETE FROM geminikv_auth_token",
+    "auth_tokens_drop_expired": f"DELETE FROM geminikv_auth_token WHERE expiry_ms <= {NOW_MS}",
     # What identifies the cluster: the database, and this incarnation of Kine's table.
     "identity": "SELECT current_database()::text, 'kine'::regclass::oid::bigint",
 }

@@ -2,7 +2,8 @@
 
 Go Kine reads and writes the same table, so nothing here may change a column Kine uses.
 Extras: a nullable ``version`` column (etcd's per-key version; NULL in Go Kine's rows), the
-``geminikv_lease`` table and ``geminikv_write_v2``, the writer's one-round-trip batch.
+``geminikv_lease`` table, ``geminikv_write_v2``, the writer's one-round-trip batch, and the
+auth tables (``geminikv_auth*``).
 Older Kine schemas (INTEGER ids, varchar names, default collation) work unchanged:
 geminikv orders keys in its own index, never in SQL.
 """
@@ -124,6 +125,38 @@ GEMINIKV_EXTRAS = [
         PERFORM pg_notify('{NOTIFY_CHANNEL}', p_id[cardinality(p_id)]::text);
     END
     $fn$""",
+    # Auth, as etcd's auth buckets: one state row (etcd's authEnabled and authRevision;
+    # revision 1 as a fresh etcd's), users with their sorted roles (password: the bcrypt
+    # hash, NULL for a no-password user), roles, and each role's key-range permissions.
+    # Names are bytes (etcd keys them bytewise); simple tokens live here too, so a token
+    # one process issued is valid on every process.
+    """CREATE TABLE IF NOT EXISTS geminikv_auth (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        enabled BOOLEAN NOT NULL,
+        revision BIGINT NOT NULL
+    )""",
+    "INSERT INTO geminikv_auth (id, enabled, revision) VALUES (1, false, 1) "
+    "ON CONFLICT (id) DO NOTHING",
+    """CREATE TABLE IF NOT EXISTS geminikv_auth_user (
+        name bytea PRIMARY KEY,
+        password bytea,
+        no_password BOOLEAN NOT NULL,
+        roles bytea[] NOT NULL
+    )""",
+    "CREATE TABLE IF NOT EXISTS geminikv_auth_role (name bytea PRIMARY KEY)",
+    """CREATE TABLE IF NOT EXISTS geminikv_auth_permission (
+        role bytea NOT NULL REFERENCES geminikv_auth_role (name) ON DELETE CASCADE,
+        key bytea NOT NULL,
+        range_end bytea NOT NULL,
+        perm_type INTEGER NOT NULL,
+        PRIMARY KEY (role, key, range_end)
+    )""",
+    """CREATE TABLE IF NOT EXISTS geminikv_auth_token (
+        id BIGSERIAL PRIMARY KEY,
+        prefix text NOT NULL,
+        username bytea NOT NULL,
+        expiry_ms BIGINT NOT NULL
+    )""",
 ]
 
 # Free space per table page, for Status's dbSizeInUse (a contrib extension: optional).
@@ -146,6 +179,7 @@ SCHEMA_COMPLETE = """
             WHERE schemaname = current_schema() AND tablename = 'kine'
               AND indexname = ANY($1::text[])) = $2
        AND to_regproc('geminikv_write_v2') IS NOT NULL
+       AND to_regclass('geminikv_auth_token') IS NOT NULL
        AND EXISTS (SELECT 1 FROM information_schema.columns
                    WHERE table_schema = current_schema() AND table_name = 'kine'
                      AND column_name = 'version')
