@@ -61,8 +61,6 @@ class LeaseService(rpc_pb2_grpc.LeaseServicer):
             await context.abort(err.code, err.message)
         except DecodeError as err:
             await abort_stream(context, err, "LeaseKeepAlive")
-        except errors.EtcdError as err:
-            await context.abort(err.code, err.message)
         except CONNECTION_ERRORS as err:
             # etcd ends the stream the same way while it has no leader; clients reopen it
             log.warning("LeaseKeepAlive failed: PostgreSQL unavailable: %s", err)
