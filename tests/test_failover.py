@@ -381,3 +381,44 @@ def _count(kv: rpc_pb2_grpc.KVStub, key: bytes, range_end: bytes) -> int | None:
         assert err.code() == grpc.StatusCode.UNAVAILABLE
         return None
     return len(resp.kvs)
+
+
+def test_no_stale_linearizable_read_from_a_superseded_primary(pair: Pair) -> None:
+    """(e) The standby promoted while the old primary still runs as one (a cut mended
+    before the failover manager fences it). A geminikv still on the old primary must not
+    answer a linearizable read from it once the new primary has writes it lacks: the
+    read's revision is confirmed by a commit the synchronous standby must acknowledge, and
+    the standby follows the old primary no more, so the read fails. A serializable read
+    may be stale, as etcd's may."""
+    old = GeminiProcess(pair.primary.dsn(), "--datastore-command-timeout", "2s").start()
+    new = None
+    try:
+        old_kv = old.stubs().kv
+        old_kv.Put(pb.PutRequest(key=b"/stale/k", value=b"before"), timeout=10)
+        got = old_kv.Range(pb.RangeRequest(key=b"/stale/k"), timeout=10)
+        assert [kv.value for kv in got.kvs] == [b"before"]
+        pair.standby.promote()  # the old primary runs on, a primary still
+        assert pair.primary.sql("SELECT pg_is_in_recovery()") == "f"
+        new = GeminiProcess(pair.standby.dsn()).start()
+        new.stubs().kv.Put(pb.PutRequest(key=b"/stale/k", value=b"after"), timeout=10)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as refused:
+            got = old_kv.Range(pb.RangeRequest(key=b"/stale/k"), timeout=15)
+            print("answered:", got)  # a stale answer: the test fails here
+        print(
+            f"\nlinearizable read on the superseded primary: {refused.value.code().name} "
+            f"after {time.monotonic() - started:.1f}s"
+        )
+        assert refused.value.code() in (
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+        )
+        stale = old_kv.Range(pb.RangeRequest(key=b"/stale/k", serializable=True), timeout=10)
+        assert [kv.value for kv in stale.kvs] == [b"before"]  # allowed: serializable
+    except BaseException:
+        print(old.output())
+        raise
+    finally:
+        old.stop()
+        if new is not None:
+            new.stop()
