@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import re
 import signal
+import socket
 import threading
 import time
 import urllib.error
@@ -422,3 +423,28 @@ def test_no_stale_linearizable_read_from_a_superseded_primary(pair: Pair) -> Non
         old.stop()
         if new is not None:
             new.stop()
+
+
+def test_the_database_is_created_on_the_primary_past_a_frozen_host(pair: Pair) -> None:
+    """(f) A new database, its first host frozen (it accepts TCP and never answers):
+    geminikv creates the database on the primary, found as every connection is (all hosts
+    at once), without waiting out the frozen one."""
+    with socket.socket() as frozen:
+        frozen.bind(("127.0.0.1", 0))
+        frozen.listen(16)  # the kernel completes handshakes; nothing ever answers
+        first = f"127.0.0.1:{frozen.getsockname()[1]}"
+        endpoint = f"postgres://postgres@{first},{pair.primary.host}/created"
+        started = time.monotonic()
+        gemini = GeminiProcess(endpoint, "--datastore-connect-timeout", "2s")
+        try:
+            gemini.start(timeout=60)
+            took = time.monotonic() - started
+            gemini.stubs().kv.Put(pb.PutRequest(key=b"/created", value=b"1"), timeout=10)
+            print(f"\nserving on a new database past a frozen first host after {took:.1f}s")
+            assert pair.primary.sql("SELECT count(*) FROM kine", "created") == "2"
+            assert took < 30  # asyncpg's own multi-host connect gave the frozen host 60 s
+        except BaseException:
+            print(gemini.output())
+            raise
+        finally:
+            gemini.stop()
