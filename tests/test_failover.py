@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import re
 import signal
+import socket
 import threading
 import time
 import urllib.error
@@ -381,3 +382,69 @@ def _count(kv: rpc_pb2_grpc.KVStub, key: bytes, range_end: bytes) -> int | None:
         assert err.code() == grpc.StatusCode.UNAVAILABLE
         return None
     return len(resp.kvs)
+
+
+def test_no_stale_linearizable_read_from_a_superseded_primary(pair: Pair) -> None:
+    """(e) The standby promoted while the old primary still runs as one (a cut mended
+    before the failover manager fences it). A geminikv still on the old primary must not
+    answer a linearizable read from it once the new primary has writes it lacks: the
+    read's revision is confirmed by a commit the synchronous standby must acknowledge, and
+    the standby follows the old primary no more, so the read fails. A serializable read
+    may be stale, as etcd's may."""
+    old = GeminiProcess(pair.primary.dsn(), "--datastore-command-timeout", "2s").start()
+    new = None
+    try:
+        old_kv = old.stubs().kv
+        old_kv.Put(pb.PutRequest(key=b"/stale/k", value=b"before"), timeout=10)
+        got = old_kv.Range(pb.RangeRequest(key=b"/stale/k"), timeout=10)
+        assert [kv.value for kv in got.kvs] == [b"before"]
+        pair.standby.promote()  # the old primary runs on, a primary still
+        assert pair.primary.sql("SELECT pg_is_in_recovery()") == "f"
+        new = GeminiProcess(pair.standby.dsn()).start()
+        new.stubs().kv.Put(pb.PutRequest(key=b"/stale/k", value=b"after"), timeout=10)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as refused:
+            got = old_kv.Range(pb.RangeRequest(key=b"/stale/k"), timeout=15)
+            print("answered:", got)  # a stale answer: the test fails here
+        print(
+            f"\nlinearizable read on the superseded primary: {refused.value.code().name} "
+            f"after {time.monotonic() - started:.1f}s"
+        )
+        assert refused.value.code() in (
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+        )
+        stale = old_kv.Range(pb.RangeRequest(key=b"/stale/k", serializable=True), timeout=10)
+        assert [kv.value for kv in stale.kvs] == [b"before"]  # allowed: serializable
+    except BaseException:
+        print(old.output())
+        raise
+    finally:
+        old.stop()
+        if new is not None:
+            new.stop()
+
+
+def test_the_database_is_created_on_the_primary_past_a_frozen_host(pair: Pair) -> None:
+    """(f) A new database, its first host frozen (it accepts TCP and never answers):
+    geminikv creates the database on the primary, found as every connection is (all hosts
+    at once), without waiting out the frozen one."""
+    with socket.socket() as frozen:
+        frozen.bind(("127.0.0.1", 0))
+        frozen.listen(16)  # the kernel completes handshakes; nothing ever answers
+        first = f"127.0.0.1:{frozen.getsockname()[1]}"
+        endpoint = f"postgres://postgres@{first},{pair.primary.host}/created"
+        started = time.monotonic()
+        gemini = GeminiProcess(endpoint, "--datastore-connect-timeout", "2s")
+        try:
+            gemini.start(timeout=60)
+            took = time.monotonic() - started
+            gemini.stubs().kv.Put(pb.PutRequest(key=b"/created", value=b"1"), timeout=10)
+            print(f"\nserving on a new database past a frozen first host after {took:.1f}s")
+            assert pair.primary.sql("SELECT count(*) FROM kine", "created") == "2"
+            assert took < 30  # asyncpg's own multi-host connect gave the frozen host 60 s
+        except BaseException:
+            print(gemini.output())
+            raise
+        finally:
+            gemini.stop()

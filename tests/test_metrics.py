@@ -153,8 +153,8 @@ def test_metrics_and_health_after_traffic(postgres: Postgres) -> None:
         assert m[("geminikv_writer_batch_duration_seconds_count", ())] >= 1
         assert m[("geminikv_writer_batch_duration_seconds_sum", ())] > 0
         # every statement is timed under its name (writes: one write_batch each; linearizable
-        # reads: the current revision; compaction: its deletes by id)
-        for statement in ("write_batch", "current_rev", "lease_grant", "delete_rows"):
+        # reads: the confirmed revision; compaction: its deletes by id)
+        for statement in ("write_batch", "confirmed_rev", "lease_grant", "delete_rows"):
             key = ("geminikv_sql_duration_seconds_count", (("statement", statement),))
             assert m[key] >= 1, statement
             assert m[("geminikv_sql_duration_seconds_sum", (("statement", statement),))] > 0

@@ -16,7 +16,7 @@ from tests.servers import GeminiServer, Postgres, run_sync
 
 def _checks() -> float:
     name = "geminikv_sql_duration_seconds_count"
-    return REGISTRY.get_sample_value(name, {"statement": "current_rev"}) or 0.0
+    return REGISTRY.get_sample_value(name, {"statement": "confirmed_rev"}) or 0.0
 
 
 def test_concurrent_reads_share_revision_checks(postgres: Postgres) -> None:

@@ -97,7 +97,7 @@ class ReadIndex:
         # Rows applied while the query runs may be newer than its answer: only what was
         # applied before it started must be in the table.
         floor = self.applier.applied
-        rev = await kine.current_rev(conn)
+        rev = await kine.confirmed_rev(conn)
         self.rewind.check(rev, floor)
         self.lag.learned(rev)
         return rev

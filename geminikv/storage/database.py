@@ -221,9 +221,10 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 
 
 async def _create_database(backend: Backend) -> None:
+    # on the primary, found as every other connection is (a standby cannot create it, and
+    # a frozen first host must not hold the start-up)
     admin = urlunsplit(urlsplit(backend.dsn)._replace(path="/postgres"))
-    kwargs: dict[str, Any] = {} if backend.tls is None else {"ssl": backend.tls}
-    conn = await asyncpg.connect(admin, **kwargs)
+    conn = await Backend.create(admin, backend.tls, timeouts=backend.timeouts).open_primary()
     try:
         log.info("creating database %r", backend.database)
         await conn.execute(f'CREATE DATABASE "{backend.database}"')

@@ -52,6 +52,14 @@ async def current_rev(conn: asyncpg.Connection) -> int:
     return int(await conn.fetchval(SQL["current_rev"]))
 
 
+async def confirmed_rev(conn: asyncpg.Connection) -> int:
+    """The newest revision, confirmed by the synchronous standby when there is one: the
+    statement commits a WAL message, which waits for the standby's acknowledgement."""
+    row = await conn.fetchrow(SQL["confirmed_rev"])
+    assert row is not None
+    return int(row[0])
+
+
 async def holds(conn: asyncpg.Connection, rev: int) -> tuple[int, bool, int]:
     """(newest revision, whether row ``rev`` is in the table, the compact revision)."""
     row = await conn.fetchrow(SQL["holds"], rev)

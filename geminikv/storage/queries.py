@@ -53,6 +53,14 @@ SQL: dict[str, str] = {
     "commit": "COMMIT",
     "rollback": "ROLLBACK",
     "current_rev": "SELECT COALESCE(MAX(id), 0) FROM kine",
+    # A linearizable read's revision. With a synchronous standby, the statement also writes
+    # a (transactional, empty) WAL message, so its commit waits for the standby: a
+    # superseded primary (its standby promoted, before its failover manager fences it)
+    # cannot confirm, and the read fails instead of answering from the old history
+    # (docs/architecture.md#failover). An xid alone would commit without waiting.
+    "confirmed_rev": "SELECT COALESCE(MAX(id), 0), CASE WHEN "
+    "current_setting('synchronous_standby_names') <> '' "
+    "THEN pg_logical_emit_message(true, 'geminikv-read-index', '') END FROM kine",
     # after a failover: the newest revision, whether row $1 is there, the compact revision
     "holds": (
         "SELECT COALESCE(MAX(id), 0), EXISTS (SELECT 1 FROM kine WHERE id = $1), "
