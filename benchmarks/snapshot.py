@@ -12,19 +12,15 @@ streamed, so memory should not grow with the store.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
 import psutil
-
-from geminikv.storage.embedded import EmbeddedPostgres
 
 from . import tables
 from .targets import GeminiTarget
@@ -50,17 +46,8 @@ def main() -> int:
     if shutil.which("etcdctl") is None:
         print("needs etcdctl (Debian: etcd-client)", file=sys.stderr)
         return 2
-    data = tempfile.mkdtemp(prefix="bench-snapshot-")
-    pg = EmbeddedPostgres(data)
-    dsn = pg.start()
+    pg, dsn = tables.filled(args.keys, args.history, PREFIX)
     try:
-        started = time.monotonic()
-        asyncio.run(tables.fill(dsn, PREFIX, args.keys, args.history + 1))
-        print(
-            f"filled {args.keys} keys x {args.history + 1} revisions in "
-            f"{time.monotonic() - started:.1f}s",
-            flush=True,
-        )
         target = GeminiTarget(dsn)
         target.start()
         try:
@@ -71,7 +58,7 @@ def main() -> int:
             stop = threading.Event()
             sampler = threading.Thread(target=sample_rss, args=(pid, stop, peak), daemon=True)
             sampler.start()
-            path = os.path.join(data, "snapshot.db")
+            path = os.path.join(pg.data_dir, "snapshot.db")
             env = dict(os.environ, ETCDCTL_API="3")
             t0 = time.monotonic()
             subprocess.run(
@@ -111,7 +98,7 @@ def main() -> int:
             target.stop()
     finally:
         pg.stop()
-        shutil.rmtree(data, ignore_errors=True)
+        shutil.rmtree(pg.data_dir, ignore_errors=True)
     return 0
 
 

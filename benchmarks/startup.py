@@ -10,17 +10,14 @@ serving, and one client's sequential Put and Get latency.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
 import sys
-import tempfile
 import time
 
 import grpc
 
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
-from geminikv.storage.embedded import EmbeddedPostgres
 
 from . import tables
 from .targets import GeminiTarget
@@ -48,17 +45,8 @@ def main() -> int:
     ap.add_argument("--keys", type=int, default=100_000)
     ap.add_argument("--history", type=int, default=0)
     args = ap.parse_args()
-    data = tempfile.mkdtemp(prefix="bench-startup-")
-    pg = EmbeddedPostgres(data)
-    dsn = pg.start()
+    pg, dsn = tables.filled(args.keys, args.history, PREFIX)
     try:
-        started = time.monotonic()
-        asyncio.run(tables.fill(dsn, PREFIX, args.keys, args.history + 1))
-        print(
-            f"filled {args.keys} keys x {args.history + 1} revisions in "
-            f"{time.monotonic() - started:.1f}s",
-            flush=True,
-        )
         target = GeminiTarget(dsn)
         t0 = time.monotonic()
         target.start()

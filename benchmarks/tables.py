@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+import tempfile
+import time
 
 import asyncpg
 
+from geminikv.storage.embedded import EmbeddedPostgres
 from geminikv.storage.schema import ensure_schema
 
 
@@ -51,3 +55,17 @@ async def add_revisions(conn: asyncpg.Connection, prefix: str, rounds: int) -> N
             " WHERE name LIKE $1 || '%' GROUP BY name)",
             prefix,
         )
+
+
+def filled(keys: int, history: int, prefix: str) -> tuple[EmbeddedPostgres, str]:
+    """A fresh embedded PostgreSQL holding ``keys`` keys x ``history + 1`` revisions (the
+    start-up and snapshot benchmarks): the server, to stop, and its DSN."""
+    pg = EmbeddedPostgres(tempfile.mkdtemp(prefix="bench-filled-"))
+    dsn = pg.start()
+    started = time.monotonic()
+    asyncio.run(fill(dsn, prefix, keys, history + 1))
+    print(
+        f"filled {keys} keys x {history + 1} revisions in {time.monotonic() - started:.1f}s",
+        flush=True,
+    )
+    return pg, dsn

@@ -105,10 +105,10 @@ def stop_postgres(data: Path, sig: int = signal.SIGINT, timeout: float = 60.0) -
         return
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
-    eventually(lambda: not _alive(pid), f"PostgreSQL {pid} stopped", timeout)
+    eventually(lambda: not alive(pid), f"PostgreSQL {pid} stopped", timeout)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

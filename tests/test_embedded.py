@@ -11,16 +11,8 @@ import sys
 from pathlib import Path
 
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
-from tests.servers import GeminiProcess, free_port, postgres_pid
+from tests.servers import GeminiProcess, alive, free_port, postgres_pid
 from tests.waiting import eventually
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_one_geminikv_per_data_directory_and_adoption_after_a_crash(tmp_path: Path) -> None:
@@ -53,12 +45,12 @@ def test_one_geminikv_per_data_directory_and_adoption_after_a_crash(tmp_path: Pa
             second.stderr
         ), second.stderr
         pg = postgres_pid(data)
-        assert pg is not None and _alive(pg)
+        assert pg is not None and alive(pg)
 
         # kill -9: PostgreSQL outlives it, as a crash leaves it
         first.process.send_signal(signal.SIGKILL)
         first.process.wait(30)
-        assert _alive(pg)
+        assert alive(pg)
     finally:
         first.stop()
 
@@ -74,9 +66,9 @@ def test_one_geminikv_per_data_directory_and_adoption_after_a_crash(tmp_path: Pa
         adopter.process.send_signal(signal.SIGTERM)
         assert adopter.process.wait(60) == 0, adopter.output()
         # the clean shutdown stopped the adopted PostgreSQL too
-        eventually(lambda: not _alive(pg), f"the adopted PostgreSQL {pg} stopped", 30)
+        eventually(lambda: not alive(pg), f"the adopted PostgreSQL {pg} stopped", 30)
         assert postgres_pid(data) is None
     finally:
         adopter.stop()
-        if _alive(pg):
+        if alive(pg):
             os.kill(pg, signal.SIGQUIT)

@@ -325,18 +325,18 @@ def _has(lines: list[bytes], count: int) -> Callable[[], bool]:
     return lambda: len(lines) >= count
 
 
-def test_a_streamed_watch_receives_events_as_from_etcd(servers: Servers) -> None:
-    key = b64("/gw/watched")
-    body = json.dumps({"create_request": {"key": key, "prev_kv": True}})
+def _same_watch_lines(
+    servers: Servers, body: str, count: int, during: Callable[[], None] = lambda: None
+) -> list[bytes]:
+    """One streamed watch on each server, ``during`` run once both are created; the
+    ``count`` lines each streamed must be the same, up to ids. Returns geminikv's."""
     streams = {base: _watch(base, body) for base in (servers.etcd, servers.gemini)}
     try:
         for _, lines in streams.values():
             eventually(_has(lines, 1), "the watch created", 10, 0.05)
-        both(servers, "/v3/kv/put", json.dumps({"key": key, "value": b64("v1")}))
-        both(servers, "/v3/kv/put", json.dumps({"key": key, "value": b64("v2")}))
-        both(servers, "/v3/kv/deleterange", json.dumps({"key": key}))
+        during()
         for _, lines in streams.values():
-            eventually(_has(lines, 4), "four lines", 10, 0.05)
+            eventually(_has(lines, count), f"{count} lines", 10, 0.05)
     finally:
         for process, _ in streams.values():
             process.terminate()
@@ -345,6 +345,19 @@ def test_a_streamed_watch_receives_events_as_from_etcd(servers: Servers) -> None
     assert [normalised(json.loads(line)) for line in ours] == [
         normalised(json.loads(line)) for line in theirs
     ]
+    return ours
+
+
+def test_a_streamed_watch_receives_events_as_from_etcd(servers: Servers) -> None:
+    key = b64("/gw/watched")
+    body = json.dumps({"create_request": {"key": key, "prev_kv": True}})
+
+    def writes() -> None:
+        both(servers, "/v3/kv/put", json.dumps({"key": key, "value": b64("v1")}))
+        both(servers, "/v3/kv/put", json.dumps({"key": key, "value": b64("v2")}))
+        both(servers, "/v3/kv/deleterange", json.dumps({"key": key}))
+
+    ours = _same_watch_lines(servers, body, 4, writes)
     assert json.loads(ours[0])["result"]["created"] is True
     events = [json.loads(line)["result"]["events"][0] for line in ours[1:]]
     assert [e.get("type", "PUT") for e in events] == ["PUT", "PUT", "DELETE"]
@@ -353,18 +366,7 @@ def test_a_streamed_watch_receives_events_as_from_etcd(servers: Servers) -> None
 
 def test_a_watch_etcd_cancels_and_a_keepalive_of_lease_zero(servers: Servers) -> None:
     body = json.dumps({"create_request": {"key": b64("/gw/x"), "start_revision": "-5"}})
-    streams = {base: _watch(base, body) for base in (servers.etcd, servers.gemini)}
-    try:
-        for _, lines in streams.values():
-            eventually(_has(lines, 2), "created, then canceled", 10, 0.05)
-    finally:
-        for process, _ in streams.values():
-            process.terminate()
-            process.wait(10)
-    (_, theirs), (_, ours) = streams.values()
-    assert [normalised(json.loads(line)) for line in ours] == [
-        normalised(json.loads(line)) for line in theirs
-    ]
+    ours = _same_watch_lines(servers, body, 2)
     assert json.loads(ours[1])["result"]["canceled"] is True
     both(servers, "/v3/lease/keepalive", '{"ID":"0"}')
 
