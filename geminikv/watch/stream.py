@@ -177,8 +177,9 @@ class WatchStream:
         """Wait for the next responses to send (empty once the stream is closed).
 
         Everything queued is taken at once; a watcher's queued event responses are
-        merged into its first one (its events stay in order and only move earlier,
-        past nothing they depend on), so a slow reader catches up in few messages.
+        merged into its first one (its events stay in order and only move earlier, past
+        nothing they depend on: never past a progress response), so a slow reader catches
+        up in few messages.
         """
         while not self._queue:
             if self.closed:
@@ -192,6 +193,10 @@ class WatchStream:
             watcher = item.watcher
             if watcher is None or item.kind != _EVENTS:
                 out.append((item.response, False))
+                if item.kind == _PROGRESS:
+                    # events queued after a progress response stay after it: merged into
+                    # an earlier response they would precede a revision below their own
+                    merged.clear()
                 continue
             self._queued.pop(watcher, None)
             first = merged.get(watcher)
