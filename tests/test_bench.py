@@ -5,6 +5,7 @@ benchmarks/, not in tests)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -180,7 +181,13 @@ def few_writes() -> Settings:
 
 
 def commands(target: Target) -> list[str]:
-    return [" ".join(process.cmdline()) for process in target.processes()]
+    """The command lines of the target's processes (one that ended meanwhile, e.g. a
+    PostgreSQL backend of a closing connection, is left out)."""
+    lines = []
+    for process in target.processes():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            lines.append(" ".join(process.cmdline()))
+    return lines
 
 
 @pytest.mark.etcd
