@@ -148,6 +148,31 @@ class Writer:
         have = {item.key: item.value for item in answer.kvs}
         return [key for key, value, _, _ in self.acked if have.get(key) != value]
 
+    def explain(self, missing: list[bytes], nodes: tuple[Node, ...]) -> str:
+        """Where acknowledged keys geminikv does not return are (a failure message): in
+        which node's table, next to geminikv's log."""
+        if not missing:
+            return ""
+        names = [key.decode() for key in missing]
+        found = []
+        for node in nodes:
+            try:
+                rows = node.sql(
+                    "SELECT format('in recovery %s, newest id %s, %s of the keys, their ids "
+                    "%s..%s', pg_is_in_recovery(), (SELECT max(id) FROM kine), count(*), "
+                    "min(id), max(id)) FROM kine WHERE name = ANY($1::text[])",
+                    names,
+                    database="kubernetes",
+                )
+            except Exception as err:  # a node may be down: say so and go on
+                rows = f"unreachable ({err!r})"
+            found.append(f"{node.name}: {rows}")
+        return (
+            f"{len(missing)} acknowledged keys missing, {missing[0]!r}..{missing[-1]!r}\n"
+            + "\n".join(found)
+            + f"\ngeminikv's log (end):\n{self.gemini.output()[-6000:]}"
+        )
+
 
 class Watcher:
     """One Watch stream on ``prefix`` from ``start`` (revision 1), its events collected by
@@ -207,7 +232,12 @@ def check_watch(watcher: Watcher, acked: set[bytes]) -> None:
 
 
 def check_nothing_lost(
-    writer: Writer, watcher: Watcher, label: str, fault: float, promoted: float
+    writer: Writer,
+    watcher: Watcher,
+    label: str,
+    fault: float,
+    promoted: float,
+    nodes: tuple[Node, ...] = (),
 ) -> None:
     """After a failover (``fault`` and ``promoted`` from time.monotonic()): print how long
     writes stopped, then check that every acknowledged write reads back and that the
@@ -222,5 +252,6 @@ def check_nothing_lost(
         f"{promoted - fault:.2f} s after the fault; geminikv's share {first - promoted:.2f} s); "
         f"{len(writer.acked)} writes acknowledged, {writer.failures} failed attempts"
     )
-    assert writer.missing() == []
+    missing = writer.missing()
+    assert not missing, writer.explain(missing, nodes)
     check_watch(watcher, acked)
