@@ -159,6 +159,9 @@ def test_geminikv_keeps_acknowledged_writes_across_a_switchover(pgaf: Formation)
     writer = Writer(gemini).start()
     try:
         writer.wait_acks_after(0, 100, timeout=30)
+        # a planned switchover starts from a standby in sync (pg_auto_failover turns
+        # synchronous replication off while it finds the standby unhealthy)
+        before = pgaf.wait_synchronous(old)
         started = time.monotonic()
         pgaf.switchover()
         assert pgaf.wait_settled() == (new, old)
@@ -171,10 +174,24 @@ def test_geminikv_keeps_acknowledged_writes_across_a_switchover(pgaf: Formation)
     print(
         f"\npg_auto_failover switchover: longest gap between acknowledged writes "
         f"{max(gaps):.2f} s; {len(writer.acked)} writes acknowledged, "
-        f"{writer.failures} failed attempts"
+        f"{writer.failures} failed attempts; before it: {before}"
     )
     missing = writer.missing()
-    assert not missing, writer.explain(missing, pgaf.nodes)
+    assert not missing, (
+        f"before the switchover: {before}\n"
+        + writer.explain(missing, pgaf.nodes)
+        + _keeper_logs(pgaf)
+    )
+
+
+def _keeper_logs(pgaf: Formation) -> str:
+    """The monitor's events and each keeper's log (end), for a failure message."""
+    logs = [f"\nmonitor events:\n{pgaf.events()}"]
+    for node in pgaf.nodes:
+        log = node.home / "pg_autoctl.log"
+        text = log.read_text(errors="replace") if log.exists() else ""
+        logs.append(f"\n{node.name} keeper log (end):\n{text[-8000:]}")
+    return "".join(logs)
 
 
 def _geminikv_across(

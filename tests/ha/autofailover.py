@@ -164,6 +164,32 @@ class Formation:
 
     # -- operations -----------------------------------------------------------------------
 
+    def events(self, count: int = 40) -> str:
+        """The monitor's latest events (state changes and why), for failure messages."""
+        result = self.monitor.run(
+            *keeper_command(self.monitor, "show", "events", "--count", str(count)), check=False
+        )
+        return result.stdout + result.stderr
+
+    def wait_synchronous(self, primary: Node, timeout: float = 30) -> str:
+        """Until ``primary`` streams to a synchronous standby (every commit it acknowledges
+        is then on the standby), as an operator checks before a planned switchover;
+        returns what the primary reported."""
+        query = (
+            "SELECT format('synchronous_standby_names %L, standbys %s', "
+            "current_setting('synchronous_standby_names'), "
+            "COALESCE(string_agg(application_name || ' ' || state || ' ' || sync_state, "
+            "', '), 'none')) FROM pg_stat_replication"
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            report = str(primary.sql(query))
+            if " streaming sync" in report or " streaming quorum" in report:
+                return report
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no synchronous standby in {timeout} s: {report}")
+            time.sleep(0.1)
+
     def switchover(self) -> None:
         """A planned switchover, as an operator runs it against the monitor."""
         self.monitor.run(*keeper_command(self.monitor, "perform", "switchover"), timeout=120)
