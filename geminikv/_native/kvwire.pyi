@@ -6,6 +6,7 @@ class GuardedPut:
     value: bytes
     lease: int
     read_on_failure: bool
+    delete: bool
 
 def parse_guarded_put(data: bytes, max_bytes: int) -> GuardedPut | None: ...
 

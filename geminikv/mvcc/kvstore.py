@@ -180,14 +180,20 @@ class KVStore:
         return resp
 
     async def guarded_put(
-        self, key: bytes, want_mod: int, value: bytes, lease: int, read_on_failure: bool
+        self,
+        key: bytes,
+        want_mod: int,
+        value: bytes,
+        lease: int,
+        read_on_failure: bool,
+        delete: bool = False,
     ) -> tuple[bool, int, State | None, bytes]:
-        """kube-apiserver's create and update txn (Evaluator.guarded_put); no request check
-        can fail for that shape (its parser admits no other)."""
-        self.alarms.check_write(put_cost(key, value))
+        """kube-apiserver's create, update and delete txn (Evaluator.guarded_put); no
+        request check can fail for that shape (its parser admits no other)."""
+        self.alarms.check_write(0 if delete else put_cost(key, value))
         self._check_serving()
         result: tuple[bool, int, State | None, bytes] = await self.writer.submit(
-            lambda ev: ev.guarded_put(key, want_mod, value, lease, read_on_failure),
+            lambda ev: ev.guarded_put(key, want_mod, value, lease, read_on_failure, delete),
             (lease,) if lease else (),
         )
         return result

@@ -59,7 +59,12 @@ class KVService(rpc_pb2_grpc.KVServicer):
                     request.key, request.lease, request.read_on_failure, context
                 )
             outcome = await self.store.guarded_put(
-                request.key, request.want_mod, request.value, request.lease, request.read_on_failure
+                request.key,
+                request.want_mod,
+                request.value,
+                request.lease,
+                request.read_on_failure,
+                request.delete,
             )
             return self.answers.txn(request, *outcome)
         if self.guard.enabled:

@@ -1,7 +1,7 @@
 """kube-apiserver's most frequent requests taken from and answered in protobuf wire format
 (geminikv._native.kvwire), without building messages: its create and update txn,
-``MOD(key) == rev → Put(key)`` (leased or not) else ``Range(key)`` or nothing, and its get
-of one key.
+``MOD(key) == rev → Put(key)`` (leased or not) else ``Range(key)`` or nothing, its delete
+txn (the same with ``DeleteRange(key)``), and its get of one key.
 Every other request is parsed into the generated messages as usual."""
 
 from __future__ import annotations
