@@ -11,9 +11,15 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 
-from geminikv._native.kvwire import parse_guarded_put, parse_key_get
+from geminikv._native.kvwire import (
+    encode_header_prefix,
+    encode_range_answer,
+    parse_guarded_put,
+    parse_key_get,
+)
 from geminikv.config import MAX_REQUEST_BYTES
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
+from geminikv.proto.mvccpb import kv_pb2
 from tests.differential import Pair
 from tests.servers import Stubs
 
@@ -353,3 +359,42 @@ def test_get_answer_bytes_are_canonical_protobuf(gk: Stubs, prefix: bytes) -> No
     with pytest.raises(grpc.RpcError) as truncated:
         get(R(key=key).SerializeToString()[:-1], timeout=30)
     assert truncated.value.code() == grpc.StatusCode.INTERNAL
+
+
+# -- any other range -------------------------------------------------------------------------
+
+
+def test_range_answers_are_the_bytes_protobuf_writes() -> None:
+    """Every Range the generic path evaluates is answered by encode_range_answer."""
+    header = pb.ResponseHeader(cluster_id=2**64 - 1, member_id=7, revision=0, raft_term=2)
+    entries = [
+        (b"/a", 5, 3, 2, 0),
+        (b"/b\x00\xff", 2**40, 2**40, 1, 2**31 - 1),
+        (b"/c", 9, 9, 1, -1),  # a lease id no lease can have, as protobuf writes int64
+        (b"/d", 12, 4, 3, 7),
+    ]
+    values = {5: b"v" * 300, 2**40: b"", 9: bytes(range(256)) * 100, 12: b"x"}
+    prefix = encode_header_prefix(header.cluster_id, header.member_id)
+    cases = [([], None, 0, False), ([], None, 42, False), (entries, values, 4, False)]
+    cases += [
+        (entries[:2], values, 4, True),
+        (entries, None, 9, True),
+        (entries[1:2], values, 1, False),
+    ]
+    for revision in (1, 2**33):
+        for chosen, vals, count, more in cases:
+            expected = pb.RangeResponse(header=header, count=count, more=more)
+            expected.header.revision = revision
+            for key, mod, create, version, lease in chosen:
+                expected.kvs.append(
+                    kv_pb2.KeyValue(
+                        key=key,
+                        mod_revision=mod,
+                        create_revision=create,
+                        version=version,
+                        lease=lease,
+                        value=b"" if vals is None else vals[mod],
+                    )
+                )
+            got = encode_range_answer(prefix, 2, revision, chosen, vals, count, more)
+            assert got == expected.SerializeToString()

@@ -25,6 +25,15 @@ def encode_txn_answer(
     found: tuple[int, int, int, int] | None,
     value: bytes,
 ) -> bytes: ...
+def encode_range_answer(
+    header_prefix: bytes,
+    raft_term: int,
+    revision: int,
+    entries: list[tuple[bytes, int, int, int, int]],
+    values: dict[int, bytes] | None,
+    count: int,
+    more: bool,
+) -> bytes: ...
 def encode_get_answer(
     header_prefix: bytes,
     raft_term: int,

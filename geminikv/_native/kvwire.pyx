@@ -259,19 +259,53 @@ cdef inline void _put_field_bytes(bytearray out, int field, const unsigned char*
     out.extend(p[:n])
 
 
+cdef inline Py_ssize_t _varint_size(uint64_t v) noexcept:
+    cdef Py_ssize_t n = 1
+    while v >= 0x80:
+        v >>= 7
+        n += 1
+    return n
+
+
+cdef inline Py_ssize_t _varint_field_size(int field, uint64_t v) noexcept:
+    return 0 if v == 0 else _varint_size(<uint64_t>field << 3) + _varint_size(v)
+
+
+cdef inline Py_ssize_t _bytes_field_size(int field, Py_ssize_t n) noexcept:
+    return _varint_size(<uint64_t>field << 3) + _varint_size(<uint64_t>n) + n
+
+
+cdef void _put_kv(bytearray into, bytes key, int64_t mod, int64_t create, int64_t version,
+                  int64_t lease, bytes value):
+    """One of RangeResponse's kvs (field 2): KeyValue{key, create_revision, mod_revision,
+    version, value, lease}, written in place (its size computed first)."""
+    cdef Py_ssize_t size = (
+        _bytes_field_size(1, len(key))
+        + _varint_field_size(2, <uint64_t>create)
+        + _varint_field_size(3, <uint64_t>mod)
+        + _varint_field_size(4, <uint64_t>version)
+        + (_bytes_field_size(5, len(value)) if value else 0)
+        + _varint_field_size(6, <uint64_t>lease)
+    )
+    _put_varint(into, 2 << 3 | WIRE_BYTES)
+    _put_varint(into, <uint64_t>size)
+    _put_varint(into, 1 << 3 | WIRE_BYTES)
+    _put_varint(into, <uint64_t>len(key))
+    into += key
+    _put_field_varint(into, 2, <uint64_t>create)
+    _put_field_varint(into, 3, <uint64_t>mod)
+    _put_field_varint(into, 4, <uint64_t>version)
+    if value:
+        _put_varint(into, 5 << 3 | WIRE_BYTES)
+        _put_varint(into, <uint64_t>len(value))
+        into += value
+    _put_field_varint(into, 6, <uint64_t>lease)
+
+
 cdef void _put_found(bytearray into, bytes key, int64_t mod, int64_t create, int64_t version,
                      int64_t lease, bytes value):
-    """RangeResponse's kvs (one KeyValue{key, create_revision, mod_revision, version,
-    value, lease}) and count (1)."""
-    cdef bytearray kv = bytearray()
-    _put_field_bytes(kv, 1, key, len(key))
-    _put_field_varint(kv, 2, <uint64_t>create)
-    _put_field_varint(kv, 3, <uint64_t>mod)
-    _put_field_varint(kv, 4, <uint64_t>version)
-    if value:
-        _put_field_bytes(kv, 5, value, len(value))
-    _put_field_varint(kv, 6, <uint64_t>lease)
-    _put_field_bytes(into, 2, kv, len(kv))
+    """RangeResponse's kvs (one KeyValue) and count (1)."""
+    _put_kv(into, key, mod, create, version, lease, value)
     _put_field_varint(into, 4, 1)
 
 
@@ -378,6 +412,23 @@ def parse_key_get(bytes data):
     out.key = key
     out.serializable = serializable
     return out
+
+
+def encode_range_answer(bytes header_prefix, int64_t raft_term, int64_t revision,
+                        list entries, dict values, int64_t count, bint more):
+    """Any RangeResponse: a KeyValue per entry ``(key, mod, create, version, lease)``
+    with its value from ``values`` (by mod revision; None: keys only), then ``more`` and
+    ``count``, as protobuf writes them."""
+    cdef bytearray out = bytearray()
+    cdef bytes key
+    cdef int64_t mod, create, version, lease
+    _put_header(out, header_prefix, raft_term, revision)
+    for key, mod, create, version, lease in entries:
+        _put_kv(out, key, mod, create, version, lease,
+                b"" if values is None else values[mod])
+    _put_field_varint(out, 3, more)
+    _put_field_varint(out, 4, <uint64_t>count)
+    return bytes(out)
 
 
 def encode_get_answer(bytes header_prefix, int64_t raft_term, bytes key, int64_t revision,

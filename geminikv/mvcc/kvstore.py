@@ -29,6 +29,10 @@ from geminikv.storage.session import Session
 
 log = logging.getLogger(__name__)
 
+# A Range's answer: (header revision, entries, their values by mod revision (None: keys
+# only), count, more).
+Ranged = tuple[int, list[Entry], dict[int, bytes] | None, int, bool]
+
 
 class KVStore:
     """The store the services call: reads from the index, writes through the writer,
@@ -102,7 +106,9 @@ class KVStore:
 
     # -- reads -------------------------------------------------------------------------
 
-    async def range(self, req: pb.RangeRequest) -> pb.RangeResponse:
+    async def range(self, req: pb.RangeRequest) -> Ranged:
+        """The RangeResponse's contents, without the message (the service encodes them in
+        wire format, _native/kvwire)."""
         txn.check_range(req)
         self._check_serving()
         if not req.serializable:
@@ -111,20 +117,18 @@ class KVStore:
         rev = int(index.rev)
         at = ranges.read_revision(rev, int(index.compact_rev), req.revision)
         end = ranges.range_end(req.range_end)
-        resp = pb.RangeResponse()
-        resp.header.revision = rev
         if req.count_only:
-            resp.count = index.count(req.key, end, at)
-            return resp
-        entries, resp.count = index.range(req.key, end, at, ranges.fetch_limit(req))
+            return rev, [], None, index.count(req.key, end, at), False
+        entries, count = index.range(req.key, end, at, ranges.fetch_limit(req))
         values = None
         if ranges.needs_values_to_sort(req):
             values = await self._values(entries)
-        entries, resp.more = ranges.select(req, entries, values)
-        if not req.keys_only and values is None:
+        entries, more = ranges.select(req, entries, values)
+        if req.keys_only:
+            return rev, entries, None, count, more
+        if values is None:
             values = await self._values(entries)
-        ranges.add_key_values(resp.kvs, entries, None if req.keys_only else values)
-        return resp
+        return rev, entries, values, count, more
 
     async def get(self, key: bytes, serializable: bool) -> tuple[int, State | None, bytes]:
         """``range`` for one key at the current revision, without messages: (revision,
