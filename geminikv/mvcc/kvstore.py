@@ -113,6 +113,8 @@ class KVStore:
         self._check_serving()
         if not req.serializable:
             await self.reads.read(urgent=bool(req.range_end))
+        elif not req.range_end:
+            await self.reads.together()
         index = self.index
         rev = int(index.rev)
         at = ranges.read_revision(rev, int(index.compact_rev), req.revision)
@@ -134,7 +136,9 @@ class KVStore:
         """``range`` for one key at the current revision, without messages: (revision,
         the key's (mod, create, version, lease) or None when absent, its value)."""
         self._check_serving()
-        if not serializable:
+        if serializable:
+            await self.reads.together()
+        else:
             await self.reads.read(urgent=False)
         index = self.index
         rev = ranges.read_revision(int(index.rev), int(index.compact_rev), 0)
