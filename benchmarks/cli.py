@@ -86,6 +86,14 @@ def parser() -> argparse.ArgumentParser:
         metavar="NAME=HOST:PORT",
         help="another etcd v3 endpoint to measure (repeatable), e.g. kine=127.0.0.1:2380",
     )
+    p.add_argument(
+        "--geminikv-python",
+        action="append",
+        default=[],
+        metavar="NAME=PYTHON",
+        help="another geminikv target: the one installed for that interpreter (e.g. another "
+        "checkout's venv), for an A/B of two versions in one run (repeatable)",
+    )
     p.add_argument("--endpoint", default="", help="PostgreSQL DSN for geminikv (default: embedded)")
     p.add_argument(
         "--geminikv-arg",
@@ -458,6 +466,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"unknown built-in target {name!r}", file=sys.stderr)
             return 2
+    for spec in args.geminikv_python:
+        name, _, python = spec.partition("=")
+        targets.append(
+            GeminiTarget(
+                args.endpoint, args.geminikv_arg, name=name, python=python, cpu_list=server_cpus
+            )
+        )
     for spec in args.target:
         name, _, endpoint = spec.partition("=")
         targets.append(ExternalTarget(name, endpoint))

@@ -214,8 +214,7 @@ class GeminiSyncTarget(GeminiTarget):
     failovers)."""
 
     def __init__(self, extra: list[str] | None = None, **kw: object) -> None:
-        super().__init__("", extra, **kw)
-        self.name = "geminikv-sync"
+        super().__init__("", extra, name="geminikv-sync", **kw)  # type: ignore[arg-type]
         self.servers: list[PostgresServer] = []
         self.pg_home = ""
 

@@ -100,16 +100,28 @@ class Target:
 
 
 class GeminiTarget(Target):
-    def __init__(self, dsn: str = "", extra: list[str] | None = None, **kw: object) -> None:
-        super().__init__("geminikv", **kw)  # type: ignore[arg-type]
+    """geminikv as installed for ``python`` (this interpreter's by default; another
+    checkout's venv for an A/B of two versions in one run, under another ``name``)."""
+
+    def __init__(
+        self,
+        dsn: str = "",
+        extra: list[str] | None = None,
+        *,
+        name: str = "geminikv",
+        python: str = sys.executable,
+        **kw: object,
+    ) -> None:
+        super().__init__(name, **kw)  # type: ignore[arg-type]
         self.dsn = dsn
         self.extra = extra or []
+        self.python = python
 
     def start(self) -> Target:
         self.workdir = tempfile.mkdtemp(prefix="bench-geminikv-")
         port = free_port()
         argv = [
-            sys.executable,
+            self.python,
             "-m",
             "geminikv",
             "--listen-address",

@@ -78,6 +78,14 @@ def update_txn(k: bytes, value: bytes, rev: int) -> bytes:
     ).SerializeToString()
 
 
+def delete_txn(k: bytes, rev: int) -> bytes:
+    return pb.TxnRequest(
+        compare=[C(key=k, target=C.MOD, result=C.EQUAL, mod_revision=rev)],
+        success=[pb.RequestOp(request_delete_range=pb.DeleteRangeRequest(key=k))],
+        failure=[pb.RequestOp(request_range=pb.RangeRequest(key=k))],
+    ).SerializeToString()
+
+
 def current_rev(resp: bytes) -> int:
     txn = pb.TxnResponse.FromString(resp)
     if txn.succeeded:
@@ -255,7 +263,7 @@ class LeasedCreate(Lease):
 
 class Mixed(Workload):
     name = "mixed"
-    describe = "kube-apiserver mix: 45% get, 25% update, 10% create, 5% delete, 15% list(100)"
+    describe = "kube-apiserver mix: 45% get, 25% update, 10% create, 5% delete txn, 15% list(100)"
 
     async def setup(self, calls: Calls, p: Params) -> None:
         await prepare_keys(calls, p, p.keys)
@@ -264,6 +272,7 @@ class Mixed(Workload):
         rnd = random.Random(worker * 100_000 + index)
         value = b"m" * p.value_size
         revs: dict[int, int] = {}
+        mine: list[tuple[bytes, int]] = []  # keys created here, at their revision
         counter = iter(range(10**9))
         base = p.prefix + b"n%d-%d-" % (worker, index)
         small = Params(**{**p.__dict__, "page": 100})
@@ -278,13 +287,13 @@ class Mixed(Workload):
                 resp = await calls.txn(update_txn(key(p, i), value, revs.get(i, 0)))
                 revs[i] = current_rev(resp)
             elif roll < 0.80:
-                await calls.txn(create_txn(base + b"%d" % next(counter), value))
+                k = base + b"%d" % next(counter)
+                created = pb.TxnResponse.FromString(await calls.txn(create_txn(k, value)))
+                mine.append((k, created.header.revision))
             elif roll < 0.85:
-                await calls.delete(
-                    pb.DeleteRangeRequest(
-                        key=base + b"%d" % rnd.randrange(10**6)
-                    ).SerializeToString()
-                )
+                # kube-apiserver's delete, of a key this client created, at its revision
+                k, rev = mine.pop() if mine else (base + b"%d" % next(counter), 0)
+                await calls.txn(delete_txn(k, rev))
             else:
                 start = key(p, rnd.randrange(max(1, p.keys - 100)))
                 first = pb.RangeRequest(key=start, range_end=end, limit=small.page)

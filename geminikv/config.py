@@ -329,7 +329,8 @@ class Settings:
     batch_wait: float = _flag(
         BATCH_WAIT,
         "under load, how long a write batch or a linearizable read's revision check may wait "
-        "for more requests to share it (0 = never)",
+        "for more requests to share it, and a serializable read for others to be answered "
+        "with (0 = never)",
     )
     slow_sql_threshold: float = _flag(
         1.0, "log SQL statements slower than this (info; 0 = off)", _duration_or_off

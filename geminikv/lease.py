@@ -17,6 +17,7 @@ import asyncio
 import logging
 import random
 import time
+from dataclasses import dataclass
 
 import asyncpg
 
@@ -104,11 +105,89 @@ class KineTtls:
         return max(min(d for d, _ in self._deadlines.values()) - time.monotonic(), 0.0)
 
 
+@dataclass(slots=True)
+class _Grant:
+    lease_id: int  # 0: any free id
+    ttl: int
+    future: asyncio.Future[int]
+
+
+class Grants:
+    """Concurrent LeaseGrants inserted together, as the writer batches puts: one
+    statement (one commit) for every grant that arrived while the previous one ran."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self._pending: list[_Grant] = []
+        self._task: asyncio.Task[None] | None = None
+        self._loop = asyncio.get_running_loop()  # once: 3.11's makes a system call
+
+    async def grant(self, lease_id: int, ttl: int) -> int:
+        """The lease's id (``lease_id``, or a free one if 0); LeaseExists if taken."""
+        fut: asyncio.Future[int] = self._loop.create_future()
+        self._pending.append(_Grant(lease_id, ttl, fut))
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="lease-grants")
+        return await fut
+
+    async def _run(self) -> None:
+        batch: list[_Grant] = []
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    async with self.pool.acquire() as conn:
+                        await _insert(conn, batch)
+                except Exception as err:  # handed to every grant of the batch
+                    for g in batch:
+                        if not g.future.done():
+                            g.future.set_exception(err)
+        except asyncio.CancelledError:
+            for g in (*batch, *self._pending):
+                if not g.future.done():
+                    g.future.set_exception(errors.ServerStopped())
+            raise
+        finally:
+            self._task = None
+
+
+async def _insert(conn: asyncpg.Connection, batch: list[_Grant]) -> None:
+    """Insert the batch's leases in one statement per round: explicit ids first, in
+    arrival order (a second grant of an id is LeaseExists, as it would be after the
+    first), then random ids for the others, drawn again for any that were taken."""
+    todo = sorted(batch, key=lambda g: g.lease_id == 0)  # stable: explicit ids first
+    while todo:
+        chosen: dict[int, _Grant] = {}
+        for g in todo:
+            if g.lease_id:
+                if g.lease_id not in chosen:
+                    chosen[g.lease_id] = g
+                elif not g.future.done():
+                    g.future.set_exception(errors.LeaseExists())
+                continue
+            candidate = random.randint(1, MAX_LEASE_ID)
+            while candidate in chosen:
+                candidate = random.randint(1, MAX_LEASE_ID)
+            chosen[candidate] = g
+        created = await table.grant(conn, list(chosen), [g.ttl for g in chosen.values()])
+        todo = []
+        for lease_id, g in chosen.items():
+            if lease_id in created:
+                if not g.future.done():
+                    g.future.set_result(lease_id)
+            elif g.lease_id:
+                if not g.future.done():
+                    g.future.set_exception(errors.LeaseExists())
+            else:
+                todo.append(g)  # the random id was taken: another
+
+
 class Leases:
     def __init__(self, store: KVStore, kine_ttls: KineTtls) -> None:
         self.store = store
         self.pool = store.pool
         self.kine_ttls = kine_ttls
+        self.grants = Grants(store.pool)
 
     # -- RPCs --------------------------------------------------------------------------
 
@@ -122,15 +201,7 @@ class Leases:
                 f"geminikv: lease ID must be between 1 and {MAX_LEASE_ID} "
                 "(Kine's lease column holds 32 bits)"
             )
-        async with self.pool.acquire() as conn:
-            if lease_id:
-                if not await table.grant(conn, lease_id, ttl):
-                    raise errors.LeaseExists()
-                return lease_id, ttl
-            while True:
-                candidate = random.randint(1, MAX_LEASE_ID)
-                if await table.grant(conn, candidate, ttl):
-                    return candidate, ttl
+        return await self.grants.grant(lease_id, ttl), ttl
 
     async def revoke(self, lease_id: int) -> pb.LeaseRevokeResponse:
         self.store.alarms.check_write(0)

@@ -122,6 +122,31 @@ def test_lease_ids_fit_kines_column(gemini: GeminiServer) -> None:
     lease.LeaseRevoke(pb.LeaseRevokeRequest(ID=picked.ID))
 
 
+def test_concurrent_grants_each_get_their_own_lease(gemini: GeminiServer, prefix: bytes) -> None:
+    """Grants arriving together are inserted together: every random one still gets an
+    id of its own, and of two grants of one explicit id exactly one succeeds."""
+    stubs = gemini.stubs()
+    same, other = _lease_id(prefix, 1), _lease_id(prefix, 2)
+    requests = [pb.LeaseGrantRequest(TTL=30 + n % 3) for n in range(40)]
+    requests += [pb.LeaseGrantRequest(ID=i, TTL=40) for i in (same, other, same)]
+    calls = [stubs.lease.LeaseGrant.future(r, timeout=30) for r in requests]
+    granted, refused = [], []
+    for call in calls:
+        try:
+            granted.append(call.result())
+        except grpc.RpcError as err:
+            refused.append(err.details())
+    assert refused == ["etcdserver: lease already exists"]
+    ids = [g.ID for g in granted]
+    assert len(set(ids)) == len(ids) == 42 and {same, other} <= set(ids)
+    assert sorted(g.TTL for g in granted) == sorted([30 + n % 3 for n in range(40)] + [40, 40])
+    for g in granted:
+        ttl = stubs.lease.LeaseTimeToLive(pb.LeaseTimeToLiveRequest(ID=g.ID), timeout=30)
+        assert ttl.grantedTTL == g.TTL and 0 < ttl.TTL <= g.TTL
+        stubs.lease.LeaseRevoke(pb.LeaseRevokeRequest(ID=g.ID), timeout=30)
+    stubs.close()
+
+
 def test_expiry_deletes_keys_with_events(gemini: GeminiServer, prefix: bytes) -> None:
     stubs = gemini.stubs()
     granted = stubs.lease.LeaseGrant(pb.LeaseGrantRequest(TTL=2))

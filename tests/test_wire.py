@@ -1,4 +1,4 @@
-"""kube-apiserver's create and update txn and its single-key get, read and answered in
+"""kube-apiserver's create, update and delete txn and its single-key get, read and answered in
 wire format: the same answers as etcd's, bytes protobuf itself would write, and every other
 shape (a near miss included) left to the generic path, which answers it as etcd does."""
 
@@ -11,9 +11,15 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 
-from geminikv._native.kvwire import parse_guarded_put, parse_key_get
+from geminikv._native.kvwire import (
+    encode_header_prefix,
+    encode_range_answer,
+    parse_guarded_put,
+    parse_key_get,
+)
 from geminikv.config import MAX_REQUEST_BYTES
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
+from geminikv.proto.mvccpb import kv_pb2
 from tests.differential import Pair
 from tests.servers import Stubs
 
@@ -33,7 +39,16 @@ def guarded(
     )
 
 
-def test_parses_kubernetes_create_and_update() -> None:
+def deleting(key: bytes, rev: int, read: bool = True) -> pb.TxnRequest:
+    """kube-apiserver's delete (OptimisticDelete with GetOnFailure)."""
+    return pb.TxnRequest(
+        compare=[C(key=key, target=C.MOD, result=C.EQUAL, mod_revision=rev)],
+        success=[Op(request_delete_range=pb.DeleteRangeRequest(key=key))],
+        failure=[Op(request_range=R(key=key))] if read else [],
+    )
+
+
+def test_parses_kubernetes_create_update_and_delete() -> None:
     update = parse_guarded_put(guarded(b"/k", 7, b"x" * 1024).SerializeToString(), 1 << 20)
     assert update is not None
     assert (update.key, update.want_mod, update.value, update.read_on_failure) == (
@@ -53,6 +68,13 @@ def test_parses_kubernetes_create_and_update() -> None:
             guarded(b"/k", 0, read=False, lease=lease).SerializeToString(), 1 << 20
         )
         assert event is not None and event.lease == lease
+    assert not (update.delete or create.delete)
+    delete = parse_guarded_put(deleting(b"/k", 7).SerializeToString(), 1 << 20)
+    assert delete is not None
+    assert (delete.key, delete.want_mod, delete.value, delete.lease) == (b"/k", 7, b"", 0)
+    assert delete.delete and delete.read_on_failure
+    delete = parse_guarded_put(deleting(b"/k", 7, read=False).SerializeToString(), 1 << 20)
+    assert delete is not None and delete.delete and not delete.read_on_failure
 
 
 def near_misses(key: bytes) -> dict[str, pb.TxnRequest]:
@@ -81,8 +103,28 @@ def near_misses(key: bytes) -> dict[str, pb.TxnRequest]:
             compare=[mod],
             success=[put, Op(request_put=pb.PutRequest(key=key + b"2", value=b"w"))],
         ),
-        "success delete": pb.TxnRequest(
-            compare=[mod], success=[Op(request_delete_range=pb.DeleteRangeRequest(key=key))]
+        "delete with prev_kv": pb.TxnRequest(
+            compare=[mod],
+            success=[Op(request_delete_range=pb.DeleteRangeRequest(key=key, prev_kv=True))],
+        ),
+        "delete a range": pb.TxnRequest(
+            compare=[mod],
+            success=[
+                Op(request_delete_range=pb.DeleteRangeRequest(key=key, range_end=key + b"\xff"))
+            ],
+        ),
+        "delete another key": pb.TxnRequest(
+            compare=[mod],
+            success=[Op(request_delete_range=pb.DeleteRangeRequest(key=key + b"2"))],
+        ),
+        "delete and put": pb.TxnRequest(
+            compare=[mod],
+            success=[Op(request_delete_range=pb.DeleteRangeRequest(key=key)), put],
+        ),
+        "delete, failure delete": pb.TxnRequest(
+            compare=[mod],
+            success=[Op(request_delete_range=pb.DeleteRangeRequest(key=key))],
+            failure=[Op(request_delete_range=pb.DeleteRangeRequest(key=key))],
         ),
         "failure range with limit": pb.TxnRequest(
             compare=[mod], success=[put], failure=[Op(request_range=R(key=key, limit=1))]
@@ -155,6 +197,25 @@ def test_answers_match_etcd(pair: Pair, prefix: bytes) -> None:
     pair.check("Range", lambda rev: R(key=key))
 
 
+def test_delete_answers_match_etcd(pair: Pair, prefix: bytes) -> None:
+    key = prefix + b"pods/ns/gone"
+    checks: list[Callable[[Callable[[int], int]], pb.TxnRequest]] = [
+        lambda rev: guarded(key, 0, b"v1", read=False),  # created at rev(1)
+        lambda rev: deleting(key, 0),  # conflict: the current object
+        lambda rev: deleting(key, 0, read=False),  # conflict: no responses
+        lambda rev: deleting(key, rev(1)),  # deleted at rev(2)
+        lambda rev: deleting(key, rev(1)),  # gone: the compare fails, no kvs
+        lambda rev: deleting(key, 0),  # gone: the compare holds, nothing deleted
+        lambda rev: guarded(key, 0, b"v2", read=False),  # created again at rev(3)
+        lambda rev: deleting(key, rev(3), read=False),  # deleted at rev(4)
+        lambda rev: deleting(key + b"/never", 0, read=False),
+    ]
+    for build in checks:
+        assert parse_guarded_put(build(pair.etcd_rev).SerializeToString(), 1 << 20) is not None
+        pair.check("Txn", build)
+    pair.check("Range", lambda rev: R(key=prefix, range_end=prefix[:-1] + b"0"))
+
+
 def test_leased_answers_match_etcd(pair: Pair, prefix: bytes) -> None:
     """kube-apiserver's Events: created attached to a lease, which expiry then revokes."""
     live = (int(prefix[1:-1]) // 1000 % 10**8) * 10 + 1  # an explicit id, both accept it
@@ -206,6 +267,17 @@ def test_answer_bytes_are_canonical_protobuf(gk: Stubs, prefix: bytes) -> None:
     (kv,) = second.responses[0].response_range.kvs
     assert (kv.key, kv.value, kv.version) == (key, b"a", 1)
     assert kv.mod_revision == kv.create_revision == first.header.revision
+    stale = txn(deleting(key, 1).SerializeToString(), timeout=30)
+    deleted = txn(deleting(key, first.header.revision).SerializeToString(), timeout=30)
+    nothing = txn(deleting(key, 0).SerializeToString(), timeout=30)
+    for answer in (stale, deleted, nothing):
+        assert_canonical(pb.TxnResponse, answer, status)
+    (kv,) = pb.TxnResponse.FromString(stale).responses[0].response_range.kvs
+    assert kv.value == b"a"
+    gone = pb.TxnResponse.FromString(deleted)
+    assert gone.succeeded and gone.responses[0].response_delete_range.deleted == 1
+    assert gone.responses[0].response_delete_range.header.revision == gone.header.revision
+    assert pb.TxnResponse.FromString(nothing).responses[0].response_delete_range.deleted == 0
 
 
 def test_any_key_and_malformed_bytes_as_before(gk: Stubs) -> None:
@@ -287,3 +359,42 @@ def test_get_answer_bytes_are_canonical_protobuf(gk: Stubs, prefix: bytes) -> No
     with pytest.raises(grpc.RpcError) as truncated:
         get(R(key=key).SerializeToString()[:-1], timeout=30)
     assert truncated.value.code() == grpc.StatusCode.INTERNAL
+
+
+# -- any other range -------------------------------------------------------------------------
+
+
+def test_range_answers_are_the_bytes_protobuf_writes() -> None:
+    """Every Range the generic path evaluates is answered by encode_range_answer."""
+    header = pb.ResponseHeader(cluster_id=2**64 - 1, member_id=7, revision=0, raft_term=2)
+    entries = [
+        (b"/a", 5, 3, 2, 0),
+        (b"/b\x00\xff", 2**40, 2**40, 1, 2**31 - 1),
+        (b"/c", 9, 9, 1, -1),  # a lease id no lease can have, as protobuf writes int64
+        (b"/d", 12, 4, 3, 7),
+    ]
+    values = {5: b"v" * 300, 2**40: b"", 9: bytes(range(256)) * 100, 12: b"x"}
+    prefix = encode_header_prefix(header.cluster_id, header.member_id)
+    cases = [([], None, 0, False), ([], None, 42, False), (entries, values, 4, False)]
+    cases += [
+        (entries[:2], values, 4, True),
+        (entries, None, 9, True),
+        (entries[1:2], values, 1, False),
+    ]
+    for revision in (1, 2**33):
+        for chosen, vals, count, more in cases:
+            expected = pb.RangeResponse(header=header, count=count, more=more)
+            expected.header.revision = revision
+            for key, mod, create, version, lease in chosen:
+                expected.kvs.append(
+                    kv_pb2.KeyValue(
+                        key=key,
+                        mod_revision=mod,
+                        create_revision=create,
+                        version=version,
+                        lease=lease,
+                        value=b"" if vals is None else vals[mod],
+                    )
+                )
+            got = encode_range_answer(prefix, 2, revision, chosen, vals, count, more)
+            assert got == expected.SerializeToString()

@@ -63,10 +63,27 @@ func makeOp(o *options, cli *clientv3.Client, w int) (op, error) {
 		return fmt.Sprintf("%s%s%d-%d", o.prefix, tag, w, counter)
 	}
 	// kube-apiserver's create: put only if the key has never existed.
-	create := func(ctx context.Context, k string, opts ...clientv3.OpOption) error {
-		_, err := cli.Txn(ctx).
+	createAt := func(ctx context.Context, k string, opts ...clientv3.OpOption) (int64, error) {
+		resp, err := cli.Txn(ctx).
 			If(clientv3.Compare(clientv3.ModRevision(k), "=", 0)).
 			Then(clientv3.OpPut(k, value, opts...)).
+			Commit()
+		if err != nil {
+			return 0, err
+		}
+		return resp.Header.Revision, nil
+	}
+	create := func(ctx context.Context, k string, opts ...clientv3.OpOption) error {
+		_, err := createAt(ctx, k, opts...)
+		return err
+	}
+	// kube-apiserver's delete (OptimisticDelete with GetOnFailure): delete if unchanged
+	// since rev, else read it back.
+	remove := func(ctx context.Context, k string, rev int64) error {
+		_, err := cli.Txn(ctx).
+			If(clientv3.Compare(clientv3.ModRevision(k), "=", rev)).
+			Then(clientv3.OpDelete(k)).
+			Else(clientv3.OpGet(k)).
 			Commit()
 		return err
 	}
@@ -167,8 +184,14 @@ func makeOp(o *options, cli *clientv3.Client, w int) (op, error) {
 			return create(ctx, fresh("l"), clientv3.WithLease(lease))
 		}, nil
 	case "mixed":
-		// 45% get, 25% update, 10% create, 5% delete, 15% list of 100.
+		// 45% get, 25% update, 10% create, 5% delete (of a key this worker created, at
+		// its revision), 15% list of 100.
 		revs := map[int]int64{}
+		type created struct {
+			key string
+			rev int64
+		}
+		var mine []created
 		return func(ctx context.Context) error {
 			roll, i := rnd.Float64(), rnd.Intn(o.keys)
 			switch {
@@ -180,10 +203,19 @@ func makeOp(o *options, cli *clientv3.Client, w int) (op, error) {
 				revs[i] = rev
 				return err
 			case roll < 0.80:
-				return create(ctx, fresh("n"))
-			case roll < 0.85:
-				_, err := cli.Delete(ctx, fmt.Sprintf("%sn%d-%d", o.prefix, w, rnd.Intn(1000000)))
+				k := fresh("n")
+				rev, err := createAt(ctx, k)
+				if err == nil {
+					mine = append(mine, created{k, rev})
+				}
 				return err
+			case roll < 0.85:
+				if len(mine) == 0 { // nothing created yet: a key that does not exist
+					return remove(ctx, fresh("n"), 0)
+				}
+				last := mine[len(mine)-1]
+				mine = mine[:len(mine)-1]
+				return remove(ctx, last.key, last.rev)
 			default:
 				start := key(rnd.Intn(max(1, o.keys-100)))
 				_, err := cli.Get(ctx, start, clientv3.WithRange(end), clientv3.WithLimit(100))

@@ -6,6 +6,7 @@ class GuardedPut:
     value: bytes
     lease: int
     read_on_failure: bool
+    delete: bool
 
 def parse_guarded_put(data: bytes, max_bytes: int) -> GuardedPut | None: ...
 
@@ -23,6 +24,15 @@ def encode_txn_answer(
     revision: int,
     found: tuple[int, int, int, int] | None,
     value: bytes,
+) -> bytes: ...
+def encode_range_answer(
+    header_prefix: bytes,
+    raft_term: int,
+    revision: int,
+    entries: list[tuple[bytes, int, int, int, int]],
+    values: dict[int, bytes] | None,
+    count: int,
+    more: bool,
 ) -> bytes: ...
 def encode_get_answer(
     header_prefix: bytes,

@@ -2,9 +2,9 @@
 """kube-apiserver's most frequent requests read from and answered in protobuf wire
 format directly, without building messages (etcd's rpc.proto field numbers below).
 
-The shapes: ``Txn{compare: [MOD(key) == rev], success: [Put{key, value, lease}], failure:
-[] or [Range{key}]}`` on one key, no other field set (its create and update, leased for
-Events), and ``Range{key}`` (its get). The parsers return None for anything else: the
+The shapes: ``Txn{compare: [MOD(key) == rev], success: [Put{key, value, lease}] or
+[DeleteRange{key}], failure: [] or [Range{key}]}`` on one key, no other field set (its
+create, update and delete, leased for Events), and ``Range{key}`` (its get). The parsers return None for anything else: the
 generic path then parses it, and reports malformed bytes.
 
 The parsers recognise shapes and enforce no rule: a request that a rule could refuse
@@ -24,19 +24,20 @@ DEF COMPARE_MOD = 2  # Compare.CompareTarget.MOD; Compare.CompareResult.EQUAL is
 
 cdef class GuardedPut:
     """A parsed guarded put: put ``value`` at ``key`` (attached to ``lease``, 0 for none)
-    if its mod revision is ``want_mod``; otherwise, if ``read_on_failure``, answer with the
-    key as it is."""
+    or, if ``delete``, delete ``key`` (``value`` empty, ``lease`` 0), if its mod revision
+    is ``want_mod``; otherwise, if ``read_on_failure``, answer with the key as it is."""
 
     cdef readonly bytes key
     cdef readonly int64_t want_mod
     cdef readonly bytes value
     cdef readonly int64_t lease
     cdef readonly bint read_on_failure
+    cdef readonly bint delete
 
     def __repr__(self):
         return (f"GuardedPut(key={self.key!r}, want_mod={self.want_mod}, "
                 f"{len(self.value)} value bytes, lease={self.lease}, "
-                f"read_on_failure={self.read_on_failure})")
+                f"read_on_failure={self.read_on_failure}, delete={self.delete})")
 
 
 cdef struct Reader:
@@ -111,8 +112,8 @@ cdef bint _put_request(const unsigned char* p, Py_ssize_t n, GuardedPut out) exc
     return seen_key
 
 
-cdef bint _range_request(const unsigned char* p, Py_ssize_t n, bytes key) except -1:
-    """RangeRequest{key (1)} on ``key`` and nothing else."""
+cdef bint _key_request(const unsigned char* p, Py_ssize_t n, bytes key) except -1:
+    """RangeRequest{key (1)} or DeleteRangeRequest{key (1)} on ``key`` and nothing else."""
     cdef Reader r = Reader(p, p + n, False)
     cdef uint64_t tag = _varint(&r)
     cdef Py_ssize_t length
@@ -195,6 +196,7 @@ def parse_guarded_put(bytes data, Py_ssize_t max_bytes):
     out.value = b""
     out.want_mod = 0
     out.lease = 0
+    out.delete = False
     while r.p < r.end:
         tag = _varint(&r)
         if r.bad:
@@ -218,15 +220,20 @@ def parse_guarded_put(bytes data, Py_ssize_t max_bytes):
     if not (seen_compare and seen_success):
         return None
     # the compare is parsed (it names the key); now the ops on that key
-    if not _single_op(success_p, success_n, 2, &inner, &inner_n):
-        return None
-    if not _put_request(inner, inner_n, out):
+    if _single_op(success_p, success_n, 2, &inner, &inner_n):  # request_put
+        if not _put_request(inner, inner_n, out):
+            return None
+    elif _single_op(success_p, success_n, 3, &inner, &inner_n):  # request_delete_range
+        if not _key_request(inner, inner_n, out.key):
+            return None
+        out.delete = True
+    else:
         return None
     out.read_on_failure = seen_failure
     if seen_failure:
         if not _single_op(failure_p, failure_n, 1, &inner, &inner_n):
             return None
-        if not _range_request(inner, inner_n, out.key):
+        if not _key_request(inner, inner_n, out.key):
             return None
     return out
 
@@ -252,19 +259,53 @@ cdef inline void _put_field_bytes(bytearray out, int field, const unsigned char*
     out.extend(p[:n])
 
 
+cdef inline Py_ssize_t _varint_size(uint64_t v) noexcept:
+    cdef Py_ssize_t n = 1
+    while v >= 0x80:
+        v >>= 7
+        n += 1
+    return n
+
+
+cdef inline Py_ssize_t _varint_field_size(int field, uint64_t v) noexcept:
+    return 0 if v == 0 else _varint_size(<uint64_t>field << 3) + _varint_size(v)
+
+
+cdef inline Py_ssize_t _bytes_field_size(int field, Py_ssize_t n) noexcept:
+    return _varint_size(<uint64_t>field << 3) + _varint_size(<uint64_t>n) + n
+
+
+cdef void _put_kv(bytearray into, bytes key, int64_t mod, int64_t create, int64_t version,
+                  int64_t lease, bytes value):
+    """One of RangeResponse's kvs (field 2): KeyValue{key, create_revision, mod_revision,
+    version, value, lease}, written in place (its size computed first)."""
+    cdef Py_ssize_t size = (
+        _bytes_field_size(1, len(key))
+        + _varint_field_size(2, <uint64_t>create)
+        + _varint_field_size(3, <uint64_t>mod)
+        + _varint_field_size(4, <uint64_t>version)
+        + (_bytes_field_size(5, len(value)) if value else 0)
+        + _varint_field_size(6, <uint64_t>lease)
+    )
+    _put_varint(into, 2 << 3 | WIRE_BYTES)
+    _put_varint(into, <uint64_t>size)
+    _put_varint(into, 1 << 3 | WIRE_BYTES)
+    _put_varint(into, <uint64_t>len(key))
+    into += key
+    _put_field_varint(into, 2, <uint64_t>create)
+    _put_field_varint(into, 3, <uint64_t>mod)
+    _put_field_varint(into, 4, <uint64_t>version)
+    if value:
+        _put_varint(into, 5 << 3 | WIRE_BYTES)
+        _put_varint(into, <uint64_t>len(value))
+        into += value
+    _put_field_varint(into, 6, <uint64_t>lease)
+
+
 cdef void _put_found(bytearray into, bytes key, int64_t mod, int64_t create, int64_t version,
                      int64_t lease, bytes value):
-    """RangeResponse's kvs (one KeyValue{key, create_revision, mod_revision, version,
-    value, lease}) and count (1)."""
-    cdef bytearray kv = bytearray()
-    _put_field_bytes(kv, 1, key, len(key))
-    _put_field_varint(kv, 2, <uint64_t>create)
-    _put_field_varint(kv, 3, <uint64_t>mod)
-    _put_field_varint(kv, 4, <uint64_t>version)
-    if value:
-        _put_field_bytes(kv, 5, value, len(value))
-    _put_field_varint(kv, 6, <uint64_t>lease)
-    _put_field_bytes(into, 2, kv, len(kv))
+    """RangeResponse's kvs (one KeyValue) and count (1)."""
+    _put_kv(into, key, mod, create, version, lease, value)
     _put_field_varint(into, 4, 1)
 
 
@@ -293,7 +334,8 @@ def encode_txn_answer(
 ):
     """The TxnResponse for ``request``. ``header_prefix``: the ResponseHeader's cluster
     and member id fields, already encoded. ``found``: on failure, the key's (mod, create,
-    version, lease), or None when it does not exist; ``value`` its value."""
+    version, lease), or None when it does not exist; ``value`` its value. After a
+    delete, ``found`` is the deleted key's state, None when nothing was deleted."""
     cdef bytes key = request.key
     cdef bint read_on_failure = request.read_on_failure
     cdef bytes nested_header = _revision_header(revision)
@@ -303,8 +345,13 @@ def encode_txn_answer(
     _put_header(out, header_prefix, raft_term, revision)
     if succeeded:
         _put_field_varint(out, 2, 1)
-        _put_field_bytes(inner, 1, nested_header, len(nested_header))  # PutResponse.header
-        _put_field_bytes(op, 2, inner, len(inner))  # ResponseOp.response_put
+        # PutResponse.header or DeleteRangeResponse.header
+        _put_field_bytes(inner, 1, nested_header, len(nested_header))
+        if request.delete:
+            _put_field_varint(inner, 2, found is not None)  # DeleteRangeResponse.deleted
+            _put_field_bytes(op, 3, inner, len(inner))  # ResponseOp.response_delete_range
+        else:
+            _put_field_bytes(op, 2, inner, len(inner))  # ResponseOp.response_put
         _put_field_bytes(out, 3, op, len(op))
     elif read_on_failure:
         _put_field_bytes(inner, 1, nested_header, len(nested_header))  # RangeResponse.header
@@ -365,6 +412,23 @@ def parse_key_get(bytes data):
     out.key = key
     out.serializable = serializable
     return out
+
+
+def encode_range_answer(bytes header_prefix, int64_t raft_term, int64_t revision,
+                        list entries, dict values, int64_t count, bint more):
+    """Any RangeResponse: a KeyValue per entry ``(key, mod, create, version, lease)``
+    with its value from ``values`` (by mod revision; None: keys only), then ``more`` and
+    ``count``, as protobuf writes them."""
+    cdef bytearray out = bytearray()
+    cdef bytes key
+    cdef int64_t mod, create, version, lease
+    _put_header(out, header_prefix, raft_term, revision)
+    for key, mod, create, version, lease in entries:
+        _put_kv(out, key, mod, create, version, lease,
+                b"" if values is None else values[mod])
+    _put_field_varint(out, 3, more)
+    _put_field_varint(out, 4, <uint64_t>count)
+    return bytes(out)
 
 
 def encode_get_answer(bytes header_prefix, int64_t raft_term, bytes key, int64_t revision,

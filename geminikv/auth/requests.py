@@ -66,7 +66,8 @@ def check_guarded_put(
     lease_keys: LeaseKeys,
 ) -> None:
     """check_txn for kube-apiserver's ``MOD(key) == rev → Put(key) else Range(key)``
-    taken by the wire fast path."""
+    taken by the wire fast path, and for its delete (the same with ``DeleteRange(key)``,
+    no prev_kv: ``lease`` 0)."""
     store.check_op(info, key, b"", write=False)
     store.check_op(info, key, b"", write=True)
     check_lease_writes(store, info, lease, lease_keys)

@@ -29,6 +29,10 @@ from geminikv.storage.session import Session
 
 log = logging.getLogger(__name__)
 
+# A Range's answer: (header revision, entries, their values by mod revision (None: keys
+# only), count, more).
+Ranged = tuple[int, list[Entry], dict[int, bytes] | None, int, bool]
+
 
 class KVStore:
     """The store the services call: reads from the index, writes through the writer,
@@ -102,35 +106,39 @@ class KVStore:
 
     # -- reads -------------------------------------------------------------------------
 
-    async def range(self, req: pb.RangeRequest) -> pb.RangeResponse:
+    async def range(self, req: pb.RangeRequest) -> Ranged:
+        """The RangeResponse's contents, without the message (the service encodes them in
+        wire format, _native/kvwire)."""
         txn.check_range(req)
         self._check_serving()
         if not req.serializable:
             await self.reads.read(urgent=bool(req.range_end))
+        elif not req.range_end:
+            await self.reads.together()
         index = self.index
         rev = int(index.rev)
         at = ranges.read_revision(rev, int(index.compact_rev), req.revision)
         end = ranges.range_end(req.range_end)
-        resp = pb.RangeResponse()
-        resp.header.revision = rev
         if req.count_only:
-            resp.count = index.count(req.key, end, at)
-            return resp
-        entries, resp.count = index.range(req.key, end, at, ranges.fetch_limit(req))
+            return rev, [], None, index.count(req.key, end, at), False
+        entries, count = index.range(req.key, end, at, ranges.fetch_limit(req))
         values = None
         if ranges.needs_values_to_sort(req):
             values = await self._values(entries)
-        entries, resp.more = ranges.select(req, entries, values)
-        if not req.keys_only and values is None:
+        entries, more = ranges.select(req, entries, values)
+        if req.keys_only:
+            return rev, entries, None, count, more
+        if values is None:
             values = await self._values(entries)
-        ranges.add_key_values(resp.kvs, entries, None if req.keys_only else values)
-        return resp
+        return rev, entries, values, count, more
 
     async def get(self, key: bytes, serializable: bool) -> tuple[int, State | None, bytes]:
         """``range`` for one key at the current revision, without messages: (revision,
         the key's (mod, create, version, lease) or None when absent, its value)."""
         self._check_serving()
-        if not serializable:
+        if serializable:
+            await self.reads.together()
+        else:
             await self.reads.read(urgent=False)
         index = self.index
         rev = ranges.read_revision(int(index.rev), int(index.compact_rev), 0)
@@ -180,14 +188,20 @@ class KVStore:
         return resp
 
     async def guarded_put(
-        self, key: bytes, want_mod: int, value: bytes, lease: int, read_on_failure: bool
+        self,
+        key: bytes,
+        want_mod: int,
+        value: bytes,
+        lease: int,
+        read_on_failure: bool,
+        delete: bool = False,
     ) -> tuple[bool, int, State | None, bytes]:
-        """kube-apiserver's create and update txn (Evaluator.guarded_put); no request check
-        can fail for that shape (its parser admits no other)."""
-        self.alarms.check_write(put_cost(key, value))
+        """kube-apiserver's create, update and delete txn (Evaluator.guarded_put); no
+        request check can fail for that shape (its parser admits no other)."""
+        self.alarms.check_write(0 if delete else put_cost(key, value))
         self._check_serving()
         result: tuple[bool, int, State | None, bytes] = await self.writer.submit(
-            lambda ev: ev.guarded_put(key, want_mod, value, lease, read_on_failure),
+            lambda ev: ev.guarded_put(key, want_mod, value, lease, read_on_failure, delete),
             (lease,) if lease else (),
         )
         return result

@@ -44,6 +44,35 @@ class ReadIndex:
         self.gather = Gather(batch_wait, 1 << 30)
         self._urgent = False
         self._loop = asyncio.get_running_loop()
+        # serializable reads: no query, but answered in groups all the same
+        self._local: list[asyncio.Future[None]] = []
+        self._local_gather = Gather(batch_wait, 1 << 30)
+        self._local_task: asyncio.Task[None] | None = None
+
+    async def together(self) -> None:
+        """A serializable read's turn: it reads the index as it is, but with the reads that
+        arrive meanwhile, as linearizable ones wait for their shared query. gRPC then
+        sends their answers together, in fewer writes and thread wake-ups per call: a
+        serializable get answered at once cost ~200 µs of CPU here, one in a group ~130
+        (README, Performance)."""
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._local.append(fut)
+        self._local_gather.arrived(len(self._local) - 1)
+        if self._local_task is None:
+            self._local_task = asyncio.create_task(self._answer_local(), name="local-reads")
+        await fut
+
+    async def _answer_local(self) -> None:
+        try:
+            while self._local:
+                await self._local_gather.fill(lambda: len(self._local) - 1)
+                waiters, self._local = self._local, []
+                self._local_gather.taken(len(waiters))
+                for fut in waiters:
+                    if not fut.done():
+                        fut.set_result(None)
+        finally:
+            self._local_task = None
 
     async def read(self, urgent: bool = False) -> int:
         """The newest committed revision in PostgreSQL, applied locally before returning.

@@ -4,7 +4,7 @@ Request checks mirror etcd's v3rpc (key.go: checkPutRequest, checkTxnRequest,
 checkIntervals) and the applier's pre-apply checks (apply.go: checkRequests); nothing is
 written unless every check passes. Compares are evaluated on the state before the txn.
 
-kube-apiserver's create and update arrive parsed from wire format as a GuardedPut
+kube-apiserver's create, update and delete arrive parsed from wire format as a GuardedPut
 (_native/kvwire.pyx), which recognises only shapes no request check refuses: its
 evaluation is ``Evaluator.guarded_put`` below, built from the same rules as a Txn's.
 """
@@ -231,16 +231,28 @@ class Evaluator:
         return resp
 
     async def guarded_put(
-        self, key: bytes, want_mod: int, value: bytes, lease: int, read_on_failure: bool
+        self,
+        key: bytes,
+        want_mod: int,
+        value: bytes,
+        lease: int,
+        read_on_failure: bool,
+        delete: bool = False,
     ) -> tuple[bool, int, State | None, bytes]:
         """``txn`` for kube-apiserver's create and update, ``MOD(key) == want_mod →
-        Put(key, value, lease)`` else ``Range(key)`` (or nothing), without messages:
-        (succeeded, revision, on failure the key's state (None: absent), its value).
-        The compare as ``_compare_kv`` (MOD, EQUAL), the put's check as
-        ``_check_put_state`` (no ignore_*), the range as ``range`` (one key, now)."""
+        Put(key, value, lease)`` else ``Range(key)`` (or nothing), and its delete (the
+        same with ``DeleteRange(key)``), without messages: (succeeded, revision, on
+        failure the key's state (None: absent), its value; after a delete, the deleted
+        key's state, None if there was none). The compare as ``_compare_kv`` (MOD,
+        EQUAL), the put's check as ``_check_put_state`` (no ignore_*), the delete as
+        ``_delete_range`` (one key, no prev_kv), the range as ``range`` (one key, now)."""
         view = self.view
         state = view.get(key)
         if (state or ABSENT)[0] == want_mod:
+            if delete:
+                if state is not None:
+                    view.delete(key)
+                return True, view.rev, state, b""
             self._check_lease(lease)
             view.put(key, value, lease)
             return True, view.rev, None, b""

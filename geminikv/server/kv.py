@@ -22,7 +22,7 @@ class KVService(rpc_pb2_grpc.KVServicer):
     @etcd_errors
     async def Range(
         self, request: pb.RangeRequest | KeyGet, context: grpc.aio.ServicerContext
-    ) -> pb.RangeResponse | bytes:
+    ) -> bytes:
         if isinstance(request, KeyGet):
             if self.guard.enabled:
                 await self.guard.key_get(request.key, context)
@@ -31,7 +31,7 @@ class KVService(rpc_pb2_grpc.KVServicer):
             )
         if self.guard.enabled:
             await self.guard.range(request, context)
-        return answer(self.identity, await self.store.range(request))
+        return self.answers.range(*await self.store.range(request))
 
     @etcd_errors
     async def Put(
@@ -59,7 +59,12 @@ class KVService(rpc_pb2_grpc.KVServicer):
                     request.key, request.lease, request.read_on_failure, context
                 )
             outcome = await self.store.guarded_put(
-                request.key, request.want_mod, request.value, request.lease, request.read_on_failure
+                request.key,
+                request.want_mod,
+                request.value,
+                request.lease,
+                request.read_on_failure,
+                request.delete,
             )
             return self.answers.txn(request, *outcome)
         if self.guard.enabled:

@@ -1,7 +1,7 @@
 """kube-apiserver's most frequent requests taken from and answered in protobuf wire format
 (geminikv._native.kvwire), without building messages: its create and update txn,
-``MOD(key) == rev → Put(key)`` (leased or not) else ``Range(key)`` or nothing, and its get
-of one key.
+``MOD(key) == rev → Put(key)`` (leased or not) else ``Range(key)`` or nothing, its delete
+txn (the same with ``DeleteRange(key)``), and its get of one key.
 Every other request is parsed into the generated messages as usual."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from geminikv._native.kvwire import (
     KeyGet,
     encode_get_answer,
     encode_header_prefix,
+    encode_range_answer,
     encode_txn_answer,
     parse_guarded_put,
     parse_key_get,
@@ -51,10 +52,13 @@ CODECS = {
 class Answers:
     """The wire-format answers, with this process's response header: ``txn(request,
     succeeded, revision, found, value)`` for a GuardedPut, ``get(key, revision, found,
-    value)`` for a KeyGet (``found``: the key's (mod, create, version, lease) or None)."""
+    value)`` for a KeyGet (``found``: the key's (mod, create, version, lease) or None),
+    ``range(revision, entries, values, count, more)`` for any other Range
+    (KVStore.range's answer)."""
 
     def __init__(self, identity: Identity) -> None:
         header = encode_header_prefix(identity.cluster_id, identity.member_id)
         # The encoders with the header bound (partial is C): no Python frame per answer.
         self.txn = partial(encode_txn_answer, header, RAFT_TERM)
         self.get = partial(encode_get_answer, header, RAFT_TERM)
+        self.range = partial(encode_range_answer, header, RAFT_TERM)

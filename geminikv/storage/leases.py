@@ -13,9 +13,10 @@ import asyncpg
 from geminikv.storage.queries import SQL
 
 
-async def grant(conn: asyncpg.Connection, lease_id: int, ttl: int) -> bool:
-    """Create the lease; False if the id is taken."""
-    return await conn.fetchval(SQL["lease_grant"], lease_id, ttl) is not None
+async def grant(conn: asyncpg.Connection, ids: Sequence[int], ttls: Sequence[int]) -> set[int]:
+    """Create the leases (``ids`` distinct, each with its TTL); those created, without
+    the ids already taken."""
+    return {r[0] for r in await conn.fetch(SQL["lease_grant"], ids, ttls)}
 
 
 async def keep_alive(conn: asyncpg.Connection, lease_id: int) -> int | None:

@@ -133,9 +133,11 @@ SQL: dict[str, str] = {
     """,
     "notify": f"SELECT pg_notify('{NOTIFY_CHANNEL}', $1)",
     # Leases: expiry is absolute, on PostgreSQL's clock (the same for every process).
+    # concurrent grants in one statement: ids and TTLs side by side, no id twice
     "lease_grant": f"""
         INSERT INTO geminikv_lease (id, ttl, expiry_ms)
-        VALUES ($1::bigint, $2::bigint, {NOW_MS} + $2::bigint * 1000)
+        SELECT g.id, g.ttl, {NOW_MS} + g.ttl * 1000
+        FROM unnest($1::bigint[], $2::bigint[]) AS g (id, ttl)
         ON CONFLICT (id) DO NOTHING RETURNING id
     """,
     "lease_keepalive": f"""
