@@ -9,6 +9,8 @@ import importlib
 import importlib.util
 import logging
 import sys
+from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from geminikv import log as logsetup
@@ -33,10 +35,22 @@ def main(argv: list[str] | None = None) -> int:
     log = logging.getLogger("geminikv")
     for line in no_effect(settings):
         log.warning("%s", line)
+    from geminikv import workers
+
+    count = workers.count(settings.workers)
+    if count > 1:
+        return workers.supervise(replace(settings, workers=count))
+    return serve_process(replace(settings, workers=1))
+
+
+def serve_process(settings: Settings, serving: Callable[[], None] | None = None) -> int:
+    """Serve until SIGTERM or SIGINT in this process (the server, or one of its workers);
+    the exit code. ``serving`` is told once it serves."""
+    log = logging.getLogger("geminikv")
     try:
         import uvloop
 
-        uvloop.run(_serve(settings))
+        uvloop.run(_serve(settings, serving))
     except (DatabaseUnreachable, EmbeddedPostgresError, OSError, ValueError) as err:
         log.error("%s", err)
         return 1
@@ -144,10 +158,10 @@ async def _load(opts: argparse.Namespace, database: Settings) -> Loaded:
             await conn.close()
 
 
-async def _serve(settings: object) -> None:
+async def _serve(settings: Settings, serving: Callable[[], None] | None) -> None:
     from geminikv.server.app import serve
 
-    await serve(settings)  # type: ignore[arg-type]
+    await serve(settings, serving)
 
 
 if __name__ == "__main__":

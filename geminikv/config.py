@@ -93,6 +93,11 @@ LEASE_PROMOTE_EXTENSION = 1.0
 OVERDUE_LEASE_WAIT = 7.0
 OVERDUE_LEASE_POLL = 0.1  # seconds between looks at such a lease while waiting
 
+# Workers (--workers above 1): a worker that dies after serving is started again after
+# this many seconds; on shutdown each worker gets this long to stop before SIGKILL
+WORKER_RESTART_DELAY = 1.0
+WORKER_STOP_TIMEOUT = 30.0
+
 # Auth: how often every process checks the auth revision behind the notifications
 AUTH_POLL_INTERVAL = 1.0
 
@@ -206,6 +211,14 @@ class Settings:
     listen_address: str = _flag(
         "127.0.0.1:2379",
         "address to serve etcd v3 gRPC on: host:port, http://host:port or unix://path",
+    )
+    workers: int = _flag(
+        1,
+        "serving processes sharing the listen address (SO_REUSEPORT) and the database, each "
+        "with its own index; 0 = one per CPU core. Above 1 a supervising process owns the "
+        "embedded PostgreSQL and restarts a worker that dies; worker i (from 0) serves "
+        "metrics on the metrics port + i",
+        _checked(_integer, lambda v: v >= 0, "worker count: must be 0 or more"),
     )
     endpoint: str = _flag(
         "",

@@ -79,9 +79,14 @@ GRPC_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", 5000),
     ("grpc.http2.max_ping_strikes", 0),
     ("grpc.keepalive_permit_without_calls", 1),
-    # Off: a second server on a busy port must fail, not silently share it.
-    ("grpc.so_reuseport", 0),
 ]
+
+
+def grpc_options(shared: bool) -> list[tuple[str, int]]:
+    """The server's options; ``shared``: one of several workers on the address (--workers).
+    Off otherwise: a second server on a busy port must fail, not silently share it (the
+    workers' supervisor checks the address is free before starting them)."""
+    return [*GRPC_OPTIONS, ("grpc.so_reuseport", 1 if shared else 0)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,7 +314,7 @@ class App:
         await self.auth.start()
         guard = Guard(self.auth, self.store.index.lease_keys, s.client_cert_auth)
 
-        grpc_server = grpc.aio.server(options=GRPC_OPTIONS)
+        grpc_server = grpc.aio.server(options=grpc_options(shared=s.workers > 1))
         # registers the services; the Maintenance and Cluster methods etcd guards get checks
         server = UndecodableAsInternal(grpc_server, wire.CODECS, guarded(guard))
         rpc_pb2_grpc.add_KVServicer_to_server(KVService(self.store, identity, guard), server)
@@ -361,7 +366,7 @@ class App:
                 s.emulated_etcd_version,
             )
             tls = server_tls(s.server_cert_file, s.server_key_file, s.trusted_ca_file)
-            await self.gateway.start(s.http_listen_address, tls)
+            await self.gateway.start(s.http_listen_address, tls, shared=s.workers > 1)
         self._health_task = asyncio.create_task(self._check_health(), name="health")
         log.info(
             "geminikv serving etcd v3 on %s (revision %d)",
@@ -498,7 +503,9 @@ def settle_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD)
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, serving: Callable[[], None] | None = None) -> None:
+    """Run one geminikv process until SIGTERM or SIGINT; ``serving`` is told once it
+    serves (a worker tells its supervisor)."""
     app = App(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -508,6 +515,8 @@ async def serve(settings: Settings) -> None:
     try:
         await app.start()
         settle_gc()
+        if serving is not None:
+            serving()
         await stop.wait()
         log.info("shutting down (pid %d)", os.getpid())
     finally:

@@ -179,7 +179,11 @@ class Gateway:
         self.calls: set[grpc.aio.Call] = set()  # streaming calls, cancelled at stop
         self.stopping = False
 
-    async def start(self, address: str, tls: ssl.SSLContext | None = None) -> None:
+    async def start(
+        self, address: str, tls: ssl.SSLContext | None = None, shared: bool = False
+    ) -> None:
+        """Serve on ``address``; ``shared``: with the other workers (--workers), each
+        answering the connections the kernel hands it."""
         app = web.Application(client_max_size=GATEWAY_MAX_BODY_BYTES)
         app.router.add_route("*", "/{path:.*}", self.dispatch)
         # a client that goes away cancels its handler, and with it the gRPC call
@@ -187,7 +191,8 @@ class Gateway:
         await self.runner.setup()
         host, _, port = address.rpartition(":")
         host = host.strip("[]") or "0.0.0.0"  # [::]:2379 is an IPv6 host
-        await web.TCPSite(self.runner, host, int(port), ssl_context=tls).start()
+        site = web.TCPSite(self.runner, host, int(port), ssl_context=tls, reuse_port=shared)
+        await site.start()
         scheme = "https" if tls else "http"
         log.info("etcd HTTP endpoints on %s://%s: /v3/..., /version, /health", scheme, address)
 

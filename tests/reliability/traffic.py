@@ -23,7 +23,12 @@ from geminikv.proto.etcdserverpb import rpc_pb2_grpc
 from tests.reliability.history import History, Operation, WatchRecord
 
 CALL_TIMEOUT = 3.0
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    # each client its own connection (not gRPC's one shared per address): clients of one
+    # address served by several processes (--workers) reach all of them
+    ("grpc.use_local_subchannel_pool", 1),
+]
 
 
 def prefix_end(prefix: bytes) -> bytes:
