@@ -9,14 +9,14 @@ import importlib
 import importlib.util
 import logging
 import sys
-from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from geminikv import log as logsetup
+from geminikv import workers
 from geminikv.config import Settings, add_setting_flags, no_effect, parse_settings, settings_from
+from geminikv.serve import serve_process
 from geminikv.storage.database import DatabaseUnreachable
-from geminikv.storage.embedded import EmbeddedPostgresError
 
 if TYPE_CHECKING:
     from geminikv.snapshot.load import Loaded
@@ -35,28 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     log = logging.getLogger("geminikv")
     for line in no_effect(settings):
         log.warning("%s", line)
-    from geminikv import workers
-
     count = workers.count(settings.workers)
     if count > 1:
         return workers.supervise(replace(settings, workers=count))
     return serve_process(replace(settings, workers=1))
-
-
-def serve_process(settings: Settings, serving: Callable[[], None] | None = None) -> int:
-    """Serve until SIGTERM or SIGINT in this process (the server, or one of its workers);
-    the exit code. ``serving`` is told once it serves."""
-    log = logging.getLogger("geminikv")
-    try:
-        import uvloop
-
-        uvloop.run(_serve(settings, serving))
-    except (DatabaseUnreachable, EmbeddedPostgresError, OSError, ValueError) as err:
-        log.error("%s", err)
-        return 1
-    except KeyboardInterrupt:
-        pass
-    return 0
 
 
 # What `pip install 'geminikv[bench]'` adds (pyproject.toml's bench extra), by import name.
@@ -156,12 +138,6 @@ async def _load(opts: argparse.Namespace, database: Settings) -> Loaded:
             return await load_file(conn, path, opts.skip_hash_check, ttls)
         finally:
             await conn.close()
-
-
-async def _serve(settings: Settings, serving: Callable[[], None] | None) -> None:
-    from geminikv.server.app import serve
-
-    await serve(settings, serving)
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ def worker_main(settings: Settings, number: int, supervisor: int, ready: Connect
     if os.getppid() != supervisor:  # the supervisor died before the line above
         return
     logsetup.setup(settings.log_format, settings.debug, worker=number)
-    from geminikv.cli import serve_process
+    from geminikv.serve import serve_process
 
     raise SystemExit(serve_process(settings, lambda: ready.send(os.getpid())))
 
