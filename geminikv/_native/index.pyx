@@ -104,6 +104,8 @@ cdef class Index:
         self.rev = 1
         self.compact_rev = 0
         self.live = 0
+        self.anchor_ids = []
+        self.anchor_revs = []
 
     def take(self, Index other):
         """Become ``other`` (which is left empty), in one step: a rebuilt index replaces
@@ -118,6 +120,8 @@ cdef class Index:
         self.rev, other.rev = other.rev, 1
         self.compact_rev, other.compact_rev = other.compact_rev, 0
         self.live, other.live = other.live, 0
+        self.anchor_ids, other.anchor_ids = other.anchor_ids, []
+        self.anchor_revs, other.anchor_revs = other.anchor_revs, []
 
     def __len__(self):
         """Number of keys with retained history (live or tombstoned)."""
@@ -163,11 +167,13 @@ cdef class Index:
     # -- applying revisions --------------------------------------------------------
 
     def put(self, bytes key, int64_t mod, int64_t lease, bint created,
-            int64_t create_hint=0, int64_t version_hint=0):
+            int64_t create_hint=0, int64_t version_hint=0, int64_t revision=0):
         """Apply a PUT row; returns the previous live (mod, create, version, lease) or None.
 
         ``created`` marks Kine's create rows. When the key's earlier history is gone
         (written by another tool and compacted), the hints from the row are used.
+        ``revision`` is the row's revision (0: the same as ``mod``, the row id): a new
+        generation's create revision.
         """
         cdef KeyHistory h = self._history(key)
         cdef Rev* prev = h.latest()
@@ -179,7 +185,7 @@ cdef class Index:
             create = prev.create
             version = prev.version + 1
         elif before is not None or created or create_hint <= 0:
-            create = mod
+            create = revision if revision > 0 else mod
             version = 1
         else:
             create = create_hint
@@ -333,6 +339,58 @@ cdef class Index:
     def skip(self, int64_t mod):
         """A revision that changes no key (Kine gap rows, special rows)."""
         self.rev = mod
+
+    # -- revisions and row ids (docs/architecture.md#revisions) ------------------------
+    #
+    # Several rows (one request's) may share one revision, so revisions are not row ids.
+    # Revisions never decrease in id order and never exceed the id. The map holds anchors:
+    # rows whose revision is not the previous anchor's plus the ids between (one per row
+    # of a multi-row request, one where a revision jumps back to its id). Without anchors
+    # every revision is its id, as in every database Go Kine or older geminikv wrote.
+
+    def note_revision(self, int64_t rid, int64_t revision):
+        """Row ``rid`` (applied in id order) has ``revision``."""
+        cdef Py_ssize_t n = len(self.anchor_ids)
+        cdef int64_t expected = rid
+        if n:
+            expected = <int64_t>self.anchor_revs[n - 1] + (rid - <int64_t>self.anchor_ids[n - 1])
+        if revision != expected:
+            self.anchor_ids.append(rid)
+            self.anchor_revs.append(revision)
+
+    @property
+    def has_anchors(self):
+        """Whether some revision is not its row id."""
+        return len(self.anchor_ids) > 0
+
+    def revision_of(self, int64_t rid):
+        """The revision of row ``rid``."""
+        if not self.anchor_ids:
+            return rid
+        cdef Py_ssize_t k = bisect_right(self.anchor_ids, rid) - 1
+        if k < 0:
+            return rid
+        return <int64_t>self.anchor_revs[k] + (rid - <int64_t>self.anchor_ids[k])
+
+    def id_at(self, int64_t revision):
+        """The newest row id whose revision is at most ``revision``: the index at that id
+        is the store at that revision."""
+        if not self.anchor_ids:
+            return revision
+        cdef Py_ssize_t k = bisect_right(self.anchor_revs, revision) - 1
+        cdef int64_t rid, limit
+        if k < 0:
+            rid = revision
+            limit = <int64_t>self.anchor_ids[0] - 1
+        else:
+            rid = <int64_t>self.anchor_ids[k] + (revision - <int64_t>self.anchor_revs[k])
+            limit = (<int64_t>self.anchor_ids[k + 1] - 1
+                     if k + 1 < len(self.anchor_ids) else rid)
+        return rid if rid < limit else limit
+
+    def anchors(self):
+        """The map's anchors, (row id, revision) in id order."""
+        return list(zip(self.anchor_ids, self.anchor_revs))
 
     # -- reading -------------------------------------------------------------------
 

@@ -84,11 +84,11 @@ class Applier:
             row = pending.pop(self.applied + 1, None)
             if row is None:
                 break
-            rid, name, created, deleted, create_rev, prev_rev, lease, version, value, old = row
+            rid, name, created, deleted, create_rev, prev_rev, lease, version, rev, value, old = row
             if value is not None and not deleted:
                 self.values.remember(rid, value)
             applied = apply_row(
-                index, rid, name, created, deleted, create_rev, prev_rev, lease, version
+                index, rid, name, created, deleted, create_rev, prev_rev, lease, version, rev
             )
             if applied is not None and self.subscribers:
                 key, prev = applied

@@ -31,16 +31,21 @@ def apply_row(
     prev_revision: int,
     lease: int,
     version: int | None,
+    revision: int | None = None,
 ) -> tuple[bytes, State | None] | None:
     """Apply one row; returns (key, the key's previous live State) or None for special
-    rows."""
+    rows. ``revision`` None is the id (docs/architecture.md#revisions)."""
+    if revision is not None or index.has_anchors:
+        index.note_revision(rid, rid if revision is None else revision)
     if is_special(name, created, deleted, prev_revision):
         index.skip(rid)
         return None
     key = key_of(name)
     if deleted:
         return key, index.delete(key, rid)
-    return key, index.put(key, rid, lease or 0, bool(created), create_revision or 0, version or 0)
+    return key, index.put(
+        key, rid, lease or 0, bool(created), create_revision or 0, version or 0, revision or 0
+    )
 
 
 async def load(pool: asyncpg.Pool, index: Index) -> None:

@@ -19,7 +19,7 @@ __all__ = ["BatchView", "OutOfIds", "gap_row"]
 
 def gap_row(rid: int) -> NewRow:
     """Kine's filler for a revision that holds no change (docs/architecture.md#row-shapes)."""
-    return NewRow(Row(rid, b"gap-%d" % rid, 0, 1, 0, 0, 0, 0, None, None), True)
+    return NewRow(Row(rid, b"gap-%d" % rid, 0, 1, 0, 0, 0, 0, None, None, None), True)
 
 
 class OutOfIds(Exception):
@@ -140,6 +140,7 @@ class BatchView:
                     prev_row,
                     lease,
                     state[VERSION],
+                    None,
                     value,
                     old,
                 ),
@@ -155,6 +156,8 @@ class BatchView:
         rid = self._next_id()
         old = self.values.get(prev_row) if prev_in_batch else None
         self.rows.append(
-            NewRow(Row(rid, stored_name(key), 0, 1, 0, prev_row, 0, 0, None, old), prev_in_batch)
+            NewRow(
+                Row(rid, stored_name(key), 0, 1, 0, prev_row, 0, 0, None, None, old), prev_in_batch
+            )
         )
         self._set(key, (rid, 0, 0, 0))

@@ -39,9 +39,9 @@ class LeaseGone(WriteRefused):
 
 _REFUSALS: dict[str, type[WriteRefused]] = {WRITE_CONFLICT: IndexBehind, LEASE_GONE: LeaseGone}
 
-# (id, name, created, deleted, create_revision, prev_revision, lease, version): a row as
-# the index applies it (rows.INDEX_COLUMNS)
-ApplyRow = Callable[[int, bytes, int, int, int, int, int, "int | None"], object]
+# (id, name, created, deleted, create_revision, prev_revision, lease, version, revision):
+# a row as the index applies it (rows.INDEX_COLUMNS)
+ApplyRow = Callable[[int, bytes, int, int, int, int, int, "int | None", "int | None"], object]
 
 
 # -- revisions -------------------------------------------------------------------------
@@ -160,7 +160,8 @@ def _insert_args(rows: Sequence[NewRow]) -> list[list[Any]]:
     """Column arrays in ``insert_rows``' parameter order (version last)."""
     if not rows:
         return [[] for _ in range(11)]
-    rid, name, created, deleted, create_rev, prev_rev, lease, version, value, old = (
+    # the revision column is not written yet: NULL, the id (docs/architecture.md#revisions)
+    rid, name, created, deleted, create_rev, prev_rev, lease, version, _revision, value, old = (
         list(column) for column in zip(*(r.row for r in rows), strict=True)
     )
     known = [r.old_known for r in rows]

@@ -27,7 +27,7 @@ NOW_MS = "(extract(epoch from clock_timestamp()) * 1000)::bigint"
 # Session lock held by the one process that expires leases and compacts automatically.
 LEADER_LOCK_KEY = 0x6B696E65_00000003
 
-# The columns of rows.Row (the index needs the first eight), in its order.
+# The columns of rows.Row (the index needs the first nine), in its order.
 INDEX_ROW_COLUMNS = ", ".join(INDEX_COLUMNS)
 ROW_COLUMNS = ", ".join(Row._fields)
 SNAPSHOT_ROW_COLUMNS = ", ".join(f"k.{column}" for column in Row._fields[:-1])

@@ -30,7 +30,9 @@ class Row(NamedTuple):
     """A row of Kine's table as the follower applies it and the watch catch-up reads it.
 
     ``name`` is Kine's column (``keys.key_of`` gives the etcd key); ``version`` is NULL in
-    Go Kine's rows; ``value`` is NULL on deletes and gap rows."""
+    Go Kine's rows; ``revision`` is NULL when it is the id (Go Kine's rows, and every row
+    of a request that changes one key; docs/architecture.md#revisions); ``value`` is NULL
+    on deletes and gap rows."""
 
     id: int
     name: bytes
@@ -40,6 +42,7 @@ class Row(NamedTuple):
     prev_revision: int
     lease: int
     version: int | None
+    revision: int | None
     value: bytes | None
     old_value: bytes | None
 
@@ -60,5 +63,5 @@ class NewRow(NamedTuple):
         return self.row._replace(old_value=old_value)
 
 
-# What the index needs of a row (it never holds values): Row's first eight columns.
-INDEX_COLUMNS = Row._fields[:8]
+# What the index needs of a row (it never holds values): Row's first nine columns.
+INDEX_COLUMNS = Row._fields[:9]

@@ -1,7 +1,8 @@
 """Kine's table, exactly as Go Kine creates it, plus geminikv's compatible extras.
 
 Go Kine reads and writes the same table, so nothing here may change a column Kine uses.
-Extras: a nullable ``version`` column (etcd's per-key version; NULL in Go Kine's rows), the
+Extras: a nullable ``version`` column (etcd's per-key version; NULL in Go Kine's rows), a
+nullable ``revision`` column (a row's etcd revision where it is not the id), the
 ``geminikv_lease`` table, ``geminikv_write_v2``, the writer's one-round-trip batch, and the
 auth tables (``geminikv_auth*``).
 Older Kine schemas (INTEGER ids, varchar names, default collation) work unchanged:
@@ -46,6 +47,9 @@ KINE_SCHEMA = [
 
 GEMINIKV_EXTRAS = [
     "ALTER TABLE kine ADD COLUMN IF NOT EXISTS version BIGINT",
+    # a row's etcd revision when it is not its id: the rows of one request share one
+    # (docs/architecture.md#revisions); NULL in Go Kine's rows and wherever it is the id
+    "ALTER TABLE kine ADD COLUMN IF NOT EXISTS revision BIGINT",
     # etcd's alarms, one set for every process on the database (member ids are etcd's
     # uint64, stored as the signed 64-bit integer with the same bits)
     """CREATE TABLE IF NOT EXISTS geminikv_alarm (
@@ -180,9 +184,9 @@ SCHEMA_COMPLETE = """
               AND indexname = ANY($1::text[])) = $2
        AND to_regproc('geminikv_write_v2') IS NOT NULL
        AND to_regclass('geminikv_auth_token') IS NOT NULL
-       AND EXISTS (SELECT 1 FROM information_schema.columns
-                   WHERE table_schema = current_schema() AND table_name = 'kine'
-                     AND column_name = 'version')
+       AND (SELECT count(*) FROM information_schema.columns
+            WHERE table_schema = current_schema() AND table_name = 'kine'
+              AND column_name IN ('version', 'revision')) = 2
 """
 
 
