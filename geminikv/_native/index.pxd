@@ -34,6 +34,7 @@ cdef class Index:
     cdef Py_ssize_t dirty_head
     cdef public int64_t rev
     cdef public int64_t compact_rev
+    cdef public int64_t compact_revision
     cdef public Py_ssize_t live
     cdef list anchor_ids
     cdef list anchor_revs

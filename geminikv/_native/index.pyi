@@ -9,6 +9,7 @@ class KeyHistory:
 class Index:
     rev: int
     compact_rev: int
+    compact_revision: int
     live: int
     def __len__(self) -> int: ...
     def take(self, other: Index) -> None: ...

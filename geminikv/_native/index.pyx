@@ -91,7 +91,12 @@ cdef inline tuple rev_tuple(Rev* r):
 
 
 cdef class Index:
-    """The MVCC index. Revisions are applied strictly in increasing order."""
+    """The MVCC index. Rows are applied strictly in increasing id order.
+
+    Everything in it is by row id (``rev``: the newest applied row; ``compact_rev``: the
+    row id compacted at; a State's ``mod``) except a State's ``create`` and
+    ``compact_revision``, which are etcd revisions; ``revision_of`` and ``id_at`` map
+    between the two (docs/architecture.md#revisions)."""
 
     def __cinit__(self):
         self.chunks = [[]]
@@ -103,6 +108,7 @@ cdef class Index:
         self.dirty_head = 0
         self.rev = 1
         self.compact_rev = 0
+        self.compact_revision = 0
         self.live = 0
         self.anchor_ids = []
         self.anchor_revs = []
@@ -119,6 +125,7 @@ cdef class Index:
         self.dirty_head, other.dirty_head = other.dirty_head, 0
         self.rev, other.rev = other.rev, 1
         self.compact_rev, other.compact_rev = other.compact_rev, 0
+        self.compact_revision, other.compact_revision = other.compact_revision, 0
         self.live, other.live = other.live, 0
         self.anchor_ids, other.anchor_ids = other.anchor_ids, []
         self.anchor_revs, other.anchor_revs = other.anchor_revs, []

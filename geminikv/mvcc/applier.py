@@ -94,9 +94,12 @@ class Applier:
                 key, prev = applied
                 latest = index.latest(key)
                 assert latest is not None  # the row was just applied
+                if prev is not None and index.has_anchors:
+                    prev = (index.revision_of(prev[0]), *prev[1:])
                 events.append(
                     Event(
                         rid,
+                        rid if rev is None else rev,
                         key,
                         bool(deleted),
                         latest[CREATE],

@@ -11,7 +11,7 @@ from geminikv.mvcc.keys import COMPACT_KEY, GAP_PREFIX, key_of
 from geminikv.storage import kine
 from geminikv.storage.rows import State
 
-__all__ = ["Index", "KeyHistory", "apply_row", "is_special", "load"]
+__all__ = ["Index", "KeyHistory", "apply_row", "is_special", "load", "set_compacted"]
 
 
 def is_special(name: bytes, created: int, deleted: int, prev_revision: int) -> bool:
@@ -51,4 +51,14 @@ def apply_row(
 async def load(pool: asyncpg.Pool, index: Index) -> None:
     """Fill an empty ``index`` from the table (one snapshot), compact revision included."""
     async with pool.acquire() as conn:
-        index.compact_rev = await kine.load_all(conn, functools.partial(apply_row, index))
+        compacted, revision = await kine.load_all(conn, functools.partial(apply_row, index))
+    set_compacted(index, compacted, revision)
+
+
+def set_compacted(index: Index, rid: int, revision: int | None) -> None:
+    """Raise the index's compact revision to row ``rid`` at etcd revision ``revision``
+    (None: unknown, the revision of that row id)."""
+    if rid <= index.compact_rev:
+        return
+    index.compact_rev = rid
+    index.compact_revision = index.revision_of(rid) if revision is None else revision
