@@ -14,6 +14,7 @@ from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from tests.differential import Pair
 from tests.servers import Etcd, GeminiServer, Postgres
 from tests.test_watch_differential import WatchPair
+from tests.watching import WatchClient
 
 pytestmark = pytest.mark.etcd
 
@@ -83,6 +84,17 @@ def test_each_shape_is_one_revision(pair: Pair, prefix: bytes) -> None:
     p, end = prefix, prefix[:-1] + b"0"
     multi = _shapes(pair, p)
     assert [b - a for a, b in itertools.pairwise(multi)] == [2, 4]
+    # kube-apiserver's get and guarded update (the wire paths), on a key the Txn created
+    pair.check("Range", lambda rev: R(key=p + b"n1"))
+    for rel in (multi[0] - 1, multi[0], multi[0] + 1):
+        pair.check(
+            "Txn",
+            lambda rev, rel=rel: pb.TxnRequest(
+                compare=[pb.Compare(key=p + b"n2", target=pb.Compare.MOD, mod_revision=rev(rel))],
+                success=[pb.RequestOp(request_put=pb.PutRequest(key=p + b"n2", value=b"u"))],
+                failure=[pb.RequestOp(request_range=R(key=p + b"n2"))],
+            ),
+        )
     top = pair.etcd_to_rel(pair._etcd_revs[-1])
     for rel in range(0, top + 1):
         pair.check("Range", lambda rev, rel=rel: R(key=p, range_end=end, revision=rev(rel)))
@@ -134,3 +146,43 @@ def test_compaction_at_a_multi_key_revision(fresh_pair: Pair, prefix: bytes) -> 
     pair.check("Compact", lambda rev: pb.CompactionRequest(revision=rev(at)))
     pair.check("Compact", lambda rev: pb.CompactionRequest(revision=rev(multi[2])))
     pair.check("Range", lambda rev: R(key=p, range_end=end, revision=rev(multi[2])))
+
+
+def test_a_request_is_never_half_applied(postgres: Postgres) -> None:
+    """Another process fetching 2 rows at a time (a request's rows arrive in several
+    fetches) never shows part of a request: every Range it answers holds all the txn's
+    keys or none, and its watcher gets them in one response at one revision."""
+    dsn = postgres.new_database("halves")
+    writer = GeminiServer(dsn).start()
+    reader = GeminiServer(dsn, poll_batch_size=2).start()
+    watch = None
+    try:
+        kv, other = writer.stubs().kv, reader.stubs().kv
+        watch = WatchClient(reader.stubs())
+        watch.create(key=b"/h/", range_end=b"/h0")
+        for round_ in range(3):
+            keys = [b"/h/%d/%d" % (round_, i) for i in range(7)]
+            txn = kv.Txn(
+                pb.TxnRequest(
+                    success=[
+                        pb.RequestOp(request_put=pb.PutRequest(key=k, value=b"v")) for k in keys
+                    ]
+                )
+            )
+            seen = set()
+            while txn.header.revision not in seen:
+                got = other.Range(
+                    R(key=b"/h/%d/" % round_, range_end=b"/h/%d0" % round_, serializable=True)
+                )
+                assert got.count in (0, 7), got.count
+                seen.add(got.header.revision)
+            response = watch.next()
+            assert response is not None
+            assert [e.kv.key for e in response.events] == keys
+            assert {e.kv.mod_revision for e in response.events} == {txn.header.revision}
+            assert response.header.revision == txn.header.revision
+    finally:
+        if watch is not None:
+            watch.close()
+        reader.stop()
+        writer.stop()
