@@ -132,6 +132,14 @@ def test_compaction_at_a_multi_key_revision(fresh_pair: Pair, prefix: bytes) -> 
     watch from it replays, from below it is cancelled, as on etcd."""
     pair, p, end = fresh_pair, prefix, prefix[:-1] + b"0"
     multi = _shapes(pair, p)
+    # HashKV hashes each change with its sub revision: the same at every revision
+    assert pair.base_e == pair.base_g == 1  # both fresh: revisions are the same numbers
+    for rel in range(0, pair.etcd_to_rel(pair._etcd_revs[-1]) + 1):
+        got = [
+            stubs.maintenance.HashKV(pb.HashKVRequest(revision=pair.etcd_rev(rel)))
+            for stubs in (pair.etcd, pair.gk)
+        ]
+        assert got[0].hash == got[1].hash and got[0].header.revision == got[1].header.revision
     at = multi[1]
     pair.check("Compact", lambda rev: pb.CompactionRequest(revision=rev(at), physical=True))
     for rel in (at - 1, at, at + 1):

@@ -3,7 +3,7 @@ from libc.stdint cimport int64_t
 
 # The C form of geminikv.storage.rows.State (index.pyx returns State tuples).
 cdef struct Rev:
-    int64_t mod       # row id = mod revision
+    int64_t mod       # the row id (Index.revision_of gives the mod revision)
     int64_t create    # create revision of the generation (0 on a tombstone): a revision
                       # (not a row id; see Index's revision map)
     int64_t version   # 1 on create, +1 per put; 0 marks a tombstone

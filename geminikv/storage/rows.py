@@ -13,8 +13,9 @@ from typing import NamedTuple
 
 State = tuple[int, int, int, int]
 """A key at one revision, as the index holds it (etcd's KeyValue without key and value):
-(mod, create, version, lease). ``mod`` is the row id that wrote it; ``create`` the create
-revision of the key's generation; ``version`` 1 on create, +1 per put, 0 on a tombstone.
+(mod, create, version, lease). ``mod`` is the row id that wrote it (the index's map gives
+its etcd revision: docs/architecture.md#revisions); ``create`` the create revision of the
+key's generation, an etcd revision; ``version`` 1 on create, +1 per put, 0 on a tombstone.
 The Cython index holds it as ``struct Rev`` (``_native/index.pxd``). A plain tuple: the
 wire encoders (``_native/kvwire.pyx``) take exactly a tuple, and the index builds one per
 read (a named tuple built from Cython costs 25 ns more per get)."""
