@@ -31,8 +31,8 @@ class Row(NamedTuple):
     """A row of Kine's table as the follower applies it and the watch catch-up reads it.
 
     ``name`` is Kine's column (``keys.key_of`` gives the etcd key); ``version`` is NULL in
-    Go Kine's rows; ``revision`` is NULL when it is the id (Go Kine's rows, and every row
-    of a request that changes one key; docs/architecture.md#revisions); ``value`` is NULL
+    Go Kine's rows; ``revision`` (its etcd revision) is NULL when it is the id (always in Go
+    Kine's rows; docs/architecture.md#revisions); ``value`` is NULL
     on deletes and gap rows."""
 
     id: int
