@@ -38,6 +38,9 @@ cdef class Index:
     cdef public Py_ssize_t live
     cdef list anchor_ids
     cdef list anchor_revs
+    cdef list anchor_ends
+    cdef int64_t last_noted
+    cdef int64_t last_noted_rev
 
     cdef Py_ssize_t _chunk_for(self, bytes key)
     cdef KeyHistory _history(self, bytes key)

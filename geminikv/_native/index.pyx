@@ -112,6 +112,9 @@ cdef class Index:
         self.live = 0
         self.anchor_ids = []
         self.anchor_revs = []
+        self.anchor_ends = []
+        self.last_noted = 0
+        self.last_noted_rev = 0
 
     def take(self, Index other):
         """Become ``other`` (which is left empty), in one step: a rebuilt index replaces
@@ -129,6 +132,9 @@ cdef class Index:
         self.live, other.live = other.live, 0
         self.anchor_ids, other.anchor_ids = other.anchor_ids, []
         self.anchor_revs, other.anchor_revs = other.anchor_revs, []
+        self.anchor_ends, other.anchor_ends = other.anchor_ends, []
+        self.last_noted, other.last_noted = other.last_noted, 0
+        self.last_noted_rev, other.last_noted_rev = other.last_noted_rev, 0
 
     def __len__(self):
         """Number of keys with retained history (live or tombstoned)."""
@@ -350,20 +356,33 @@ cdef class Index:
     # -- revisions and row ids (docs/architecture.md#revisions) ------------------------
     #
     # Several rows (one request's) may share one revision, so revisions are not row ids.
-    # Revisions never decrease in id order and never exceed the id. The map holds anchors:
-    # rows whose revision is not the previous anchor's plus the ids between (one per row
-    # of a multi-row request, one where a revision jumps back to its id). Without anchors
-    # every revision is its id, as in every database Go Kine or older geminikv wrote.
+    # Revisions never decrease in id order and never exceed the id. The map holds anchors
+    # (first id, revision, last id): the rows from the first to the last id are at that
+    # revision, and each id after the last one revision further, up to the next anchor.
+    # One anchor per multi-row request (whatever its number of rows), one per jump of a
+    # revision to its id; without anchors every revision is its id, as in every database
+    # Go Kine or older geminikv wrote. Fed only the rows a compaction left, it still gives
+    # each of them its revision.
 
     def note_revision(self, int64_t rid, int64_t revision):
-        """Row ``rid`` (applied in id order) has ``revision``."""
+        """Row ``rid`` (fed in id order) has ``revision``."""
         cdef Py_ssize_t n = len(self.anchor_ids)
-        cdef int64_t expected = rid
-        if n:
-            expected = <int64_t>self.anchor_revs[n - 1] + (rid - <int64_t>self.anchor_ids[n - 1])
-        if revision != expected:
-            self.anchor_ids.append(rid)
-            self.anchor_revs.append(revision)
+        if revision != self.revision_of(rid):
+            if revision == self.last_noted_rev and self.last_noted > 0:
+                # the same request as the row before: one anchor for all its rows
+                if (n and <int64_t>self.anchor_ends[n - 1] == self.last_noted
+                        and <int64_t>self.anchor_revs[n - 1] == revision):
+                    self.anchor_ends[n - 1] = rid
+                else:
+                    self.anchor_ids.append(self.last_noted)
+                    self.anchor_revs.append(revision)
+                    self.anchor_ends.append(rid)
+            else:
+                self.anchor_ids.append(rid)
+                self.anchor_revs.append(revision)
+                self.anchor_ends.append(rid)
+        self.last_noted = rid
+        self.last_noted_rev = revision
 
     @property
     def has_anchors(self):
@@ -377,7 +396,9 @@ cdef class Index:
         cdef Py_ssize_t k = bisect_right(self.anchor_ids, rid) - 1
         if k < 0:
             return rid
-        return <int64_t>self.anchor_revs[k] + (rid - <int64_t>self.anchor_ids[k])
+        cdef int64_t end = <int64_t>self.anchor_ends[k]
+        cdef int64_t rev = <int64_t>self.anchor_revs[k]
+        return rev if rid <= end else rev + (rid - end)
 
     def id_at(self, int64_t revision):
         """The newest row id whose revision is at most ``revision``: the index at that id
@@ -390,14 +411,14 @@ cdef class Index:
             rid = revision
             limit = <int64_t>self.anchor_ids[0] - 1
         else:
-            rid = <int64_t>self.anchor_ids[k] + (revision - <int64_t>self.anchor_revs[k])
+            rid = <int64_t>self.anchor_ends[k] + (revision - <int64_t>self.anchor_revs[k])
             limit = (<int64_t>self.anchor_ids[k + 1] - 1
                      if k + 1 < len(self.anchor_ids) else rid)
         return rid if rid < limit else limit
 
     def anchors(self):
-        """The map's anchors, (row id, revision) in id order."""
-        return list(zip(self.anchor_ids, self.anchor_revs))
+        """The map's anchors, (first row id, revision, last row id) in id order."""
+        return list(zip(self.anchor_ids, self.anchor_revs, self.anchor_ends))
 
     # -- reading -------------------------------------------------------------------
 
