@@ -95,6 +95,16 @@ def test_each_shape_is_one_revision(pair: Pair, prefix: bytes) -> None:
                 failure=[pb.RequestOp(request_range=R(key=p + b"n2"))],
             ),
         )
+    # and its guarded delete, of a key the Txn created
+    for rel in (multi[0] - 1, multi[0]):
+        pair.check(
+            "Txn",
+            lambda rev, rel=rel: pb.TxnRequest(
+                compare=[pb.Compare(key=p + b"n1", target=pb.Compare.MOD, mod_revision=rev(rel))],
+                success=[pb.RequestOp(request_delete_range=pb.DeleteRangeRequest(key=p + b"n1"))],
+                failure=[pb.RequestOp(request_range=R(key=p + b"n1"))],
+            ),
+        )
     top = pair.etcd_to_rel(pair._etcd_revs[-1])
     for rel in range(0, top + 1):
         pair.check("Range", lambda rev, rel=rel: R(key=p, range_end=end, revision=rev(rel)))
