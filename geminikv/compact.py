@@ -106,12 +106,13 @@ class Compactor:
     async def _automatic(self) -> None:
         """Kine's --compact-interval: compact to the revision seen at the previous tick,
         keeping --compact-min-retain revisions, --compact-batch-size at a time."""
-        current = int(self.store.index.rev)
+        index = self.store.index
+        current = index.revision_of(index.rev)
         target = min(self._previous_tick_rev, current - self.min_retain)
         self._previous_tick_rev = current
-        compacted = int(self.store.index.compact_rev)
+        compacted = int(index.compact_revision)
         while target > compacted:
             step = min(target, compacted + self.batch_revisions)
             await self.store.compact(pb.CompactionRequest(revision=step))
-            await self.purge(step)
+            await self.purge(int(index.compact_rev))
             compacted = step

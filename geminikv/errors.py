@@ -280,14 +280,6 @@ LOAD_HASH_MISMATCH = (
 LOAD_NOT_BBOLT = "{path}: not an etcd snapshot: no bbolt database (no valid meta page: {why})"
 LOAD_NOT_ETCD = "{path}: not an etcd snapshot: the bbolt database has no {bucket!r} bucket"
 LOAD_CORRUPT = "{path}: corrupt snapshot: {why}"
-LOAD_MULTI_KEY = (
-    "revision {revision} changed several keys ({keys}): etcd history in which one "
-    "revision changes several keys (a multi-key Txn, a DeleteRange, a lease revoke) needs "
-    "geminikv's one-revision-per-request support, which is not built yet. Compacting etcd "
-    "at its current revision first (`etcdctl compact --physical <revision>`) keeps only "
-    "each live key's newest revision and makes the snapshot loadable, unless live keys "
-    "were last written together by one request"
-)
 LOAD_NO_FREE_REVISION = (
     "no revision without a key to hold Kine's compact_rev_key row (revisions 1 to "
     "{revision} each changed a key)"

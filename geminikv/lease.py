@@ -77,7 +77,7 @@ class KineTtls:
                 if state is not None:
                     mod, create, version, _ = state
                     self._candidates.append(
-                        Event(mod, key, False, create, version, lease, None, None, None)
+                        Event(mod, mod, key, False, create, version, lease, None, None, None)
                     )
 
     async def due(self, pool: asyncpg.Pool) -> list[tuple[bytes, int]]:
@@ -91,7 +91,7 @@ class KineTtls:
             now = time.monotonic()
             for e in candidates:
                 if e.lease not in real:
-                    self._deadlines[e.key] = (now + e.lease, e.revision)
+                    self._deadlines[e.key] = (now + e.lease, e.rid)
         now = time.monotonic()
         due = [(k, mod) for k, (deadline, mod) in self._deadlines.items() if deadline <= now]
         for key, _ in due:

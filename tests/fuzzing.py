@@ -136,15 +136,16 @@ def draw_revision(draw: Draw, top: int) -> Callable[[Callable[[int], int]], int]
     return lambda rev: value
 
 
-def draw_filter(draw: Draw) -> Callable[[Callable[[int], int]], int]:
-    """min/max revision filters and compare revisions: extremes, or the example's base.
-
-    Never a revision inside the example: a multi-key write gets one revision per key in
-    geminikv (the documented difference), so "mod >= its revision" is not comparable.
-    """
-    value = draw(st.sampled_from([0, 0, 1, -1, I64_MIN, I64_MAX, None]))
+def draw_filter(draw: Draw, top: int) -> Callable[[Callable[[int], int]], int]:
+    """min/max revision filters and compare revisions: extremes, the example's base, or a
+    revision inside the example (a multi-key write's too: one revision per request on
+    both servers)."""
+    value = draw(st.sampled_from([0, 0, 1, -1, I64_MIN, I64_MAX, None, "inside"]))
     if value is None:
         return lambda rev: rev(0)
+    if value == "inside":
+        rel = draw(st.integers(0, top))
+        return lambda rev: rev(rel)
     return lambda rev: value
 
 
@@ -166,7 +167,7 @@ class Requests:
         end = draw_range_end(draw, p, key)
         revision = draw_revision(draw, self.top)
         filters = {
-            name: draw_filter(draw)
+            name: draw_filter(draw, self.top)
             for name in draw(
                 st.lists(
                     st.sampled_from(
@@ -247,7 +248,7 @@ class Requests:
         union = draw(
             st.sampled_from(["version", "create_revision", "mod_revision", "value", "lease", ""])
         )
-        number = draw_filter(draw)
+        number = draw_filter(draw, self.top)
         version = draw(st.sampled_from([0, 1, 2, 3, -1, I64_MAX]))
         value = draw(st.sampled_from([b"", b"x", b"y", b"\xff"]))
         lease = draw(st.sampled_from([0, *self.leases, I64_MIN]))

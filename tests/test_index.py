@@ -215,3 +215,59 @@ def test_compaction_of_a_long_history_in_slices() -> None:
     entries, count = index.range(b"/c/", b"/c0", rev, 0)
     assert count == 3000 and all(e[3] == 11 for e in entries)
     assert index.history(b"/c/000000") == [(rev - 2999, 2, 11, 0)]
+
+
+# -- the revision map (docs/architecture.md#revisions) ---------------------------------
+
+
+def _rows(sizes: list[int], jumps: list[bool]) -> list[tuple[int, int]]:
+    """(row id, revision) of requests of ``sizes`` rows each, one revision per request; a
+    jump is a row whose revision is its id (Go Kine's, a gap row)."""
+    out: list[tuple[int, int]] = []
+    rid = rev = 0
+    for size, jump in zip(sizes, jumps, strict=False):
+        rid += 1
+        rev = rid if jump else rev + 1
+        out.append((rid, rev))
+        for _ in range(size - 1):
+            rid += 1
+            out.append((rid, rev))
+    return out
+
+
+@given(
+    st.lists(st.integers(1, 4), min_size=1, max_size=30),
+    st.lists(st.booleans(), min_size=30, max_size=30),
+    st.sets(st.integers(1, 120)),
+)
+def test_revision_map(sizes: list[int], jumps: list[bool], gone: set[int]) -> None:
+    """Fed the rows that are left (a compaction deleted ``gone``, but never the newest), the
+    map gives every left row its revision, and for every revision from the oldest left
+    row's up an id at which the left rows are those up to that revision."""
+    rows = _rows(sizes, jumps)
+    left = [r for r in rows[:-1] if r[0] not in gone] + [rows[-1]]
+    index = Index()
+    for rid, rev in left:
+        index.note_revision(rid, rev)
+    assert index.has_anchors == any(rid != rev for rid, rev in left)
+    for rid, rev in left:
+        assert index.revision_of(rid) == rev
+    for at in range(left[0][1], left[-1][1] + 1):
+        got = index.id_at(at)
+        assert [r for r in left if r[1] <= at] == [r for r in left if r[0] <= got]
+
+
+def test_create_revision_is_the_rows_revision() -> None:
+    """Two keys created by one request (rows 2 and 3 at revision 2): both have create
+    revision 2; a later put keeps it."""
+    index = Index()
+    index.note_revision(2, 2)
+    index.put(b"a", 2, 0, True, 0, 0, 2)
+    index.note_revision(3, 2)
+    index.put(b"b", 3, 0, True, 0, 0, 2)
+    index.note_revision(4, 3)
+    index.put(b"b", 4, 0, False, 2, 2, 3)
+    assert index.get(b"a", 3) == (2, 2, 1, 0)
+    assert index.get(b"b", 4) == (4, 2, 2, 0)
+    assert (index.id_at(2), index.id_at(3)) == (3, 4)
+    assert [index.revision_of(i) for i in (1, 2, 3, 4)] == [1, 2, 2, 3]

@@ -314,3 +314,59 @@ def test_starting_beside_a_busy_writer_takes_no_table_lock(postgres: Postgres) -
             await fresh.close()
 
     run_sync(check())
+
+
+def test_one_request_rows_with_go_kine(postgres: Postgres) -> None:
+    """A multi-key Txn is consecutive rows to Go Kine's SQL and one revision to geminikv; a
+    row Go Kine inserts afterwards (no revision column) is at its id; after a physical
+    compaction and a restart, every revision and create revision is as before
+    (docs/architecture.md#revisions)."""
+    dsn = postgres.new_database("onerev")
+    server = GeminiServer(dsn).start()
+    try:
+        kv = server.stubs().kv
+        kv.Put(pb.PutRequest(key=b"/o/a", value=b"a1"))
+        ops = [(b"/o/b", b"b1"), (b"/o/c", b"c1"), (b"/o/a", b"a2")]
+        txn = kv.Txn(
+            pb.TxnRequest(
+                success=[pb.RequestOp(request_put=pb.PutRequest(key=k, value=v)) for k, v in ops]
+            )
+        )
+        t = txn.header.revision
+        got = kv.Range(R(key=b"/o/", range_end=b"/o0")).kvs
+        assert [(k.key, k.mod_revision) for k in got] == [(b"/o/a", t), (b"/o/b", t), (b"/o/c", t)]
+        assert kv.Put(pb.PutRequest(key=b"/o/b", value=b"b2")).header.revision == t + 1
+
+        async def kine_insert() -> tuple[list[int], int]:
+            conn = await asyncpg.connect(dsn)
+            try:
+                rows = await conn.fetch(KINE_LIST_CURRENT, "/o/", "/o0")
+                gk_id = await conn.fetchval(
+                    "INSERT INTO kine (name, created, deleted, create_revision, prev_revision,"
+                    " lease, value, old_value) VALUES ('/o/k', 1, 0, 0, 0, 0, 'k', NULL)"
+                    " RETURNING id"
+                )
+                return sorted(r["id"] for r in rows), int(gk_id)
+            finally:
+                await conn.close()
+
+        ids, kine_id = asyncio.run(kine_insert())
+        assert len(set(ids)) == 3 and ids[-1] - ids[0] >= 2  # one row per key, by id
+        eventually(lambda: bool(kv.Range(R(key=b"/o/k")).kvs), "Go Kine's row applied")
+        assert kv.Range(R(key=b"/o/k")).kvs[0].mod_revision == kine_id
+        after = kv.Put(pb.PutRequest(key=b"/o/z", value=b"z")).header.revision
+        assert after == kine_id + 1
+        kv.Compact(pb.CompactionRequest(revision=after, physical=True))
+        before = kv.Range(R(key=b"/o/", range_end=b"/o0"))
+    finally:
+        server.stop()
+    again = GeminiServer(dsn).start()
+    try:
+        kv = again.stubs().kv
+        now = kv.Range(R(key=b"/o/", range_end=b"/o0"))
+        assert (now.header.revision, now.kvs) == (before.header.revision, before.kvs)
+        b = next(k for k in now.kvs if k.key == b"/o/b")
+        assert (b.create_revision, b.mod_revision, b.version) == (t, t + 1, 2)
+        assert kv.Put(pb.PutRequest(key=b"/o/y", value=b"y")).header.revision == after + 1
+    finally:
+        again.stop()

@@ -20,6 +20,9 @@ class QuietHub:
     def rebuilding(self) -> bool:
         return False
 
+    def first_id(self, revision: int) -> int:
+        return revision  # every revision is its row id here
+
     def add(self, watcher: Watcher) -> None:
         watcher.synced = True
 
@@ -31,7 +34,7 @@ class QuietHub:
 
 
 def put(revision: int) -> Event:
-    return Event(revision, b"/a/%d" % revision, False, revision, 1, 0, b"v", None, None)
+    return Event(revision, revision, b"/a/%d" % revision, False, revision, 1, 0, b"v", None, None)
 
 
 async def test_events_are_never_merged_past_a_progress_response() -> None:

@@ -1,4 +1,4 @@
-"""The writer's one-round-trip batch (``geminikv_write_v2``) and its fallbacks: another
+"""The writer's one-round-trip batch (``geminikv_write_v3``) and its fallbacks: another
 process wrote since the index was read, the sequence handed out other ids, and batches
 filling up under load. Every case must keep revisions gap-free, ordered and never lost."""
 

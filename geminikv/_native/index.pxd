@@ -3,8 +3,9 @@ from libc.stdint cimport int64_t
 
 # The C form of geminikv.storage.rows.State (index.pyx returns State tuples).
 cdef struct Rev:
-    int64_t mod       # row id = mod revision
-    int64_t create    # create revision of the generation (0 on a tombstone)
+    int64_t mod       # the row id (Index.revision_of gives the mod revision)
+    int64_t create    # create revision of the generation (0 on a tombstone): a revision
+                      # (not a row id; see Index's revision map)
     int64_t version   # 1 on create, +1 per put; 0 marks a tombstone
     int64_t lease
 
@@ -33,7 +34,13 @@ cdef class Index:
     cdef Py_ssize_t dirty_head
     cdef public int64_t rev
     cdef public int64_t compact_rev
+    cdef public int64_t compact_revision
     cdef public Py_ssize_t live
+    cdef list anchor_ids
+    cdef list anchor_revs
+    cdef list anchor_ends
+    cdef int64_t last_noted
+    cdef int64_t last_noted_rev
 
     cdef Py_ssize_t _chunk_for(self, bytes key)
     cdef KeyHistory _history(self, bytes key)

@@ -91,7 +91,12 @@ cdef inline tuple rev_tuple(Rev* r):
 
 
 cdef class Index:
-    """The MVCC index. Revisions are applied strictly in increasing order."""
+    """The MVCC index. Rows are applied strictly in increasing id order.
+
+    Everything in it is by row id (``rev``: the newest applied row; ``compact_rev``: the
+    row id compacted at; a State's ``mod``) except a State's ``create`` and
+    ``compact_revision``, which are etcd revisions; ``revision_of`` and ``id_at`` map
+    between the two (docs/architecture.md#revisions)."""
 
     def __cinit__(self):
         self.chunks = [[]]
@@ -103,7 +108,13 @@ cdef class Index:
         self.dirty_head = 0
         self.rev = 1
         self.compact_rev = 0
+        self.compact_revision = 0
         self.live = 0
+        self.anchor_ids = []
+        self.anchor_revs = []
+        self.anchor_ends = []
+        self.last_noted = 0
+        self.last_noted_rev = 0
 
     def take(self, Index other):
         """Become ``other`` (which is left empty), in one step: a rebuilt index replaces
@@ -117,7 +128,13 @@ cdef class Index:
         self.dirty_head, other.dirty_head = other.dirty_head, 0
         self.rev, other.rev = other.rev, 1
         self.compact_rev, other.compact_rev = other.compact_rev, 0
+        self.compact_revision, other.compact_revision = other.compact_revision, 0
         self.live, other.live = other.live, 0
+        self.anchor_ids, other.anchor_ids = other.anchor_ids, []
+        self.anchor_revs, other.anchor_revs = other.anchor_revs, []
+        self.anchor_ends, other.anchor_ends = other.anchor_ends, []
+        self.last_noted, other.last_noted = other.last_noted, 0
+        self.last_noted_rev, other.last_noted_rev = other.last_noted_rev, 0
 
     def __len__(self):
         """Number of keys with retained history (live or tombstoned)."""
@@ -163,11 +180,13 @@ cdef class Index:
     # -- applying revisions --------------------------------------------------------
 
     def put(self, bytes key, int64_t mod, int64_t lease, bint created,
-            int64_t create_hint=0, int64_t version_hint=0):
+            int64_t create_hint=0, int64_t version_hint=0, int64_t revision=0):
         """Apply a PUT row; returns the previous live (mod, create, version, lease) or None.
 
         ``created`` marks Kine's create rows. When the key's earlier history is gone
         (written by another tool and compacted), the hints from the row are used.
+        ``revision`` is the row's revision (0: the same as ``mod``, the row id): a new
+        generation's create revision.
         """
         cdef KeyHistory h = self._history(key)
         cdef Rev* prev = h.latest()
@@ -179,7 +198,7 @@ cdef class Index:
             create = prev.create
             version = prev.version + 1
         elif before is not None or created or create_hint <= 0:
-            create = mod
+            create = revision if revision > 0 else mod
             version = 1
         else:
             create = create_hint
@@ -333,6 +352,73 @@ cdef class Index:
     def skip(self, int64_t mod):
         """A revision that changes no key (Kine gap rows, special rows)."""
         self.rev = mod
+
+    # -- revisions and row ids (docs/architecture.md#revisions) ------------------------
+    #
+    # Several rows (one request's) may share one revision, so revisions are not row ids.
+    # Revisions never decrease in id order and never exceed the id. The map holds anchors
+    # (first id, revision, last id): the rows from the first to the last id are at that
+    # revision, and each id after the last one revision further, up to the next anchor.
+    # One anchor per multi-row request (whatever its number of rows), one per jump of a
+    # revision to its id; without anchors every revision is its id, as in every database
+    # Go Kine or older geminikv wrote. Fed only the rows a compaction left, it still gives
+    # each of them its revision.
+
+    def note_revision(self, int64_t rid, int64_t revision):
+        """Row ``rid`` (fed in id order) has ``revision``."""
+        cdef Py_ssize_t n = len(self.anchor_ids)
+        if revision != self.revision_of(rid):
+            if revision == self.last_noted_rev and self.last_noted > 0:
+                # the same request as the row before: one anchor for all its rows
+                if (n and <int64_t>self.anchor_ends[n - 1] == self.last_noted
+                        and <int64_t>self.anchor_revs[n - 1] == revision):
+                    self.anchor_ends[n - 1] = rid
+                else:
+                    self.anchor_ids.append(self.last_noted)
+                    self.anchor_revs.append(revision)
+                    self.anchor_ends.append(rid)
+            else:
+                self.anchor_ids.append(rid)
+                self.anchor_revs.append(revision)
+                self.anchor_ends.append(rid)
+        self.last_noted = rid
+        self.last_noted_rev = revision
+
+    @property
+    def has_anchors(self):
+        """Whether some revision is not its row id."""
+        return len(self.anchor_ids) > 0
+
+    def revision_of(self, int64_t rid):
+        """The revision of row ``rid``."""
+        if not self.anchor_ids:
+            return rid
+        cdef Py_ssize_t k = bisect_right(self.anchor_ids, rid) - 1
+        if k < 0:
+            return rid
+        cdef int64_t end = <int64_t>self.anchor_ends[k]
+        cdef int64_t rev = <int64_t>self.anchor_revs[k]
+        return rev if rid <= end else rev + (rid - end)
+
+    def id_at(self, int64_t revision):
+        """The newest row id whose revision is at most ``revision``: the index at that id
+        is the store at that revision."""
+        if not self.anchor_ids:
+            return revision
+        cdef Py_ssize_t k = bisect_right(self.anchor_revs, revision) - 1
+        cdef int64_t rid, limit
+        if k < 0:
+            rid = revision
+            limit = <int64_t>self.anchor_ids[0] - 1
+        else:
+            rid = <int64_t>self.anchor_ends[k] + (revision - <int64_t>self.anchor_revs[k])
+            limit = (<int64_t>self.anchor_ids[k + 1] - 1
+                     if k + 1 < len(self.anchor_ids) else rid)
+        return rid if rid < limit else limit
+
+    def anchors(self):
+        """The map's anchors, (first row id, revision, last row id) in id order."""
+        return list(zip(self.anchor_ids, self.anchor_revs, self.anchor_ends))
 
     # -- reading -------------------------------------------------------------------
 

@@ -1,5 +1,7 @@
 """Type stub for kube-apiserver's hottest requests in wire format (kvwire.pyx)."""
 
+from collections.abc import Callable
+
 class GuardedPut:
     key: bytes
     want_mod: int
@@ -33,6 +35,7 @@ def encode_range_answer(
     values: dict[int, bytes] | None,
     count: int,
     more: bool,
+    revision_of: Callable[[int], int] | None = ...,
 ) -> bytes: ...
 def encode_get_answer(
     header_prefix: bytes,

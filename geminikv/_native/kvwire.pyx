@@ -415,17 +415,19 @@ def parse_key_get(bytes data):
 
 
 def encode_range_answer(bytes header_prefix, int64_t raft_term, int64_t revision,
-                        list entries, dict values, int64_t count, bint more):
+                        list entries, dict values, int64_t count, bint more,
+                        object revision_of=None):
     """Any RangeResponse: a KeyValue per entry ``(key, mod, create, version, lease)``
-    with its value from ``values`` (by mod revision; None: keys only), then ``more`` and
-    ``count``, as protobuf writes them."""
+    with its value from ``values`` (by the entry's row id; None: keys only), then ``more``
+    and ``count``, as protobuf writes them. ``revision_of`` turns the entries' row ids into
+    mod revisions (None: they are; docs/architecture.md#revisions)."""
     cdef bytearray out = bytearray()
     cdef bytes key
     cdef int64_t mod, create, version, lease
     _put_header(out, header_prefix, raft_term, revision)
     for key, mod, create, version, lease in entries:
-        _put_kv(out, key, mod, create, version, lease,
-                b"" if values is None else values[mod])
+        _put_kv(out, key, mod if revision_of is None else revision_of(mod), create, version,
+                lease, b"" if values is None else values[mod])
     _put_field_varint(out, 3, more)
     _put_field_varint(out, 4, <uint64_t>count)
     return bytes(out)

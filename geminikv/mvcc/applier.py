@@ -84,19 +84,22 @@ class Applier:
             row = pending.pop(self.applied + 1, None)
             if row is None:
                 break
-            rid, name, created, deleted, create_rev, prev_rev, lease, version, value, old = row
+            rid, name, created, deleted, create_rev, prev_rev, lease, version, rev, value, old = row
             if value is not None and not deleted:
                 self.values.remember(rid, value)
             applied = apply_row(
-                index, rid, name, created, deleted, create_rev, prev_rev, lease, version
+                index, rid, name, created, deleted, create_rev, prev_rev, lease, version, rev
             )
             if applied is not None and self.subscribers:
                 key, prev = applied
                 latest = index.latest(key)
                 assert latest is not None  # the row was just applied
+                if prev is not None and index.has_anchors:
+                    prev = (index.revision_of(prev[0]), *prev[1:])
                 events.append(
                     Event(
                         rid,
+                        rid if rev is None else rev,
                         key,
                         bool(deleted),
                         latest[CREATE],

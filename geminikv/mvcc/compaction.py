@@ -10,12 +10,13 @@ its index (``physically_compacted``), in slices, so requests keep being served.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 
 from geminikv import errors, tasks
 from geminikv.config import INDEX_COMPACT_SLICE
-from geminikv.mvcc.index import Index
+from geminikv.mvcc.index import Index, set_compacted
 from geminikv.storage import kine, locks, notify
 
 
@@ -34,25 +35,34 @@ class Compaction:
         """The index is rebuilt from the table: it holds no compacted history."""
         self.physical_rev = 0
 
-    async def compact(self, rev: int) -> int:
-        """Raise the compact revision to ``rev``; returns the current revision."""
+    async def compact(self, rev: int, applied: Callable[[int], Awaitable[None]]) -> int:
+        """Raise the compact revision to etcd revision ``rev``; returns the current
+        revision. Kine's row holds the newest row id at that revision (Go Kine compacts
+        by id), with the revision beside it (docs/architecture.md#compact-revision-row).
+        ``applied(id)`` returns once the index has applied every row up to ``id``."""
+        index = self.index
         async with self.pool.acquire() as pooled, locks.locked(pooled) as conn:
             current = await kine.current_rev(conn)
-            if rev <= await kine.compact_rev(conn):
+            compacted, revision = await kine.compact_revs(conn)
+            # Under the lock every row up to current is committed; the map needs them.
+            await applied(current)
+            if revision is None:
+                revision = index.revision_of(compacted)
+            if rev <= revision:
                 raise errors.Compacted()
-            if rev > current:
+            if rev > index.revision_of(current):
                 raise errors.FutureRevision()
-            await kine.set_compact_rev(conn, rev)
+            rid = index.id_at(rev)
+            await kine.set_compact_rev(conn, rid, rev)
             await notify.compact(conn)
-        self.index.compact_rev = max(int(self.index.compact_rev), rev)
-        return current
+        set_compacted(index, rid, rev)
+        return index.revision_of(current)
 
     async def refresh(self) -> None:
         """Read the compact revision (another process may have raised it)."""
         async with self.pool.acquire() as conn:
-            rev = await kine.compact_rev(conn)
-        if rev > self.index.compact_rev:
-            self.index.compact_rev = rev
+            rid, revision = await kine.compact_revs(conn)
+        set_compacted(self.index, rid, revision)
 
     async def wait_physical(self, rev: int) -> None:
         """Return once the rows a compaction at ``rev`` made unreachable are deleted."""
@@ -67,8 +77,7 @@ class Compaction:
         if rev <= self.physical_rev:
             return
         self.physical_rev = rev
-        if rev > self.index.compact_rev:
-            self.index.compact_rev = rev
+        set_compacted(self.index, rev, None)
         waiting = self._waiters
         self._waiters = [(r, f) for r, f in waiting if r > rev]
         for r, fut in waiting:

@@ -9,8 +9,10 @@ from geminikv.storage.rows import State
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """One key change. ``value`` is None on deletes; ``prev`` is the previous live state."""
+    """One key change. ``revision`` is its etcd revision, ``rid`` its row id; ``value`` is
+    None on deletes; ``prev`` is the previous live state, its mod an etcd revision."""
 
+    rid: int
     revision: int
     key: bytes
     deleted: bool

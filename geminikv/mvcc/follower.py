@@ -175,7 +175,10 @@ class Follower:
         applier = self.applier
         while True:
             async with self.pool.acquire() as conn:
-                rows = await kine.rows_after(conn, self.applied, _NO_UPPER, self.fetch_limit)
+                # whole revisions: the index never holds part of a request
+                rows, more = await kine.revisions_after(
+                    conn, self.applied, _NO_UPPER, self.fetch_limit
+                )
             applier.add(rows)
             if rows:
                 self.lag.learned(rows[-1].id)
@@ -190,5 +193,5 @@ class Follower:
                     asyncio.get_running_loop().call_later(GAP_GRACE / 2, self._wake.set)
                 return
             self.gaps.clear()
-            if len(rows) < self.fetch_limit:
+            if not more:
                 return

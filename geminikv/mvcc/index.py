@@ -11,7 +11,7 @@ from geminikv.mvcc.keys import COMPACT_KEY, GAP_PREFIX, key_of
 from geminikv.storage import kine
 from geminikv.storage.rows import State
 
-__all__ = ["Index", "KeyHistory", "apply_row", "is_special", "load"]
+__all__ = ["Index", "KeyHistory", "apply_row", "is_special", "load", "set_compacted"]
 
 
 def is_special(name: bytes, created: int, deleted: int, prev_revision: int) -> bool:
@@ -31,19 +31,34 @@ def apply_row(
     prev_revision: int,
     lease: int,
     version: int | None,
+    revision: int | None = None,
 ) -> tuple[bytes, State | None] | None:
     """Apply one row; returns (key, the key's previous live State) or None for special
-    rows."""
+    rows. ``revision`` None is the id (docs/architecture.md#revisions)."""
+    if revision is not None or index.has_anchors:
+        index.note_revision(rid, rid if revision is None else revision)
     if is_special(name, created, deleted, prev_revision):
         index.skip(rid)
         return None
     key = key_of(name)
     if deleted:
         return key, index.delete(key, rid)
-    return key, index.put(key, rid, lease or 0, bool(created), create_revision or 0, version or 0)
+    return key, index.put(
+        key, rid, lease or 0, bool(created), create_revision or 0, version or 0, revision or 0
+    )
 
 
 async def load(pool: asyncpg.Pool, index: Index) -> None:
     """Fill an empty ``index`` from the table (one snapshot), compact revision included."""
     async with pool.acquire() as conn:
-        index.compact_rev = await kine.load_all(conn, functools.partial(apply_row, index))
+        compacted, revision = await kine.load_all(conn, functools.partial(apply_row, index))
+    set_compacted(index, compacted, revision)
+
+
+def set_compacted(index: Index, rid: int, revision: int | None) -> None:
+    """Raise the index's compact revision to row ``rid`` at etcd revision ``revision``
+    (None: unknown, the revision of that row id)."""
+    if rid <= index.compact_rev:
+        return
+    index.compact_rev = rid
+    index.compact_revision = index.revision_of(rid) if revision is None else revision

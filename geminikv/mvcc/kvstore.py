@@ -18,6 +18,7 @@ from geminikv.mvcc.compaction import Compaction
 from geminikv.mvcc.follower import Follower
 from geminikv.mvcc.index import Index
 from geminikv.mvcc.keys import COMPACT_KEY
+from geminikv.mvcc.ranges import RevisionOf
 from geminikv.mvcc.read_index import ReadIndex
 from geminikv.mvcc.rewind import Rebuilding, Rewind
 from geminikv.mvcc.values import Values
@@ -31,7 +32,9 @@ log = logging.getLogger(__name__)
 
 # A Range's answer: (header revision, entries, their values by mod revision (None: keys
 # only), count, more).
-Ranged = tuple[int, list[Entry], dict[int, bytes] | None, int, bool]
+# (header revision, entries by row id, values by row id, count, more, the entries' row id
+# -> mod revision or None when every revision is its id: docs/architecture.md#revisions)
+Ranged = tuple[int, list[Entry], dict[int, bytes] | None, int, bool, RevisionOf]
 
 
 class KVStore:
@@ -99,7 +102,7 @@ class KVStore:
     @property
     def revision(self) -> int:
         """The revision applied here: what response headers carry."""
-        return int(self.index.rev)
+        return self.index.revision_of(self.index.rev)
 
     def _check_serving(self) -> None:
         self.rebuilding.check()
@@ -116,21 +119,26 @@ class KVStore:
         elif not req.range_end:
             await self.reads.together()
         index = self.index
-        rev = int(index.rev)
-        at = ranges.read_revision(rev, int(index.compact_rev), req.revision)
+        # Read in one event-loop turn: the index at row id ``at`` is the store at revision
+        # ``req.revision`` (or now) (docs/architecture.md#revisions).
+        rid = int(index.rev)
+        rev = index.revision_of(rid)
+        at = ranges.read_revision(rev, int(index.compact_revision), req.revision)
+        at = index.id_at(at) if at != rev else rid
+        revision_of = index.revision_of if index.has_anchors else None
         end = ranges.range_end(req.range_end)
         if req.count_only:
-            return rev, [], None, index.count(req.key, end, at), False
+            return rev, [], None, index.count(req.key, end, at), False, None
         entries, count = index.range(req.key, end, at, ranges.fetch_limit(req))
         values = None
         if ranges.needs_values_to_sort(req):
             values = await self._values(entries)
-        entries, more = ranges.select(req, entries, values)
+        entries, more = ranges.select(req, entries, values, revision_of)
         if req.keys_only:
-            return rev, entries, None, count, more
+            return rev, entries, None, count, more, revision_of
         if values is None:
             values = await self._values(entries)
-        return rev, entries, values, count, more
+        return rev, entries, values, count, more, revision_of
 
     async def get(self, key: bytes, serializable: bool) -> tuple[int, State | None, bytes]:
         """``range`` for one key at the current revision, without messages: (revision,
@@ -141,13 +149,15 @@ class KVStore:
         else:
             await self.reads.read(urgent=False)
         index = self.index
-        rev = ranges.read_revision(int(index.rev), int(index.compact_rev), 0)
-        entries = index.range(key, None, rev, 0)[0]
+        rid = int(index.rev)
+        rev = index.revision_of(rid)
+        ranges.read_revision(rev, int(index.compact_revision), 0)
+        entries = index.range(key, None, rid, 0)[0]
         if not entries:
             return rev, None, b""
         _key, mod, create, version, lease = entries[0]
         value = (await self._values(entries))[mod]
-        return rev, (mod, create, version, lease), value
+        return rev, (index.revision_of(mod), create, version, lease), value
 
     async def _values(self, entries: list[Entry]) -> dict[int, bytes]:
         if not entries:
@@ -210,10 +220,10 @@ class KVStore:
         """Logical compaction: reads and watches below the revision fail from now on."""
         self.alarms.check_write(0)
         self._check_serving()
-        current = await self.compaction.compact(req.revision)
+        current = await self.compaction.compact(req.revision, self.follower.wait_for)
         self._on_compact()
         if req.physical:
-            await self.compaction.wait_physical(req.revision)
+            await self.compaction.wait_physical(self.index.id_at(req.revision))
         resp = pb.CompactionResponse()
         resp.header.revision = current
         return resp

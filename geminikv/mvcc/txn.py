@@ -209,7 +209,7 @@ class Evaluator:
         view.revoked_leases.append(lease_id)
         self.leases.forget(lease_id)
         resp = pb.LeaseRevokeResponse()
-        resp.header.revision = view.rev
+        resp.header.revision = view.revision
         return resp
 
     async def delete_if_unchanged(self, key: bytes, mod: int) -> bool:
@@ -227,7 +227,7 @@ class Evaluator:
         self._check_requests(req, list(path), self._check_range_op)
         resp = pb.TxnResponse()
         await self._apply_txn(req, path, resp)
-        resp.header.revision = self.view.rev
+        resp.header.revision = self.view.revision
         return resp
 
     async def guarded_put(
@@ -248,18 +248,22 @@ class Evaluator:
         ``_delete_range`` (one key, no prev_kv), the range as ``range`` (one key, now)."""
         view = self.view
         state = view.get(key)
-        if (state or ABSENT)[0] == want_mod:
+        if (0 if state is None else view.revision_of(state[0])) == want_mod:
             if delete:
-                if state is not None:
-                    view.delete(key)
-                return True, view.rev, state, b""
+                if state is None:
+                    return True, view.revision, None, b""
+                mod, create, version, held = state
+                found = (view.revision_of(mod), create, version, held)
+                view.delete(key)
+                return True, view.revision, found, b""
             self._check_lease(lease)
             view.put(key, value, lease)
-            return True, view.rev, None, b""
+            return True, view.revision, None, b""
         if state is None or not read_on_failure:
-            return False, view.rev, None, b""
+            return False, view.revision, None, b""
         values = await view.values_of((state[0],))
-        return False, view.rev, state, values[state[0]]
+        mod, create, version, lease = state
+        return False, view.revision, (view.revision_of(mod), create, version, lease), values[mod]
 
     # -- compares
 
@@ -284,7 +288,11 @@ class Evaluator:
         values: dict[int, bytes] = {}
         if cmp.target == pb.Compare.VALUE:
             values = await self.view.values_of(e[1] for e in entries)
-        return all(_compare_kv(cmp, e, values.get(e[1], b"")) for e in entries)
+        revision_of = self.view.revision_of
+        return all(
+            _compare_kv(cmp, (e[0], revision_of(e[1]), *e[2:]), values.get(e[1], b""))
+            for e in entries
+        )
 
     # -- checks on the state (apply.go checkRequests)
 
@@ -318,7 +326,7 @@ class Evaluator:
         # etcd's checkRequestRange: any revision but 0 below the store's first revision
         # (its compact revision, -1 before the first compaction) is compacted, negative
         # ones included.
-        if rev > self.view.base_rev:
+        if rev > self.view.base_revision:
             raise errors.FutureRevision()
         first = self.compact_rev if self.compact_rev > 0 else -1
         if rev != 0 and rev < first:
@@ -348,12 +356,15 @@ class Evaluator:
         end = ranges.range_end(req.range_end)
         view = self.view
         if req.revision > 0:
-            all_entries, count = view.index.range(req.key, end, req.revision, 0)
+            at = view.base_rev
+            if req.revision < view.base_revision:
+                at = view.index.id_at(req.revision)
+            all_entries, count = view.index.range(req.key, end, at, 0)
         else:
             all_entries = view.range(req.key, end)
             count = len(all_entries)
         resp.count = count
-        resp.header.revision = view.rev
+        resp.header.revision = view.revision
         if req.count_only:
             return resp
         limit = ranges.fetch_limit(req)
@@ -361,10 +372,12 @@ class Evaluator:
         values = None
         if ranges.needs_values_to_sort(req):
             values = await view.values_of(e[1] for e in entries)
-        entries, resp.more = ranges.select(req, entries, values)
+        entries, resp.more = ranges.select(req, entries, values, view.revision_of)
         if not req.keys_only:
             values = await view.values_of(e[1] for e in entries)
-        ranges.add_key_values(resp.kvs, entries, None if req.keys_only else values)
+        ranges.add_key_values(
+            resp.kvs, entries, None if req.keys_only else values, view.revision_of
+        )
         return resp
 
     # The ops below fill the response they are given: in a txn, the one inside its
@@ -383,11 +396,16 @@ class Evaluator:
             if req.ignore_value:
                 value = prev_value
             if req.prev_kv:
-                resp.prev_kv.CopyFrom(ranges.key_value(req.key, *prev, prev_value))
+                mod, create, version, prev_lease = prev
+                resp.prev_kv.CopyFrom(
+                    ranges.key_value(
+                        req.key, view.revision_of(mod), create, version, prev_lease, prev_value
+                    )
+                )
         if req.ignore_lease and prev is not None:
             lease = prev[3]
         view.put(req.key, value, lease)
-        resp.header.revision = view.rev
+        resp.header.revision = view.revision
         return resp
 
     async def _delete_range(
@@ -398,10 +416,10 @@ class Evaluator:
         resp.deleted = len(entries)
         if req.prev_kv and entries:
             values = await view.values_of(e[1] for e in entries)
-            ranges.add_key_values(resp.prev_kvs, entries, values)
+            ranges.add_key_values(resp.prev_kvs, entries, values, view.revision_of)
         for entry in entries:
             view.delete(entry[0])
-        resp.header.revision = view.rev
+        resp.header.revision = view.revision
         return resp
 
 

@@ -2,7 +2,8 @@
 
 Requests in a batch are applied in order, so each sees the committed store (the index at
 ``base_rev``) overlaid with every earlier write of the batch. Writes become rows with ids
-drawn from ``ids``; values are fetched from PostgreSQL by row id only when needed.
+drawn from ``ids``, a request's rows at one etcd revision; values are fetched from
+PostgreSQL by row id only when needed. States hold row ids as the index's do.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ __all__ = ["BatchView", "OutOfIds", "gap_row"]
 
 def gap_row(rid: int) -> NewRow:
     """Kine's filler for a revision that holds no change (docs/architecture.md#row-shapes)."""
-    return NewRow(Row(rid, b"gap-%d" % rid, 0, 1, 0, 0, 0, 0, None, None), True)
+    return NewRow(Row(rid, b"gap-%d" % rid, 0, 1, 0, 0, 0, 0, None, None, None), True)
 
 
 class OutOfIds(Exception):
@@ -36,8 +37,17 @@ class BatchView:
     ) -> None:
         """``ids``: the row ids to use, or the first of a contiguous run of them."""
         self.index = index
-        self.base_rev = int(index.rev)
-        self.rev = self.base_rev
+        self.base_rev = int(index.rev)  # row ids, as the index's
+        self.rev = self.base_rev  # the newest row id the batch has written (or base_rev)
+        # etcd revisions (docs/architecture.md#revisions): the batch's current revision,
+        # and each of its rows'. A request's rows share one, one above the previous
+        # request's, while their ids follow the previous row's; any other id (skipped ids:
+        # burned by a rollback, or Go Kine's) is a row whose revision is its id, as a row
+        # committed later with a lower id may have its id as its revision.
+        self.base_revision = index.revision_of(self.base_rev)
+        self.revision = self.base_revision
+        self._request_revision = 0  # the revision of this request's rows (0: none yet)
+        self._own: dict[int, int] = {}
         self._ids = ids
         self._taken = 0
         self._fetch_values = fetch_values
@@ -47,12 +57,22 @@ class BatchView:
         self.revoked_leases: list[int] = []
         self._journal: list[tuple[bytes, State | None]] = []  # overlay entries replaced
 
-    def mark(self) -> tuple[int, int, int, int, int]:
-        """A savepoint: everything written after it can be undone by ``rollback``."""
-        return len(self.rows), len(self._journal), self.rev, len(self.revoked_leases), self._taken
+    def mark(self) -> tuple[int, int, int, int, int, int]:
+        """A savepoint, taken as each request starts: everything written after it can be
+        undone by ``rollback``; the request's rows will share a revision."""
+        self._request_revision = 0
+        return (
+            len(self.rows),
+            len(self._journal),
+            self.rev,
+            len(self.revoked_leases),
+            self._taken,
+            self.revision,
+        )
 
-    def rollback(self, mark: tuple[int, int, int, int, int]) -> None:
-        rows, journal, rev, revoked, self._taken = mark
+    def rollback(self, mark: tuple[int, int, int, int, int, int]) -> None:
+        rows, journal, rev, revoked, self._taken, self.revision = mark
+        self._request_revision = 0
         while len(self._journal) > journal:
             key, old = self._journal.pop()
             if old is None:
@@ -101,7 +121,14 @@ class BatchView:
 
     # -- writing -------------------------------------------------------------------------
 
-    def _next_id(self) -> int:
+    def revision_of(self, rid: int) -> int:
+        """The etcd revision of row ``rid``: one of this batch's, or the index's."""
+        if rid > self.base_rev:
+            return self._own[rid]
+        return self.index.revision_of(rid)
+
+    def _next_id(self) -> tuple[int, int | None]:
+        """The next row's id and its revision column (None when it is the id)."""
         ids, n = self._ids, self._taken
         if isinstance(ids, int):
             rid = ids + n
@@ -110,8 +137,15 @@ class BatchView:
         else:
             raise OutOfIds
         self._taken = n + 1
+        if rid != self.rev + 1:
+            revision = rid
+        elif not self._request_revision:
+            revision = self.revision + 1
+        else:
+            revision = self._request_revision
+        self._request_revision = self.revision = self._own[rid] = revision
         self.rev = rid
-        return rid
+        return rid, None if revision == rid else revision
 
     def _latest_row(self, key: bytes) -> tuple[int, bool]:
         """(id of the key's newest row, whether that row is in this batch)."""
@@ -123,9 +157,9 @@ class BatchView:
     def put(self, key: bytes, value: bytes, lease: int) -> State:
         prev = self.get(key)
         prev_row, prev_in_batch = self._latest_row(key)
-        rid = self._next_id()
+        rid, revision = self._next_id()
         if prev is None:
-            state = (rid, rid, 1, lease)
+            state = (rid, revision or rid, 1, lease)
         else:
             state = (rid, prev[CREATE], prev[VERSION] + 1, lease)
         old = self.values.get(prev_row) if prev_in_batch else None
@@ -140,6 +174,7 @@ class BatchView:
                     prev_row,
                     lease,
                     state[VERSION],
+                    revision,
                     value,
                     old,
                 ),
@@ -152,9 +187,12 @@ class BatchView:
 
     def delete(self, key: bytes) -> None:
         prev_row, prev_in_batch = self._latest_row(key)
-        rid = self._next_id()
+        rid, revision = self._next_id()
         old = self.values.get(prev_row) if prev_in_batch else None
         self.rows.append(
-            NewRow(Row(rid, stored_name(key), 0, 1, 0, prev_row, 0, 0, None, old), prev_in_batch)
+            NewRow(
+                Row(rid, stored_name(key), 0, 1, 0, prev_row, 0, 0, revision, None, old),
+                prev_in_batch,
+            )
         )
         self._set(key, (rid, 0, 0, 0))

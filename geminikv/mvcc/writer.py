@@ -1,7 +1,7 @@
 """The writer: turns concurrent write requests into batches, one PostgreSQL txn each.
 
 Usually a batch is evaluated against the index as it stands and sent in one round trip
-(``geminikv_write_v2``, autocommit): under the cluster-wide advisory lock PostgreSQL checks
+(``geminikv_write_v3``, autocommit): under the cluster-wide advisory lock PostgreSQL checks
 that the table holds no row the index lacks and that the leases keys are attached to are
 live, then inserts and notifies. Otherwise (another process wrote, a lease is gone, a lease
 is revoked) the batch takes the lock first, makes sure the index has every committed row,
@@ -338,7 +338,7 @@ class Writer:
         leases: Leases,
     ) -> BatchView:
         view = BatchView(self.index, ids, self._fetch_values, values)
-        evaluator = Evaluator(view, leases, int(self.index.compact_rev))
+        evaluator = Evaluator(view, leases, int(self.index.compact_revision))
         for req in batch:
             mark = view.mark()
             try:

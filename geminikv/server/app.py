@@ -397,8 +397,8 @@ class App:
         metrics.WATCH_STREAMS.set_function(lambda: len(watch.streams))
         metrics.WATCHERS.set_function(lambda: len(hub.synced) + len(hub.unsynced))
         metrics.UNSYNCED_WATCHERS.set_function(lambda: len(hub.unsynced))
-        metrics.REVISION.set_function(lambda: int(index.rev))
-        metrics.COMPACT_REVISION.set_function(lambda: int(index.compact_rev))
+        metrics.REVISION.set_function(lambda: index.revision_of(index.rev))
+        metrics.COMPACT_REVISION.set_function(lambda: int(index.compact_revision))
         metrics.LEASES.set_function(lambda: self.lease_count)
 
     async def _check_health(self) -> None:

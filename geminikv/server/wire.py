@@ -53,7 +53,7 @@ class Answers:
     """The wire-format answers, with this process's response header: ``txn(request,
     succeeded, revision, found, value)`` for a GuardedPut, ``get(key, revision, found,
     value)`` for a KeyGet (``found``: the key's (mod, create, version, lease) or None),
-    ``range(revision, entries, values, count, more)`` for any other Range
+    ``range(revision, entries, values, count, more, revision_of)`` for any other Range
     (KVStore.range's answer)."""
 
     def __init__(self, identity: Identity) -> None:

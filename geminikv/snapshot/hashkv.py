@@ -64,13 +64,15 @@ async def hash_kv(store: KVStore, revision: int) -> KVHash:
     """etcd's HashKV at ``revision`` (0: the current one), from one consistent read."""
     hasher = KeyBucketHash()
     async with store.pool.acquire() as conn, kine.consistent_read(conn):
-        current, compacted = await kine.snapshot_revisions(conn)
-        if 0 < revision <= compacted:
+        newest, compacted = await kine.snapshot_revisions(conn)
+        current, compact_revision = await Versions(store, newest).revisions(conn)
+        if 0 < revision <= compact_revision:
             raise errors.Compacted()
         if revision > current:
             raise errors.FutureRevision()
-        upto = revision or current
-        if upto > 0:
+        # row ids from here on (docs/architecture.md#revisions)
+        upto = store.index.id_at(revision) if revision > 0 else newest
+        if revision >= 0 and upto > 0:
             # etcd keeps a compacted key's entry only while no newer one exists at R, but
             # keeps them all when no key exists at R (its set of entries to keep is empty)
             keep_until = upto if await hashkv.any_live(conn, upto) else compacted
@@ -83,4 +85,4 @@ async def hash_kv(store: KVStore, revision: int) -> KVHash:
                     await asyncio.to_thread(hasher.add, batch)
                     batch = []
             hasher.add(batch)
-    return KVHash(hasher.crc, current, compacted or NEVER_COMPACTED)
+    return KVHash(hasher.crc, current, compact_revision or NEVER_COMPACTED)

@@ -1,15 +1,15 @@
 """An etcd snapshot loaded into an empty geminikv database, revisions kept.
 
-Each etcd revision becomes the row with that id, so create/mod revisions, versions and
-the current revision are etcd's. Revisions that changed no key still exist in etcd (its
-revision 1, history compacted away, a current revision that is the compact revision): the
-first of them holds Kine's ``compact_rev_key`` row (etcd never writes revision 1), those
-above the compact revision are Kine gap rows, and so is the current revision if no key
-changed at it, so the newest row is the current revision. Holes at or below the compact
-revision stay holes, as geminikv's compaction leaves them.
-
-One etcd revision that changed several keys (sub revision > 0) cannot be one row, so
-such a snapshot is refused (geminikv gives each change its own revision).
+Each key an etcd revision changed becomes a row carrying that revision (one row per key,
+so a revision that changed several keys is several rows with consecutive ids and one
+revision; docs/architecture.md#revisions): create/mod revisions, versions and the current
+revision are etcd's. Revisions that changed no key still exist in etcd (its revision 1,
+history compacted away, a current revision that is the compact revision): the first of
+them holds Kine's ``compact_rev_key`` row (etcd never writes revision 1), those above the
+compact revision are Kine gap rows, and so is the current revision if no key changed at
+it, so the newest row is at the current revision. Holes at or below the compact revision
+stay holes, as geminikv's compaction leaves them. Kine's compact row holds the newest row
+id at the compact revision, and the revision beside it.
 
 Lease ids: Kine's ``lease`` column holds 32 bits, etcd's ids 64. An id that does not fit
 is renumbered (its low 31 bits, or the next free id) and the new id reported; keys keep
@@ -63,33 +63,40 @@ class LeaseIds:
 
 @dataclass(slots=True)
 class Staging:
-    """Turns etcd's revisions, in order, into Kine rows (``storage.load.STAGING_COLUMNS``)."""
+    """Turns etcd's revisions, in order, into Kine rows (``storage.load.STAGING_COLUMNS``):
+    one row per key changed, ids ascending; a row's ``revision`` column is its etcd
+    revision where that is not its id (docs/architecture.md#revisions)."""
 
     compact: int
     lease_ids: LeaseIds
     revision: int = 0  # the current revision, once every row is out
-    compact_key: int | None = None  # the id of Kine's compact_rev_key row
+    compact_key: int | None = None  # the revision of Kine's compact_rev_key row
+    compact_id: int = 0  # the newest row id at or below the compact revision
     rows: int = 0
+    last_id: int = 0
 
     def rows_of(self, revisions: Iterable[KeyRevision]) -> Iterator[StagedRow]:
         expected = 1
-        previous: KeyRevision | None = None
         for entry in revisions:
-            if entry.sub:
-                keys = [entry.key] if previous is None else [previous.key, entry.key]
-                raise SnapshotRefused(
-                    errors.LOAD_MULTI_KEY.format(
-                        revision=entry.main, keys=", ".join(repr(k) for k in keys) + ", …"
-                    )
-                )
-            yield from self._holes(expected, entry.main - 1)
+            if entry.main >= expected:
+                yield from self._holes(expected, entry.main - 1)
             yield self._row(entry)
             expected = entry.main + 1
-            previous = entry
         self.revision = max(expected - 1, self.compact, 1)
         yield from self._holes(expected, self.revision, newest=True)
         if self.compact_key is None:
             raise SnapshotRefused(errors.LOAD_NO_FREE_REVISION.format(revision=self.revision))
+
+    def _next(self, revision: int) -> tuple[int, int | None]:
+        """The next row's id, and its revision column (NULL when it is the id). A row's id
+        is its revision where the rows before leave it free (always, without multi-key
+        revisions), else the next id: never below its revision, so a row written later
+        with its id as revision (Go Kine's, a gap row) never goes below one of these."""
+        self.rows += 1
+        self.last_id = rid = max(self.last_id + 1, revision)
+        if revision <= self.compact:
+            self.compact_id = rid
+        return rid, None if revision == rid else revision
 
     def _holes(self, first: int, last: int, newest: bool = False) -> Iterator[StagedRow]:
         """Rows for revisions ``first`` to ``last``, at which no key changed."""
@@ -97,25 +104,25 @@ class Staging:
             return
         if self.compact_key is None:
             self.compact_key = first
-            self.rows += 1
-            yield (first, COMPACT_KEY, 1, 0, 0, 0, b"", 1)
+            rid, revision = self._next(first)
+            yield (rid, COMPACT_KEY, 1, 0, 0, 0, b"", 1, revision)
             first += 1
         for gap in range(max(first, self.compact + 1), last + 1):
-            self.rows += 1
-            yield (gap, GAP_PREFIX + b"%d" % gap, 0, 1, 0, 0, None, 0)
+            rid, revision = self._next(gap)
+            yield (rid, GAP_PREFIX + b"%d" % rid, 0, 1, 0, 0, None, 0, revision)
         if newest and first <= last <= self.compact:
-            self.rows += 1
-            yield (last, GAP_PREFIX + b"%d" % last, 0, 1, 0, 0, None, 0)
+            rid, revision = self._next(last)
+            yield (rid, GAP_PREFIX + b"%d" % rid, 0, 1, 0, 0, None, 0, revision)
 
     def _row(self, entry: KeyRevision) -> StagedRow:
-        self.rows += 1
+        rid, revision = self._next(entry.main)
         name = stored_name(entry.key)
         if entry.tombstone:
-            return (entry.main, name, 0, 1, 0, 0, None, 0)
+            return (rid, name, 0, 1, 0, 0, None, 0, revision)
         created = int(entry.create_revision == entry.main)
         lease = self.lease_ids(entry.lease)
         return (
-            entry.main,
+            rid,
             name,
             created,
             0,
@@ -123,6 +130,7 @@ class Staging:
             lease,
             entry.value,
             entry.version,
+            revision,
         )
 
 
@@ -168,9 +176,9 @@ async def load_file(
             if revision or held:
                 raise SnapshotRefused(errors.LOAD_NOT_EMPTY.format(revision=revision, leases=held))
             await loading.copy_rows(conn, staging.rows_of(backend.revisions()))
-            await kine.set_compact_rev(conn, summary.compact_revision)
+            await kine.set_compact_rev(conn, staging.compact_id, summary.compact_revision)
             await loading.insert_leases(conn, leases)
-            await loading.set_sequence(conn, staging.revision)
+            await loading.set_sequence(conn, staging.last_id)
     return Loaded(
         staging.revision,
         summary.compact_revision,

@@ -39,9 +39,9 @@ class LeaseGone(WriteRefused):
 
 _REFUSALS: dict[str, type[WriteRefused]] = {WRITE_CONFLICT: IndexBehind, LEASE_GONE: LeaseGone}
 
-# (id, name, created, deleted, create_revision, prev_revision, lease, version): a row as
-# the index applies it (rows.INDEX_COLUMNS)
-ApplyRow = Callable[[int, bytes, int, int, int, int, int, "int | None"], object]
+# (id, name, created, deleted, create_revision, prev_revision, lease, version, revision):
+# a row as the index applies it (rows.INDEX_COLUMNS)
+ApplyRow = Callable[[int, bytes, int, int, int, int, int, "int | None", "int | None"], object]
 
 
 # -- revisions -------------------------------------------------------------------------
@@ -68,12 +68,21 @@ async def holds(conn: asyncpg.Connection, rev: int) -> tuple[int, bool, int]:
 
 
 async def compact_rev(conn: asyncpg.Connection) -> int:
-    """Kine's compact revision (held in the compact_rev_key row)."""
+    """Kine's compact revision (held in the compact_rev_key row): a row id."""
     return int(await conn.fetchval(SQL["compact_rev"]))
 
 
-async def set_compact_rev(conn: asyncpg.Connection, rev: int) -> None:
-    await conn.execute(SQL["set_compact_rev"], rev)
+async def compact_revs(conn: asyncpg.Connection) -> tuple[int, int | None]:
+    """(the row id compacted at, its etcd revision or None when not recorded: set by Go
+    Kine, or by a geminikv before revisions were kept apart from ids)."""
+    row = await conn.fetchrow(SQL["compact_revs"])
+    assert row is not None
+    return int(row[0]), None if row[1] is None else int(row[1])
+
+
+async def set_compact_rev(conn: asyncpg.Connection, rid: int, revision: int) -> None:
+    """Compacted at row ``rid``, etcd revision ``revision``."""
+    await conn.execute(SQL["set_compact_rev"], rid, revision)
 
 
 async def next_ids(conn: asyncpg.Connection, count: int) -> list[int]:
@@ -90,11 +99,30 @@ async def rows_after(conn: asyncpg.Connection, after: int, upto: int, limit: int
     return [Row._make(r) for r in records]
 
 
-async def load_all(conn: asyncpg.Connection, apply: ApplyRow) -> int:
+async def revisions_after(
+    conn: asyncpg.Connection, after: int, upto: int, limit: int
+) -> tuple[list[Row], bool]:
+    """``rows_after``, extended to the end of the last row's revision (a request's rows,
+    consecutive ids, share one: docs/architecture.md#revisions), so a reader never holds
+    part of a request; and whether rows may follow (the first read was full)."""
+    rows = await rows_after(conn, after, upto, limit)
+    if len(rows) < limit:
+        return rows, False
+    last = rows[-1]
+    revision = last.id if last.revision is None else last.revision
+    while True:
+        more = await rows_after(conn, rows[-1].id, upto, limit)
+        same = [r for r in more if (r.id if r.revision is None else r.revision) == revision]
+        rows.extend(same)
+        if len(same) < len(more) or len(more) < limit:
+            return rows, True
+
+
+async def load_all(conn: asyncpg.Connection, apply: ApplyRow) -> tuple[int, int | None]:
     """In one snapshot: hand every row to ``apply`` in id order (without values), and
-    return the compact revision as of that snapshot."""
+    return the compact revision as of that snapshot (``compact_revs``)."""
     async with conn.transaction(isolation="repeatable_read"):
-        compacted = await compact_rev(conn)
+        compacted = await compact_revs(conn)
         async for r in conn.cursor(SQL["all_rows"], prefetch=LOAD_PREFETCH):
             apply(*r)
     return compacted
@@ -157,20 +185,33 @@ async def identity(conn: asyncpg.Connection) -> tuple[str, int]:
 
 
 def _insert_args(rows: Sequence[NewRow]) -> list[list[Any]]:
-    """Column arrays in ``insert_rows``' parameter order (version last)."""
+    """Column arrays in ``insert_rows``' parameter order (version and revision last)."""
     if not rows:
-        return [[] for _ in range(11)]
-    rid, name, created, deleted, create_rev, prev_rev, lease, version, value, old = (
+        return [[] for _ in range(12)]
+    rid, name, created, deleted, create_rev, prev_rev, lease, version, revision, value, old = (
         list(column) for column in zip(*(r.row for r in rows), strict=True)
     )
     known = [r.old_known for r in rows]
-    return [rid, name, created, deleted, create_rev, prev_rev, lease, value, old, known, version]
+    return [
+        rid,
+        name,
+        created,
+        deleted,
+        create_rev,
+        prev_rev,
+        lease,
+        value,
+        old,
+        known,
+        version,
+        revision,
+    ]
 
 
 async def write_batch(
     conn: asyncpg.Connection, expected: int, leases: Iterable[int], rows: Sequence[NewRow]
 ) -> dict[int, bytes | None]:
-    """The one-round-trip batch (``geminikv_write_v2``, autocommit): insert ``rows`` if the
+    """The one-round-trip batch (``geminikv_write_v3``, autocommit): insert ``rows`` if the
     table's newest revision is still ``expected`` and ``leases`` are live. Returns row id →
     the old value stored; empty when the ids were taken by someone else (nothing written).
     Raises ``IndexBehind`` or ``LeaseGone`` when refused."""

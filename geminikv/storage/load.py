@@ -22,8 +22,9 @@ STAGING_COLUMNS = (
     "lease",
     "value",
     "version",
+    "revision",
 )
-StagedRow = tuple[int, bytes, int, int, int, int, "bytes | None", int]
+StagedRow = tuple[int, bytes, int, int, int, int, "bytes | None", int, "int | None"]
 
 
 async def lock_and_measure(conn: asyncpg.Connection) -> tuple[int, int]:

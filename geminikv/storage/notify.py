@@ -2,7 +2,7 @@
 payload is encoded and parsed here.
 
 Payloads: a committed revision (``"123"``: rows up to it are in the table; sent by the
-writer, and by ``geminikv_write_v2`` in ``schema.py`` as ``id::text``); ``"compact"`` (a
+writer, and by ``geminikv_write_v3`` in ``schema.py`` as ``id::text``); ``"compact"`` (a
 logical compaction set Kine's compact revision); ``"compacted:123"`` (the leader deleted
 the rows a compaction at 123 made unreachable); ``"alarms"`` (an alarm was raised or
 cleared).

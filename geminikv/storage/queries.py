@@ -16,7 +16,7 @@ WRITER_LOCK_KEY = 0x6B696E65_00000002
 NOTIFY_CHANNEL = "geminikv"
 # Auth changes (users, roles, permissions, the enabled flag): payload the new auth revision.
 AUTH_NOTIFY_CHANNEL = "geminikv_auth"
-# SQLSTATEs geminikv_write_v2 raises: the caller's index is behind the table; a lease the
+# SQLSTATEs geminikv_write_v3 raises: the caller's index is behind the table; a lease the
 # batch attaches keys to is gone (revoked or expired).
 WRITE_CONFLICT = "GK001"
 LEASE_GONE = "GK002"
@@ -27,7 +27,7 @@ NOW_MS = "(extract(epoch from clock_timestamp()) * 1000)::bigint"
 # Session lock held by the one process that expires leases and compacts automatically.
 LEADER_LOCK_KEY = 0x6B696E65_00000003
 
-# The columns of rows.Row (the index needs the first eight), in its order.
+# The columns of rows.Row (the index needs the first nine), in its order.
 INDEX_ROW_COLUMNS = ", ".join(INDEX_COLUMNS)
 ROW_COLUMNS = ", ".join(Row._fields)
 SNAPSHOT_ROW_COLUMNS = ", ".join(f"k.{column}" for column in Row._fields[:-1])
@@ -83,7 +83,19 @@ SQL: dict[str, str] = {
     "compact_rev": (
         "SELECT COALESCE(MAX(prev_revision), 0) FROM kine WHERE name = 'compact_rev_key'"
     ),
-    "set_compact_rev": "UPDATE kine SET prev_revision = $1 WHERE name = 'compact_rev_key'",
+    # Kine's compact row holds the row id compacted at (prev_revision, as Go Kine sets and
+    # reads it); geminikv adds the etcd revision in `version`, with the id it goes with in
+    # `create_revision`: once Go Kine moves prev_revision they differ and the revision is
+    # unknown (NULL) (docs/architecture.md#compact-revision-row)
+    "compact_revs": (
+        "SELECT COALESCE(MAX(prev_revision), 0), MAX(CASE WHEN prev_revision > 0 "
+        "AND create_revision = prev_revision THEN version END) "
+        "FROM kine WHERE name = 'compact_rev_key'"
+    ),
+    "set_compact_rev": (
+        "UPDATE kine SET prev_revision = $1, create_revision = $1, version = $2 "
+        "WHERE name = 'compact_rev_key'"
+    ),
     "next_ids": "SELECT nextval(pg_get_serial_sequence('kine', 'id')) FROM generate_series(1, $1)",
     "rows_with_values_after": (
         f"SELECT {ROW_COLUMNS} FROM kine WHERE id > $1 AND id <= $2 ORDER BY id LIMIT $3"
@@ -92,25 +104,26 @@ SQL: dict[str, str] = {
     "values_by_id": "SELECT id, value FROM kine WHERE id = ANY($1::bigint[])",
     "insert_rows": """
         INSERT INTO kine (id, name, created, deleted, create_revision, prev_revision, lease,
-                          value, old_value, version)
+                          value, old_value, version, revision)
         SELECT t.id, convert_from(t.name, 'UTF8'), t.created, t.deleted, t.create_revision,
                t.prev_revision, t.lease, t.value,
                CASE WHEN t.old_known THEN t.old_value
                     ELSE (SELECT k.value FROM kine k WHERE k.id = t.prev_revision) END,
-               t.version
+               t.version, t.revision
         FROM unnest($1::bigint[], $2::bytea[], $3::int[], $4::int[], $5::bigint[], $6::bigint[],
-                    $7::int[], $8::bytea[], $9::bytea[], $10::bool[], $11::bigint[])
+                    $7::int[], $8::bytea[], $9::bytea[], $10::bool[], $11::bigint[],
+                    $12::bigint[])
           AS t(id, name, created, deleted, create_revision, prev_revision, lease,
-               value, old_value, old_known, version)
+               value, old_value, old_known, version, revision)
     """,
     "insert_rows_returning": "",  # insert_rows + RETURNING, set below
     # The writer's fast path (schema.py): $1 the index revision, $2 the leases keys are
     # attached to, then insert_rows' arrays.
     "write_batch": """
-        SELECT out_id, out_old_value FROM geminikv_write_v2(
+        SELECT out_id, out_old_value FROM geminikv_write_v3(
             $1::bigint, $2::bigint[], $3::bigint[], $4::bytea[], $5::int[], $6::int[],
             $7::bigint[], $8::bigint[], $9::int[], $10::bytea[], $11::bytea[], $12::bool[],
-            $13::bigint[])
+            $13::bigint[], $14::bigint[])
     """,
     "fill_gaps": """
         INSERT INTO kine (id, name, created, deleted, create_revision, prev_revision, lease,
@@ -204,14 +217,15 @@ SQL: dict[str, str] = {
     "load_staging": """
         CREATE TEMPORARY TABLE geminikv_load (
             id BIGINT, name text COLLATE "C", created INTEGER, deleted INTEGER,
-            create_revision BIGINT, lease INTEGER, value bytea, version BIGINT
+            create_revision BIGINT, lease INTEGER, value bytea, version BIGINT,
+            revision BIGINT
         ) ON COMMIT DROP
     """,
     "load_insert": """
         INSERT INTO kine (id, name, created, deleted, create_revision, prev_revision, lease,
-                          value, old_value, version)
+                          value, old_value, version, revision)
         SELECT id, name, created, deleted, create_revision, COALESCE(lag(id) OVER w, 0),
-               lease, value, lag(value) OVER w, version
+               lease, value, lag(value) OVER w, version, revision
         FROM geminikv_load WINDOW w AS (PARTITION BY name ORDER BY id)
     """,
     "load_sequence": "SELECT setval(pg_get_serial_sequence('kine', 'id'), $1)",

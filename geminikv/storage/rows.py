@@ -13,8 +13,9 @@ from typing import NamedTuple
 
 State = tuple[int, int, int, int]
 """A key at one revision, as the index holds it (etcd's KeyValue without key and value):
-(mod, create, version, lease). ``mod`` is the row id that wrote it; ``create`` the create
-revision of the key's generation; ``version`` 1 on create, +1 per put, 0 on a tombstone.
+(mod, create, version, lease). ``mod`` is the row id that wrote it (the index's map gives
+its etcd revision: docs/architecture.md#revisions); ``create`` the create revision of the
+key's generation, an etcd revision; ``version`` 1 on create, +1 per put, 0 on a tombstone.
 The Cython index holds it as ``struct Rev`` (``_native/index.pxd``). A plain tuple: the
 wire encoders (``_native/kvwire.pyx``) take exactly a tuple, and the index builds one per
 read (a named tuple built from Cython costs 25 ns more per get)."""
@@ -30,7 +31,9 @@ class Row(NamedTuple):
     """A row of Kine's table as the follower applies it and the watch catch-up reads it.
 
     ``name`` is Kine's column (``keys.key_of`` gives the etcd key); ``version`` is NULL in
-    Go Kine's rows; ``value`` is NULL on deletes and gap rows."""
+    Go Kine's rows; ``revision`` (its etcd revision) is NULL when it is the id (always in Go
+    Kine's rows; docs/architecture.md#revisions); ``value`` is NULL
+    on deletes and gap rows."""
 
     id: int
     name: bytes
@@ -40,6 +43,7 @@ class Row(NamedTuple):
     prev_revision: int
     lease: int
     version: int | None
+    revision: int | None
     value: bytes | None
     old_value: bytes | None
 
@@ -60,5 +64,5 @@ class NewRow(NamedTuple):
         return self.row._replace(old_value=old_value)
 
 
-# What the index needs of a row (it never holds values): Row's first eight columns.
-INDEX_COLUMNS = Row._fields[:8]
+# What the index needs of a row (it never holds values): Row's first nine columns.
+INDEX_COLUMNS = Row._fields[:9]

@@ -1,8 +1,9 @@
 """Kine's table, exactly as Go Kine creates it, plus geminikv's compatible extras.
 
 Go Kine reads and writes the same table, so nothing here may change a column Kine uses.
-Extras: a nullable ``version`` column (etcd's per-key version; NULL in Go Kine's rows), the
-``geminikv_lease`` table, ``geminikv_write_v2``, the writer's one-round-trip batch, and the
+Extras: a nullable ``version`` column (etcd's per-key version; NULL in Go Kine's rows), a
+nullable ``revision`` column (a row's etcd revision where it is not the id), the
+``geminikv_lease`` table, ``geminikv_write_v3``, the writer's one-round-trip batch, and the
 auth tables (``geminikv_auth*``).
 Older Kine schemas (INTEGER ids, varchar names, default collation) work unchanged:
 geminikv orders keys in its own index, never in SQL.
@@ -46,6 +47,9 @@ KINE_SCHEMA = [
 
 GEMINIKV_EXTRAS = [
     "ALTER TABLE kine ADD COLUMN IF NOT EXISTS version BIGINT",
+    # a row's etcd revision when it is not its id: the rows of one request share one
+    # (docs/architecture.md#revisions); NULL in Go Kine's rows and wherever it is the id
+    "ALTER TABLE kine ADD COLUMN IF NOT EXISTS revision BIGINT",
     # etcd's alarms, one set for every process on the database (member ids are etcd's
     # uint64, stored as the signed 64-bit integer with the same bits)
     """CREATE TABLE IF NOT EXISTS geminikv_alarm (
@@ -76,10 +80,11 @@ GEMINIKV_EXTRAS = [
     # ids other than the planned ones (burned by a rollback, or taken by Go Kine) are
     # filled as Kine gap rows, so no revision is left missing, and no row comes back: the
     # caller retries.
-    f"""CREATE OR REPLACE FUNCTION geminikv_write_v2(
+    f"""CREATE OR REPLACE FUNCTION geminikv_write_v3(
         expected bigint, p_leases bigint[], p_id bigint[], p_name bytea[], p_created int[],
         p_deleted int[], p_create_revision bigint[], p_prev_revision bigint[], p_lease int[],
-        p_value bytea[], p_old_value bytea[], p_old_known bool[], p_version bigint[])
+        p_value bytea[], p_old_value bytea[], p_old_known bool[], p_version bigint[],
+        p_revision bigint[])
     RETURNS TABLE (out_id bigint, out_old_value bytea)
     LANGUAGE plpgsql VOLATILE AS $fn$
     DECLARE
@@ -111,16 +116,16 @@ GEMINIKV_EXTRAS = [
         END IF;
         RETURN QUERY
         INSERT INTO kine AS k (id, name, created, deleted, create_revision, prev_revision,
-                               lease, value, old_value, version)
+                               lease, value, old_value, version, revision)
         SELECT t.id, convert_from(t.name, 'UTF8'), t.created, t.deleted, t.create_revision,
                t.prev_revision, t.lease, t.value,
                CASE WHEN t.old_known THEN t.old_value
                     ELSE (SELECT o.value FROM kine o WHERE o.id = t.prev_revision) END,
-               t.version
+               t.version, t.revision
         FROM unnest(p_id, p_name, p_created, p_deleted, p_create_revision, p_prev_revision,
-                    p_lease, p_value, p_old_value, p_old_known, p_version)
+                    p_lease, p_value, p_old_value, p_old_known, p_version, p_revision)
           AS t(id, name, created, deleted, create_revision, prev_revision, lease,
-               value, old_value, old_known, version)
+               value, old_value, old_known, version, revision)
         RETURNING k.id::bigint, k.old_value;
         PERFORM pg_notify('{NOTIFY_CHANNEL}', p_id[cardinality(p_id)]::text);
     END
@@ -178,11 +183,11 @@ SCHEMA_COMPLETE = """
        AND (SELECT count(*) FROM pg_indexes
             WHERE schemaname = current_schema() AND tablename = 'kine'
               AND indexname = ANY($1::text[])) = $2
-       AND to_regproc('geminikv_write_v2') IS NOT NULL
+       AND to_regproc('geminikv_write_v3') IS NOT NULL
        AND to_regclass('geminikv_auth_token') IS NOT NULL
-       AND EXISTS (SELECT 1 FROM information_schema.columns
-                   WHERE table_schema = current_schema() AND table_name = 'kine'
-                     AND column_name = 'version')
+       AND (SELECT count(*) FROM information_schema.columns
+            WHERE table_schema = current_schema() AND table_name = 'kine'
+              AND column_name IN ('version', 'revision')) = 2
 """
 
 

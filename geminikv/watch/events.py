@@ -22,17 +22,31 @@ def events_from_rows(index: Index, rows: Iterable[Row]) -> list[Event]:
         rid, name, value, old = row.id, row.name, row.value, row.old_value
         if is_special(name, row.created, row.deleted, row.prev_revision):
             continue
+        revision = rid if row.revision is None else row.revision
         key = key_of(name)
         prev = index.get(key, rid - 1)
+        if prev is not None and index.has_anchors:
+            prev = (index.revision_of(prev[0]), *prev[1:])
         prev_value = (old or b"") if prev is not None else None
         if row.deleted:
-            out.append(Event(rid, key, True, 0, 0, 0, None, prev, prev_value))
+            out.append(Event(rid, revision, key, True, 0, 0, 0, None, prev, prev_value))
             continue
         state = index.get(key, rid)
         if state is None or state[0] != rid:
             continue  # history no longer held (compacted meanwhile)
         out.append(
-            Event(rid, key, False, state[1], state[2], state[3], value or b"", prev, prev_value)
+            Event(
+                rid,
+                revision,
+                key,
+                False,
+                state[1],
+                state[2],
+                state[3],
+                value or b"",
+                prev,
+                prev_value,
+            )
         )
     return out
 

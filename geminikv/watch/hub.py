@@ -51,7 +51,21 @@ class Hub:
 
     @property
     def revision(self) -> int:
-        return int(self.index.rev)  # the applied revision: the applier advances the index
+        """The applied etcd revision (the applier advances the index)."""
+        return self.index.revision_of(self.index.rev)
+
+    def first_id(self, revision: int) -> int:
+        """The first row id a watch from ``revision`` wants (docs/architecture.md#revisions);
+        watchers' ``next_rev`` and events' ``rid`` are row ids."""
+        if revision <= 0:
+            return revision
+        return self.index.id_at(revision - 1) + 1
+
+    def _compacted_below(self) -> int:
+        """The row ids a compaction took from watchers: up to the last one below the
+        compact revision (etcd cancels a watch from below it, not from it)."""
+        compact = int(self.index.compact_revision)
+        return self.index.id_at(compact - 1) if compact > 0 else 0
 
     def rebuilding(self) -> bool:
         return self._rebuilding()
@@ -75,7 +89,7 @@ class Hub:
     # -- membership --------------------------------------------------------------------
 
     def add(self, watcher: Watcher) -> None:
-        if watcher.next_rev > self.revision:
+        if watcher.next_rev > self.index.rev:
             watcher.synced = True
             self.synced.add(watcher)
         else:
@@ -101,11 +115,11 @@ class Hub:
 
     def publish(self, events: list[Event]) -> None:
         """Called by the follower, in the event loop, for every group of applied rows."""
-        applied = self.revision
-        compact = int(self.index.compact_rev)
+        applied = int(self.index.rev)
+        compact = int(self.index.compact_revision)
         for watcher in list(self.synced):
             first = watcher.next_rev
-            matching = [e for e in events if e.revision >= first and watcher.matches(e)]
+            matching = [e for e in events if e.rid >= first and watcher.matches(e)]
             if applied >= first:
                 watcher.next_rev = applied + 1
             if matching:
@@ -139,27 +153,29 @@ class Hub:
                 await asyncio.sleep(WATCH_RETRY_DELAY)
 
     async def _catch_up(self, watcher: Watcher) -> None:
-        compact = int(self.index.compact_rev)
-        if watcher.next_rev < compact or watcher.next_rev < 0:
+        if watcher.next_rev <= self._compacted_below() or watcher.next_rev < 0:
             self.unsynced.discard(watcher)
+            compact = int(self.index.compact_revision)
             watcher.stream.cancel_compacted(watcher, compact if compact > 0 else -1)
             return
-        upper = self.revision
+        upper = int(self.index.rev)
         async with self.pool.acquire() as conn:
-            records = await kine.rows_after(conn, watcher.next_rev - 1, upper, WATCH_CATCH_UP_ROWS)
+            # whole revisions: a request's events are never split between responses
+            records, more = await kine.revisions_after(
+                conn, watcher.next_rev - 1, upper, WATCH_CATCH_UP_ROWS
+            )
         if watcher not in self.unsynced:
             return  # canceled meanwhile
-        compact = int(self.index.compact_rev)
-        if compact > watcher.next_rev:
+        if watcher.next_rev <= self._compacted_below():
             return  # compacted meanwhile: the next round cancels it
         events = [e for e in events_from_rows(self.index, records) if watcher.matches(e)]
-        watcher.next_rev = (
-            (records[-1].id + 1) if len(records) == WATCH_CATCH_UP_ROWS else upper + 1
-        )
+        watcher.next_rev = (records[-1].id + 1) if more else upper + 1
         if events:
             # May demote again (and rewind next_rev) if the stream is not reading.
-            watcher.stream.queue_events(watcher, events, self.revision, compact)
-        if watcher.next_rev > self.revision and watcher in self.unsynced:
+            watcher.stream.queue_events(
+                watcher, events, self.revision, int(self.index.compact_revision)
+            )
+        if watcher.next_rev > self.index.rev and watcher in self.unsynced:
             self.unsynced.discard(watcher)
             watcher.synced = True
             self.synced.add(watcher)

@@ -86,7 +86,7 @@ class WatchStream:
         elif watch_id in self.watchers:
             self._refuse(errors.WATCH_DUPLICATE_ID)
             return
-        start = req.start_revision if req.start_revision != 0 else current + 1
+        start = self.hub.first_id(req.start_revision if req.start_revision != 0 else current + 1)
         filters = set(req.filters)
         watcher = Watcher(
             self,
@@ -141,7 +141,7 @@ class WatchStream:
             return
         resp = self._response(watcher.id, header_rev)
         resp.events.extend(to_pb(e, watcher.prev_kv, compact_rev) for e in events)
-        self._push(_Item(_EVENTS, resp, watcher, events[0].revision, len(events)))
+        self._push(_Item(_EVENTS, resp, watcher, events[0].rid, len(events)))
         watcher.sent_since_tick = True
         queued = self._queued.get(watcher, 0) + len(events)
         self._queued[watcher] = queued

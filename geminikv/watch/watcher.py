@@ -38,6 +38,9 @@ class Watchable(Protocol):
     def revision(self) -> int:
         """The revision every synced watcher has been given."""
 
+    def first_id(self, revision: int) -> int:
+        """The first row id a watch from etcd revision ``revision`` wants."""
+
     def rebuilding(self) -> bool:
         """The index is being rebuilt: no new watchers."""
 
@@ -85,7 +88,7 @@ class Watcher:
         self.id = watch_id
         self.key = key
         self.end = end  # None: one key; b"": every key >= key
-        self.next_rev = start_rev  # the first revision not yet queued
+        self.next_rev = start_rev  # the first row id not yet queued
         self.prev_kv = prev_kv
         self.no_put = no_put
         self.no_delete = no_delete

@@ -6,8 +6,8 @@ Range, DeleteRange, Txn (compares; put/range/delete ops) and lease revoke.
 
 A write is evaluated without changing the store (``evaluate``): it yields its result and
 the ``Change`` list it would make; the caller decides whether to ``apply`` those changes.
-Revisions: in "key" mode (geminikv) every change takes the next revision; in "txn" mode
-(etcd) all changes of one request share one revision.
+Revisions: in "txn" mode (etcd, and geminikv) all changes of one request share one
+revision; in "key" mode (Kine's) every change takes the next revision.
 """
 
 from __future__ import annotations
