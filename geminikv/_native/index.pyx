@@ -7,7 +7,7 @@ array of revisions, oldest first; a tombstone (version 0) closes a generation.
 """
 
 from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
-from libc.stdint cimport int64_t
+from libc.stdint cimport INT64_MAX, int64_t
 from bisect import bisect_left, bisect_right
 
 DEF CHUNK = 512
@@ -406,12 +406,15 @@ cdef class Index:
         if not self.anchor_ids:
             return revision
         cdef Py_ssize_t k = bisect_right(self.anchor_revs, revision) - 1
-        cdef int64_t rid, limit
+        cdef int64_t rid, limit, ahead, end
         if k < 0:
             rid = revision
             limit = <int64_t>self.anchor_ids[0] - 1
         else:
-            rid = <int64_t>self.anchor_ends[k] + (revision - <int64_t>self.anchor_revs[k])
+            ahead = revision - <int64_t>self.anchor_revs[k]
+            end = <int64_t>self.anchor_ends[k]
+            # saturating: a revision far ahead (a watch from 2**63 - 1) is past every id
+            rid = INT64_MAX if ahead > INT64_MAX - end else end + ahead
             limit = (<int64_t>self.anchor_ids[k + 1] - 1
                      if k + 1 < len(self.anchor_ids) else rid)
         return rid if rid < limit else limit

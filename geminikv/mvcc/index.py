@@ -11,7 +11,17 @@ from geminikv.mvcc.keys import COMPACT_KEY, GAP_PREFIX, key_of
 from geminikv.storage import kine
 from geminikv.storage.rows import State
 
-__all__ = ["Index", "KeyHistory", "apply_row", "is_special", "load", "set_compacted"]
+__all__ = [
+    "MAX_REVISION",
+    "Index",
+    "KeyHistory",
+    "apply_row",
+    "is_special",
+    "load",
+    "set_compacted",
+]
+
+MAX_REVISION = 2**63 - 1  # revisions and row ids are int64, as etcd's
 
 
 def is_special(name: bytes, created: int, deleted: int, prev_revision: int) -> bool:

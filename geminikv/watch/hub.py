@@ -23,7 +23,7 @@ import asyncpg
 from geminikv import tasks
 from geminikv.config import WATCH_CATCH_UP_ROWS, WATCH_IDLE_RECHECK, WATCH_RETRY_DELAY
 from geminikv.mvcc.events import Event
-from geminikv.mvcc.index import Index
+from geminikv.mvcc.index import MAX_REVISION, Index
 from geminikv.storage import kine
 from geminikv.storage.database import CONNECTION_ERRORS
 from geminikv.watch.events import events_from_rows
@@ -59,7 +59,7 @@ class Hub:
         watchers' ``next_rev`` and events' ``rid`` are row ids."""
         if revision <= 0:
             return revision
-        return self.index.id_at(revision - 1) + 1
+        return min(int(self.index.id_at(revision - 1)), MAX_REVISION - 1) + 1
 
     def _compacted_below(self) -> int:
         """The row ids a compaction took from watchers: up to the last one below the
