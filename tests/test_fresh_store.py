@@ -3,6 +3,10 @@ counts; a database Go Kine created keeps its rows (tests/test_storage_compat.py)
 
 from __future__ import annotations
 
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from tests.servers import Etcd, GeminiServer, Postgres, Stubs
 
@@ -35,3 +39,28 @@ def test_a_fresh_store_is_empty_at_revision_one_like_etcd(postgres: Postgres) ->
     finally:
         etcd.stop()
         gemini.stop()
+
+
+def test_processes_starting_at_once_on_a_missing_database_all_serve(postgres: Postgres) -> None:
+    """Two control-plane nodes started together on a database that does not exist yet:
+    one creates it, and every process serves the one store."""
+    dsn = postgres.server.dsn(f"together_{uuid.uuid4().hex[:12]}")
+    servers = [GeminiServer(dsn) for _ in range(3)]
+    together = threading.Barrier(len(servers))
+
+    def start(server: GeminiServer) -> GeminiServer:
+        together.wait()
+        return server.start()
+
+    with ThreadPoolExecutor(len(servers)) as pool:
+        results = list(pool.map(start, servers))
+    try:
+        stubs = [server.stubs() for server in results]
+        put = stubs[0].kv.Put(pb.PutRequest(key=b"/together", value=b"v"))
+        for s in stubs:
+            got = s.kv.Range(pb.RangeRequest(key=b"/together"))
+            assert [(kv.value, kv.mod_revision) for kv in got.kvs] == [(b"v", put.header.revision)]
+            s.close()
+    finally:
+        for server in servers:
+            server.stop()

@@ -228,7 +228,9 @@ async def _create_database(backend: Backend) -> None:
     try:
         log.info("creating database %r", backend.database)
         await conn.execute(f'CREATE DATABASE "{backend.database}"')
-    except asyncpg.DuplicateDatabaseError:
+    except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
+        # another process created it first (a concurrent CREATE DATABASE fails on the
+        # catalog's unique index, not as a duplicate): two nodes starting at once
         pass
     finally:
         await conn.close()

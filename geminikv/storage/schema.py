@@ -202,6 +202,10 @@ async def ensure_schema(conn: asyncpg.Connection) -> None:
         return
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK_KEY)
+        # a process that started at the same time may have made it while this one waited:
+        # its no-op statements would lock tables that process is already writing to
+        if await conn.fetchval(SCHEMA_COMPLETE, names, len(names)):
+            return
         for statement in KINE_SCHEMA + GEMINIKV_EXTRAS:
             await conn.execute(statement)
         try:
