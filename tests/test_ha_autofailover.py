@@ -215,28 +215,39 @@ def _geminikv_across(
     traffic = BackgroundTraffic([gemini.address], seed, 20.0).start()
     watcher = Watcher(gemini)
     writer = Writer(gemini).start()
-    healed = False
     try:
         writer.wait_acks_after(0, 100, timeout=30)
-        struck = fault(old)
-        try:
-            pgaf.wait_primary(new, timeout=30)
-            promoted = time.monotonic()
-            writer.wait_acks_after(promoted, 50, timeout=30)
-        finally:
-            heal(old)
-            healed = True
-        assert pgaf.wait_settled() == (new, old)
-        rejoined = time.monotonic()
-        writer.wait_acks_after(rejoined, 50, timeout=30)  # synchronous again, still writing
+        struck, promoted = _strike_and_rejoin(pgaf, old, new, writer, fault, heal)
     finally:
         writer.stop()
-        if not healed:
-            heal(old)
     check_nothing_lost(writer, watcher, f"pg_auto_failover, {what}", struck, promoted, pgaf.nodes)
     violations, summary = traffic.finish()
     print(f"{summary} ({what} {struck - traffic.started:.1f} s in)")
     assert not violations, "\n".join(violations[:30])
+
+
+def _strike_and_rejoin(
+    pgaf: Formation,
+    old: Node,
+    new: Node,
+    writer: Writer,
+    fault: Callable[[Node], float],
+    heal: Callable[[Node], None],
+) -> tuple[float, float]:
+    """``fault`` strikes the primary's node ``old``; once the monitor has promoted ``new``
+    and writes go on, ``heal`` (whatever happened) brings the node back, it rejoins as the
+    secondary and writes go on, synchronous again. When it was struck and ``new``
+    promoted (time.monotonic())."""
+    try:
+        struck = fault(old)
+        pgaf.wait_primary(new, timeout=30)
+        promoted = time.monotonic()
+        writer.wait_acks_after(promoted, 50, timeout=30)
+    finally:
+        heal(old)
+    assert pgaf.wait_settled() == (new, old)
+    writer.wait_acks_after(time.monotonic(), 50, timeout=30)
+    return struck, promoted
 
 
 def _freeze(node: Node) -> float:
@@ -328,7 +339,6 @@ def _duties_across(
     channel, kv, lease = surviving.stubs()
     kept: KeepAlive | None = None
     writer = Writer(surviving)
-    healed = False
     try:
         left = lease.LeaseGrant(pb.LeaseGrantRequest(TTL=TTL)).ID
         kept_id = lease.LeaseGrant(pb.LeaseGrantRequest(TTL=TTL)).ID
@@ -340,18 +350,8 @@ def _duties_across(
         writer.start()
         writer.wait_acks_after(0, 50, timeout=30)
         take_over = TakeOver(surviving).start()
-        struck = fault(old)
-        try:
-            pgaf.wait_primary(new, timeout=30)
-            promoted = time.monotonic()
-            took_over = take_over.wait()
-            writer.wait_acks_after(promoted, 50, timeout=30)
-        finally:
-            heal(old)
-            healed = True
-        assert pgaf.wait_settled() == (new, old)
-        rejoined = time.monotonic()
-        writer.wait_acks_after(rejoined, 50, timeout=30)  # synchronous again, still writing
+        struck, promoted = _strike_and_rejoin(pgaf, old, new, writer, fault, heal)
+        took_over = take_over.wait()
         # the thawed process serves from the new primary and leaves the duties alone
         other = leading
         channel1, kv1, _ = other.stubs()
@@ -395,8 +395,6 @@ def _duties_across(
         if kept is not None:
             kept.stop()
         channel.close()
-        if not healed:
-            heal(old)
     check_nothing_lost(writer, watcher, f"pg_auto_failover, {what}", struck, promoted, pgaf.nodes)
 
 

@@ -30,10 +30,9 @@ from geminikv.storage.session import Session
 
 log = logging.getLogger(__name__)
 
-# A Range's answer: (header revision, entries, their values by mod revision (None: keys
-# only), count, more).
-# (header revision, entries by row id, values by row id, count, more, the entries' row id
-# -> mod revision or None when every revision is its id: docs/architecture.md#revisions)
+# A Range's answer: (header revision, entries by row id, values by row id, count, more,
+# the entries' row id -> mod revision, or None when every revision is its id:
+# docs/architecture.md#revisions)
 Ranged = tuple[int, list[Entry], dict[int, bytes] | None, int, bool, RevisionOf]
 
 
