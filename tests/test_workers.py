@@ -240,13 +240,19 @@ def test_exactly_one_worker_expires_leases_and_compacts(workers: Workers) -> Non
 
 def test_reliability_checker_finds_nothing_on_two_workers(workers: Workers) -> None:
     before = [workers.metric(n, "geminikv_grpc_requests_total") for n in range(WORKERS)]
-    traffic = BackgroundTraffic([workers.server.endpoint] * 2, seed=22, seconds=12).start()
+    # Each client its own connection, each connection's worker picked by the kernel from a
+    # hash of its ports: with 16 clients and 3 watchers, all on one worker ~ 1 run in 2**18
+    # (8 clients did land on one worker in one CI run).
+    traffic = BackgroundTraffic([workers.server.endpoint], seed=22, seconds=12, clients=16)
+    traffic.start()
+    time.sleep(6)
+    connections = {pid: len(workers.answering(pid)) for pid in workers.pids()}
     violations, summary = traffic.finish()
     print(summary)
     assert not violations, "\n".join(violations[:30])
     after = [workers.metric(n, "geminikv_grpc_requests_total") for n in range(WORKERS)]
     served = [b - a for a, b in zip(before, after, strict=True)]
-    assert all(n > 100 for n in served), f"requests per worker: {served}"
+    assert all(n > 100 for n in served), f"requests per worker: {served}; {connections=}"
 
 
 def test_a_killed_worker_is_started_again(

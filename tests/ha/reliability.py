@@ -14,8 +14,10 @@ from tests.reliability.traffic import Settings, Traffic
 
 
 class BackgroundTraffic:
-    def __init__(self, endpoints: list[str], seed: int, seconds: float) -> None:
-        self.traffic = Traffic(endpoints, b"/reliability/", Settings(seed=seed))
+    def __init__(
+        self, endpoints: list[str], seed: int, seconds: float, clients: int = Settings.clients
+    ) -> None:
+        self.traffic = Traffic(endpoints, b"/reliability/", Settings(seed=seed, clients=clients))
         self.seed = seed
         self.seconds = seconds
         self.error: BaseException | None = None
