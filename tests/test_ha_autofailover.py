@@ -206,24 +206,42 @@ def _geminikv_across(
     monitor promotes the secondary, ``heal`` brings the old node back and its keeper makes
     it a secondary again. Every acknowledged write survives and the watch goes on.
     Meanwhile the reliability traffic (issue 18 item 5) runs through the same geminikv:
-    its history is linearizable and its watches keep etcd's guarantees. (Not through a
-    geminikv on the struck node too: one that never saw the new primary serves stale
-    linearizable reads from the old primary in the moments after a cut is mended or a
-    freeze thawed, until the manager stops it; see tests/ha/README.md.)"""
+    its history is linearizable and its watches keep etcd's guarantees; and through a
+    geminikv on the struck node too, which never sees the new primary's timeline: once the
+    node is back, its old primary answers as a primary until its keeper stops it, and no
+    linearizable read may be served from it then (tests/ha/README.md)."""
     old, new = pgaf.wait_settled()
     gemini = Gemini(new, endpoint(pgaf.nodes)).wait_listening()
-    traffic = BackgroundTraffic([gemini.address], seed, 20.0).start()
+    struck_side = Gemini(old, endpoint(pgaf.nodes)).wait_listening()
+    traffic = BackgroundTraffic([gemini.address, struck_side.address], seed, 20.0).start()
     watcher = Watcher(gemini)
     writer = Writer(gemini).start()
+    healed: list[float] = []
+
+    def heal_and_note(node: Node) -> None:
+        heal(node)
+        healed.append(time.monotonic())
+
     try:
         writer.wait_acks_after(0, 100, timeout=30)
-        struck, promoted = _strike_and_rejoin(pgaf, old, new, writer, fault, heal)
+        struck, promoted = _strike_and_rejoin(pgaf, old, new, writer, fault, heal_and_note)
     finally:
         writer.stop()
     check_nothing_lost(writer, watcher, f"pg_auto_failover, {what}", struck, promoted, pgaf.nodes)
     violations, summary = traffic.finish()
-    print(f"{summary} ({what} {struck - traffic.started:.1f} s in)")
+    # the clients with odd numbers use the struck node's geminikv (Traffic: by number)
+    reads_after = [
+        op
+        for op in traffic.traffic.history.operations
+        if op.client % 2 == 1 and op.kind == "range" and op.call >= healed[0] * 1e9
+    ]
+    answered = sum(1 for op in reads_after if op.response is not None)
+    print(
+        f"{summary} ({what} {struck - traffic.started:.1f} s in); through the struck node "
+        f"after it came back: {answered} of {len(reads_after)} reads answered"
+    )
     assert not violations, "\n".join(violations[:30])
+    assert answered > 0, "no read through the struck node's geminikv after it came back"
 
 
 def _strike_and_rejoin(
