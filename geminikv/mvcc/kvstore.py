@@ -10,6 +10,7 @@ from typing import Any
 import asyncpg
 
 from geminikv import errors
+from geminikv._native.kvwire import GuardedPut
 from geminikv.alarms import Alarms, put_cost, txn_cost
 from geminikv.config import DEFRAGMENT_TIMEOUT
 from geminikv.mvcc import index as index_mod
@@ -196,22 +197,14 @@ class KVStore:
         resp: pb.TxnResponse = await self.writer.submit(lambda ev: ev.txn(req), leases)
         return resp
 
-    async def guarded_put(
-        self,
-        key: bytes,
-        want_mod: int,
-        value: bytes,
-        lease: int,
-        read_on_failure: bool,
-        delete: bool = False,
-    ) -> tuple[bool, int, State | None, bytes]:
+    async def guarded_put(self, request: GuardedPut) -> tuple[bool, int, State | None, bytes]:
         """kube-apiserver's create, update and delete txn (Evaluator.guarded_put); no
         request check can fail for that shape (its parser admits no other)."""
-        self.alarms.check_write(0 if delete else put_cost(key, value))
+        self.alarms.check_write(0 if request.delete else put_cost(request.key, request.value))
         self._check_serving()
+        lease = request.lease
         result: tuple[bool, int, State | None, bytes] = await self.writer.submit(
-            lambda ev: ev.guarded_put(key, want_mod, value, lease, read_on_failure, delete),
-            (lease,) if lease else (),
+            lambda ev: ev.guarded_put(request), (lease,) if lease else ()
         )
         return result
 

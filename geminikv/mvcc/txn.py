@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from geminikv import errors
+from geminikv._native.kvwire import GuardedPut
 from geminikv.config import MAX_REQUEST_BYTES, MAX_TXN_OPS
 from geminikv.mvcc import ranges
 from geminikv.mvcc.view import BatchView
@@ -230,15 +231,7 @@ class Evaluator:
         resp.header.revision = self.view.revision
         return resp
 
-    async def guarded_put(
-        self,
-        key: bytes,
-        want_mod: int,
-        value: bytes,
-        lease: int,
-        read_on_failure: bool,
-        delete: bool = False,
-    ) -> tuple[bool, int, State | None, bytes]:
+    async def guarded_put(self, request: GuardedPut) -> tuple[bool, int, State | None, bytes]:
         """``txn`` for kube-apiserver's create and update, ``MOD(key) == want_mod →
         Put(key, value, lease)`` else ``Range(key)`` (or nothing), and its delete (the
         same with ``DeleteRange(key)``), without messages: (succeeded, revision, on
@@ -247,9 +240,10 @@ class Evaluator:
         EQUAL), the put's check as ``_check_put_state`` (no ignore_*), the delete as
         ``_delete_range`` (one key, no prev_kv), the range as ``range`` (one key, now)."""
         view = self.view
+        key, lease = request.key, request.lease
         state = view.get(key)
-        if (0 if state is None else view.revision_of(state[0])) == want_mod:
-            if delete:
+        if (0 if state is None else view.revision_of(state[0])) == request.want_mod:
+            if request.delete:
                 if state is None:
                     return True, view.revision, None, b""
                 mod, create, version, held = state
@@ -257,9 +251,9 @@ class Evaluator:
                 view.delete(key)
                 return True, view.revision, found, b""
             self._check_lease(lease)
-            view.put(key, value, lease)
+            view.put(key, request.value, lease)
             return True, view.revision, None, b""
-        if state is None or not read_on_failure:
+        if state is None or not request.read_on_failure:
             return False, view.revision, None, b""
         values = await view.values_of((state[0],))
         mod, create, version, lease = state

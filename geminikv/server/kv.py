@@ -58,15 +58,7 @@ class KVService(rpc_pb2_grpc.KVServicer):
                 await self.guard.guarded_put(
                     request.key, request.lease, request.read_on_failure, context
                 )
-            outcome = await self.store.guarded_put(
-                request.key,
-                request.want_mod,
-                request.value,
-                request.lease,
-                request.read_on_failure,
-                request.delete,
-            )
-            return self.answers.txn(request, *outcome)
+            return self.answers.txn(request, *await self.store.guarded_put(request))
         if self.guard.enabled:
             await self.guard.txn(request, context)
         return answer(self.identity, await self.store.txn(request))
