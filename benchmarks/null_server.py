@@ -1,6 +1,7 @@
 """The ``null`` target: a grpc.aio server in geminikv's own stack that answers every KV
 and Watch request with a fixed response and touches no storage. Its throughput is the
-ceiling Python's gRPC sets on this machine."""
+ceiling Python's gRPC sets on this machine. It listens as geminikv does
+(``--grpc-listeners``' default of servers on one address)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from geminikv.config import GRPC_LISTENERS
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.proto.mvccpb import kv_pb2
+from geminikv.server.listeners import count, listen
 
 _HEADER = pb.ResponseHeader(cluster_id=1, member_id=1, revision=100, raft_term=2)
 _KV = kv_pb2.KeyValue(
@@ -67,11 +70,13 @@ def handlers() -> list[grpc.GenericRpcHandler]:
 
 
 async def serve(address: str) -> None:
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    server.add_generic_rpc_handlers(handlers())
-    server.add_insecure_port(address)
-    await server.start()
-    await server.wait_for_termination()
+    """On ``address`` as geminikv listens: as many gRPC servers sharing it."""
+
+    def register(server: grpc.aio.Server) -> None:
+        server.add_generic_rpc_handlers(handlers())
+
+    listening = await listen(address, count(GRPC_LISTENERS, address), False, None, register)
+    await listening.servers[0].wait_for_termination()
 
 
 if __name__ == "__main__":

@@ -93,6 +93,10 @@ LEASE_PROMOTE_EXTENSION = 1.0
 OVERDUE_LEASE_WAIT = 7.0
 OVERDUE_LEASE_POLL = 0.1  # seconds between looks at such a lease while waiting
 
+# gRPC servers per process on the listen address (server/listeners.py): 8 as etcd's
+# benchmark opens 8 connections; more cost nothing while idle
+GRPC_LISTENERS = 8
+
 # Workers (--workers above 1): a worker that dies after serving is started again after
 # this many seconds; on shutdown each worker gets this long to stop before SIGKILL
 WORKER_RESTART_DELAY = 1.0
@@ -219,6 +223,13 @@ class Settings:
         "embedded PostgreSQL and restarts a worker that dies; worker i (from 0) serves "
         "metrics on the metrics port + i",
         _checked(_integer, lambda v: v >= 0, "worker count: must be 0 or more"),
+    )
+    grpc_listeners: int = _flag(
+        GRPC_LISTENERS,
+        "gRPC servers in each process sharing the listen address (SO_REUSEPORT): grpc.aio "
+        "takes one call at a time per server, so with several client connections more "
+        "servers take more calls at once; a unix:// address has one",
+        _positive,
     )
     endpoint: str = _flag(
         "",

@@ -36,7 +36,6 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
-import socket
 import time
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
@@ -74,22 +73,14 @@ def check_address(listen_address: str) -> None:
     """Refuse an address the workers cannot share, or one already in use (by anyone:
     the workers' SO_REUSEPORT would let them join another server's socket)."""
     from geminikv.server.app import parse_listen_address
+    from geminikv.server.listeners import check_free
 
     target = parse_listen_address(listen_address).grpc_target
     if target.startswith("unix:"):
         raise ValueError("--workers above 1 needs a TCP --listen-address (not unix://)")
-    host, _, port = target.rpartition(":")
-    if int(port) == 0:
+    if int(target.rpartition(":")[2]) == 0:
         raise ValueError("--workers above 1 needs a fixed port in --listen-address (not 0)")
-    family, kind, proto, _, where = socket.getaddrinfo(
-        host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
-        try:
-            probe.bind(where)
-        except OSError as err:
-            raise OSError(f"cannot listen on {target}: {err.strerror}") from None
+    check_free(target)
 
 
 def worker_main(settings: Settings, number: int, supervisor: int, ready: Connection) -> None:

@@ -31,7 +31,6 @@ from geminikv.compact import Compactor
 from geminikv.config import (
     AUTH_POLL_INTERVAL,
     GC_YOUNG_THRESHOLD,
-    GRPC_MAX_RECEIVE_BYTES,
     LEASE_COUNT_INTERVAL,
     MALLOC_MMAP_THRESHOLD,
     Settings,
@@ -58,6 +57,8 @@ from geminikv.server.cluster import ClusterService
 from geminikv.server.gateway import Gateway, server_tls
 from geminikv.server.kv import KVService
 from geminikv.server.lease import LeaseService
+from geminikv.server.listeners import Listeners, listen
+from geminikv.server.listeners import count as listener_count
 from geminikv.server.maintenance import MaintenanceService
 from geminikv.server.registration import UndecodableAsInternal
 from geminikv.server.rpc import Identity
@@ -70,23 +71,6 @@ from geminikv.storage.sqlstats import SqlObserver
 from geminikv.watch.hub import Hub
 
 log = logging.getLogger(__name__)
-
-GRPC_OPTIONS = [
-    # etcd: max request 1.5 MiB + 512 KiB gRPC overhead; responses are unbounded.
-    ("grpc.max_receive_message_length", GRPC_MAX_RECEIVE_BYTES),
-    ("grpc.max_send_message_length", -1),
-    # kube-apiserver pings every 30 s, also on idle connections (docs/architecture.md#server-layer).
-    ("grpc.http2.min_ping_interval_without_data_ms", 5000),
-    ("grpc.http2.max_ping_strikes", 0),
-    ("grpc.keepalive_permit_without_calls", 1),
-]
-
-
-def grpc_options(shared: bool) -> list[tuple[str, int]]:
-    """The server's options; ``shared``: one of several workers on the address (--workers).
-    Off otherwise: a second server on a busy port must fail, not silently share it (the
-    workers' supervisor checks the address is free before starting them)."""
-    return [*GRPC_OPTIONS, ("grpc.so_reuseport", 1 if shared else 0)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,7 +230,7 @@ class App:
         self.pool: asyncpg.Pool | None = None
         self.writer_conn: asyncpg.Connection | None = None
         self.store: KVStore | None = None
-        self.server: grpc.aio.Server | None = None
+        self.servers: Listeners | None = None
         self.hub: Hub | None = None
         self.watch: WatchService | None = None
         self.leases: Leases | None = None
@@ -314,46 +298,48 @@ class App:
         await self.auth.start()
         guard = Guard(self.auth, self.store.index.lease_keys, s.client_cert_auth)
 
-        grpc_server = grpc.aio.server(options=grpc_options(shared=s.workers > 1))
-        # registers the services; the Maintenance and Cluster methods etcd guards get checks
-        server = UndecodableAsInternal(grpc_server, wire.CODECS, guarded(guard))
-        rpc_pb2_grpc.add_KVServicer_to_server(KVService(self.store, identity, guard), server)
-        rpc_pb2_grpc.add_MaintenanceServicer_to_server(
-            MaintenanceService(self.store, identity, s.emulated_etcd_version, self.members),
-            server,
+        kv = KVService(self.store, identity, guard)
+        maintenance = MaintenanceService(
+            self.store, identity, s.emulated_etcd_version, self.members
         )
-        rpc_pb2_grpc.add_ClusterServicer_to_server(
-            ClusterService(self.store, identity, self.members), server
-        )
+        cluster = ClusterService(self.store, identity, self.members)
         await self.hub.start()
         self.watch = WatchService(self.hub, identity, s.watch_progress_notify_interval, guard)
         self.watch.start()
-        rpc_pb2_grpc.add_WatchServicer_to_server(self.watch, server)
         await self.leader.start()
-        rpc_pb2_grpc.add_LeaseServicer_to_server(LeaseService(self.leases, identity, guard), server)
+        lease = LeaseService(self.leases, identity, guard)
         store = self.store
-        rpc_pb2_grpc.add_AuthServicer_to_server(
-            AuthService(guard, identity, lambda: store.revision), server
-        )
+        auth = AuthService(guard, identity, lambda: store.revision)
         health_servicer = health.aio.HealthServicer()
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        watch = self.watch
+
+        def register(grpc_server: grpc.aio.Server) -> None:
+            # the Maintenance and Cluster methods etcd guards get checks at registration
+            server = UndecodableAsInternal(grpc_server, wire.CODECS, guarded(guard))
+            rpc_pb2_grpc.add_KVServicer_to_server(kv, server)
+            rpc_pb2_grpc.add_MaintenanceServicer_to_server(maintenance, server)
+            rpc_pb2_grpc.add_ClusterServicer_to_server(cluster, server)
+            rpc_pb2_grpc.add_WatchServicer_to_server(watch, server)
+            rpc_pb2_grpc.add_LeaseServicer_to_server(lease, server)
+            rpc_pb2_grpc.add_AuthServicer_to_server(auth, server)
+            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+
         gateway_socket = None
         if s.http_listen_address not in ("", "0"):
             # the gateway's own way in: a socket in a directory only this user can open,
             # so it needs no client certificate where the client address requires one
             self._gateway_dir = tempfile.mkdtemp(prefix="geminikv-gateway-")
             gateway_socket = f"unix:{self._gateway_dir}/grpc.sock"
-            grpc_server.add_insecure_port(gateway_socket)
-        credentials = self._tls()
-        if credentials is None:
-            self.port = grpc_server.add_insecure_port(self.address.grpc_target)
-        else:
-            self.port = grpc_server.add_secure_port(self.address.grpc_target, credentials)
-        if self.port == 0 and not self.address.grpc_target.startswith("unix:"):
-            raise OSError(f"cannot listen on {self.address.grpc_target}")
-        await grpc_server.start()
-        self.server = grpc_server
+        self.servers = await listen(
+            self.address.grpc_target,
+            listener_count(s.grpc_listeners, self.address.grpc_target),
+            shared=s.workers > 1,
+            credentials=self._tls(),
+            register=register,
+            extra=gateway_socket,
+        )
+        self.port = self.servers.port
         self._watch_gauges()
         self.http = metrics.serve_http(s.metrics_bind_address, self.health)
         if gateway_socket is not None:
@@ -443,14 +429,14 @@ class App:
         if self._gateway_dir is not None:
             shutil.rmtree(self._gateway_dir, ignore_errors=True)
         draining = None
-        if self.server is not None:
-            draining = asyncio.create_task(self.server.stop(grace=5))
+        if self.servers is not None:
+            draining = asyncio.create_task(self.servers.stop(grace=5))
             await asyncio.sleep(0)
         if self.watch is not None:
             await self.watch.stop()
         if draining is not None:
             await draining
-            self.server = None
+            self.servers = None
         await tasks.stop(self._health_task)
         if self.members is not None and self.pool is not None:
             with contextlib.suppress(Exception):  # else its row ages out of the list
