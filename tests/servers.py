@@ -239,7 +239,7 @@ class ServerProcess:
         raise NotImplementedError
 
     def start(self, timeout: float | None = None) -> Self:
-        self.process = subprocess.Popen(self.argv(), stdout=self.log, stderr=subprocess.STDOUT)
+        self.spawn()
         eventually(
             self._listening,
             lambda: f"{self.name} listening on {self.endpoint}: {self.output()}",
@@ -247,6 +247,17 @@ class ServerProcess:
             0.1,
         )
         return self
+
+    def spawn(self) -> Self:
+        """Start it without waiting for it to listen (a unix socket, or a start that fails)."""
+        self.process = subprocess.Popen(self.argv(), stdout=self.log, stderr=subprocess.STDOUT)
+        return self
+
+    def exit_code(self, timeout: float = 60.0) -> int:
+        """Run a server that is expected to give up by itself."""
+        process = self.spawn().process
+        assert process is not None
+        return process.wait(timeout)
 
     def _listening(self) -> bool:
         assert self.process is not None

@@ -7,7 +7,6 @@ from __future__ import annotations
 import concurrent.futures
 import signal
 import socket
-import subprocess
 from pathlib import Path
 
 import psutil
@@ -24,12 +23,6 @@ def _listening_sockets(port: int) -> int:
         for c in psutil.net_connections(kind="tcp")
         if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
     )
-
-
-def _exit_code(server: GeminiProcess) -> int:
-    """Run a server that is expected to give up by itself."""
-    server.process = subprocess.Popen(server.argv(), stdout=server.log, stderr=subprocess.STDOUT)
-    return server.process.wait(60)
 
 
 def test_every_listener_shares_the_address_and_every_connection_is_served(
@@ -73,7 +66,7 @@ def test_a_busy_address_is_refused_not_shared(postgres: Postgres) -> None:
         port = busy.getsockname()[1]
         for listeners in ("1", "4"):
             taken = GeminiProcess(dsn, "--grpc-listeners", listeners, port=port)
-            assert _exit_code(taken) == 1
+            assert taken.exit_code() == 1
             assert f"cannot listen on 127.0.0.1:{port}" in taken.output()
             assert _listening_sockets(port) == 1  # the other server's, still alone
 
@@ -81,7 +74,7 @@ def test_a_busy_address_is_refused_not_shared(postgres: Postgres) -> None:
 def test_a_unix_socket_has_one_listener(postgres: Postgres, tmp_path: Path) -> None:
     path = tmp_path / "grpc.sock"
     server = GeminiProcess(postgres.new_database("listeners"), "--listen-address", f"unix://{path}")
-    server.process = subprocess.Popen(server.argv(), stdout=server.log, stderr=subprocess.STDOUT)
+    server.spawn()
     try:
         stubs = Stubs(f"unix:{path}")
         stubs.kv.Put(pb.PutRequest(key=b"/u", value=b"1"))

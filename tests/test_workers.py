@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import signal
 import socket
-import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -319,7 +318,7 @@ def test_refused_or_failed_start_exits_with_an_error(postgres: Postgres, tmp_pat
     failing = GeminiProcess(
         dsn, "--workers", "2", "--server-cert-file", missing[0], "--server-key-file", missing[1]
     )
-    assert _exit_code(failing) == 1
+    assert failing.exit_code() == 1
     assert "worker 0 exited with code 1 before serving" in failing.output()
     # a busy address is refused, as by a single process, not shared
     with socket.socket() as busy:
@@ -327,18 +326,12 @@ def test_refused_or_failed_start_exits_with_an_error(postgres: Postgres, tmp_pat
         busy.listen()
         port = busy.getsockname()[1]
         taken = GeminiProcess(dsn, "--workers", "2", port=port)
-        assert _exit_code(taken) == 1
+        assert taken.exit_code() == 1
         assert f"cannot listen on 127.0.0.1:{port}" in taken.output()
     # unix sockets cannot be shared
     unix = GeminiProcess(dsn, "--workers", "2", "--listen-address", f"unix://{tmp_path}/s")
-    assert _exit_code(unix) == 1
+    assert unix.exit_code() == 1
     assert "needs a TCP --listen-address" in unix.output()
-
-
-def _exit_code(server: GeminiProcess) -> int:
-    """Run a server that is expected to give up by itself."""
-    server.process = subprocess.Popen(server.argv(), stdout=server.log, stderr=subprocess.STDOUT)
-    return server.process.wait(60)
 
 
 def test_worker_settings() -> None:
