@@ -19,7 +19,7 @@ from tests.waiting import eventually_async
 
 pytestmark = pytest.mark.slow
 
-SECONDS = float(os.environ.get("GEMINIKV_WATCH_LOAD_SECONDS", "10"))
+SECONDS = float(os.environ.get("GEMINIKV_WATCH_LOAD_SECONDS", "6"))
 STREAMS = 10
 WATCHERS_PER_STREAM = 10
 SLOW_STREAMS = 2
