@@ -14,7 +14,7 @@ import grpc
 from geminikv.config import GRPC_LISTENERS
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.proto.mvccpb import kv_pb2
-from geminikv.server.listeners import count, listen
+from geminikv.server.listeners import listen
 
 _HEADER = pb.ResponseHeader(cluster_id=1, member_id=1, revision=100, raft_term=2)
 _KV = kv_pb2.KeyValue(
@@ -75,7 +75,7 @@ async def serve(address: str) -> None:
     def register(server: grpc.aio.Server) -> None:
         server.add_generic_rpc_handlers(handlers())
 
-    listening = await listen(address, count(GRPC_LISTENERS, address), False, None, register)
+    listening = await listen(address, GRPC_LISTENERS, False, None, register)
     await listening.servers[0].wait_for_termination()
 
 

@@ -58,7 +58,6 @@ from geminikv.server.gateway import Gateway, server_tls
 from geminikv.server.kv import KVService
 from geminikv.server.lease import LeaseService
 from geminikv.server.listeners import Listeners, listen
-from geminikv.server.listeners import count as listener_count
 from geminikv.server.maintenance import MaintenanceService
 from geminikv.server.registration import UndecodableAsInternal
 from geminikv.server.rpc import Identity
@@ -333,7 +332,7 @@ class App:
             gateway_socket = f"unix:{self._gateway_dir}/grpc.sock"
         self.servers = await listen(
             self.address.grpc_target,
-            listener_count(s.grpc_listeners, self.address.grpc_target),
+            s.grpc_listeners,
             shared=s.workers > 1,
             credentials=self._tls(),
             register=register,

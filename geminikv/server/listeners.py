@@ -37,11 +37,6 @@ def grpc_options(shared: bool) -> list[tuple[str, int]]:
     return [*GRPC_OPTIONS, ("grpc.so_reuseport", 1 if shared else 0)]
 
 
-def count(requested: int, target: str) -> int:
-    """How many listeners serve ``target``: a unix socket's path cannot be shared."""
-    return 1 if target.startswith("unix:") else requested
-
-
 def _split(target: str) -> tuple[str, int]:
     host, _, port = target.rpartition(":")
     return host, int(port)
@@ -85,6 +80,8 @@ async def listen(
     ``shared``: the workers share the address (their supervisor checked it is free);
     ``extra``: a unix socket the first server serves as well (the HTTP gateway's)."""
     unix = target.startswith("unix:")
+    if unix:
+        listeners = 1  # a socket's path cannot be shared
     if not unix and not shared and _split(target)[1] != 0:
         check_free(target)  # a clear error, before any server binds
     options = grpc_options(shared or listeners > 1)
