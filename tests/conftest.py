@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
+from tests.container import ImageBuild, missing_tools
 from tests.differential import Pair
 from tests.servers import Etcd, GeminiServer, Postgres, Stubs
 
@@ -39,6 +40,26 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=int(os.environ.get("GEMINIKV_RELIABILITY_SEED", str(int(time.time()) % 10_000))),
         help="the random traffic's seed (default: the clock, or GEMINIKV_RELIABILITY_SEED)",
     )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The container image tests last: their image builds in the background meanwhile.
+    items.sort(key=lambda item: item.path.name == "test_dockerfile.py")  # stable: else as is
+
+
+@pytest.fixture(scope="session", autouse=True)
+def image_build(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ImageBuild | None]:
+    """The container image, building from the session's first test on when an image test
+    is selected and its tools are installed (tests/container.py); else None."""
+    wanted = any("podman" in getattr(item, "fixturenames", ()) for item in request.session.items)
+    if not wanted or missing_tools():
+        yield None
+        return
+    build = ImageBuild(tmp_path_factory.mktemp("image"))
+    yield build
+    build.destroy()
 
 
 @pytest.fixture(scope="session")

@@ -9,17 +9,15 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
 import pytest
 
 from geminikv.storage.embedded import EmbeddedPostgres
-from tests.container import Podman, wait_ready
+from tests.container import IMAGE, ROOT, ImageBuild, Podman, missing_tools, wait_ready
 from tests.servers import free_port, run_sync, start_postgres, stop_postgres
 
-ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 
 
@@ -41,9 +39,6 @@ def test_image_shape() -> None:
     assert re.search(r'^ENTRYPOINT \["geminikv"\]$', text, re.M)
 
 
-IMAGE = "localhost/geminikv:test"
-
-
 def etcdctl(port: int, *args: str) -> str:
     done = subprocess.run(
         ["etcdctl", "--endpoints", f"127.0.0.1:{port}", "--command-timeout=20s", *args],
@@ -55,22 +50,11 @@ def etcdctl(port: int, *args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
-    missing = [c for c in ("podman", "runc", "debootstrap", "etcdctl") if shutil.which(c) is None]
-    if missing:
-        pytest.skip(f"not installed: {', '.join(missing)} (.ci/run installs them)")
-    engine = Podman(tmp_path_factory.mktemp("podman"))
-    try:
-        engine.make_base_image(tmp_path_factory.mktemp("base"))
-        # --format docker keeps HEALTHCHECK (OCI images have no such field); chroot
-        # isolation: RUN steps need no cgroups
-        engine(
-            "build", "--format", "docker", "--isolation", "chroot", "--pull=never",
-            "--network", "host", "--tag", IMAGE, str(ROOT), timeout=900,
-        )  # fmt: skip
-        yield engine
-    finally:
-        engine.destroy()
+def podman(image_build: ImageBuild | None) -> Podman:
+    """The engine holding the built image (conftest.py starts the build)."""
+    if image_build is None:
+        pytest.skip(f"not installed: {', '.join(missing_tools())} (.ci/run installs them)")
+    return image_build.wait()
 
 
 @pytest.mark.slow
