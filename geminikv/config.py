@@ -75,6 +75,9 @@ SNAPSHOT_PREFETCH = 500
 GATEWAY_MAX_BODY_BYTES = 2 * GRPC_MAX_RECEIVE_BYTES
 HEALTH_READ_TIMEOUT = 7.0
 
+# Background tasks
+TASK_CANCEL_AGAIN = 1.0  # seconds before a task that did not end when cancelled is cancelled again
+
 # Writes
 WRITER_MAX_BATCH = 512  # requests in one write batch (one PostgreSQL transaction)
 WRITER_RECONNECT_MAX_DELAY = 0.5  # seconds between the writer's attempts to reconnect, at most

@@ -94,10 +94,9 @@ class Leader:
                     waits = [await self._run_duty(duty) for duty in self.duties]
                     await locks.ping(conn)  # the lock lives as long as this session
                     self._wake.clear()
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(
-                            self._wake.wait(), max(0.01, min([LEADER_MAX_SLEEP, *waits]))
-                        )
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(max(0.01, min([LEADER_MAX_SLEEP, *waits]))):
+                            await self._wake.wait()
             except asyncio.CancelledError:
                 raise
             except Exception as err:

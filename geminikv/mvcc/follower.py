@@ -147,7 +147,8 @@ class Follower:
         retry = FOLLOWER_RETRY_MIN
         while True:
             try:
-                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+                async with asyncio.timeout(self.poll_interval):
+                    await self._wake.wait()
             except TimeoutError:
                 self._refresh_compact = True  # the poll also picks up other processes' compactions
             self._wake.clear()

@@ -395,7 +395,8 @@ class App:
             self.health.loop_beat = now
             metrics.TASKS.set(len(asyncio.all_tasks()))
             try:
-                rev = await asyncio.wait_for(self.store.reads.read(), 2.0)
+                async with asyncio.timeout(2.0):
+                    rev = await self.store.reads.read()
                 self.health.database_ok = time.monotonic()
                 self.health.caught_up = self.store.follower.applied >= rev
                 await self.store.alarms.refresh()

@@ -390,7 +390,8 @@ class Gateway:
 
     async def _read(self) -> str:
         try:
-            await asyncio.wait_for(self.linearizable_read(), HEALTH_READ_TIMEOUT)
+            async with asyncio.timeout(HEALTH_READ_TIMEOUT):
+                await self.linearizable_read()
         except TimeoutError:
             return "context deadline exceeded"
         except Exception as err:

@@ -132,7 +132,8 @@ class Backend:
         conn = await asyncpg.connect(host.dsn, **kwargs)
         try:
             primaries.set_tcp_timeouts(conn, self.timeouts.tcp)
-            role = await asyncio.wait_for(primaries.read_role(conn), timeout)
+            async with asyncio.timeout(timeout):
+                role = await primaries.read_role(conn)
             self.primary.accept(host.label, role, conn)
         except BaseException:
             conn.terminate()

@@ -319,7 +319,8 @@ class Heartbeat:
         failing = False
         while True:
             try:
-                await asyncio.wait_for(self._beat(), self.timeout or None)
+                async with asyncio.timeout(self.timeout or None):
+                    await self._beat()
                 self.reachable, failing = True, False
                 await asyncio.sleep(self.interval)
             except asyncio.CancelledError:

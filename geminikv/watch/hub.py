@@ -141,8 +141,9 @@ class Hub:
                         progressed = True
                 if not progressed and self.unsynced:
                     self._wake.clear()
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), WATCH_IDLE_RECHECK)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(WATCH_IDLE_RECHECK):
+                            await self._wake.wait()
             except asyncio.CancelledError:
                 raise
             except CONNECTION_ERRORS as err:
