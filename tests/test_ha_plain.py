@@ -230,7 +230,11 @@ PREFIX = b"/async/"
 
 
 def _newest(node: Node) -> int:
-    return int(node.sql("SELECT COALESCE(MAX(id), 0) FROM kine", database="kubernetes"))  # type: ignore[call-overload]
+    """The newest row id on ``node``: 0 while the table itself is not replicated yet."""
+    try:
+        return int(node.sql("SELECT COALESCE(MAX(id), 0) FROM kine", database="kubernetes"))  # type: ignore[call-overload]
+    except asyncpg.UndefinedTableError:
+        return 0
 
 
 def _range(kv: rpc_pb2_grpc.KVStub) -> pb.RangeResponse | None:
