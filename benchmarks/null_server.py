@@ -14,6 +14,7 @@ import grpc
 from geminikv.config import GRPC_LISTENERS
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.proto.mvccpb import kv_pb2
+from geminikv.server import scheduling
 from geminikv.server.listeners import listen
 
 _HEADER = pb.ResponseHeader(cluster_id=1, member_id=1, revision=100, raft_term=2)
@@ -76,6 +77,7 @@ async def serve(address: str) -> None:
         server.add_generic_rpc_handlers(handlers())
 
     listening = await listen(address, GRPC_LISTENERS, False, None, register)
+    scheduling.helpers_batch()  # as geminikv's own processes
     await listening.servers[0].wait_for_termination()
 
 

@@ -51,7 +51,7 @@ from geminikv.mvcc.rewind import Rebuilding, Rewind
 from geminikv.mvcc.values import Values
 from geminikv.mvcc.writer import Writer
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
-from geminikv.server import wire
+from geminikv.server import scheduling, wire
 from geminikv.server.auth import AuthService, Guard, guarded
 from geminikv.server.cluster import ClusterService
 from geminikv.server.gateway import Gateway, server_tls
@@ -352,6 +352,7 @@ class App:
             )
             tls = server_tls(s.server_cert_file, s.server_key_file, s.trusted_ca_file)
             await self.gateway.start(s.http_listen_address, tls, shared=s.workers > 1)
+        scheduling.helpers_batch()  # gRPC's threads and the metrics server's run now
         self._health_task = asyncio.create_task(self._check_health(), name="health")
         log.info(
             "geminikv serving etcd v3 on %s (revision %d)",
