@@ -23,9 +23,13 @@ def helpers_batch() -> int:
     changed (0 where the platform has no such policy)."""
     if not hasattr(os, "SCHED_BATCH"):
         return 0
+    try:
+        threads = os.listdir("/proc/self/task")
+    except OSError:  # no /proc (a sandbox): the threads keep their policy
+        return 0
     me = threading.get_native_id()
     changed = 0
-    for name in os.listdir("/proc/self/task"):
+    for name in threads:
         tid = int(name)
         if tid == me:
             continue
@@ -33,6 +37,6 @@ def helpers_batch() -> int:
             if os.sched_getscheduler(tid) == os.SCHED_OTHER:
                 os.sched_setscheduler(tid, os.SCHED_BATCH, os.sched_param(0))
                 changed += 1
-        except OSError:  # it ended meanwhile
+        except OSError:  # it ended meanwhile, or a seccomp policy refuses
             continue
     return changed
