@@ -1,6 +1,7 @@
 """A serving process leaves its event loop's thread under the normal policy and puts every
 other thread, gRPC's among them, under SCHED_BATCH (server/scheduling.py), including the
-threads gRPC starts while it serves."""
+threads gRPC starts while it serves. A server run inside another program (as the tests'
+GeminiServer) leaves that program's threads alone."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import os
 from pathlib import Path
 
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
-from tests.servers import GeminiProcess, Postgres, Stubs
+from tests.servers import GeminiProcess, GeminiServer, Postgres, Stubs
 
 
 def _policies(pid: int) -> dict[str, int]:
@@ -22,6 +23,9 @@ def _policies(pid: int) -> dict[str, int]:
 
 
 def test_every_thread_but_the_event_loops_is_batch(postgres: Postgres) -> None:
+    # the server inherits this thread's policy; the in-process servers of other tests
+    # (GeminiServer) must not have changed it
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
     server = GeminiProcess(postgres.new_database("scheduling")).start()
     try:
         assert server.process is not None
@@ -44,5 +48,17 @@ def test_every_thread_but_the_event_loops_is_batch(postgres: Postgres) -> None:
         assert {thread: os.SCHED_BATCH for thread in policies} == policies
         for stubs in connections:
             stubs.close()
+    finally:
+        server.stop()
+
+
+def test_a_server_in_a_thread_leaves_the_process_threads_alone(postgres: Postgres) -> None:
+    server = GeminiServer(postgres.new_database("scheduling_inside")).start()
+    try:
+        put = server.stubs().kv.Put(pb.PutRequest(key=b"/inside", value=b"v"))
+        assert put.header.revision == 2
+        policies = _policies(os.getpid())
+        assert any("event_engine" in thread for thread in policies), policies
+        assert {thread: os.SCHED_OTHER for thread in policies} == policies
     finally:
         server.stop()

@@ -352,7 +352,6 @@ class App:
             )
             tls = server_tls(s.server_cert_file, s.server_key_file, s.trusted_ca_file)
             await self.gateway.start(s.http_listen_address, tls, shared=s.workers > 1)
-        scheduling.helpers_batch()  # gRPC's threads and the metrics server's run now
         self._health_task = asyncio.create_task(self._check_health(), name="health")
         log.info(
             "geminikv serving etcd v3 on %s (revision %d)",
@@ -502,6 +501,8 @@ async def serve(settings: Settings, serving: Callable[[], None] | None = None) -
     try:
         await app.start()
         settle_gc()
+        # the process's own: not in App, which the tests also run in a thread of theirs
+        scheduling.helpers_batch()  # gRPC's threads and the metrics server's run now
         if serving is not None:
             serving()
         await stop.wait()
