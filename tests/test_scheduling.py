@@ -14,11 +14,15 @@ from tests.servers import GeminiProcess, GeminiServer, Postgres, Stubs
 
 
 def _policies(pid: int) -> dict[str, int]:
-    """Each thread's ``tid name`` → its scheduling policy."""
+    """Each thread's ``tid name`` → its scheduling policy (a thread that ends meanwhile,
+    as gRPC's pool retires idle ones, is left out)."""
     found = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
-        name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
-        found[f"{tid} {name}"] = os.sched_getscheduler(int(tid))
+        try:
+            name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+            found[f"{tid} {name}"] = os.sched_getscheduler(int(tid))
+        except (FileNotFoundError, ProcessLookupError):
+            continue
     return found
 
 
