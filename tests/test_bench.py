@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -268,6 +269,45 @@ def test_the_compiled_generator_builds_and_reports_server_and_client_cpu() -> No
         assert figures["client_cpu_s"] > 0 and figures["client_cpu_us_per_op"] > 0
         assert figures["conflicts"] == 0  # every guaranteed update had the key's revision
     assert runs["get"][0]["ops"] == 300
+
+
+def test_a_server_that_stops_answering_ends_the_run_with_errors() -> None:
+    """A server frozen (SIGSTOP) once the generator's warm-up ends leaves every measured
+    request unanswered: each counts as an error after the generator's timeout, and the run
+    ends instead of holding the harness forever."""
+    target = GeminiTarget()
+    frozen: list[int] = []
+
+    def freeze() -> None:
+        assert target.process is not None
+        os.kill(target.process.pid, signal.SIGSTOP)
+        frozen.append(target.process.pid)
+
+    try:
+        target.start()
+        began = time.monotonic()
+        result = go_loadgen.run(
+            target.endpoint,
+            "get",
+            prefix=b"/frozen/",
+            clients=4,
+            connections=1,
+            seconds=2,
+            warmup=0.5,
+            value_size=8,
+            keys=10,
+            timeout=0.5,  # within the window: requests begun in it time out in it
+            on_start=freeze,
+        )
+        took = time.monotonic() - began
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+        target.stop()
+    assert frozen
+    assert result.ops == 0 and result.errors >= 4  # each worker's request, at least
+    assert "deadline" in result.first_error.lower(), result.first_error
+    assert took < 30  # the window, the timeout, and the start-up; not forever
 
 
 def test_without_the_go_toolchain_or_sources_the_harness_says_how_to_get_them(

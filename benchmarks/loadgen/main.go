@@ -5,7 +5,9 @@
 //
 // It prints "start" when the warm-up ends and measuring begins, "stop" when the last
 // measured request has completed, then one line of JSON with the figures. Latencies (float64
-// seconds, little-endian) go to -latencies when given, for the harness's plots.
+// seconds, little-endian) go to -latencies when given, for the harness's plots. A request
+// unanswered after -timeout counts as an error, so a server that stops answering ends the
+// run (with errors) instead of holding it forever.
 package main
 
 import (
@@ -47,6 +49,7 @@ type options struct {
 	conflictRate float64
 	page         int64
 	latencies    string
+	timeout      time.Duration // per request: a server that stops answering ends the run with errors
 }
 
 // An op is one request of a workload, made by one worker; it returns an error to count.
@@ -312,7 +315,9 @@ func run(o *options) (*result, []float64, error) {
 					return
 				}
 				t0 := time.Now()
-				err := ops[w](ctx)
+				reqCtx, cancel := context.WithTimeout(ctx, o.timeout)
+				err := ops[w](reqCtx)
+				cancel()
 				if !counted {
 					continue
 				}
@@ -392,10 +397,12 @@ func main() {
 	flag.Float64Var(&o.conflictRate, "conflict-rate", 0, "share of updates sent with a stale revision")
 	flag.Int64Var(&o.page, "page", 500, "page size for list")
 	flag.StringVar(&o.latencies, "latencies", "", "file for every latency (float64 seconds, little-endian)")
+	timeout := flag.Float64("timeout", 10, "seconds a request may take before it counts as an error")
 	flag.Parse()
+	o.timeout = time.Duration(*timeout * float64(time.Second))
 	o.endpoints = strings.Split(*endpoints, ",")
-	if o.clients < 1 || o.keys < 1 {
-		fmt.Fprintln(os.Stderr, "loadgen: -clients and -keys must be at least 1")
+	if o.clients < 1 || o.keys < 1 || o.timeout <= 0 {
+		fmt.Fprintln(os.Stderr, "loadgen: -clients and -keys must be at least 1, -timeout above 0")
 		os.Exit(2)
 	}
 	r, all, err := run(o)
