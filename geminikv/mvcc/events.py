@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from geminikv.storage.rows import State
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
+class Event(NamedTuple):
     """One key change. ``revision`` is its etcd revision, ``rid`` its row id; ``value`` is
-    None on deletes; ``prev`` is the previous live state, its mod an etcd revision."""
+    None on deletes; ``prev`` is the previous live state, its mod an etcd revision. A named
+    tuple: the follower builds one per applied row, a quarter of a frozen dataclass's cost."""
 
     rid: int
     revision: int

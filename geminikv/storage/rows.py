@@ -61,7 +61,7 @@ class NewRow(NamedTuple):
 
     def committed(self, old_value: bytes | None) -> Row:
         """The row as stored, with the old value the insert resolved."""
-        return self.row._replace(old_value=old_value)
+        return Row(*self.row[:10], old_value)  # not ``_replace``: half the cost, per row
 
 
 # What the index needs of a row (it never holds values): Row's first nine columns.
