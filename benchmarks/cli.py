@@ -23,7 +23,7 @@ from geminikv import __version__
 
 from . import go_loadgen, report, runner, watch
 from .replicated import EtcdClusterTarget, GeminiSyncTarget
-from .targets import EtcdTarget, ExternalTarget, GeminiTarget, NullTarget, Target
+from .targets import EtcdTarget, ExternalTarget, GeminiTarget, NullTarget, Target, interpreter
 from .workloads import WORKLOADS, Params
 
 # Workloads the null target can answer meaningfully (fixed responses, no storage).
@@ -480,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "machine": machine(),
         "versions": versions(),
+        # each Python server's interpreter: its build moves the figures (README, Performance)
+        "interpreters": {t.name: interpreter(py) for t in targets if (py := t.python())},
         "parameters": vars(s)
         | {
             "quick": args.quick,

@@ -73,6 +73,11 @@ def table(results: dict[str, Any]) -> str:
                 )
             )
     text = aligned(rows)
+    pythons = "\n".join(
+        f"{name} ran on Python {python}" for name, python in results.get("interpreters", {}).items()
+    )
+    if pythons:
+        text = f"{text}\n\n{pythons}"
     against = cost_table(results)
     return f"{text}\n\n{against}" if against else text
 

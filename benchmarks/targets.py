@@ -36,6 +36,24 @@ def terminate(process: subprocess.Popen[bytes] | None) -> None:
         process.wait(10)
 
 
+def interpreter(python: str) -> str:
+    """Which Python ``python`` is: its version and the real path of its executable (two
+    builds of one version can differ by a tenth in throughput: README, Performance)."""
+    done = subprocess.run(
+        [
+            python,
+            "-c",
+            "import os, platform, sys; "
+            "print(platform.python_version(), os.path.realpath(sys.executable))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
 def wait_listening(port: int, process: subprocess.Popen[bytes] | None, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -59,6 +77,10 @@ class Target:
 
     def start(self) -> Target:
         return self
+
+    def python(self) -> str | None:
+        """The interpreter a Python server runs on (None: not a Python server)."""
+        return None
 
     def log(self) -> str:
         """What the server printed (kept until ``stop``)."""
@@ -115,13 +137,16 @@ class GeminiTarget(Target):
         super().__init__(name, **kw)  # type: ignore[arg-type]
         self.dsn = dsn
         self.extra = extra or []
-        self.python = python
+        self.executable = python
+
+    def python(self) -> str | None:
+        return self.executable
 
     def start(self) -> Target:
         self.workdir = tempfile.mkdtemp(prefix="bench-geminikv-")
         port = free_port()
         argv = [
-            self.python,
+            self.executable,
             "-m",
             "geminikv",
             "--listen-address",
@@ -174,6 +199,9 @@ class EtcdTarget(Target):
 class NullTarget(Target):
     def __init__(self, **kw: object) -> None:
         super().__init__("null", **kw)  # type: ignore[arg-type]
+
+    def python(self) -> str | None:
+        return sys.executable
 
     def start(self) -> Target:
         self.workdir = tempfile.mkdtemp(prefix="bench-null-")

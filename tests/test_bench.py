@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -52,6 +53,9 @@ def test_quick_bench_produces_results(tmp_path: Path) -> None:
     results = json.loads((out / "results.json").read_text())
     assert results["parameters"]["quick"] is True
     assert results["versions"]["geminikv"]
+    # the interpreter each Python server ran on (this one: the harness starts its own)
+    this_python = f"{platform.python_version()} {os.path.realpath(sys.executable)}"
+    assert results["interpreters"] == {"geminikv": this_python, "null": this_python}
     assert set(results["workloads"]) == set(ALL)
     for name, by_target in results["workloads"].items():
         figures = by_target["geminikv"]
@@ -70,6 +74,7 @@ def test_quick_bench_produces_results(tmp_path: Path) -> None:
         assert (out / plot).read_bytes().startswith(b"\x89PNG")
     table = (out / "table.txt").read_text()
     assert "geminikv" in table and "null" in table
+    assert f"geminikv ran on Python {this_python}" in table
     assert "get-serializable" in done.stdout  # the progress lines
 
 
