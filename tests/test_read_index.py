@@ -24,7 +24,7 @@ def test_concurrent_reads_share_revision_checks(postgres: Postgres) -> None:
     try:
         kv = server.stubs().kv
         for i in range(8):
-            kv.Put(pb.PutRequest(key=b"/shared/%d" % i, value=b"v%d" % i))
+            newest = kv.Put(pb.PutRequest(key=b"/shared/%d" % i, value=b"v%d" % i)).header.revision
         before = _checks()
         wrong: list[bytes] = []
 
@@ -44,7 +44,19 @@ def test_concurrent_reads_share_revision_checks(postgres: Postgres) -> None:
         run_sync(read_all())
         assert not wrong
         checks = _checks() - before
-        assert 0 < checks < 640 * 0.7  # 640 reads, far fewer queries
+        # How many share depends on how requests interleave with the checks (here the
+        # client shares the server's process, and its GIL): some do, always.
+        assert 0 < checks < 640
+        # Reads that arrive together share one check, exactly.
+        reads = server.app.store.reads  # type: ignore[union-attr]
+
+        async def together() -> list[int]:
+            return list(await asyncio.gather(*(reads.read() for _ in range(32))))
+
+        before = _checks()
+        revisions = server.call(together)
+        assert _checks() - before == 1
+        assert set(revisions) == {newest}
     finally:
         server.stop()
 
