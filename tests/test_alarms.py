@@ -5,6 +5,7 @@ Compared with a fresh real etcd (alarms would disturb the session's)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -182,7 +183,9 @@ def test_quota_raises_nospace(postgres: Postgres) -> None:
         refused = None
         for i in range(1000):
             try:
-                stubs.kv.Put(pb.PutRequest(key=b"/q/%d" % i, value=b"x" * 8192))
+                # incompressible: the table's size, which the health loop re-reads each
+                # second, grows as the quota counts
+                stubs.kv.Put(pb.PutRequest(key=b"/q/%d" % i, value=os.urandom(8192)))
                 written += 1
             except grpc.RpcError as err:
                 refused = err

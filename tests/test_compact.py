@@ -3,8 +3,6 @@ resumption after a crash, several processes, automatic compaction."""
 
 from __future__ import annotations
 
-import time
-
 import asyncpg
 import pytest
 
@@ -145,7 +143,7 @@ def test_interrupted_compaction_finishes_after_restart(postgres: Postgres) -> No
 def test_compaction_through_any_process_runs_once(postgres: Postgres) -> None:
     dsn = postgres.new_database("cmulti")
     a = GeminiServer(dsn).start()
-    time.sleep(0.5)  # a holds the leader lock
+    _wait_leading(a)
     b = GeminiServer(dsn).start()
     try:
         kva, kvb = a.stubs().kv, b.stubs().kv
@@ -155,7 +153,10 @@ def test_compaction_through_any_process_runs_once(postgres: Postgres) -> None:
         kvb.Compact(pb.CompactionRequest(revision=head, physical=True))
         assert _rows(dsn, "name = '/m/k'") == 1
         assert a.app is not None and b.app is not None
-        assert a.app.compactor.deleted_rows == 49 and b.app.compactor.deleted_rows == 0
+        # a counts the purged rows after the purge's notification, which answers b
+        purger = a.app.compactor
+        eventually(lambda: purger.deleted_rows == 49, "a counted the purged rows")
+        assert b.app.compactor.deleted_rows == 0
         for stubs in (kva, kvb):
             assert stubs.Range(R(key=b"/m/k")).kvs[0].version == 50
         assert a.app.store is not None and b.app.store is not None
@@ -175,7 +176,7 @@ def test_a_process_behind_compaction_rebuilds_instead_of_missing_a_delete(
     and rebuilds its index (and cancels its watches) rather than filling a gap."""
     dsn = postgres.new_database("clag")
     a = GeminiServer(dsn).start()
-    time.sleep(0.5)  # a holds the leader lock, so a purges
+    _wait_leading(a)  # so a purges
     b = GeminiServer(dsn, poll_interval=60.0).start()
     try:
         kva, kvb = a.stubs().kv, b.stubs().kv
@@ -212,7 +213,7 @@ def test_a_lagging_leader_catches_up_before_it_purges(postgres: Postgres) -> Non
     to the compaction, else rows it had not seen would stay in the table for good."""
     dsn = postgres.new_database("cleader")
     b = GeminiServer(dsn, poll_interval=60.0).start()
-    time.sleep(0.5)  # b holds the leader lock, so b purges
+    _wait_leading(b)  # so b purges
     a = GeminiServer(dsn).start()
     try:
         assert b.app is not None and b.app.store is not None
@@ -226,7 +227,9 @@ def test_a_lagging_leader_catches_up_before_it_purges(postgres: Postgres) -> Non
         kva.Compact(pb.CompactionRequest(revision=head))
         b.call(lambda: _wake_leader(b))  # as its poll would: reads the compact revision
         eventually(lambda: _rows(dsn, "name = '/ll/k'") == 1, "b's compaction of /ll/k")
-        assert b.app.compactor.deleted_rows == 19
+        # counted after the purge's commit and its notification
+        purger = b.app.compactor
+        eventually(lambda: purger.deleted_rows == 19, "b counted the purged rows")
     finally:
         a.stop()
         b.stop()
@@ -296,3 +299,13 @@ def test_apiserver_compaction_cycle(postgres: Postgres) -> None:
     assert kv.Range(R(key=b"compact_rev_key")).kvs[0].version == version == 3
     assert int(server.app.store.index.compact_rev) > 0  # type: ignore[union-attr]
     server.stop()
+
+
+def _wait_leading(server: GeminiServer) -> None:
+    """Until ``server`` holds the leader lock (it takes it in the background)."""
+
+    def leading() -> bool:
+        leader = server.app.leader if server.app is not None else None
+        return leader is not None and leader.is_leader
+
+    eventually(leading, "leading")
