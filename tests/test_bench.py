@@ -277,8 +277,8 @@ def test_the_compiled_generator_builds_and_reports_server_and_client_cpu() -> No
 
 
 def test_a_server_that_stops_answering_ends_the_run_with_errors() -> None:
-    """A server frozen (SIGSTOP) once the generator's warm-up ends leaves every measured
-    request unanswered: each counts as an error after the generator's timeout, and the run
+    """A server frozen (SIGSTOP) once the generator's warm-up ends leaves the measured
+    requests unanswered: each counts as an error after the generator's timeout, and the run
     ends instead of holding the harness forever."""
     target = GeminiTarget()
     frozen: list[int] = []
@@ -310,7 +310,10 @@ def test_a_server_that_stops_answering_ends_the_run_with_errors() -> None:
             os.kill(pid, signal.SIGCONT)
         target.stop()
     assert frozen
-    assert result.ops == 0 and result.errors >= 4  # each worker's request, at least
+    assert result.errors >= 4  # each worker's request, at least
+    # only requests answered between "start" and the SIGSTOP count as done; unfrozen, the
+    # four clients answer thousands in the window
+    assert result.ops < 500
     assert "deadline" in result.first_error.lower(), result.first_error
     assert took < 30  # the window, the timeout, and the start-up; not forever
 
