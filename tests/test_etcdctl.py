@@ -7,11 +7,13 @@ import os
 import re
 import shutil
 import subprocess
-import time
+import threading
+from typing import IO
 
 import pytest
 
 from tests.servers import Etcd, GeminiServer, Postgres
+from tests.waiting import eventually
 
 pytestmark = [
     pytest.mark.etcdctl,
@@ -124,15 +126,58 @@ def test_endpoint_status_health_members(gemini: GeminiServer) -> None:
     assert cluster.returncode == 0, cluster.stderr
 
 
-def _watch(endpoint: str, *args: str) -> subprocess.Popen[str]:
-    env = dict(os.environ, ETCDCTL_API="3")
-    return subprocess.Popen(
-        ["etcdctl", "--endpoints", endpoint, "watch", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+class _Watch:
+    """``etcdctl watch`` running, its output read as it comes."""
+
+    def __init__(self, endpoint: str, *args: str) -> None:
+        env = dict(os.environ, ETCDCTL_API="3")
+        self.process = subprocess.Popen(
+            ["etcdctl", "--endpoints", endpoint, "watch", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.lines: list[str] = []
+        self.errors: list[str] = []
+        self._readers = [
+            threading.Thread(target=_read, args=(stream, into), daemon=True)
+            for stream, into in (
+                (self.process.stdout, self.lines),
+                (self.process.stderr, self.errors),
+            )
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    def events(self) -> int:
+        return sum(line in ("PUT", "DELETE") for line in self.lines)
+
+    def stop(self) -> tuple[str, str]:
+        """Its whole output: stdout, stderr."""
+        self.process.terminate()
+        self.process.wait(10)
+        for reader in self._readers:
+            reader.join(10)
+        return "".join(line + "\n" for line in self.lines), "".join(self.errors)
+
+
+def _watched(endpoint: str, rev: int, events: int) -> str:
+    """What ``etcdctl watch /cc/k --rev=rev`` prints: ``events`` events, or (none
+    expected) until it exits."""
+    watcher = _Watch(endpoint, "/cc/k", f"--rev={rev}")
+    if events:
+        eventually(lambda: len(watcher.lines) == 3 * events, f"{events} events printed")
+    else:
+        eventually(lambda: watcher.process.poll() is not None, "etcdctl exited")
+    stdout, stderr = watcher.stop()
+    return stdout + stderr
+
+
+def _read(stream: IO[str] | None, into: list[str]) -> None:
+    assert stream is not None
+    for line in stream:
+        into.append(line.rstrip("\n"))
 
 
 @pytest.mark.etcd
@@ -146,24 +191,26 @@ def test_watch(etcd: Etcd, gemini: GeminiServer, prefix: bytes) -> None:
     }
     watchers = {}
     for name, server in (("etcd", etcd), ("gk", gemini)):
-        first = revs[name]["create_revision"]
+        # from the next revision: a watcher that starts after the puts misses nothing
+        first, after = revs[name]["create_revision"], revs[name]["mod_revision"] + 1
         watchers[name] = [
-            _watch(server.endpoint, p, "--prefix", "--prev-kv"),
-            _watch(server.endpoint, p + "a", f"--rev={first}"),
-            _watch(server.endpoint, p + "b", p + "z"),
+            _Watch(server.endpoint, p, "--prefix", "--prev-kv", f"--rev={after}"),
+            _Watch(server.endpoint, p + "a", f"--rev={first}"),
+            _Watch(server.endpoint, p + "b", p + "z", f"--rev={after}"),
         ]
-    time.sleep(1.0)
     both(etcd, gemini, "put", p + "b", "x")
     both(etcd, gemini, "del", p + "a")
     both(etcd, gemini, "put", p + "a", "3")
-    time.sleep(1.0)
-    outputs: dict[str, list[str]] = {}
-    for name, procs in watchers.items():
-        outputs[name] = []
-        for proc in procs:
-            proc.terminate()
-            out, _ = proc.communicate(timeout=10)
-            outputs[name].append(out)
+    expected = [3, 4, 1]  # events: put b, del a, put a; and the two puts of a before
+
+    def printed() -> bool:
+        pairs = zip(watchers["etcd"], watchers["gk"], expected, strict=True)
+        return all(
+            e.events() == g.events() == n and len(e.lines) == len(g.lines) for e, g, n in pairs
+        )
+
+    eventually(printed, "every watcher printed its events")
+    outputs = {name: [w.stop()[0] for w in procs] for name, procs in watchers.items()}
     assert outputs["gk"] == outputs["etcd"]
     assert outputs["gk"][0].count("PUT") == 2 and "DELETE" in outputs["gk"][0]
 
@@ -224,12 +271,12 @@ def test_compaction_commands(postgres: Postgres) -> None:
                 out.append(done.stdout + (_error_line(done.stderr) if done.returncode else ""))
             done = ctl(server.endpoint, "compaction", str(target))
             out.append(_error_line(done.stderr))
-            for rev in (target - 1, target):
-                watcher = _watch(server.endpoint, "/cc/k", f"--rev={rev}")
-                time.sleep(0.8)
-                watcher.terminate()
-                stdout, stderr = watcher.communicate(timeout=10)
-                out.append(stdout + stderr.replace(str(target), "R"))
+            # from a compacted revision: cancelled, and etcdctl exits
+            out.append(_watched(server.endpoint, target - 1, 0).replace(str(target), "R"))
+            # from the compaction's: its events, three lines each (type, key, value)
+            out.append(
+                _watched(server.endpoint, target, last - target + 1).replace(str(target), "R")
+            )
         assert outputs["gk"] == outputs["etcd"]
     finally:
         gemini.stop()
