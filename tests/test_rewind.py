@@ -58,7 +58,7 @@ def test_database_restored_from_an_older_backup(postgres: Postgres) -> None:
         lost_rev = stubs.kv.Range(pb.RangeRequest(key=b"/rw/new0")).header.revision
         watcher = WatchClient(stubs)
         watcher.create(key=b"/rw/", range_end=b"/rw0", start_revision=backup_rev + 1)
-        seen = [e for r in watcher.drain() for e in r.events]
+        seen = watcher.events(5)
         assert len(seen) == 5  # the writes made after the backup
         # restore the backup under geminikv's feet
         run_sync(
@@ -87,7 +87,7 @@ def test_database_restored_from_an_older_backup(postgres: Postgres) -> None:
         # a new watch from the restored revision sees exactly the new history
         fresh = WatchClient(stubs)
         fresh.create(key=b"/rw/", range_end=b"/rw0", start_revision=backup_rev + 1)
-        events = [(e.kv.key, e.kv.value) for r in fresh.drain() for e in r.events]
+        events = [(e.kv.key, e.kv.value) for e in fresh.events(1)]
         assert events == [(b"/rw/after", b"v")]
         fresh.close()
         watcher.close()
@@ -133,7 +133,7 @@ def test_data_directory_restored_from_a_file_backup_under_two_processes(tmp_path
         for stubs in (first, second):
             watcher = WatchClient(stubs)
             watcher.create(key=b"/fb/", range_end=b"/fb0", start_revision=backup_rev + 1)
-            assert [e.kv.value for r in watcher.drain() for e in r.events] == [b"lost"]
+            assert [e.kv.value for e in watcher.events(1)] == [b"lost"]
             watchers.append(watcher)
 
         stop_postgres(data, signal.SIGQUIT)  # as a crash: no shutdown checkpoint

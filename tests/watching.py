@@ -50,6 +50,17 @@ class WatchClient:
         except queue.Empty:
             return None
 
+    def events(self, count: int, quiet: float = 0.4, limit: float = 10.0) -> list[Any]:
+        """The events received until there are ``count`` (waiting up to ``limit`` seconds),
+        and any more that arrive within ``quiet`` after them."""
+        out: list[Any] = []
+        deadline = time.monotonic() + limit
+        while len(out) < count and (left := deadline - time.monotonic()) > 0:
+            resp = self.next(left)
+            if resp is not None:
+                out.extend(resp.events)
+        return out + [e for r in self.drain(quiet) for e in r.events]
+
     def wait_canceled(self, awaited: str, timeout: float = 10.0) -> pb.WatchResponse:
         """The first response cancelling a watch (those before it are skipped)."""
 
