@@ -11,6 +11,7 @@ from prometheus_client import REGISTRY
 
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
 from geminikv.proto.etcdserverpb import rpc_pb2_grpc
+from tests.batching import batch_sizes
 from tests.servers import GeminiServer, Postgres, run_sync
 
 
@@ -50,21 +51,12 @@ def test_concurrent_reads_share_revision_checks(postgres: Postgres) -> None:
         # Reads that arrive together share one check, exactly (the server's health loop
         # reads too, once a second: it may join them, or have a check of its own).
         reads = server.app.store.reads  # type: ignore[union-attr]
-        sizes: list[int] = []
-        taken = reads.gather.taken
-
-        def record(size: int) -> None:
-            sizes.append(size)
-            taken(size)
 
         async def together() -> list[int]:
-            reads.gather.taken = record  # type: ignore[method-assign]
-            try:
-                return list(await asyncio.gather(*(reads.read() for _ in range(32))))
-            finally:
-                reads.gather.taken = taken  # type: ignore[method-assign]
+            return list(await asyncio.gather(*(reads.read() for _ in range(32))))
 
-        revisions = server.call(together)
+        with batch_sizes(reads.gather) as sizes:
+            revisions = server.call(together)
         assert set(revisions) == {newest}
         assert max(sizes) >= 32 and len(sizes) <= 2, sizes
     finally:

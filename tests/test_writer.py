@@ -12,6 +12,7 @@ import grpc
 from prometheus_client import REGISTRY
 
 from geminikv.proto.etcdserverpb import rpc_pb2 as pb
+from tests.batching import batch_sizes
 from tests.servers import GeminiServer, Postgres, run_sync
 from tests.waiting import eventually
 from tests.watching import WatchClient
@@ -152,23 +153,14 @@ def test_concurrent_writes_share_batches(postgres: Postgres) -> None:
         assert listed.count == 200
         # Writes that arrive together go in one batch, exactly.
         assert server.app is not None and server.app.store is not None
-        store, gather = server.app.store, server.app.store.writer._gather
-        sizes: list[int] = []
-        taken = gather.taken
-
-        def record(size: int) -> None:
-            sizes.append(size)
-            taken(size)
+        store = server.app.store
 
         async def together() -> list[int]:
-            gather.taken = record  # type: ignore[method-assign]
-            try:
-                puts = (store.put(pb.PutRequest(key=b"/gather/t%d" % i)) for i in range(32))
-                return [put.header.revision for put in await asyncio.gather(*puts)]
-            finally:
-                gather.taken = taken  # type: ignore[method-assign]
+            puts = (store.put(pb.PutRequest(key=b"/gather/t%d" % i)) for i in range(32))
+            return [put.header.revision for put in await asyncio.gather(*puts)]
 
-        revisions = server.call(together)
+        with batch_sizes(store.writer._gather) as sizes:
+            revisions = server.call(together)
         assert sizes == [32]
         assert revisions == list(range(revisions[0], revisions[0] + 32))  # in submission order
     finally:
