@@ -15,6 +15,7 @@ import contextlib
 import random
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -23,6 +24,7 @@ from geminikv.proto.etcdserverpb import rpc_pb2_grpc
 from tests.reliability.history import History, Operation, WatchRecord
 
 CALL_TIMEOUT = 3.0
+PROGRESS_AFTER = 1.0  # the complete watch asks for progress after this long without a response
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     # each client its own connection (not gRPC's one shared per address): clients of one
@@ -33,6 +35,19 @@ CHANNEL_OPTIONS = [
 
 def prefix_end(prefix: bytes) -> bytes:
     return prefix[:-1] + bytes([prefix[-1] + 1])
+
+
+async def _read_into(call: grpc.aio.StreamStreamCall, out: asyncio.Queue[Any]) -> None:
+    """Every response of ``call`` into ``out``, then EOF or the error that ended it (the
+    reads are never cancelled by a wait's timeout, which would cancel the call)."""
+    try:
+        while True:
+            resp = await call.read()
+            await out.put(resp)
+            if resp is grpc.aio.EOF:
+                return
+    except grpc.RpcError as err:
+        await out.put(err)
 
 
 @dataclass
@@ -104,18 +119,31 @@ class Traffic:
             record = WatchRecord(client=-1, request=create)
             call = rpc_pb2_grpc.WatchStub(channel).Watch(timeout=60)
             await call.write(pb.WatchRequest(create_request=create))
-            while True:
-                resp = await call.read()
-                assert resp is not grpc.aio.EOF, "the complete watch ended early"
-                record.responses.append((time.monotonic_ns(), resp))
-                reached = resp.events[-1].kv.mod_revision if resp.events else 0
-                if not resp.events and not resp.created:
-                    reached = resp.header.revision  # a progress notification
-                if reached >= final:
-                    break
-                if not resp.events or resp.created:
-                    await call.write(pb.WatchRequest(progress_request=pb.WatchProgressRequest()))
-            call.cancel()
+            responses: asyncio.Queue[Any] = asyncio.Queue()
+            reader = asyncio.create_task(_read_into(call, responses))
+            progress = pb.WatchRequest(progress_request=pb.WatchProgressRequest())
+            try:
+                while True:
+                    try:
+                        resp = await asyncio.wait_for(responses.get(), PROGRESS_AFTER)
+                    except TimeoutError:
+                        # ``final`` need not be a revision of the prefix (other writers):
+                        # only a progress response reaches it, and one asked for while the
+                        # watch catches up is dropped (as etcd does): ask again
+                        await call.write(progress)
+                        continue
+                    if isinstance(resp, grpc.RpcError):
+                        raise resp
+                    assert resp is not grpc.aio.EOF, "the complete watch ended early"
+                    record.responses.append((time.monotonic_ns(), resp))
+                    reached = resp.events[-1].kv.mod_revision if resp.events else 0
+                    if not resp.events and not resp.created:
+                        reached = resp.header.revision  # a progress notification
+                    if reached >= final:
+                        break
+            finally:
+                reader.cancel()
+                call.cancel()
             return record
 
     # -- clients -----------------------------------------------------------------------
